@@ -1,0 +1,205 @@
+"""model.py against transformers' LlamaForCausalLM: same logits, same gradients, same checkpoints, same tokens."""
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import model as M
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, vocab_size=101, max_position_embeddings=256, rms_norm_eps=1e-5)
+CONFIGS = {
+    "mha": {},
+    "gqa": dict(num_key_value_heads=2, rope_theta=100000.0),
+    "llama3_rope": dict(num_key_value_heads=2, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16)),
+    "tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
+    "bias": dict(attention_bias=True, mlp_bias=True),
+    "head_dim": dict(head_dim=24, num_key_value_heads=2),
+}
+
+
+def randomize(module: torch.nn.Module, seed=0):
+    """Draw every parameter (norms and biases too) at random, so no zero bias or unit norm hides a bug."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.empty_like(p).uniform_(0.5, 1.5) if "norm" in name else torch.randn_like(p) * 0.1)
+    return module.eval()
+
+
+def hf_random_model(overrides, seed=0) -> LlamaForCausalLM:
+    cfg = LlamaConfig(**{**SMALL, **overrides}, attn_implementation="eager")
+    return randomize(LlamaForCausalLM(cfg).float(), seed)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_and_gradients_equal_transformers(name, tmp_path):
+    hf = hf_random_model(CONFIGS[name])
+    hf.save_pretrained(tmp_path)
+    ours = M.load_pretrained(tmp_path)
+    ids = torch.randint(0, SMALL["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, SMALL["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(2))
+
+    hf_logits = hf(ids).logits
+    our_logits = ours(ids)
+    assert (our_logits - hf_logits).abs().max().item() <= 1e-5
+
+    F.cross_entropy(hf_logits.flatten(0, 1), targets.flatten()).backward()
+    F.cross_entropy(our_logits.flatten(0, 1), targets.flatten()).backward()
+    hf_grads = dict(hf.named_parameters())
+    for pname, p in ours.named_parameters():
+        assert (p.grad - hf_grads[pname].grad).abs().max().item() <= 1e-5, pname
+
+
+def test_return_hidden_is_the_final_norm_output_transformers_exposes(tmp_path):
+    hf = hf_random_model(CONFIGS["gqa"])
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 17))
+    logits, hidden = M.load_pretrained(tmp_path)(ids, return_hidden=True)
+    hf_hidden = hf(ids, output_hidden_states=True).hidden_states[-1]
+    assert hidden.shape == (2, 17, SMALL["hidden_size"])
+    assert (hidden - hf_hidden).abs().max().item() <= 1e-5
+
+
+def test_tied_checkpoint_loads_tied_and_is_saved_once(tmp_path):
+    hf_random_model(CONFIGS["tied"]).save_pretrained(tmp_path / "hf")
+    ours = M.load_pretrained(tmp_path / "hf")
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    M.save_pretrained(ours, tmp_path / "ours")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and f.metadata() == {"format": "pt"}
+
+
+@pytest.mark.parametrize("name", ["gqa", "tied", "llama3_rope", "bias"])
+def test_save_then_transformers_load_gives_same_logits(name, tmp_path):
+    args = M.ModelArgs.from_hf_config(LlamaConfig(**{**SMALL, **CONFIGS[name]}).to_dict())
+    ours = randomize(M.Transformer(args))
+    M.save_pretrained(ours, tmp_path)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 33))
+    assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-5
+
+
+def test_sharded_checkpoint_loads_equal_to_single_file(tmp_path):
+    torch.manual_seed(0)
+    ours = M.Transformer(M.ModelArgs.from_hf_config(LlamaConfig(**SMALL).to_dict()))
+    M.save_pretrained(ours, tmp_path / "one")
+    M.save_pretrained(ours, tmp_path / "sharded", max_shard_bytes=40_000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    one, sharded = M.load_pretrained(tmp_path / "one"), M.load_pretrained(tmp_path / "sharded")
+    for (n1, p1), (n2, p2) in zip(one.state_dict().items(), sharded.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "sharded")
+    for name, p in hf.state_dict().items():
+        assert torch.equal(p, one.state_dict()[name]), name
+
+
+def test_checkpoint_mismatch_names_the_tensors(tmp_path):
+    hf_random_model(CONFIGS["mha"]).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3, "intermediate_size": 90}))
+    with pytest.raises(ValueError) as e:
+        M.load_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "model.layers.2.mlp.up_proj.weight" in msg  # missing
+    assert "model.layers.0.mlp.gate_proj.weight: checkpoint (96, 64), model (90, 64)" in msg
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("model_type", "qwen2", "model_type"),
+    ("rope_scaling", {"type": "yarn", "factor": 4.0}, "rope_scaling.rope_type"),
+    ("hidden_act", "gelu", "hidden_act"),
+])
+def test_unsupported_config_is_an_error_naming_the_field(field, value, expected):
+    cfg = {**LlamaConfig(**SMALL).to_dict(), field: value}
+    with pytest.raises(ValueError, match=expected):
+        M.ModelArgs.from_hf_config(cfg)
+
+
+def test_old_rope_scaling_key_type_is_accepted():
+    cfg = {**LlamaConfig(**SMALL).to_dict(), "rope_scaling": {
+        "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}
+    assert M.ModelArgs.from_hf_config(cfg).rope_scaling["rope_type"] == "llama3"
+
+
+def test_pickled_checkpoints_are_never_read(tmp_path):
+    hf = hf_random_model(CONFIGS["mha"])
+    hf.config.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        M.load_pretrained(tmp_path)
+
+
+def test_batched_generation_of_unequal_prompts_equals_one_at_a_time(tmp_path):
+    hf_random_model(CONFIGS["gqa"]).save_pretrained(tmp_path)
+    ours = M.load_pretrained(tmp_path)
+    prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 2, 11], [3]]
+    batched = M.generate(ours, prompts, max_new_tokens=12)
+    alone = [M.generate(ours, [p], max_new_tokens=12)[0] for p in prompts]
+    assert batched == alone
+    hf_alone = [hf_greedy(LlamaForCausalLM.from_pretrained(tmp_path), p, 12) for p in prompts]
+    assert alone == hf_alone
+
+
+def hf_greedy(hf, prompt, max_new_tokens, eos=None):
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                      eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_generation_stops_at_eos_and_includes_it(tmp_path):
+    hf_random_model(CONFIGS["mha"]).save_pretrained(tmp_path)
+    ours = M.load_pretrained(tmp_path)
+    free = M.generate(ours, [[1, 2, 3]], max_new_tokens=10)[0]
+    eos = free[4]
+    stopped = M.generate(ours, [[1, 2, 3]], max_new_tokens=10, eos_ids=[eos])[0]
+    assert stopped == free[:free.index(eos) + 1]
+
+
+def test_top_p_sampling_only_draws_from_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = {M._sample(logits, 1.0, 0.7, gen).item() for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 + 0.3 >= 0.7: tokens 2 and 3 are outside
+
+
+def test_smollm2_logits_match_transformers(smollm2_dir):
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ours = M.load_pretrained(smollm2_dir)
+    ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_smollm2_greedy_chatml_generation_matches_transformers(smollm2_dir):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    prompt = tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n").ids
+    ours = M.generate(M.load_pretrained(smollm2_dir), [prompt], max_new_tokens=24, eos_ids=[2])[0]
+    hf = hf_greedy(AutoModelForCausalLM.from_pretrained(smollm2_dir), prompt, 24, eos=2)
+    assert ours == hf
+    assert "Paris" in tok.decode(ours)
+
+
+def test_main_files_never_import_transformers():
+    allowed = {"torch", "numpy", "safetensors", "tokenizers", "tqdm", "model", "data", "sftmix", "train", "eval"}
+    for file in ["model.py", "data.py", "sftmix.py", "train.py", "eval.py"]:
+        if not (ROOT / file).exists():
+            continue
+        for node in ast.walk(ast.parse((ROOT / file).read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for n in names:
+                    top = n.split(".")[0]
+                    assert top in allowed or top in __import__("sys").stdlib_module_names, f"{file}: {n}"
