@@ -1,0 +1,134 @@
+"""The method's pieces against hand calculations and independent per-position computations."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sftmix
+
+ROOT = Path(__file__).resolve().parent.parent
+IGNORE = -100
+
+
+def random_pairs(P=3, T=9, D=6, V=11, seed=0, dtype=torch.float64):
+    """P pairs with response spans of different lengths and offsets (prompt and padding are IGNORE)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden_c, hidden_u = torch.randn(P, T, D, generator=g, dtype=dtype), torch.randn(P, T, D, generator=g, dtype=dtype)
+    labels_c = torch.full((P, T), IGNORE)
+    labels_u = torch.full((P, T), IGNORE)
+    spans_c, spans_u = [(2, 7), (1, 3), (4, 9)], [(3, 5), (0, 8), (5, 9)]
+    for p in range(P):
+        labels_c[p, slice(*spans_c[p])] = torch.randint(0, V, (spans_c[p][1] - spans_c[p][0],), generator=g)
+        labels_u[p, slice(*spans_u[p])] = torch.randint(0, V, (spans_u[p][1] - spans_u[p][0],), generator=g)
+    W = torch.randn(V, D, generator=g, dtype=dtype)
+    lam = torch.tensor([0.3, 0.9, 0.55], dtype=dtype)
+    return hidden_c, labels_c, hidden_u, labels_u, lam, W
+
+
+def per_position_mixup(hidden_c, labels_c, hidden_u, labels_u, lam, W):
+    """The paper's definition written out one pair and one position at a time, with explicit soft labels."""
+    losses = []
+    for p in range(len(lam)):
+        pos_c = [t for t in range(labels_c.shape[1]) if labels_c[p, t] != IGNORE]
+        pos_u = [t for t in range(labels_u.shape[1]) if labels_u[p, t] != IGNORE]
+        for tc, tu in zip(pos_c, pos_u):  # zip stops at n = min(n_c, n_u)
+            z = lam[p] * hidden_c[p, tc] + (1 - lam[p]) * hidden_u[p, tu]
+            y = lam[p] * F.one_hot(labels_c[p, tc], W.shape[0]) + (1 - lam[p]) * F.one_hot(labels_u[p, tu], W.shape[0])
+            losses.append(-(y * torch.log_softmax(W @ z, dim=0)).sum())
+    return torch.stack(losses)
+
+
+def test_mixup_loss_equals_per_position_definition():
+    args = random_pairs()
+    expected = per_position_mixup(*args)
+    assert len(expected) == 2 + 2 + 4  # min(5,2), min(2,8), min(5,4)
+    torch.testing.assert_close(sftmix.mixup_loss(*args), expected.mean())
+    torch.testing.assert_close(sftmix.mixup_loss(*args, reduction="sum"), expected.sum())
+
+
+def test_mixup_with_lambda_one_is_ntp_on_the_confident_examples_first_n_positions():
+    hidden_c, labels_c, hidden_u, labels_u, _, W = random_pairs()
+    lam = torch.ones(3, dtype=torch.float64)
+    n = [2, 2, 4]
+    ntp = [F.cross_entropy(hidden_c[p] @ W.T, labels_c[p], ignore_index=IGNORE, reduction="none")
+           [labels_c[p] != IGNORE][:n[p]] for p in range(3)]
+    torch.testing.assert_close(sftmix.mixup_loss(hidden_c, labels_c, hidden_u, labels_u, lam, W), torch.cat(ntp).mean())
+
+
+def test_mixup_loss_gradient_matches_finite_differences():
+    hidden_c, labels_c, hidden_u, labels_u, lam, W = random_pairs()
+    inputs = tuple(t.clone().requires_grad_() for t in (hidden_c, hidden_u, W))
+    assert torch.autograd.gradcheck(
+        lambda hc, hu, w: sftmix.mixup_loss(hc, labels_c, hu, labels_u, lam, w), inputs)
+
+
+def test_logit_form_equals_hidden_state_form():
+    hidden_c, labels_c, hidden_u, labels_u, lam, W = random_pairs(dtype=torch.float32)
+    from_hidden = sftmix.mixup_loss(hidden_c, labels_c, hidden_u, labels_u, lam, W)
+    from_logits = sftmix.mixup_loss_from_logits(hidden_c @ W.T, labels_c, hidden_u @ W.T, labels_u, lam)
+    torch.testing.assert_close(from_logits, from_hidden, rtol=1e-6, atol=1e-6)
+
+
+def test_confidence_is_minus_mean_perplexity_and_variability_its_population_std():
+    perps = [[2.0, 4.0, 6.0, 8.0], [3.0, 3.0, 3.0, 3.0]]
+    np.testing.assert_allclose(sftmix.confidence(perps), [-5.0, -3.0])
+    np.testing.assert_allclose(sftmix.variability(perps), [np.sqrt(5.0), 0.0])
+
+
+def test_split_is_at_the_median_with_ties_broken_by_id():
+    ids = ["e", "d", "c", "b", "a", "f"]
+    conf = [-1.0, -5.0, -2.0, -2.0, -9.0, -2.0]
+    confident, unconfident = sftmix.split_by_confidence(ids, conf)
+    assert confident == ["e", "b", "c"]  # -1, then the -2 tie ordered b, c before f
+    assert unconfident == ["f", "d", "a"]
+
+
+def test_odd_split_puts_the_median_example_in_the_unconfident_half():
+    confident, unconfident = sftmix.split_by_confidence(["a", "b", "c"], [-1.0, -2.0, -3.0])
+    assert (confident, unconfident) == (["a"], ["b", "c"])
+
+
+def test_paired_batches_hold_half_confident_half_unconfident_each_example_once_per_epoch():
+    confident = [f"c{i}" for i in range(10)]
+    unconfident = [f"u{i}" for i in range(11)]
+    for epoch in range(3):
+        batches = sftmix.paired_batches(confident, unconfident, batch_size=4, seed=1, epoch=epoch)
+        assert len(batches) == 5  # 10 pairs / 2 pairs per batch; the 11th unconfident example waits
+        for b in batches:
+            assert all(x.startswith("c") for x in b[:2]) and all(x.startswith("u") for x in b[2:])
+        seen = [x for b in batches for x in b]
+        assert len(seen) == len(set(seen)) == 20
+    e0, e1 = (sftmix.paired_batches(confident, unconfident, 4, 1, e) for e in (0, 1))
+    assert e0 != e1 and e0 == sftmix.paired_batches(confident, unconfident, 4, 1, 0)
+
+
+def test_lambda_is_beta_distributed_and_the_same_for_the_same_step():
+    lam = sftmix.sample_lambda(0.5, 20000, seed=3, step=7)
+    assert torch.equal(lam, sftmix.sample_lambda(0.5, 20000, seed=3, step=7))
+    assert abs(lam.mean().item() - 0.5) < 0.01  # Beta(a, a) has mean 1/2
+    assert abs(lam.var().item() - 1 / 8) < 0.01  # and variance 1 / (4 (2a + 1)) = 1/8 at a = 0.5
+
+
+def test_split_command_writes_halves_and_reports_them(tmp_path):
+    dyn = tmp_path / "dynamics.jsonl"
+    dyn.write_text("".join(json.dumps({"id": f"x{i}", "perplexities": [i + 1.0, i + 3.0]}) + "\n" for i in range(5)))
+    out = tmp_path / "split.json"
+    r = subprocess.run([sys.executable, ROOT / "sftmix.py", "split", "--dynamics", dyn, "--out", out],
+                       capture_output=True, text=True, check=True)
+    split = json.loads(out.read_text())
+    assert split == {"confident": ["x0", "x1"], "unconfident": ["x2", "x3", "x4"]}
+    assert "confident:      2 examples, confidence -3 .. -2" in r.stdout
+
+
+def test_split_command_rejects_a_malformed_line_in_one_line(tmp_path):
+    dyn = tmp_path / "dynamics.jsonl"
+    dyn.write_text('{"id": "a", "perplexities": [1.0]}\n{"id": "b"}\n')
+    r = subprocess.run([sys.executable, ROOT / "sftmix.py", "split", "--dynamics", dyn, "--out", tmp_path / "s.json"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "dynamics.jsonl:2:" in r.stderr
+    assert not (tmp_path / "s.json").exists()
