@@ -1,0 +1,450 @@
+"""Instruction data to token ids with response-only labels.
+
+    file --read_examples--> Example(id, messages) --tokenize--> Sample(id, input_ids, labels) --collate--> batch
+
+Data formats (a JSON array or JSON lines), detected from the first record's keys or forced with --format:
+    alpaca    {"instruction", "input" (optional), "output"}
+    sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}
+    messages  {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}
+An optional system turn, then user and assistant turns in alternation, ending with an assistant turn.
+Every example keeps one id through every stage of SFTMix (dynamics, split, mixing), whatever the
+tokenizer: its own "id" field, else "<file name>:<record index>".
+
+Prompt formats, detected from the tokenizer's chat template when not given:
+    chatml  <|im_start|>role\\ncontent<|im_end|>\\n ...   (SmolLM2, Qwen) no BOS; the default system prompt
+            written in the template is added when a conversation has none, as the template does.
+    llama3  <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|> ...
+            content stripped, as Llama-3's template does (3.1's dated system prompt is not added).
+    alpaca  Stanford Alpaca's prompt, the response, EOS; for base models (no chat template); BOS only
+            if the tokenizer itself adds one. It holds one instruction and one response: a system turn
+            or several turns is an error (use a chat format).
+
+Labels. Every assistant turn is trained together with its end-of-turn token (<|im_end|>, <|eot_id|>,
+EOS), so the model learns to stop; all else is -100. The rendered text is tokenized whole, as
+transformers' apply_chat_template does, and a token is trained when its characters overlap an
+assistant turn. Labels are PRE-SHIFTED, so the loss needs no shift:
+
+    x_0 .. x_L       the rendered conversation's tokens, cut to max_len + 1 tokens from the right
+    input_ids[t] = x_t                                        t = 0 .. L-1
+    labels[t]    = x_{t+1} if x_{t+1} is trained, else -100   (the target for position t)
+    loss         = cross_entropy(logits[t], labels[t], ignore_index=-100)
+
+An example left with no trained token after truncation is dropped and counted, never trained on nothing.
+"""
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+import torch
+
+IGNORE = -100
+MAX_LEN = 2048
+FORMATS = ("alpaca", "sharegpt", "messages")
+PROMPT_FORMATS = ("chatml", "llama3", "alpaca")
+TURNS = {  # format: (list key, role key, text key, {role in the file: role here})
+    "sharegpt": ("conversations", "from", "value", {"system": "system", "human": "user", "gpt": "assistant"}),
+    "messages": ("messages", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
+}
+NEXT_ROLES = {None: ("system", "user"), "system": ("user",), "user": ("assistant",), "assistant": ("user",)}
+CHAT = {  # prompt format: (start of text, turn header, end of turn, after a turn, strip content)
+    "chatml": ("", "<|im_start|>{role}\n", "<|im_end|>", "\n", False),
+    "llama3": ("<|begin_of_text|>", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", "", True),
+}
+ALPACA = (  # Stanford Alpaca's prompts without and with an input; the response and EOS follow
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n",
+    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+    "response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}"
+    "\n\n### Response:\n",
+)
+
+
+class DataError(Exception):
+    """Bad input; the message is one line: '<file>:<line or record>: <field>: <what was expected>'."""
+
+
+@dataclass
+class Example:
+    """One conversation: messages = [{"role": "system"|"user"|"assistant", "content": str}, ...].
+    An Alpaca user turn with an input has content instruction + "\\n\\n" + input, and also keeps
+    "instruction" and "input" for the alpaca prompt's "### Input:" section."""
+    id: str
+    messages: list
+
+
+@dataclass
+class Sample:
+    """Token ids of one example; labels pre-shifted (labels[t] is the target for position t, or -100)."""
+    id: str
+    input_ids: list
+    labels: list
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+def _kind(value) -> str:
+    if value == []:
+        return "an empty array"
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}[type(value)]
+
+
+def _text(obj: dict, key: str, where: str, field: str | None = None) -> str:
+    field = field or json.dumps(key)
+    if not isinstance(obj.get(key), str):
+        raise DataError(f"{where}: {field}: expected a string, got {_kind(obj[key]) if key in obj else 'nothing'}")
+    return obj[key]
+
+
+def _msg(e: json.JSONDecodeError) -> str:
+    return f"{e.msg.removesuffix(' starting at')} at column {e.colno}"  # 'Unterminated string starting at'
+
+
+def _records(path: Path) -> list:
+    """[(where, record)] of a JSON array ('file:record i') or of JSON lines ('file:line')."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); expected UTF-8 JSON text") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file; expected a JSON array of records or one JSON object per line")
+    if text.lstrip().startswith("["):
+        try:
+            return [(f"{path}:record {i}", r) for i, r in enumerate(json.loads(text))]
+        except json.JSONDecodeError as e:
+            cut = "" if text.rstrip().endswith("]") else "; the file ends inside the array (truncated?)"
+            raise DataError(f"{path}:{e.lineno}: invalid JSON array: {_msg(e)}{cut}") from None
+    records = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        try:
+            records += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: invalid JSON: {_msg(e)}; expected one object per line") from None
+    return records
+
+
+def _check_order(roles: list, where: str, field: str, names: dict, last: str) -> None:
+    """An optional system turn, then user and assistant in alternation, ending with `last`."""
+    prev = None
+    for i, role in enumerate(roles):
+        if role not in NEXT_ROLES[prev]:
+            expected = " or ".join(f'"{names.get(r, r)}"' for r in NEXT_ROLES[prev])
+            after = f' after "{names.get(prev, prev)}"' if prev else " first"
+            raise DataError(f'{where}: {field.format(i=i)}: expected {expected}{after}, got "{names.get(role, role)}"')
+        prev = role
+    if prev != last:
+        raise DataError(f'{where}: {field.format(i=len(roles) - 1)}: expected the last turn from '
+                        f'"{names.get(last, last)}", got "{names.get(prev, prev)}"')
+
+
+def _messages(record, fmt: str, where: str) -> list:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {_kind(record)}")
+    if fmt == "alpaca":
+        instruction, output = _text(record, "instruction", where), _text(record, "output", where)
+        inp = _text(record, "input", where) if "input" in record else ""
+        user = {"role": "user", "content": f"{instruction}\n\n{inp}", "instruction": instruction, "input": inp} \
+            if inp else {"role": "user", "content": instruction}
+        turns = [(user, '"instruction"'), ({"role": "assistant", "content": output}, '"output"')]
+    else:
+        key, role_key, text_key, roles = TURNS[fmt]
+        if not isinstance(record.get(key), list) or not record[key]:
+            got = _kind(record[key]) if key in record else "nothing"
+            raise DataError(f'{where}: "{key}": expected a non-empty array of turns, got {got}')
+        turns = []
+        for i, turn in enumerate(record[key]):
+            field = f'"{key}"[{i}]'
+            if not isinstance(turn, dict):
+                raise DataError(f"{where}: {field}: expected an object, got {_kind(turn)}")
+            role = _text(turn, role_key, where, f"{field}.{role_key}")
+            if role not in roles:
+                raise DataError(f'{where}: {field}.{role_key}: expected one of {", ".join(map(json.dumps, roles))}, '
+                                f"got {json.dumps(role)}")
+            turns.append(({"role": roles[role], "content": _text(turn, text_key, where, f"{field}.{text_key}")},
+                          f"{field}.{text_key}"))
+        names = {ours: theirs for theirs, ours in roles.items()}
+        _check_order([m["role"] for m, _ in turns], where, f'"{key}"[{{i}}].{role_key}', names, "assistant")
+    for m, field in turns:
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise DataError(f"{where}: {field}: expected a non-empty response, got {json.dumps(m['content'])}")
+    return [m for m, _ in turns]
+
+
+def _read(path, fmt: str | None) -> tuple:
+    """(examples, format, how the format was chosen)."""
+    if fmt is not None and fmt not in FORMATS:
+        raise DataError(f'--format: expected one of {", ".join(FORMATS)}, got "{fmt}"')
+    path = Path(path)
+    records = _records(path)
+    if not records:
+        raise DataError(f"{path}: no records; expected at least one")
+    chosen = "--format" if fmt else "detected from the keys"
+    where, first = records[0]
+    keys = sorted(first) if isinstance(first, dict) else []
+    fmt = fmt or next((f for f, k in (("sharegpt", "conversations"), ("messages", "messages"),
+                                      ("alpaca", "instruction")) if k in keys), None)
+    if fmt is None:
+        raise DataError(f'{where}: cannot tell the format: expected key "instruction" (alpaca), "conversations" '
+                        f'(sharegpt) or "messages" (messages), got keys {keys}; or pass --format')
+    examples, seen = [], {}
+    for i, (where, record) in enumerate(records):
+        messages = _messages(record, fmt, where)
+        id = record.get("id", f"{path.name}:{i}")
+        if not isinstance(id, (str, int)) or isinstance(id, bool) or id == "":
+            raise DataError(f'{where}: "id": expected a non-empty string, got {_kind(id)}')
+        if str(id) in seen:
+            raise DataError(f'{where}: "id": duplicate id {json.dumps(str(id))} (first at {seen[str(id)]})')
+        seen[str(id)] = where
+        examples.append(Example(str(id), messages))
+    return examples, fmt, chosen
+
+
+def read_examples(path, fmt: str | None = None) -> list:
+    """Examples of a data file; fmt in FORMATS, or None to detect it from the first record's keys."""
+    return _read(path, fmt)[0]
+
+
+# --- tokenizer and prompt formats --------------------------------------------------------------------------
+
+@dataclass
+class Tokenizer:
+    """A tokenizers.Tokenizer with what its Hugging Face directory says about special tokens and chats."""
+    hf: tokenizers.Tokenizer
+    dir: Path
+    bos_token: str | None
+    eos_token: str | None
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int  # pad, else EOS, else 0: any id will do (right padding, causal attention, label -100)
+    add_bos: bool  # tokenizer.json's post-processor puts BOS before a text (base Llama-3, Mistral)
+    prompt_format: str | None  # from the chat template's markers; alpaca when there is no chat template
+    default_system: str | None  # the system prompt a ChatML template adds when there is none (SmolLM2)
+
+    def encode(self, text: str) -> list:
+        """Token ids of text, special-token strings included, with nothing added."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(dir) -> Tokenizer:
+    """The tokenizer of a Hugging Face directory: tokenizer.json, and tokenizer_config.json when present."""
+    d = Path(dir)
+    if not (d / "tokenizer.json").is_file():
+        raise DataError(f"{d}: no tokenizer.json; expected a Hugging Face tokenizer directory")
+    try:
+        hf = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
+        has_config = (d / "tokenizer_config.json").is_file()
+        config = json.loads((d / "tokenizer_config.json").read_text("utf-8")) if has_config else {}
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise DataError(f"{d}: tokenizer.json or tokenizer_config.json: unreadable: {e}") from None
+    bos, eos, pad = (v["content"] if isinstance(v := config.get(k), dict) else v
+                     for k in ("bos_token", "eos_token", "pad_token"))
+    template = config.get("chat_template")
+    if template is None and (d / "chat_template.jinja").is_file():
+        template = (d / "chat_template.jinja").read_text("utf-8")
+    markers = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>"}
+    prompt_format = next((f for f, m in markers.items() if m in template), None) if template else "alpaca"
+    system = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"]+?)<\|im_end\|>", template or "")
+    bos_id, eos_id = (hf.token_to_id(t) if t else None for t in (bos, eos))
+    pad_id = next((hf.token_to_id(t) for t in (pad, eos) if t), 0)
+    add_bos = bos_id is not None and hf.encode("a").ids[:1] == [bos_id]
+    return Tokenizer(hf, d, bos, eos, bos_id, eos_id, pad_id, add_bos, prompt_format, system and system.group(1))
+
+
+def _resolve(tok: Tokenizer, prompt_format: str | None) -> str:
+    """The prompt format given, else the tokenizer's; checks that the tokenizer has its special tokens."""
+    prompt_format = prompt_format or tok.prompt_format
+    if prompt_format is None:
+        raise DataError(f"{tok.dir}: chat template: cannot tell the prompt format; pass --prompt-format "
+                        f"({', '.join(PROMPT_FORMATS)})")
+    if prompt_format not in PROMPT_FORMATS:
+        raise DataError(f'--prompt-format: expected one of {", ".join(PROMPT_FORMATS)}, got "{prompt_format}"')
+    specials = [tok.eos_token] if prompt_format == "alpaca" else re.findall(r"<\|\w+\|>", "".join(CHAT[prompt_format][:4]))
+    for token in specials:
+        if token is None or len(tok.encode(token)) != 1:
+            raise DataError(f"{tok.dir}: prompt format {prompt_format} needs the special token {token or 'eos_token'}")
+    return prompt_format
+
+
+def render(messages: list, tok: Tokenizer, prompt_format: str, generation: bool = False, where: str = "") -> list:
+    """The conversation as [(text, trained)] pieces; generation=True ends with the assistant's header."""
+    if prompt_format == "alpaca":
+        roles = [m["role"] for m in messages]
+        if roles != (["user"] if generation else ["user", "assistant"]):
+            raise DataError(f"{where}: messages: the alpaca prompt format holds one instruction and one response, "
+                            f"got turns {roles}; use --prompt-format chatml or llama3")
+        user = messages[0]
+        prompt = ALPACA[1].format(**user) if user.get("input") else ALPACA[0].format(instruction=user["content"])
+        bos = tok.bos_token if tok.add_bos else ""
+        return [(bos + prompt, False)] + [(m["content"] + tok.eos_token, True) for m in messages[1:]]
+    start, header, end, after, strip = CHAT[prompt_format]
+    if prompt_format == "chatml" and messages[0]["role"] != "system" and tok.default_system is not None:
+        messages = [{"role": "system", "content": tok.default_system}] + messages
+    pieces = [(start, False)]
+    for m in messages:
+        content = m["content"].strip() if strip else m["content"]
+        pieces += [(header.format(role=m["role"]), False), (content + end, m["role"] == "assistant"), (after, False)]
+    return pieces + [(header.format(role="assistant"), False)] * generation
+
+
+def encode_prompt(messages: list, tok: Tokenizer, prompt_format: str | None = None) -> list:
+    """Token ids of a conversation that ends with a user turn, then the assistant's header (for generation)."""
+    prompt_format = _resolve(tok, prompt_format)
+    _check_order([m["role"] for m in messages], "messages", "[{i}].role", {}, "user")
+    return tok.encode("".join(text for text, _ in render(messages, tok, prompt_format, generation=True)))
+
+
+def stop_ids(tok: Tokenizer, prompt_format: str | None = None) -> list:
+    """Ids that end an assistant turn: the format's end-of-turn token, and EOS."""
+    prompt_format = _resolve(tok, prompt_format)
+    ends = [CHAT[prompt_format][2]] if prompt_format in CHAT else []
+    return list(dict.fromkeys(tok.encode(t)[0] for t in ends + [tok.eos_token] if t))
+
+
+def _sample(id: str, encoding, pieces: list, max_len: int) -> Sample | None:
+    """Pre-shifted Sample from the encoding of the whole rendered text; None if no token is trained."""
+    trained_chars = np.concatenate([np.full(len(text), trained) for text, trained in pieces] + [[False]])
+    before = np.concatenate([[0], np.cumsum(trained_chars)])  # before[c] = trained characters before c
+    offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)  # (L + 1, 2) character spans
+    trained = (before[offsets[:, 1]] > before[offsets[:, 0]])[: max_len + 1]
+    ids = encoding.ids[: max_len + 1]
+    labels = [x if t else IGNORE for x, t in zip(ids[1:], trained[1:])]
+    return Sample(id, ids[:-1], labels) if any(x != IGNORE for x in labels) else None
+
+
+def tokenize(example: Example, tok: Tokenizer, prompt_format: str | None = None, max_len: int = MAX_LEN):
+    """Sample of one example, or None if truncation to max_len left no trained token."""
+    pieces = render(example.messages, tok, _resolve(tok, prompt_format), where=example.id)
+    encoding = tok.hf.encode("".join(text for text, _ in pieces), add_special_tokens=False)
+    return _sample(example.id, encoding, pieces, max_len)
+
+
+def load_dataset(path, tok: Tokenizer, prompt_format: str | None = None, max_len: int = MAX_LEN,
+                 fmt: str | None = None) -> tuple:
+    """(samples, stats) of a data file; prints the formats chosen and what was truncated or dropped."""
+    examples, fmt, fmt_chosen = _read(path, fmt)
+    prompt_chosen = "given" if prompt_format else f"detected from {tok.dir}"
+    prompt_format = _resolve(tok, prompt_format)
+    rendered = [render(e.messages, tok, prompt_format, where=e.id) for e in examples]
+    encodings = tok.hf.encode_batch(["".join(text for text, _ in p) for p in rendered], add_special_tokens=False)
+    samples = [_sample(e.id, enc, p, max_len) for e, p, enc in zip(examples, rendered, encodings)]
+    dropped = [e.id for e, s in zip(examples, samples) if s is None]
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        raise DataError(f"{path}: no example keeps a trained token within max_len {max_len}")
+    lengths = np.array([len(s.input_ids) for s in samples])
+    stats = {"format": f"{fmt} ({fmt_chosen})", "prompt_format": f"{prompt_format} ({prompt_chosen})",
+             "examples": len(examples), "samples": len(samples), "dropped": len(dropped), "dropped_ids": dropped,
+             "truncated": sum(len(e.ids) > max_len + 1 for e in encodings), "tokens": int(lengths.sum()),
+             "trained_tokens": sum(sum(x != IGNORE for x in s.labels) for s in samples),
+             "length_percentiles": {p: int(np.percentile(lengths, p)) for p in (50, 90, 99, 100)}}
+    print(f"data: {path}: format {stats['format']}, prompt format {stats['prompt_format']}; {len(samples)} samples, "
+          f"{stats['truncated']} truncated to max_len {max_len}, {len(dropped)} dropped (no trained token left)")
+    return samples, stats
+
+
+# --- batching ----------------------------------------------------------------------------------------------
+
+def collate(samples: list, pad_id: int) -> dict:
+    """Right-padded batch: input_ids (B, T) padded with pad_id, labels (B, T) with -100 on the pads."""
+    T = max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((len(samples), T), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(samples), T), IGNORE, dtype=torch.long)  # (B, T)
+    for i, s in enumerate(samples):
+        input_ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        labels[i, : len(s.labels)] = torch.tensor(s.labels)
+    return {"input_ids": input_ids, "labels": labels, "ids": [s.id for s in samples]}
+
+
+def shuffled_order(n: int, seed: int, epoch: int) -> list:
+    """A permutation of range(n), the same for the same (seed, epoch) on every rank and machine."""
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+def length_grouped_batches(lengths: list, batch_size: int) -> list:
+    """Batches of indices for forward-only passes, longest first, so that little of a batch is padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padding_waste(lengths: list, batches: list) -> float:
+    """Share of the padded batches' positions that are padding: 1 - sum(lengths) / sum(B * T)."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - sum(lengths[i] for b in batches for i in b) / padded
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """This rank's items: every world_size-th from rank on. Each item goes to exactly one rank (counts may
+    differ by one: nothing is repeated to even them out), so a gathered per-example result has no duplicate."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    return items[rank::world_size]
+
+
+# --- inspect -----------------------------------------------------------------------------------------------
+
+def show(sample: Sample, tok: Tokenizer) -> str:
+    """The sample's text with each trained span between [[ and ]]."""
+    tokens = sample.input_ids + [x for x in sample.labels[-1:] if x != IGNORE]
+    trained = [False] + [x != IGNORE for x in sample.labels]
+    text, start = "", 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or trained[i] != trained[start]:
+            span = tok.decode(tokens[start:i])
+            text, start = text + (f"[[{span}]]" if trained[start] else span), i
+    return text
+
+
+def inspect(args) -> None:
+    tok = load_tokenizer(args.tokenizer)
+    samples, stats = load_dataset(args.data, tok, args.prompt_format, args.max_len, args.format)
+    for s in samples[: args.n]:
+        trained = sum(x != IGNORE for x in s.labels)
+        print(f"\n--- {s.id}: {len(s.input_ids)} tokens, {trained} trained [[between brackets]] ---\n{show(s, tok)}")
+    lengths, B = [len(s.input_ids) for s in samples], args.batch_size
+    shuffled = shuffled_order(len(lengths), seed=0, epoch=0)
+    waste_random = padding_waste(lengths, [shuffled[i: i + B] for i in range(0, len(lengths), B)])
+    waste_grouped = padding_waste(lengths, length_grouped_batches(lengths, B))
+    p = stats["length_percentiles"]
+    print(f"\nformat: {stats['format']}\nprompt format: {stats['prompt_format']}\n"
+          f"examples: {stats['examples']}, samples: {stats['samples']}, truncated to max_len {args.max_len}: "
+          f"{stats['truncated']}, dropped (no trained token left): {stats['dropped']} {stats['dropped_ids'][:5]}\n"
+          f"tokens per sample: p50 {p[50]}, p90 {p[90]}, p99 {p[99]}, max {p[100]}; "
+          f"trained: {stats['trained_tokens'] / stats['tokens']:.1%} of {stats['tokens']}\n"
+          f"padding at batch size {B}: {waste_random:.1%} in random order, {waste_grouped:.1%} length-grouped")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("inspect", help="rendered examples with trained spans marked, and statistics",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="data file: a JSON array or JSON lines")
+    p.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (and tokenizer_config.json)")
+    p.add_argument("--format", help=f"one of {', '.join(FORMATS)}; detected from the keys if not given")
+    p.add_argument("--prompt-format", help=f"one of {', '.join(PROMPT_FORMATS)}; from the tokenizer if not given")
+    p.add_argument("--max-len", type=int, default=MAX_LEN, help="tokens per sample; longer ones are cut on the right")
+    p.add_argument("-n", type=int, default=3, help="examples to show")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size for the padding figures")
+    args = parser.parse_args(argv)
+    try:
+        inspect(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
