@@ -15,16 +15,17 @@ Prompt formats, detected from the tokenizer's chat template when not given:
             written in the template is added when a conversation has none, as the template does.
     llama3  <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|> ...
             content stripped, as Llama-3's template does (3.1's dated system prompt is not added).
-    alpaca  Stanford Alpaca's prompt, the response, EOS; for base models (no chat template); BOS only
-            if the tokenizer itself adds one. It holds one instruction and one response: a system turn
+    alpaca  Stanford Alpaca's prompt (ending "### Response:\\n", as in its README), the response, EOS;
+            for base models (no chat template); BOS only if the tokenizer itself adds one. It holds one instruction and one response: a system turn
             or several turns is an error (use a chat format).
 
 Labels. Every assistant turn is trained together with its end-of-turn token (<|im_end|>, <|eot_id|>,
 EOS), so the model learns to stop; all else is -100. The rendered text is tokenized whole, as
 transformers' apply_chat_template does, and a token is trained when its characters overlap an
-assistant turn. Labels are PRE-SHIFTED, so the loss needs no shift:
+assistant turn (tokenizing turn by turn would differ where a response starts with whitespace: BPE
+joins it with the header's newline). Labels are PRE-SHIFTED, so the loss needs no shift:
 
-    x_0 .. x_L       the rendered conversation's tokens, cut to max_len + 1 tokens from the right
+    x_0 .. x_L       the rendered conversation's tokens, truncated on the right to max_len + 1 tokens
     input_ids[t] = x_t                                        t = 0 .. L-1
     labels[t]    = x_{t+1} if x_{t+1} is trained, else -100   (the target for position t)
     loss         = cross_entropy(logits[t], labels[t], ignore_index=-100)
@@ -32,6 +33,7 @@ assistant turn. Labels are PRE-SHIFTED, so the loss needs no shift:
 An example left with no trained token after truncation is dropped and counted, never trained on nothing.
 """
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -271,8 +273,8 @@ def _resolve(tok: Tokenizer, prompt_format: str | None) -> str:
                         f"({', '.join(PROMPT_FORMATS)})")
     if prompt_format not in PROMPT_FORMATS:
         raise DataError(f'--prompt-format: expected one of {", ".join(PROMPT_FORMATS)}, got "{prompt_format}"')
-    specials = [tok.eos_token] if prompt_format == "alpaca" else re.findall(r"<\|\w+\|>", "".join(CHAT[prompt_format][:4]))
-    for token in specials:
+    chat = "".join(CHAT[prompt_format][:4]) if prompt_format in CHAT else ""
+    for token in re.findall(r"<\|\w+\|>", chat) if chat else [tok.eos_token]:
         if token is None or len(tok.encode(token)) != 1:
             raise DataError(f"{tok.dir}: prompt format {prompt_format} needs the special token {token or 'eos_token'}")
     return prompt_format
@@ -315,7 +317,7 @@ def stop_ids(tok: Tokenizer, prompt_format: str | None = None) -> list:
 
 def _sample(id: str, encoding, pieces: list, max_len: int) -> Sample | None:
     """Pre-shifted Sample from the encoding of the whole rendered text; None if no token is trained."""
-    trained_chars = np.concatenate([np.full(len(text), trained) for text, trained in pieces] + [[False]])
+    trained_chars = np.concatenate([np.full(len(text), trained) for text, trained in pieces])  # (characters,)
     before = np.concatenate([[0], np.cumsum(trained_chars)])  # before[c] = trained characters before c
     offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)  # (L + 1, 2) character spans
     trained = (before[offsets[:, 1]] > before[offsets[:, 0]])[: max_len + 1]
@@ -345,13 +347,15 @@ def load_dataset(path, tok: Tokenizer, prompt_format: str | None = None, max_len
     if not samples:
         raise DataError(f"{path}: no example keeps a trained token within max_len {max_len}")
     lengths = np.array([len(s.input_ids) for s in samples])
-    stats = {"format": f"{fmt} ({fmt_chosen})", "prompt_format": f"{prompt_format} ({prompt_chosen})",
-             "examples": len(examples), "samples": len(samples), "dropped": len(dropped), "dropped_ids": dropped,
-             "truncated": sum(len(e.ids) > max_len + 1 for e in encodings), "tokens": int(lengths.sum()),
+    stats = {"format": fmt, "format_from": fmt_chosen, "prompt_format": prompt_format,
+             "prompt_format_from": prompt_chosen, "examples": len(examples), "samples": len(samples),
+             "truncated": sum(len(e.ids) > max_len + 1 for e in encodings), "dropped": len(dropped),
+             "dropped_ids": dropped, "tokens": int(lengths.sum()),
              "trained_tokens": sum(sum(x != IGNORE for x in s.labels) for s in samples),
              "length_percentiles": {p: int(np.percentile(lengths, p)) for p in (50, 90, 99, 100)}}
-    print(f"data: {path}: format {stats['format']}, prompt format {stats['prompt_format']}; {len(samples)} samples, "
-          f"{stats['truncated']} truncated to max_len {max_len}, {len(dropped)} dropped (no trained token left)")
+    print(f"data: {path}: format {fmt} ({fmt_chosen}), prompt format {prompt_format} ({prompt_chosen}); "
+          f"{len(samples)} samples, {stats['truncated']} truncated to max_len {max_len}, "
+          f"{len(dropped)} dropped (no trained token left)")
     return samples, stats
 
 
@@ -398,13 +402,9 @@ def shard(items: list, rank: int, world_size: int) -> list:
 def show(sample: Sample, tok: Tokenizer) -> str:
     """The sample's text with each trained span between [[ and ]]."""
     tokens = sample.input_ids + [x for x in sample.labels[-1:] if x != IGNORE]
-    trained = [False] + [x != IGNORE for x in sample.labels]
-    text, start = "", 0
-    for i in range(1, len(tokens) + 1):
-        if i == len(tokens) or trained[i] != trained[start]:
-            span = tok.decode(tokens[start:i])
-            text, start = text + (f"[[{span}]]" if trained[start] else span), i
-    return text
+    trained = [False] + [x != IGNORE for x in sample.labels]  # token t + 1 is trained iff labels[t] is not -100
+    runs = [(t, [x for x, _ in run]) for t, run in itertools.groupby(zip(tokens, trained), key=lambda p: p[1])]
+    return "".join(f"[[{tok.decode(ids)}]]" if t else tok.decode(ids) for t, ids in runs)
 
 
 def inspect(args) -> None:
@@ -418,7 +418,8 @@ def inspect(args) -> None:
     waste_random = padding_waste(lengths, [shuffled[i: i + B] for i in range(0, len(lengths), B)])
     waste_grouped = padding_waste(lengths, length_grouped_batches(lengths, B))
     p = stats["length_percentiles"]
-    print(f"\nformat: {stats['format']}\nprompt format: {stats['prompt_format']}\n"
+    print(f"\nformat: {stats['format']} ({stats['format_from']})\n"
+          f"prompt format: {stats['prompt_format']} ({stats['prompt_format_from']})\n"
           f"examples: {stats['examples']}, samples: {stats['samples']}, truncated to max_len {args.max_len}: "
           f"{stats['truncated']}, dropped (no trained token left): {stats['dropped']} {stats['dropped_ids'][:5]}\n"
           f"tokens per sample: p50 {p[50]}, p90 {p[90]}, p99 {p[99]}, max {p[100]}; "

@@ -41,7 +41,8 @@ def byte_tokenizer_dir(path: Path, specials, config: dict, bos=None) -> Path:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     if bos:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
     path.mkdir()
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(config))
@@ -69,7 +70,8 @@ def llama3(tmp_path_factory):
 def base(tmp_path_factory):
     """A base model's tokenizer: no chat template, BOS added by the tokenizer itself."""
     path = tmp_path_factory.mktemp("base") / "tok"
-    return D.load_tokenizer(byte_tokenizer_dir(path, ["<s>", "</s>"], {"bos_token": "<s>", "eos_token": "</s>"}, bos="<s>"))
+    config = {"bos_token": "<s>", "eos_token": "</s>"}
+    return D.load_tokenizer(byte_tokenizer_dir(path, ["<s>", "</s>"], config, bos="<s>"))
 
 
 def hf_ids(hf_tok, messages, **kw):
@@ -143,8 +145,9 @@ BAD_INPUT = {  # name: (file name, content, extra arguments, message after "erro
                       'd.jsonl:2: "output": expected a string, got nothing'),
     "non-string field": ("d.json", '[{"instruction": "a", "input": 3, "output": "b"}]', [],
                          'd.json:record 0: "input": expected a string, got a number'),
-    "non-string turn": ("d.jsonl", '{"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": null}]}',
-                        [], 'd.jsonl:1: "conversations"[1].value: expected a string, got null'),
+    "non-string turn": ("d.jsonl", json.dumps({"conversations": [
+        {"from": "human", "value": "Q"}, {"from": "gpt", "value": None}]}), [],
+        'd.jsonl:1: "conversations"[1].value: expected a string, got null'),
     "empty response": ("d.jsonl", '{"instruction": "a", "output": " \\n"}', [],
                        'd.jsonl:1: "output": expected a non-empty response, got " \\n"'),
     "empty turn list": ("d.jsonl", '{"messages": []}', [],
@@ -181,7 +184,8 @@ def test_bad_input_is_one_clear_line_and_exit_2(name, tmp_path, base, capsys):
 
 
 def test_tokenizer_directory_without_tokenizer_json_is_an_error(tmp_path):
-    with pytest.raises(D.DataError, match=f"^{tmp_path}: no tokenizer.json; expected a Hugging Face tokenizer directory$"):
+    message = f"^{tmp_path}: no tokenizer.json; expected a Hugging Face tokenizer directory$"
+    with pytest.raises(D.DataError, match=message):
         D.load_tokenizer(tmp_path)
 
 
@@ -221,7 +225,8 @@ def test_smollm2_trains_each_assistant_turn_with_its_im_end_and_nothing_else(smo
     ref = hf_ids(hf_smol, messages)
     expected = [D.IGNORE] * (len(ref) - 1)
     for k in (1, 3):
-        start, stop = len(hf_ids(hf_smol, messages[:k], add_generation_prompt=True)), len(hf_ids(hf_smol, messages[:k + 1])) - 1
+        start = len(hf_ids(hf_smol, messages[:k], add_generation_prompt=True))
+        stop = len(hf_ids(hf_smol, messages[:k + 1])) - 1
         expected[start - 1: stop - 1] = ref[start:stop]  # labels[t] is the target of position t: token t + 1
         assert hf_smol.decode(ref[start:stop]) == messages[k]["content"] + "<|im_end|>"
     assert sample.labels == expected
@@ -344,8 +349,9 @@ def test_inspect_marks_the_trained_spans_and_reports_stats(smol, tmp_path, capsy
         {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye."}]}])
     D.main(["inspect", "--data", str(path), "--tokenizer", str(smol.dir), "-n", "1"])
     out = capsys.readouterr().out
-    assert (f"<|im_start|>system\n{SMOL_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-            "[[Hello!<|im_end|>]]\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n[[Goodbye.<|im_end|>]]") in out
+    assert (f"<|im_start|>system\n{SMOL_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+            "<|im_start|>assistant\n[[Hello!<|im_end|>]]\n<|im_start|>user\nBye<|im_end|>\n"
+            "<|im_start|>assistant\n[[Goodbye.<|im_end|>]]") in out
     assert "format: sharegpt (detected from the keys)" in out
     assert f"prompt format: chatml (detected from {smol.dir})" in out
     assert "examples: 1, samples: 1, truncated to max_len 2048: 0, dropped (no trained token left): 0" in out
