@@ -16,8 +16,8 @@ Prompt formats, detected from the tokenizer's chat template when not given:
     llama3  <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|> ...
             content stripped, as Llama-3's template does (3.1's dated system prompt is not added).
     alpaca  Stanford Alpaca's prompt (ending "### Response:\\n", as in its README), the response, EOS;
-            for base models (no chat template); BOS only if the tokenizer itself adds one. It holds one instruction and one response: a system turn
-            or several turns is an error (use a chat format).
+            for base models (no chat template); BOS only if the tokenizer itself adds one. It holds one
+            instruction and one response: a system turn or several turns is an error (use a chat format).
 
 Labels. Every assistant turn is trained together with its end-of-turn token (<|im_end|>, <|eot_id|>,
 EOS), so the model learns to stop; all else is -100. The rendered text is tokenized whole, as
