@@ -334,8 +334,8 @@ def tokenize(example: Example, tok: Tokenizer, prompt_format: str | None = None,
 
 
 def load_dataset(path, tok: Tokenizer, prompt_format: str | None = None, max_len: int = MAX_LEN,
-                 fmt: str | None = None) -> tuple:
-    """(samples, stats) of a data file; prints the formats chosen and what was truncated or dropped."""
+                 fmt: str | None = None, verbose: bool = True) -> tuple:
+    """(samples, stats) of a data file; prints (if verbose) the formats chosen and what was truncated or dropped."""
     examples, fmt, fmt_chosen = _read(path, fmt)
     prompt_chosen = "given" if prompt_format else f"detected from {tok.dir}"
     prompt_format = _resolve(tok, prompt_format)
@@ -353,9 +353,10 @@ def load_dataset(path, tok: Tokenizer, prompt_format: str | None = None, max_len
              "dropped_ids": dropped, "tokens": int(lengths.sum()),
              "trained_tokens": sum(sum(x != IGNORE for x in s.labels) for s in samples),
              "length_percentiles": {p: int(np.percentile(lengths, p)) for p in (50, 90, 99, 100)}}
-    print(f"data: {path}: format {fmt} ({fmt_chosen}), prompt format {prompt_format} ({prompt_chosen}); "
-          f"{len(samples)} samples, {stats['truncated']} truncated to max_len {max_len}, "
-          f"{len(dropped)} dropped (no trained token left)")
+    if verbose:
+        print(f"data: {path}: format {fmt} ({fmt_chosen}), prompt format {prompt_format} ({prompt_chosen}); "
+              f"{len(samples)} samples, {stats['truncated']} truncated to max_len {max_len}, "
+              f"{len(dropped)} dropped (no trained token left)")
     return samples, stats
 
 

@@ -18,3 +18,37 @@ def smollm2_dir() -> Path:
     if not (out / "model.safetensors").exists():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "get_smollm2.py"), "--out", str(out)], check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A 2-layer Llama with random weights and SmolLM2's tokenizer: real tokens, fast steps."""
+    import torch
+
+    import model as M
+    args = M.ModelArgs(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, vocab_size=49152, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tiny = M.Transformer(args)
+    with torch.no_grad():
+        for p in tiny.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    out = tmp_path_factory.mktemp("tiny")
+    M.save_pretrained(tiny, out, tokenizer_dir=smollm2_dir)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    """40 short user/assistant conversations of varied lengths, as chat-messages JSONL with ids."""
+    import json
+    import random
+    rng = random.Random(0)
+    words = "the cat sat on a mat and then it ran to the big red house where two dogs played with a ball".split()
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(path, "w") as f:
+        for i in range(40):
+            turns = [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(3, 12)))},
+                     {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(2, 20)))}]
+            f.write(json.dumps({"id": f"ex{i}", "messages": turns}) + "\n")
+    return path

@@ -1,0 +1,178 @@
+"""train.py end to end on CPU: DDP equals one process, resume equals no interruption, dynamics are what they claim."""
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import data
+import sftmix
+import train as T
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = ["--global-batch", "8", "--lr", "1e-3", "--warmup-ratio", "0.2", "--save-every", "1"]
+
+
+def run_train(*args, nproc=1):
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    r = subprocess.run(launcher + [str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise AssertionError(r.stderr[-3000:])
+    return r
+
+
+def weights(run: Path):
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def split_file(tiny_model_dir, chat_data, tmp_path_factory):
+    """An arbitrary deterministic split of the 40 ids (stage 3 takes any split; stage 2 is tested elsewhere)."""
+    path = tmp_path_factory.mktemp("split") / "split.json"
+    path.write_text(json.dumps({"confident": [f"ex{i}" for i in range(0, 40, 2)],
+                                "unconfident": [f"ex{i}" for i in range(1, 40, 2)]}))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["ntp", "sftmix"])
+def test_ddp_on_two_processes_gives_the_weights_of_one_process(mode, tiny_model_dir, chat_data, split_file, tmp_path):
+    base = ["--mode", mode, "--model", tiny_model_dir, "--data", chat_data, *COMMON, "--epochs", "2"]
+    if mode == "sftmix":
+        base += ["--split", split_file]
+    run_train(*base, "--out", tmp_path / "one", "--micro-batch", "2")  # 4 micro-batches of gradient accumulation
+    run_train(*base, "--out", tmp_path / "two", "--micro-batch", "2", nproc=2)  # 2 ranks x 2 micro-batches
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    for name in one:
+        assert not torch.equal(one[name], start[name]), f"{name} did not train"
+        rel = ((one[name] - two[name]).abs().max() / one[name].abs().max()).item()
+        assert rel <= 1e-5, (name, rel)
+
+
+def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tiny_model_dir, chat_data, split_file, tmp_path):
+    base = ["--mode", "sftmix", "--split", split_file, "--model", tiny_model_dir, "--data", chat_data, *COMMON,
+            "--epochs", "2", "--micro-batch", "2"]
+    run_train(*base, "--out", tmp_path / "whole")
+    run_train(*base, "--out", tmp_path / "parts", "--stop-at-step", "3")  # mid-epoch 0 (5 steps an epoch)
+    assert not (tmp_path / "parts" / "final").exists()
+    run_train(*base, "--out", tmp_path / "parts", "--stop-at-step", "7", "--resume")  # mid-epoch 1
+    run_train(*base, "--out", tmp_path / "parts", "--resume")
+    whole, parts = weights(tmp_path / "whole"), weights(tmp_path / "parts")
+    assert all(torch.equal(whole[n], parts[n]) for n in whole)
+    metrics = [json.loads(l) for l in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 11))
+
+
+def test_run_killed_at_any_moment_resumes_bitwise_equal(tiny_model_dir, chat_data, tmp_path):
+    base = [str(ROOT / "train.py"), "--model", tiny_model_dir, "--data", chat_data, *COMMON, "--epochs", "4",
+            "--micro-batch", "4"]
+    run_train(*base[1:], "--out", tmp_path / "whole")
+    proc = subprocess.Popen([sys.executable, *map(str, base), "--out", tmp_path / "killed"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # wherever it is: mid-step, mid-write of state.pt or metrics
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it could be killed"
+    run_train(*base[1:], "--out", tmp_path / "killed", "--resume")
+    whole, resumed = weights(tmp_path / "whole"), weights(tmp_path / "killed")
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
+def hf_response_nll(hf, samples):
+    """Response NLL per sample, computed with transformers one sample at a time, no padding."""
+    out = {}
+    for s in samples:
+        logp = torch.log_softmax(hf(torch.tensor([s.input_ids])).logits[0].double(), -1)  # (T, V)
+        out[s.id] = -sum(logp[t, y].item() for t, y in enumerate(s.labels) if y != sftmix.IGNORE), \
+            sum(y != sftmix.IGNORE for y in s.labels)
+    return out
+
+
+def hf_model(run: Path, state=None):
+    hf = LlamaForCausalLM(LlamaConfig.from_pretrained(run / "final")).eval()
+    if state is None:
+        hf = LlamaForCausalLM.from_pretrained(run / "final").eval()
+    else:
+        hf.load_state_dict(state, strict=False)  # tied: lm_head shares embed_tokens
+    return hf
+
+
+def test_dynamics_are_response_perplexities_of_the_checkpoints_on_one_and_two_ranks(tiny_model_dir, chat_data,
+                                                                                        tmp_path):
+    base = ["--model", tiny_model_dir, "--data", chat_data, *COMMON, "--micro-batch", "4", "--dynamics", "2",
+            "--eval-batch", "3"]
+    run_train(*base, "--out", tmp_path / "one", "--stop-at-step", "2")  # 5 steps: points after steps 2 and 5
+    mid = torch.load(tmp_path / "one" / "state.pt", weights_only=True)["model"]
+    run_train(*base, "--out", tmp_path / "one", "--resume")
+    run_train(*base, "--out", tmp_path / "two", nproc=2)
+
+    tok = data.load_tokenizer(tiny_model_dir)
+    samples, _ = data.load_dataset(chat_data, tok)
+    with torch.no_grad():
+        at_points = [hf_response_nll(hf_model(tmp_path / "one", mid), samples),
+                     hf_response_nll(hf_model(tmp_path / "one"), samples)]
+    for run in ("one", "two"):
+        records = [json.loads(l) for l in (tmp_path / run / "dynamics.jsonl").read_text().splitlines()]
+        assert sorted(r["id"] for r in records) == sorted(s.id for s in samples)  # each id exactly once
+        for r in records:
+            expected = [math.exp(nll / n) for nll, n in (point[r["id"]] for point in at_points)]
+            assert r["perplexities"] == pytest.approx(expected, rel=1e-4)
+            assert r["confidence"] == pytest.approx(-sum(r["perplexities"]) / 2)
+
+
+def one_line_error(capsys, *argv):
+    """Run train.py's main in this process; return its last stderr line after checking it failed cleanly."""
+    with pytest.raises(SystemExit) as e:
+        T.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--alpha", "0"], "error: --alpha: expected > 0 (Beta(alpha, alpha)), got 0.0"),
+    (["--mu", "-0.1"], "error: --mu: expected >= 0, got -0.1"),
+    (["--micro-batch", "3", "--global-batch", "6"], "error: --micro-batch 3: an SFTMix micro-batch holds "
+                                                    "confident/unconfident pairs, expected an even number"),
+    (["--global-batch", "10"], "error: --global-batch 10: expected a multiple of ranks x --micro-batch = 1 x 4"),
+])
+def test_bad_sftmix_settings_get_one_line(flags, expected, tiny_model_dir, chat_data, split_file, tmp_path, capsys):
+    assert one_line_error(capsys, "--mode", "sftmix", "--split", split_file, "--model", tiny_model_dir,
+                          "--data", chat_data, "--out", tmp_path, "--micro-batch", "4", *flags) == expected
+
+
+def test_split_that_does_not_match_the_data_gets_one_line(tiny_model_dir, chat_data, tmp_path, capsys):
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"confident": [f"ex{i}" for i in range(20)] + ["ghost"],
+                                 "unconfident": [f"ex{i}" for i in range(20, 39)]}))
+    line = one_line_error(capsys, "--mode", "sftmix", "--split", split, "--model", tiny_model_dir,
+                          "--data", chat_data, "--out", tmp_path / "run")
+    assert line == (f"error: {split}: ids must match the data: 1 not in the data ['ghost'], "
+                    f"1 of the data not in the split ['ex39'], 0 in both halves")
+
+
+def test_resume_with_other_settings_gets_one_line(tiny_model_dir, chat_data, tmp_path, capsys):
+    base = ["--model", tiny_model_dir, "--data", chat_data, "--out", tmp_path, "--global-batch", "8"]
+    run_train(*base, "--lr", "1e-3", "--stop-at-step", "1")
+    line = one_line_error(capsys, *base, "--lr", "5e-4", "--resume")
+    assert line == f"error: {tmp_path / 'state.pt'}: was written by a run with other settings: --lr: saved 0.001, now 0.0005"
+
+
+def test_loss_that_turns_nan_stops_and_keeps_the_last_good_state(tiny_model_dir, chat_data, tmp_path, capsys):
+    line = one_line_error(capsys, "--model", tiny_model_dir, "--data", chat_data, "--out", tmp_path,
+                          "--global-batch", "8", "--lr", "1e6", "--warmup-ratio", "0", "--grad-clip", "0")
+    assert line.startswith("error: step ") and "loss is not finite" in line
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert 0 < state["step"] < 5 and f"the state after step {state['step']} is in" in line
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert not (tmp_path / "final").exists()

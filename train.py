@@ -1,0 +1,341 @@
+"""Instruction tuning with next-token prediction (NTP) or SFTMix, one process or torchrun DDP.
+
+    python train.py --mode ntp --model BASE --data train.jsonl --out runs/ref --dynamics 4   # stage 1
+    python sftmix.py split --dynamics runs/ref/dynamics.jsonl --out runs/split.json           # stage 2
+    python train.py --mode sftmix --model BASE --data train.jsonl --split runs/split.json --out runs/sftmix
+    torchrun --nproc_per_node=8 train.py ...                                                  # the same on 8 ranks
+
+Loss per global batch of G examples (NTP tokens counted over all micro-batches and ranks, not a mean of means):
+    L_NTP   = sum over trained tokens of -log p(y_t | x, y_<t)  /  number of trained tokens
+    L_Mixup = sum over mixed positions of the Mixup CE          /  number of mixed positions
+    L       = L_NTP + mu * L_Mixup                                (sftmix; ntp has L = L_NTP)
+Writes OUT/metrics.jsonl, OUT/state.pt (resumable, replaced atomically), OUT/final/ (HF checkpoint), and
+with --dynamics C, OUT/dynamics.jsonl (per example: perplexity at C checkpoints, confidence, variability).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import sftmix
+from model import load_pretrained, save_pretrained
+
+IGNORE = sftmix.IGNORE
+# Flags that may change between a run and its resumption; every other flag must match the saved state.
+RESUMABLE_FLAGS = {"resume", "stop_at_step", "save_every", "eval_batch"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=["ntp", "sftmix"], default="ntp", help="plain SFT, or SFTMix (needs --split)")
+    p.add_argument("--model", required=True, help="base model: HF directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--data", required=True, help="training data (alpaca / sharegpt / messages; JSON or JSONL)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--split", help="split.json from `sftmix.py split` (sftmix mode)")
+    p.add_argument("--dynamics", type=int, default=0, metavar="C",
+                   help="record every example's response perplexity at C evenly spaced checkpoints (ntp mode)")
+    p.add_argument("--alpha", type=float, default=0.5, help="lambda ~ Beta(alpha, alpha) [paper]")
+    p.add_argument("--mu", type=float, default=0.2, help="weight of the Mixup loss [paper]")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the data [paper: 3 Alpaca, 1 UltraChat]")
+    p.add_argument("--lr", type=float, default=2e-6, help="peak learning rate [paper]")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay [paper]")
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas [ours]")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up share of the steps [paper]")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm, 0 = off [ours]")
+    p.add_argument("--global-batch", type=int, default=32, help="examples per optimizer step, all ranks [paper]")
+    p.add_argument("--micro-batch", type=int, default=4, help="examples per forward on one rank [ours]")
+    p.add_argument("--max-len", type=int, default=data.MAX_LEN, help="tokens per example, cut on the right [ours]")
+    p.add_argument("--format", choices=data.FORMATS, help="data format (detected from the keys if not given)")
+    p.add_argument("--prompt-format", choices=data.PROMPT_FORMATS, help="(detected from the tokenizer if not given)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; weights stay fp32")
+    p.add_argument("--seed", type=int, default=0, help="data order and lambda draws")
+    p.add_argument("--eval-batch", type=int, default=16, help="examples per forward in the dynamics pass")
+    p.add_argument("--save-every", type=int, default=100, help="steps between resumable states (and at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt if it exists")
+    p.add_argument("--stop-at-step", type=int, default=0,
+                   help="save the state and exit after this step, to continue later with --resume (0 = run to the end)")
+    return p.parse_args(argv)
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, no traceback."""
+
+
+def check_args(args, world):
+    if args.mode == "sftmix" and not args.split:
+        raise UsageError("--mode sftmix needs --split FILE (from `python sftmix.py split`)")
+    if args.mode == "sftmix" and args.dynamics:
+        raise UsageError("--dynamics records the reference run: use it with --mode ntp")
+    if args.alpha <= 0:
+        raise UsageError(f"--alpha: expected > 0 (Beta(alpha, alpha)), got {args.alpha}")
+    if args.mu < 0:
+        raise UsageError(f"--mu: expected >= 0, got {args.mu}")
+    if args.global_batch % (world * args.micro_batch):
+        raise UsageError(f"--global-batch {args.global_batch}: expected a multiple of ranks x --micro-batch "
+                         f"= {world} x {args.micro_batch}")
+    if args.mode == "sftmix" and args.micro_batch % 2:
+        raise UsageError(f"--micro-batch {args.micro_batch}: an SFTMix micro-batch holds confident/unconfident "
+                         f"pairs, expected an even number")
+
+
+def read_split(path, samples):
+    """split.json -> (confident, unconfident) sample indices; every id of the data in exactly one half."""
+    try:
+        split = json.loads(Path(path).read_text("utf-8"))
+        halves = [[str(i) for i in split[k]] for k in ("confident", "unconfident")]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f'{path}: expected {{"confident": [ids], "unconfident": [ids]}} ({e})')
+    index = {s.id: i for i, s in enumerate(samples)}
+    in_split = set(halves[0]) | set(halves[1])
+    unknown = [i for i in halves[0] + halves[1] if i not in index]
+    missing = [i for i in index if i not in in_split]
+    if unknown or missing or set(halves[0]) & set(halves[1]):
+        raise UsageError(f"{path}: ids must match the data: {len(unknown)} not in the data {unknown[:3]}, "
+                         f"{len(missing)} of the data not in the split {missing[:3]}, "
+                         f"{len(set(halves[0]) & set(halves[1]))} in both halves")
+    return [index[i] for i in halves[0]], [index[i] for i in halves[1]]
+
+
+def epoch_batches(args, samples, halves, epoch):
+    """The global batches of one epoch, as sample indices (an incomplete last batch is dropped).
+
+    ntp: a shuffled order cut into batches of G. sftmix: G/2 confident then G/2 unconfident
+    examples, pair i = (batch[i], batch[G/2 + i]).
+    """
+    G = args.global_batch
+    if args.mode == "sftmix":
+        return sftmix.paired_batches(*halves, G, args.seed, epoch)
+    order = data.shuffled_order(len(samples), args.seed, epoch)
+    return [order[b * G:(b + 1) * G] for b in range(len(order) // G)]
+
+
+def rank_micro_batches(args, batch, rank, world):
+    """This rank's micro-batches of a global batch, with the index of each micro-batch's first pair.
+
+    ntp: a contiguous slice of G/world examples in chunks of m. sftmix: a contiguous slice of the pairs;
+    each micro-batch holds m/2 pairs as m/2 confident rows followed by their m/2 unconfident partners.
+    """
+    G, m = len(batch), args.micro_batch
+    if args.mode == "ntp":
+        mine = batch[rank * G // world:(rank + 1) * G // world]
+        return [(mine[i:i + m], None) for i in range(0, len(mine), m)]
+    P, p = G // 2, m // 2
+    first = rank * P // world
+    return [(batch[i:i + p] + batch[P + i:P + i + p], i) for i in range(first, first + P // world, p)]
+
+
+def token_counts(args, samples, batch):
+    """(trained tokens, mixed positions) in a whole global batch; every rank computes the same numbers."""
+    n = [sum(t != IGNORE for t in samples[i].labels) for i in batch]
+    if args.mode == "ntp":
+        return sum(n), 0
+    P = len(batch) // 2
+    return sum(n), sum(min(n[i], n[P + i]) for i in range(P))
+
+
+def loss_sums(logits, labels, lam=None):
+    """(NTP NLL summed over trained tokens, Mixup CE summed over mixed positions) of one micro-batch.
+
+    logits (m, T, V), labels (m, T). With lam (m/2,), rows [0, m/2) are confident examples and rows
+    [m/2, m) their unconfident partners; without it the Mixup term is 0 (plain NTP).
+    """
+    ntp = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    if lam is None:
+        return ntp, torch.zeros((), device=logits.device)
+    p = len(lam)
+    return ntp, sftmix.mixup_loss_from_logits(logits[:p], labels[:p], logits[p:], labels[p:], lam, reduction="sum")
+
+
+def lr_at(step, total, args):
+    """Linear warm-up over warmup_ratio * total steps to --lr, then cosine decay to 0."""
+    warmup = math.ceil(args.warmup_ratio * total)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def dynamics_points(total, C):
+    """The C optimizer steps after which perplexities are recorded: round(total * k / C), k = 1..C."""
+    points = [round(total * k / C) for k in range(1, C + 1)]
+    if len(set(points)) != C or points[0] == 0:
+        raise UsageError(f"--dynamics {C}: the run has only {total} steps; expected at least {C}")
+    return points
+
+
+def run_config(args):
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}
+
+
+def save_state(path, model, optimizer, step, dynamics, config):
+    """Everything needed to continue bitwise: weights, AdamW moments, step (which fixes the schedule and
+    the data position), RNG, the dynamics recorded so far. Written to a temporary file, then renamed."""
+    state = {"config": config, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "rng": torch.get_rng_state(), "dynamics": dynamics}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    torch.save(state, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
+
+
+def load_state(path, model, optimizer, config):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    changed = [f"--{k.replace('_', '-')}: saved {state['config'].get(k)!r}, now {v!r}"
+               for k, v in config.items() if state["config"].get(k) != v]
+    if changed:
+        raise UsageError(f"{path}: was written by a run with other settings: {'; '.join(changed)}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    return state["step"], state["dynamics"]
+
+
+def write_dynamics(path, samples, points, dynamics):
+    """dynamics.jsonl: {"id", "perplexities": [Perp at each point], "confidence", "variability"} per example."""
+    perps = [[dynamics[s][sample.id] for s in points] for sample in samples]
+    conf, var = sftmix.confidence(perps), sftmix.variability(perps)
+    sftmix.write_json_atomic(str(path), [
+        {"id": s.id, "perplexities": p, "confidence": float(c), "variability": float(v)}
+        for s, p, c, v in zip(samples, perps, conf, var)], lines=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    try:
+        train(args, rank, local_rank, world)
+    except (UsageError, data.DataError, ValueError, FileNotFoundError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, rank, local_rank, world):
+    check_args(args, world)
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    amp_dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else None
+    out = Path(args.out)
+    tok = data.load_tokenizer(args.model)
+    samples, _ = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, args.format, verbose=rank == 0)
+    halves = read_split(args.split, samples) if args.mode == "sftmix" else None
+    steps_per_epoch = len(epoch_batches(args, samples, halves, 0))
+    total = steps_per_epoch * args.epochs
+    if total == 0:
+        raise UsageError(f"{args.data}: {len(samples)} samples fill no global batch of {args.global_batch}")
+    points = dynamics_points(total, args.dynamics) if args.dynamics else []
+
+    torch.manual_seed(args.seed)
+    model = load_pretrained(args.model, device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
+    config, step, dynamics = run_config(args), 0, {}
+    state_path = out / "state.pt"
+    if args.resume and state_path.exists():
+        step, dynamics = load_state(state_path, model, optimizer, config)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"train: {args.mode}, {len(samples)} samples, {total} steps of {args.global_batch} examples "
+              f"on {world} rank(s), {device.type}, {'bf16 autocast' if amp_dtype else 'fp32'}"
+              f"{f', resuming after step {step}' if step else ''}")
+        keep_metrics_until(out / "metrics.jsonl", step)
+    ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
+
+    with tqdm(total=total, initial=step, desc=args.mode, disable=rank != 0) as progress:
+        batches, batches_epoch = None, None
+        while step < total:
+            epoch = step // steps_per_epoch
+            if epoch != batches_epoch:
+                batches, batches_epoch = epoch_batches(args, samples, halves, epoch), epoch
+            batch = batches[step % steps_per_epoch]
+            n_tokens, n_mixed = token_counts(args, samples, batch)
+            lam = sftmix.sample_lambda(args.alpha, len(batch) // 2, args.seed, step) if args.mode == "sftmix" else None
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, args)
+            t0 = time.perf_counter()
+            sums = torch.zeros(3, device=device)  # ntp NLL sum, mixup CE sum, input tokens
+            micro = rank_micro_batches(args, batch, rank, world)
+            for j, (indices, first_pair) in enumerate(micro):
+                b = data.collate([samples[i] for i in indices], tok.pad_id)
+                input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (m, T) each
+                sync = j == len(micro) - 1  # DDP all-reduces gradients only on the last micro-batch
+                with (nullcontext() if sync or world == 1 else ddp.no_sync()):
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        logits = ddp(input_ids)  # (m, T, V)
+                    pair_lam = lam[first_pair:first_pair + len(indices) // 2].to(device) if lam is not None else None
+                    ntp, mix = loss_sums(logits, labels, pair_lam)
+                    loss = ntp / n_tokens + (args.mu * mix / n_mixed if lam is not None else 0.0)
+                    (loss * world).backward()  # DDP averages over ranks; * world makes it the global sum
+                sums[0] += ntp.detach()
+                sums[1] += mix.detach()
+                sums[2] += input_ids.numel()
+            if world > 1:
+                dist.all_reduce(sums)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            ntp_loss, mix_loss = sums[0].item() / n_tokens, sums[1].item() / max(n_mixed, 1)
+            if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm.item())):
+                if rank == 0:  # the weights are still those after the last good step: keep them
+                    save_state(state_path, model, optimizer, step, dynamics, config)
+                raise UsageError(f"step {step + 1}: loss is not finite (ntp {ntp_loss}, mixup {mix_loss}, grad norm "
+                                 f"{grad_norm.item()}); stopped, the state after step {step} is in {state_path}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - t0
+            progress.update(1)
+            progress.set_postfix(loss=f"{ntp_loss:.4f}")
+            if step in points:
+                nll = sftmix.response_nll(model, samples, args.eval_batch, device, amp_dtype,
+                                          desc=f"dynamics {points.index(step) + 1}/{len(points)}")
+                dynamics[step] = {k: sftmix.perplexity(*v) for k, v in nll.items()}
+            if rank == 0:
+                record = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "ntp_loss": ntp_loss,
+                          "grad_norm": grad_norm.item(), "tokens_per_s": sums[2].item() / elapsed}
+                if args.mode == "sftmix":
+                    record.update(mixup_loss=mix_loss, loss=ntp_loss + args.mu * mix_loss)
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if step % args.save_every == 0 or step == total or step == args.stop_at_step:
+                    save_state(state_path, model, optimizer, step, dynamics, config)
+            if step == args.stop_at_step and step < total:
+                if rank == 0:
+                    print(f"stopped after step {step}; continue with --resume")
+                return
+    if rank == 0:
+        if points:
+            write_dynamics(out / "dynamics.jsonl", samples, points, dynamics)
+        save_pretrained(model, out / "final", tokenizer_dir=args.model)
+        print(f"wrote {out / 'final'}" + (f" and {out / 'dynamics.jsonl'}" if points else ""))
+
+
+def keep_metrics_until(path, step):
+    """Drop metric lines after `step`, left by a run that died after its last saved state."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines(keepends=True) if l.endswith("\n") and json.loads(l)["step"] <= step]
+        path.with_suffix(".tmp").write_text("".join(lines))
+        os.replace(path.with_suffix(".tmp"), path)
+
+
+if __name__ == "__main__":
+    main()
