@@ -12,7 +12,10 @@ mc        Multiple-choice accuracy by option log-likelihood. One record per ques
               {"id": optional, "question": "...", "options": ["...", ...] or {"A": "...", "B": "...", ...},
                "answer": "B" or 1 (0-based index)}
           MedQA's own files work as they are (their letter "answer_idx" is read before "answer"); convert
-          MedMCQA (opa..opd, cop) and PubMedQA (yes / no / maybe) to this form.
+          MedMCQA (opa..opd, cop) and PubMedQA (context + question, options yes / no / maybe) to this form.
+          The user turn is the question, a blank line and one "A. text" line per option; option k's text y_k
+          is scored as the assistant's reply: LL_k = sum_t log p(y_t | prompt, y_<t). Accuracy is reported
+          for argmax_k LL_k (summed) and argmax_k LL_k / |y_k| (length-normalised).
 generate  MT-Bench questions {"question_id", "category", "turns": [...]} -> FastChat model answers
           {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [...]}], "tstamp"},
           ready for FastChat's judge. Turn k sees the model's own answers to turns 1..k-1.
@@ -71,7 +74,8 @@ def model_dir(path) -> Path:
     if (path / "final" / "config.json").is_file():
         return path / "final"
     if not (path / "config.json").is_file():
-        raise DataError(f"{path}: config.json: not found; expected an HF model directory or a run directory with final/")
+        raise DataError(f"{path}: config.json: not found; expected an HF model directory "
+                        f"or a run directory with final/")
     return path
 
 
@@ -90,7 +94,8 @@ def read_split(path) -> dict:
         raise DataError(f"{path}: cannot read JSON: {e}") from None
     for half in ("confident", "unconfident"):
         if not isinstance(split, dict) or not isinstance(split.get(half), list):
-            raise DataError(f'{path}: "{half}": expected a list of ids, as in {{"confident": [...], "unconfident": [...]}}')
+            raise DataError(f'{path}: "{half}": expected a list of ids, '
+                            f'as in {{"confident": [...], "unconfident": [...]}}')
     return {half: {str(i) for i in split[half]} for half in ("confident", "unconfident")}
 
 
@@ -222,17 +227,17 @@ def conversation(turns, answers) -> list:
 
 def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_tokens=1024, temperature=0.0,
                      top_p=1.0, batch_size=8, seed=0) -> list:
-    """The model's answers, a list of turn texts per question.
+    """The model's answers, a list of turn texts per question, on every rank (questions sharded over ranks).
 
     Turn by turn: all first turns (batched, sorted by prompt length so little is padding), then all second
     turns with each conversation holding the model's own first answer, and so on. KV-cached, greedy at
     temperature 0; the end-of-turn token is dropped and the text stripped, as FastChat does.
     """
     stops = data.stop_ids(tok, prompt_format)
-    answers = [[] for _ in questions]
+    answers = {i: [] for i in data.shard(list(range(len(questions))), rt.rank, rt.world)}
     for turn in range(max(len(q["turns"]) for q in questions)):
-        prompts = {i: data.encode_prompt(conversation(q["turns"][:turn + 1], answers[i]), tok, prompt_format)
-                   for i, q in enumerate(questions) if turn < len(q["turns"])}
+        prompts = {i: data.encode_prompt(conversation(questions[i]["turns"][:turn + 1], a), tok, prompt_format)
+                   for i, a in answers.items() if turn < len(questions[i]["turns"])}
         order = sorted(prompts, key=lambda i: len(prompts[i]))
         batches = [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
         for j, batch in enumerate(tqdm(batches, desc=f"generate turn {turn + 1}", disable=rt.rank != 0)):
@@ -241,7 +246,11 @@ def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_toke
                                  eos_ids=stops, seed=seed + 1000 * turn + j)
             for i, ids in zip(batch, new):
                 answers[i].append(tok.decode(ids[:-1] if ids and ids[-1] in stops else ids).strip())
-    return answers
+    if rt.world > 1:
+        parts = [None] * rt.world
+        dist.all_gather_object(parts, answers)
+        answers = {i: a for part in parts for i, a in part.items()}
+    return [answers[i] for i in range(len(questions))]
 
 
 def answer_records(questions, answers, model_id) -> list:
@@ -315,7 +324,8 @@ def datamap(dynamics, out, split_path=None):
         mask = np.array([i in halves[half] for i in ids])
         ax.scatter(var[mask], conf[mask], s=10, alpha=0.6, color=colour, label=f"{half} ({mask.sum()})")
     ax.axhline(np.median(conf), color="black", linestyle="--", linewidth=1, label="median confidence")
-    ax.set(xlabel="variability: std over checkpoints of Perp(y|x)", ylabel="confidence: −mean over checkpoints of Perp(y|x)",
+    ax.set(xlabel="variability: std over checkpoints of Perp(y|x)",
+           ylabel="confidence: −mean over checkpoints of Perp(y|x)",
            title=f"Data map: {len(ids)} examples, {perps.shape[1]} checkpoints")
     ax.legend()
     with open(str(out) + ".tmp", "wb") as f:
@@ -354,15 +364,9 @@ def run(args, rt: Runtime):
         say(f"{summary['questions']} questions: accuracy {summary['accuracy_sum']:.4f} (summed log-likelihood), "
             f"{summary['accuracy_norm']:.4f} (length-normalised)")
     else:
-        mine = data.shard(list(range(len(questions))), rt.rank, rt.world)
-        answers = dict(zip(mine, answer_questions(model, tok, [questions[i] for i in mine], rt, args.prompt_format,
-                                                  args.max_new_tokens, args.temperature, args.top_p,
-                                                  args.batch_size, args.seed)))
-        if rt.world > 1:
-            parts = [None] * rt.world
-            dist.all_gather_object(parts, answers)
-            answers = {i: a for part in parts for i, a in part.items()}
-        rows = answer_records(questions, [answers[i] for i in range(len(questions))], args.model_id or Path(args.model).resolve().name)
+        answers = answer_questions(model, tok, questions, rt, args.prompt_format, args.max_new_tokens,
+                                   args.temperature, args.top_p, args.batch_size, args.seed)
+        rows = answer_records(questions, answers, args.model_id or Path(args.model).resolve().name)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if rt.rank == 0 and args.out:
         sftmix.write_json_atomic(str(args.out), rows, lines=True)

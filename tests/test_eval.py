@@ -197,7 +197,8 @@ def test_compare_puts_runs_side_by_side_with_difference_and_ratio(smollm2_dir, h
     lines = table.splitlines()
     assert lines[0] == "| metric | ntp | sftmix | sftmix − ntp | sftmix ÷ ntp |"
     cells = {line.split(" | ")[0][2:]: [float(c) for c in line.strip("| ").split(" | ")[1:]] for line in lines[2:]}
-    assert set(cells) == {"ppl ↓", "NLL per token ↓", "mc accuracy, summed log-lik ↑", "mc accuracy, length-normalised ↑"}
+    assert set(cells) == {"ppl ↓", "NLL per token ↓",
+                          "mc accuracy, summed log-lik ↑", "mc accuracy, length-normalised ↑"}
     for temperature, column in ((1.0, 0), (1 / 0.8, 1)):
         expected = response_nll(hf_scored, temperature)
         nll_per_token = sum(nll for nll, _ in expected.values()) / sum(n for _, n in expected.values())
