@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -212,6 +213,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.checkpoint_activations = False  # keep only each block's input; recompute the rest in backward
 
     def forward(self, input_ids, return_hidden=False, positions=None, mask=None, cache=None):
         """input_ids (B, T) -> logits (B, T, V); with return_hidden, also the final-norm states (B, T, D).
@@ -226,7 +228,10 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = rope_cos_sin(self.args, positions, x.dtype)
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache)
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
         hidden = self.model.norm(x)  # (B, T, D): what the LM head reads, and what SFTMix interpolates

@@ -39,13 +39,17 @@ def response_nll(model, samples, batch_size, device, amp_dtype=None, desc="dynam
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
-    batches = shard(length_grouped_batches([len(s.input_ids) for s in samples], batch_size), rank, world)
+    batches = length_grouped_batches([len(s.input_ids) for s in samples], batch_size)
+    mine = shard(batches, rank, world)
+    rounds = -(-len(batches) // world)  # every rank runs as many forwards: FSDP gathers weights collectively
     result = {}
-    for batch in tqdm(batches, desc=desc, disable=rank != 0, leave=False):
-        b = collate([samples[i] for i in batch], pad_id=0)
+    for r in tqdm(range(rounds), desc=desc, disable=rank != 0, leave=False):
+        b = collate([samples[i] for i in (mine[r] if r < len(mine) else batches[0])], pad_id=0)
         input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T) each
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(input_ids)  # (B, T, V)
+        if r >= len(mine):
+            continue  # a filler forward on a rank with one batch fewer: nothing to record
         nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
         for sample_id, row_nll, n in zip(b["ids"], nll.sum(1).tolist(), (labels != IGNORE).sum(1).tolist()):
             result[sample_id] = (row_nll, n)

@@ -1,29 +1,39 @@
-"""Instruction tuning with next-token prediction (NTP) or SFTMix, one process or torchrun DDP.
+"""Instruction tuning with next-token prediction (NTP) or SFTMix, one process or torchrun (DDP or FSDP2).
 
     python train.py --mode ntp --model BASE --data train.jsonl --out runs/ref --dynamics 4   # stage 1
     python sftmix.py split --dynamics runs/ref/dynamics.jsonl --out runs/split.json           # stage 2
     python train.py --mode sftmix --model BASE --data train.jsonl --split runs/split.json --out runs/sftmix
     torchrun --nproc_per_node=8 train.py ...                                                  # the same on 8 ranks
+    torchrun --nproc_per_node=8 train.py --shard fsdp --activation-checkpointing ...         # 8B-14B models
 
 Loss per global batch of G examples (NTP tokens counted over all micro-batches and ranks, not a mean of means):
     L_NTP   = sum over trained tokens of -log p(y_t | x, y_<t)  /  number of trained tokens
     L_Mixup = sum over mixed positions of the Mixup CE          /  number of mixed positions
     L       = L_NTP + mu * L_Mixup                                (sftmix; ntp has L = L_NTP)
-Writes OUT/metrics.jsonl, OUT/state.pt (resumable, replaced atomically), OUT/final/ (HF checkpoint), and
-with --dynamics C, OUT/dynamics.jsonl (per example: perplexity at C checkpoints, confidence, variability).
+Writes OUT/metrics.jsonl, OUT/state/ (resumable, torch.distributed.checkpoint, one file per rank, made current
+by an atomic rename of OUT/state/latest.json), OUT/final/ (HF checkpoint), and with --dynamics C,
+OUT/dynamics.jsonl (per example: perplexity at C checkpoints, confidence, variability).
 """
 import argparse
 import json
 import math
 import os
 import sys
+import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -59,11 +69,15 @@ def parse_args(argv=None):
     p.add_argument("--format", choices=data.FORMATS, help="data format (detected from the keys if not given)")
     p.add_argument("--prompt-format", choices=data.PROMPT_FORMATS, help="(detected from the tokenizer if not given)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; weights stay fp32")
+                   help="compute precision: auto = bf16 on CUDA, fp32 on CPU; weights and optimizer stay fp32")
+    p.add_argument("--shard", choices=["ddp", "fsdp"], default="ddp",
+                   help="ddp: every rank holds the whole model; fsdp: FSDP2, weights/grads/optimizer sharded")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep only each block's input, recompute the block in backward")
     p.add_argument("--seed", type=int, default=0, help="data order and lambda draws")
     p.add_argument("--eval-batch", type=int, default=16, help="examples per forward in the dynamics pass")
     p.add_argument("--save-every", type=int, default=100, help="steps between resumable states (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt if it exists")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/state/ if it holds a state")
     p.add_argument("--stop-at-step", type=int, default=0,
                    help="save the state and exit after this step, to continue later with --resume (0 = run to the end)")
     return p.parse_args(argv)
@@ -176,32 +190,87 @@ def dynamics_points(total, C):
 
 
 def run_config(args):
-    return {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}
+    """The settings a resumed run must share, as they read back from JSON."""
+    return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}))
 
 
-def save_state(path, model, optimizer, step, dynamics, config):
-    """Everything needed to continue bitwise: weights, AdamW moments, step (which fixes the schedule and
-    the data position), RNG, the dynamics recorded so far. Written to a temporary file, then renamed."""
-    state = {"config": config, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": torch.get_rng_state(), "dynamics": dynamics}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state()
-    torch.save(state, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
+def shard_model(model, args, device, world):
+    """The module to call in training: the model itself, DDP around it, or the model sharded in place by
+    FSDP2 (each transformer block one unit, the root holding embeddings, final norm and LM head)."""
+    if args.shard == "fsdp":
+        bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        for block in model.model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    if world > 1:
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    return model
 
 
-def load_state(path, model, optimizer, config):
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    changed = [f"--{k.replace('_', '-')}: saved {state['config'].get(k)!r}, now {v!r}"
-               for k, v in config.items() if state["config"].get(k) != v]
+def memory_per_gpu(m, gpus, shard, activation_checkpointing, tokens_per_gpu):
+    """Estimated bytes per GPU of one bf16 AdamW training step, by part, for ModelArgs m.
+
+    P parameters (P_b in one block). Weights and optimizer state are fp32: weights 4P, gradients 4P,
+    AdamW moments 8P. DDP adds autocast's bf16 weight copies, kept for the backward (2P). FSDP divides
+    the fp32 parts by the number of GPUs and adds the bf16 copies of the blocks gathered at a time
+    (2: the one computing and the one prefetched): weights 2 * 2 P_b, grads 2 * 2 P_b.
+    Activations saved per token and block (bf16, from the tensors the backward keeps):
+        a = 2 (4D + 4 + 2D)              two RMSNorms: fp32 input, fp32 1/rms, bf16 output
+          + 2 (2 H hd + 2 K hd) + 4 H    q, k, v after RoPE and the attention output; its fp32 logsumexp
+          + 3 (2 I)                      gate, up, silu(gate) * up
+    Without checkpointing: tokens * L * a. With it: each block's bf16 input, 2D per token and block, plus one
+    block recomputed at a time: tokens * (2D L + a). Logits: tokens * V * 10 (bf16 logits, fp32 copy, fp32 grad).
+    """
+    D, I, L, H, K, hd, V = (m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads,
+                            m.num_key_value_heads, m.head_dim, m.vocab_size)
+    P_b = D * (H + 2 * K) * hd + H * hd * D + 3 * D * I + 2 * D  # attention, MLP, two norms (no biases)
+    P = L * P_b + V * D * (1 if m.tie_word_embeddings else 2) + D
+    a = 2 * (4 * D + 4 + 2 * D) + 2 * (2 * H * hd + 2 * K * hd) + 4 * H + 3 * 2 * I
+    activations = tokens_per_gpu * ((2 * D * L + a) if activation_checkpointing else L * a) + tokens_per_gpu * V * 10
+    n = gpus if shard == "fsdp" else 1
+    gathered = 2 * 2 * P_b if shard == "fsdp" else 0
+    parts = {"parameters": P, "weights": 4 * P / n + (gathered if shard == "fsdp" else 2 * P),
+             "grads": 4 * P / n + gathered,
+             "optimizer": 8 * P / n, "activations": activations}
+    parts["total"] = parts["weights"] + parts["grads"] + parts["optimizer"] + activations
+    return parts
+
+
+def save_state(out, model, optimizer, step, dynamics, config):
+    """Everything needed to continue bitwise: weights, AdamW moments, RNG (torch.distributed.checkpoint, each
+    rank writing its own shard), then OUT/state/latest.json naming it, with the step (which fixes the
+    schedule and the data position), the run's settings and the dynamics so far. latest.json is replaced
+    atomically only once every rank has written, so a run killed at any moment resumes from a complete state."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    name = f"step-{step:07d}"
+    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
+              "rng": torch.get_rng_state()}, checkpoint_id=str(out / "state" / name))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        sftmix.write_json_atomic(str(out / "state" / "latest.json"), {
+            "step": step, "checkpoint": name, "config": config,
+            "dynamics": {str(point): values for point, values in dynamics.items()}})
+        for old in (out / "state").glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old)
+
+
+def load_state(out, model, optimizer, config):
+    latest = json.loads((out / "state" / "latest.json").read_text())
+    changed = [f"--{k.replace('_', '-')}: saved {latest['config'].get(k)!r}, now {v!r}"
+               for k, v in config.items() if latest["config"].get(k) != v]
     if changed:
-        raise UsageError(f"{path}: was written by a run with other settings: {'; '.join(changed)}")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+        raise UsageError(f"{out / 'state'}: was written by a run with other settings: {'; '.join(changed)}")
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
+             "rng": torch.get_rng_state()}
+    dcp.load(state, checkpoint_id=str(out / "state" / latest["checkpoint"]))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
     torch.set_rng_state(state["rng"])
-    if "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"])
-    return state["step"], state["dynamics"]
+    return latest["step"], {int(point): values for point, values in latest["dynamics"].items()}
 
 
 def write_dynamics(path, samples, points, dynamics):
@@ -213,12 +282,22 @@ def write_dynamics(path, samples, points, dynamics):
         for s, p, c, v in zip(samples, perps, conf, var)], lines=True)
 
 
+def keep_metrics_until(path, step):
+    """Drop metric lines after `step` (and a half-written last line), left by a run that died after its last state."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines(keepends=True)
+                 if l.endswith("\n") and json.loads(l)["step"] <= step]
+        path.with_suffix(".tmp").write_text("".join(lines))
+        os.replace(path.with_suffix(".tmp"), path)
+
+
 def main(argv=None):
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # dcp in a single process
     try:
         train(args, rank, local_rank, world)
     except (UsageError, data.DataError, ValueError, FileNotFoundError) as e:
@@ -235,7 +314,8 @@ def train(args, rank, local_rank, world):
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    amp_dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else None
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+    amp_dtype = torch.bfloat16 if bf16 and args.shard == "ddp" else None  # FSDP2 casts through its policy
     out = Path(args.out)
     tok = data.load_tokenizer(args.model)
     samples, _ = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, args.format, verbose=rank == 0)
@@ -248,57 +328,36 @@ def train(args, rank, local_rank, world):
 
     torch.manual_seed(args.seed)
     model = load_pretrained(args.model, device=device)
+    model.checkpoint_activations = args.activation_checkpointing
+    trained = shard_model(model, args, device, world)  # what forward and backward go through
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
     config, step, dynamics = run_config(args), 0, {}
-    state_path = out / "state.pt"
-    if args.resume and state_path.exists():
-        step, dynamics = load_state(state_path, model, optimizer, config)
+    if args.resume and (out / "state" / "latest.json").exists():
+        step, dynamics = load_state(out, model, optimizer, config)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         print(f"train: {args.mode}, {len(samples)} samples, {total} steps of {args.global_batch} examples "
-              f"on {world} rank(s), {device.type}, {'bf16 autocast' if amp_dtype else 'fp32'}"
+              f"on {world} rank(s) ({args.shard}), {device.type}, {'bf16' if bf16 else 'fp32'}"
               f"{f', resuming after step {step}' if step else ''}")
         keep_metrics_until(out / "metrics.jsonl", step)
-    ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
 
+    batches, batches_epoch = None, None
     with tqdm(total=total, initial=step, desc=args.mode, disable=rank != 0) as progress:
-        batches, batches_epoch = None, None
         while step < total:
             epoch = step // steps_per_epoch
             if epoch != batches_epoch:
                 batches, batches_epoch = epoch_batches(args, samples, halves, epoch), epoch
             batch = batches[step % steps_per_epoch]
-            n_tokens, n_mixed = token_counts(args, samples, batch)
-            lam = sftmix.sample_lambda(args.alpha, len(batch) // 2, args.seed, step) if args.mode == "sftmix" else None
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, args)
             t0 = time.perf_counter()
-            sums = torch.zeros(3, device=device)  # ntp NLL sum, mixup CE sum, input tokens
-            micro = rank_micro_batches(args, batch, rank, world)
-            for j, (indices, first_pair) in enumerate(micro):
-                b = data.collate([samples[i] for i in indices], tok.pad_id)
-                input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (m, T) each
-                sync = j == len(micro) - 1  # DDP all-reduces gradients only on the last micro-batch
-                with (nullcontext() if sync or world == 1 else ddp.no_sync()):
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        logits = ddp(input_ids)  # (m, T, V)
-                    pair_lam = lam[first_pair:first_pair + len(indices) // 2].to(device) if lam is not None else None
-                    ntp, mix = loss_sums(logits, labels, pair_lam)
-                    loss = ntp / n_tokens + (args.mu * mix / n_mixed if lam is not None else 0.0)
-                    (loss * world).backward()  # DDP averages over ranks; * world makes it the global sum
-                sums[0] += ntp.detach()
-                sums[1] += mix.detach()
-                sums[2] += input_ids.numel()
-            if world > 1:
-                dist.all_reduce(sums)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-            ntp_loss, mix_loss = sums[0].item() / n_tokens, sums[1].item() / max(n_mixed, 1)
-            if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm.item())):
-                if rank == 0:  # the weights are still those after the last good step: keep them
-                    save_state(state_path, model, optimizer, step, dynamics, config)
+            ntp_loss, mix_loss, grad_norm, n_input = forward_backward(args, trained, samples, batch, step, tok.pad_id,
+                                                                      device, amp_dtype, rank, world)
+            if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm)):
+                save_state(out, model, optimizer, step, dynamics, config)  # weights are still the last good ones
                 raise UsageError(f"step {step + 1}: loss is not finite (ntp {ntp_loss}, mixup {mix_loss}, grad norm "
-                                 f"{grad_norm.item()}); stopped, the state after step {step} is in {state_path}")
+                                 f"{grad_norm}); stopped, the state after step {step} is in {out / 'state'}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -306,35 +365,60 @@ def train(args, rank, local_rank, world):
             progress.update(1)
             progress.set_postfix(loss=f"{ntp_loss:.4f}")
             if step in points:
-                nll = sftmix.response_nll(model, samples, args.eval_batch, device, amp_dtype,
+                nll = sftmix.response_nll(trained, samples, args.eval_batch, device, amp_dtype,
                                           desc=f"dynamics {points.index(step) + 1}/{len(points)}")
                 dynamics[step] = {k: sftmix.perplexity(*v) for k, v in nll.items()}
             if rank == 0:
                 record = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "ntp_loss": ntp_loss,
-                          "grad_norm": grad_norm.item(), "tokens_per_s": sums[2].item() / elapsed}
+                          "grad_norm": grad_norm, "tokens_per_s": n_input / elapsed}
                 if args.mode == "sftmix":
                     record.update(mixup_loss=mix_loss, loss=ntp_loss + args.mu * mix_loss)
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                if step % args.save_every == 0 or step == total or step == args.stop_at_step:
-                    save_state(state_path, model, optimizer, step, dynamics, config)
+            if step % args.save_every == 0 or step == total or step == args.stop_at_step:
+                save_state(out, model, optimizer, step, dynamics, config)
             if step == args.stop_at_step and step < total:
                 if rank == 0:
                     print(f"stopped after step {step}; continue with --resume")
                 return
+    # all ranks take part in gathering the full weights, one tensor at a time, onto rank 0's CPU
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         if points:
             write_dynamics(out / "dynamics.jsonl", samples, points, dynamics)
-        save_pretrained(model, out / "final", tokenizer_dir=args.model)
+        save_pretrained(model, out / "final", tokenizer_dir=args.model, state_dict=full)
         print(f"wrote {out / 'final'}" + (f" and {out / 'dynamics.jsonl'}" if points else ""))
 
 
-def keep_metrics_until(path, step):
-    """Drop metric lines after `step`, left by a run that died after its last saved state."""
-    if path.exists():
-        lines = [l for l in path.read_text().splitlines(keepends=True) if l.endswith("\n") and json.loads(l)["step"] <= step]
-        path.with_suffix(".tmp").write_text("".join(lines))
-        os.replace(path.with_suffix(".tmp"), path)
+def forward_backward(args, trained, samples, batch, step, pad_id, device, amp_dtype, rank, world):
+    """Accumulate the gradient of L over this rank's micro-batches of one global batch, then clip it.
+
+    Returns (L_NTP, L_Mixup, grad norm before clipping, input tokens on all ranks) of the global batch.
+    """
+    n_tokens, n_mixed = token_counts(args, samples, batch)
+    lam = sftmix.sample_lambda(args.alpha, len(batch) // 2, args.seed, step) if args.mode == "sftmix" else None
+    sums = torch.zeros(3, device=device)  # NTP NLL sum, Mixup CE sum, input tokens
+    micro = rank_micro_batches(args, batch, rank, world)
+    for j, (indices, first_pair) in enumerate(micro):
+        b = data.collate([samples[i] for i in indices], pad_id)
+        input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (m, T) each
+        last = j == len(micro) - 1  # gradients cross ranks after the last micro-batch only
+        if args.shard == "fsdp":
+            trained.set_requires_gradient_sync(last)
+        with trained.no_sync() if isinstance(trained, DDP) and not last else nullcontext():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = trained(input_ids)  # (m, T, V)
+            pair_lam = lam[first_pair:first_pair + len(indices) // 2].to(device) if lam is not None else None
+            ntp, mix = loss_sums(logits, labels, pair_lam)
+            loss = ntp / n_tokens + (args.mu * mix / n_mixed if lam is not None else 0.0)
+            (loss * world).backward()  # ranks average gradients; * world makes it the sum over the global batch
+        sums += torch.stack([ntp.detach(), mix.detach(), torch.tensor(float(input_ids.numel()), device=device)])
+    if world > 1:
+        dist.all_reduce(sums)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), args.grad_clip or float("inf"))
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    return sums[0].item() / n_tokens, sums[1].item() / max(n_mixed, 1), grad_norm.item(), sums[2].item()
 
 
 if __name__ == "__main__":
