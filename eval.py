@@ -107,15 +107,14 @@ def token_weighted(results: dict, ids) -> dict:
     return {"examples": len(ids), "tokens": n, "nll_per_token": nll / n, "ppl": math.exp(nll / n)}
 
 
-def evaluate_ppl(model, tok, path, rt, prompt_format=None, max_len=data.MAX_LEN, batch_size=8, split=None):
+def evaluate_ppl(model, samples, rt, batch_size=8, split=None):
     """(summary {"all": ..., and per half with a split}, per-example rows {id, nll, tokens, ppl[, half]})."""
-    samples, _ = data.load_dataset(path, tok, prompt_format, max_len)
     results = sftmix.response_nll(model, samples, batch_size, rt.device, rt.amp_dtype, desc="ppl")  # {id: (nll, n)}
     summary, half_of = {"all": token_weighted(results, list(results))}, {}
     for half, ids in (split or {}).items():
         members = [s.id for s in samples if s.id in ids]
         if not members:
-            raise DataError(f'--split: "{half}": none of its ids is an example of {path}')
+            raise DataError(f'--split: "{half}": none of its ids is an example of --data')
         summary[half] = token_weighted(results, members)
         half_of.update((i, half) for i in members)
     rows = [{"id": s.id, "nll": results[s.id][0], "tokens": results[s.id][1],
@@ -282,8 +281,10 @@ def compare(args, rt) -> str:
     mc = read_mc(args.mc) if args.mc else None
     metrics = {}
     for d in dirs:
-        tok, model = data.load_tokenizer(d), load_model(d, rt)
-        summary, _ = evaluate_ppl(model, tok, args.data, rt, args.prompt_format, args.max_len, args.batch_size, split)
+        tok = data.load_tokenizer(d)
+        samples, _ = data.load_dataset(args.data, tok, args.prompt_format, args.max_len)
+        model = load_model(d, rt)
+        summary, _ = evaluate_ppl(model, samples, rt, args.batch_size, split)
         for part, s in summary.items():
             suffix = "" if part == "all" else f" ({part})"
             metrics.setdefault(f"ppl{suffix} ↓", []).append(s["ppl"])
@@ -336,41 +337,51 @@ def datamap(dynamics, out, split_path=None):
 
 # ----------------------------------------------------------------------------- command line
 
-def run(args, rt: Runtime):
-    say = print if rt.rank == 0 else (lambda *a, **k: None)
-    if args.command == "datamap":
-        if rt.rank == 0:
-            datamap(args.dynamics, args.out, args.split)
-        return say(f"wrote {args.out}")
-    if args.command == "compare":
-        with contextlib.redirect_stdout(sys.stderr):  # stdout holds the table alone: `> table.md` works
-            table = compare(args, rt)
-        if rt.rank == 0 and args.out:
-            Path(args.out + ".tmp").write_text(table, "utf-8")
-            os.replace(args.out + ".tmp", args.out)
-        return say(table, end="")
-    mc = read_mc(args.data) if args.command == "mc" else None  # bad input fails before the model loads
-    questions = read_questions(args.questions) if args.command == "generate" else None
+def cmd_ppl(args, rt, say) -> list:
     path = model_dir(args.model)
-    tok, model = data.load_tokenizer(path), load_model(path, rt)
-    if args.command == "ppl":
-        summary, rows = evaluate_ppl(model, tok, args.data, rt, args.prompt_format, args.max_len, args.batch_size,
-                                     read_split(args.split) if args.split else None)
-        for part, s in summary.items():
-            say(f"{part:>11}: ppl {s['ppl']:.4f}  NLL/token {s['nll_per_token']:.4f}  "
-                f"({s['examples']} examples, {s['tokens']} response tokens)")
-    elif args.command == "mc":
-        summary, rows = mc_accuracy(mc, option_logliks(model, tok, mc, rt, args.prompt_format, args.batch_size))
-        say(f"{summary['questions']} questions: accuracy {summary['accuracy_sum']:.4f} (summed log-likelihood), "
-            f"{summary['accuracy_norm']:.4f} (length-normalised)")
-    else:
-        answers = answer_questions(model, tok, questions, rt, args.prompt_format, args.max_new_tokens,
-                                   args.temperature, args.top_p, args.batch_size, args.seed)
-        rows = answer_records(questions, answers, args.model_id or Path(args.model).resolve().name)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tok = data.load_tokenizer(path)
+    samples, _ = data.load_dataset(args.data, tok, args.prompt_format, args.max_len)
+    split = read_split(args.split) if args.split else None
+    summary, rows = evaluate_ppl(load_model(path, rt), samples, rt, args.batch_size, split)
+    for part, s in summary.items():
+        say(f"{part:>11}: ppl {s['ppl']:.4f}  NLL/token {s['nll_per_token']:.4f}  "
+            f"({s['examples']} examples, {s['tokens']} response tokens)")
+    return rows
+
+
+def cmd_mc(args, rt, say) -> list:
+    questions = read_mc(args.data)  # bad input fails before the model loads
+    path = model_dir(args.model)
+    tok = data.load_tokenizer(path)
+    logliks = option_logliks(load_model(path, rt), tok, questions, rt, args.prompt_format, args.batch_size)
+    summary, rows = mc_accuracy(questions, logliks)
+    say(f"{summary['questions']} questions: accuracy {summary['accuracy_sum']:.4f} (summed log-likelihood), "
+        f"{summary['accuracy_norm']:.4f} (length-normalised)")
+    return rows
+
+
+def cmd_generate(args, rt, say) -> list:
+    questions = read_questions(args.questions)  # bad input fails before the model loads
+    path = model_dir(args.model)
+    answers = answer_questions(load_model(path, rt), data.load_tokenizer(path), questions, rt, args.prompt_format,
+                               args.max_new_tokens, args.temperature, args.top_p, args.batch_size, args.seed)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    return answer_records(questions, answers, args.model_id or Path(args.model).resolve().name)
+
+
+def cmd_compare(args, rt, say):
+    with contextlib.redirect_stdout(sys.stderr):  # stdout holds the table alone: `> table.md` works
+        table = compare(args, rt)
     if rt.rank == 0 and args.out:
-        sftmix.write_json_atomic(str(args.out), rows, lines=True)
-        say(f"wrote {args.out}")
+        Path(args.out + ".tmp").write_text(table, "utf-8")
+        os.replace(args.out + ".tmp", args.out)
+    say(table, end="")
+
+
+def cmd_datamap(args, rt, say):
+    if rt.rank == 0:
+        datamap(args.dynamics, args.out, args.split)
+    say(f"wrote {args.out}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -382,30 +393,33 @@ def parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", formatter_class=D, help="answers to MT-Bench questions, FastChat format")
     cmp = sub.add_parser("compare", formatter_class=D, help="Markdown table of several runs side by side")
     dm = sub.add_parser("datamap", formatter_class=D, help="confidence vs variability picture (matplotlib)")
+    for s, run in ((ppl, cmd_ppl), (mc, cmd_mc), (gen, cmd_generate), (cmp, cmd_compare), (dm, cmd_datamap)):
+        s.set_defaults(run=run)
     for s in (ppl, mc, gen):
         s.add_argument("--model", required=True, help="HF model directory, or a run directory with final/")
     cmp.add_argument("runs", nargs="+", help="model or run directories; the first is the baseline A")
-    cmp.add_argument("--names", nargs="+", help="column names, one per run (default: directory names)")
+    cmp.add_argument("--names", nargs="+", help="column names, one per run (None: the directories' names)")
     cmp.add_argument("--mc", help="multiple-choice file; adds accuracy rows")
-    for s in (ppl, mc, cmp):
-        s.add_argument("--data", required=True, help="held-out conversations (ppl), questions (mc)")
+    for s, what in ((ppl, "conversations (alpaca / sharegpt / messages)"), (mc, "multiple-choice questions"),
+                    (cmp, "held-out conversations for ppl")):
+        s.add_argument("--data", required=True, help=what)
     for s in (ppl, cmp):
         s.add_argument("--split", help="split.json; adds ppl per half")
         s.add_argument("--max-len", type=int, default=data.MAX_LEN, help="tokens per example; longer cut on the right")
     for s in (ppl, mc, gen, cmp):
-        s.add_argument("--prompt-format", choices=data.PROMPT_FORMATS, help="default: from the chat template")
+        s.add_argument("--prompt-format", choices=data.PROMPT_FORMATS, help="None: from the chat template")
         s.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
-    for s in (ppl, mc, cmp):
-        s.add_argument("--out", help="per-example JSONL (ppl), per-question JSONL (mc), the table (compare)")
+    for s, what in ((ppl, "per-example JSONL"), (mc, "per-question JSONL"), (cmp, "Markdown file for the table")):
+        s.add_argument("--out", help=what)
     gen.add_argument("--questions", required=True, help="MT-Bench question.jsonl")
     gen.add_argument("--out", required=True, help="answers JSONL, e.g. data/mt_bench/model_answer/NAME.jsonl")
-    gen.add_argument("--model-id", help="model_id in the answers (default: the model directory's name)")
+    gen.add_argument("--model-id", help="model_id in the answers (None: the model directory's name)")
     gen.add_argument("--max-new-tokens", type=int, default=1024, help="per turn")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed when temperature > 0")
     dm.add_argument("--dynamics", required=True, help="dynamics.jsonl of the reference run")
-    dm.add_argument("--split", help="split.json to colour by (default: the median split of the dynamics)")
+    dm.add_argument("--split", help="split.json to colour by (None: the median split of the dynamics)")
     dm.add_argument("--out", required=True, help="PNG to write")
     return p
 
@@ -413,7 +427,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        run(args, setup())
+        rt = setup()
+        say = print if rt.rank == 0 else (lambda *a, **k: None)
+        rows = args.run(args, rt, say)
+        if rows is not None and rt.rank == 0 and args.out:  # per-example / per-question / answer JSONL
+            sftmix.write_json_atomic(str(args.out), rows, lines=True)
+            say(f"wrote {args.out}")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

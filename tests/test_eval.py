@@ -1,4 +1,6 @@
 """eval.py's commands on the real SmolLM2-135M-Instruct, against transformers and hand calculations."""
+import contextlib
+import io
 import json
 import math
 import subprocess
@@ -49,9 +51,7 @@ def read_jsonl(path):
 
 
 def run_eval(*argv):
-    """eval.py's main in this process: (exit code, stdout, stderr) via capsys-free redirection."""
-    import contextlib
-    import io
+    """`python eval.py ARGV` in this process: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
