@@ -109,14 +109,14 @@ def token_weighted(results: dict, ids) -> dict:
 
 def evaluate_ppl(model, samples, rt, batch_size=8, split=None):
     """(summary {"all": ..., and per half with a split}, per-example rows {id, nll, tokens, ppl[, half]})."""
-    results = sftmix.response_nll(model, samples, batch_size, rt.device, rt.amp_dtype, desc="ppl")  # {id: (nll, n)}
-    summary, half_of = {"all": token_weighted(results, list(results))}, {}
-    for half, ids in (split or {}).items():
-        members = [s.id for s in samples if s.id in ids]
-        if not members:
+    members = {half: [s.id for s in samples if s.id in ids] for half, ids in (split or {}).items()}
+    for half, ids in members.items():
+        if not ids:
             raise DataError(f'--split: "{half}": none of its ids is an example of --data')
-        summary[half] = token_weighted(results, members)
-        half_of.update((i, half) for i in members)
+    results = sftmix.response_nll(model, samples, batch_size, rt.device, rt.amp_dtype, desc="ppl")  # {id: (nll, n)}
+    summary = {"all": token_weighted(results, list(results))}
+    summary |= {half: token_weighted(results, ids) for half, ids in members.items()}
+    half_of = {i: half for half, ids in members.items() for i in ids}
     rows = [{"id": s.id, "nll": results[s.id][0], "tokens": results[s.id][1],
              "ppl": sftmix.perplexity(*results[s.id])} | ({"half": half_of.get(s.id)} if split else {})
             for s in samples]
