@@ -107,7 +107,7 @@ def _msg(e: json.JSONDecodeError) -> str:
     return f"{e.msg.removesuffix(' starting at')} at column {e.colno}"  # 'Unterminated string starting at'
 
 
-def _records(path: Path) -> list:
+def read_records(path: Path) -> list:
     """[(where, record)] of a JSON array ('file:record i') or of JSON lines ('file:line')."""
     try:
         raw = path.read_bytes()
@@ -187,7 +187,7 @@ def _read(path, fmt: str | None) -> tuple:
     if fmt is not None and fmt not in FORMATS:
         raise DataError(f'--format: expected one of {", ".join(FORMATS)}, got "{fmt}"')
     path = Path(path)
-    records = _records(path)
+    records = read_records(path)
     if not records:
         raise DataError(f"{path}: no records; expected at least one")
     chosen = "--format" if fmt else "detected from the keys"

@@ -136,7 +136,7 @@ class Question:
 def read_mc(path) -> list:
     """Multiple-choice questions of a JSON-lines or JSON-array file (format in the module docstring)."""
     questions = []
-    for i, (where, r) in enumerate(data._records(Path(path))):  # [(file:line, record)]
+    for i, (where, r) in enumerate(data.read_records(Path(path))):  # [(file:line, record)]
         if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not r["question"].strip():
             raise DataError(f'{where}: "question": expected an object with a non-empty string "question"')
         options = r.get("options")
@@ -203,7 +203,7 @@ def mc_accuracy(questions, logliks) -> tuple:
 def read_questions(path) -> list:
     """MT-Bench questions: objects with "question_id" and "turns" (a non-empty list of strings)."""
     questions, seen = [], set()
-    for where, r in data._records(Path(path)):
+    for where, r in data.read_records(Path(path)):
         if not isinstance(r, dict) or "question_id" not in r:
             raise DataError(f'{where}: "question_id": missing; expected an object with "question_id" and "turns"')
         turns = r.get("turns")

@@ -50,7 +50,8 @@ def response_nll(model, samples, batch_size, device, amp_dtype=None, desc="dynam
             logits = model(input_ids)  # (B, T, V)
         if r >= len(mine):
             continue  # a filler forward on a rank with one batch fewer: nothing to record
-        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                              reduction="none").view(labels.shape)  # (B, T)
         for sample_id, row_nll, n in zip(b["ids"], nll.sum(1).tolist(), (labels != IGNORE).sum(1).tolist()):
             result[sample_id] = (row_nll, n)
     model.train(was_training)
