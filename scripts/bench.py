@@ -4,20 +4,21 @@
     python scripts/bench.py --model .assets/SmolLM2-135M-Instruct --data .assets/sharegpt-bench/train.jsonl
 
 1. train step (forward + loss + backward + AdamW) tokens/s: model.py / transformers' LlamaForCausalLM (sdpa),
-   the same weights, batch (the B longest samples), loss (train.loss_sums), dtype and threads, steps interleaved.
+   use_cache=False; the same weights, batch (the B longest samples), loss (train.loss_sums), AdamW, dtype and
+   threads; the two interleaved step by step.
 2. SFTMix / NTP micro-batch (train.forward_backward: forward, train.loss_sums, backward, grad clip): step time,
-   and peak memory above what is held just before the step, each variant's first step in a fresh process
-   (CUDA: torch.cuda.max_memory_allocated; CPU: the kernel's peak RSS, VmHWM, reset via /proc/self/clear_refs).
+   and peak bytes of tensors allocated during the step above those held before it (CUDA: the caching allocator's
+   max_memory_allocated; CPU: the running sum of the allocations and frees torch.profiler records).
 3. dynamics pass (sftmix.response_nll, one checkpoint) / one NTP epoch of train.py's loop over the same samples.
 4. model FLOP/s of train step 1 / this machine's FLOP/s on one large matmul in the same dtype and threads.
 On CUDA the models run under bf16 autocast with fp32 weights, as train.py does; on CPU in fp32.
 """
 import argparse
+import itertools
 import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,8 +49,6 @@ def parse_args():
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     p.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n @ n x n peak-FLOP/s matmul")
     p.add_argument("--seed", type=int, default=0, help="epoch order and SFTMix lambdas")
-    p.add_argument("--peak-memory", choices=["ntp", "sftmix"],
-                   help="internal: print the peak memory of one step of this variant in this fresh process")
     return p.parse_args()
 
 
@@ -111,22 +110,17 @@ def train_epoch(model, optimizer, targs, samples, pad_id, device):
     sync(device)
 
 
-def vm_kb(field):
-    """A field of /proc/self/status in kB (VmRSS: resident now, VmHWM: peak resident)."""
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
-
-
 def peak_memory(step, device):
-    """Bytes allocated at the peak of step() above those held just before it."""
+    """Bytes of tensors allocated at the peak of step() above those held just before it."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         step()
         return torch.cuda.max_memory_allocated(device) - before
-    before = vm_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    step()
-    return (vm_kb("VmHWM") - before) * 1024
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    return max(itertools.accumulate(nbytes for _, nbytes in events))  # + allocation, - free, in time order
 
 
 def matmul_flops(n, dtype, device, reps=5):
@@ -164,11 +158,6 @@ def main():
     micro = {mode: trainer_args(args, mode, B) for mode in ("ntp", "sftmix")}
     ours = load_pretrained(args.model, device=device)
 
-    if args.peak_memory:
-        print(peak_memory(lambda: micro_step(ours, micro[args.peak_memory], samples, longest, tok.pad_id, device),
-                          device))
-        return
-
     from transformers import LlamaForCausalLM, __version__ as hf_version
     print(f"machine: {machine(device)}; torch {torch.__version__}, transformers {hf_version}, "
           f"{torch.get_num_threads()} threads, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; "
@@ -189,17 +178,16 @@ def main():
                  f"{B * T / t['ours']:.0f}", f"{B * T / t['transformers']:.0f}",
                  t["transformers"] / t["ours"], ">= 1.0 (aim 1.2)", lambda r: r >= 1.0))
 
-    # 2. SFTMix vs NTP micro-batch: time here, peak memory in fresh processes
-    log("2/4 micro-batch step: SFTMix vs NTP, time, then peak memory in fresh processes")
-    t = race({mode: lambda mode=mode: micro_step(ours, micro[mode], samples, longest, tok.pad_id, device)
-              for mode in ("ntp", "sftmix")}, device, args.warmup, args.steps)
+    # 2. SFTMix vs NTP micro-batch: time, then peak memory
+    log("2/4 micro-batch step: SFTMix vs NTP, time, then peak memory")
+    steps = {mode: lambda mode=mode: micro_step(ours, micro[mode], samples, longest, tok.pad_id, device)
+             for mode in ("ntp", "sftmix")}
+    t = race(steps, device, args.warmup, args.steps)
     rows.append((f"micro-batch s, {B}x{T} (train.forward_backward): SFTMix / NTP",
                  f"{t['sftmix']:.2f}", f"{t['ntp']:.2f}", t["sftmix"] / t["ntp"], "<= 1.05", lambda r: r <= 1.05))
-    mem = {mode: int(subprocess.run([sys.executable, __file__, *sys.argv[1:], "--peak-memory", mode],
-                                    check=True, capture_output=True, text=True).stdout.split()[-1])
-           for mode in ("ntp", "sftmix")}
-    how = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
-    rows.append((f"micro-batch peak MiB above pre-step ({how}, first step in a fresh process): SFTMix / NTP",
+    mem = {mode: peak_memory(step, device) for mode, step in steps.items()}
+    how = "max_memory_allocated" if device.type == "cuda" else "torch.profiler allocations"
+    rows.append((f"micro-batch peak tensor MiB above pre-step ({how}): SFTMix / NTP",
                  f"{mem['sftmix'] / 2**20:.0f}", f"{mem['ntp'] / 2**20:.0f}", mem["sftmix"] / mem["ntp"],
                  "<= 1.10", lambda r: r <= 1.10))
 
