@@ -331,7 +331,7 @@ def train(args, rank, local_rank, world):
     model.checkpoint_activations = args.activation_checkpointing
     trained = shard_model(model, args, device, world)  # what forward and backward go through
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
-                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
+                                  weight_decay=args.weight_decay, fused=True)
     config, step, dynamics = run_config(args), 0, {}
     if args.resume and (out / "state" / "latest.json").exists():
         step, dynamics = load_state(out, model, optimizer, config)
