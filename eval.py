@@ -325,8 +325,12 @@ def datamap(dynamics, out, split_path=None):
         mask = np.array([i in halves[half] for i in ids])
         ax.scatter(var[mask], conf[mask], s=10, alpha=0.6, color=colour, label=f"{half} ({mask.sum()})")
     ax.axhline(np.median(conf), color="black", linestyle="--", linewidth=1, label="median confidence")
-    ax.set(xlabel="variability: std over checkpoints of Perp(y|x)",
-           ylabel="confidence: −mean over checkpoints of Perp(y|x)",
+    ax.set_xscale("symlog")  # perplexities span orders of magnitude: a few outliers would flatten the cloud
+    ax.set_yscale("symlog")
+    ax.set_xlim(left=0)  # variability >= 0, confidence <= -1
+    ax.set_ylim(top=0)
+    ax.set(xlabel="variability: std over checkpoints of Perp(y|x) (symlog)",
+           ylabel="confidence: −mean over checkpoints of Perp(y|x) (symlog)",
            title=f"Data map: {len(ids)} examples, {perps.shape[1]} checkpoints")
     ax.legend()
     with open(str(out) + ".tmp", "wb") as f:

@@ -42,8 +42,10 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
         """Fill from an HF config.json dict; anything this model would get wrong is an error naming the field."""
-        if cfg.get("model_type") != "llama":
-            raise ValueError(f"{source}: model_type: expected \"llama\", got {cfg.get('model_type')!r}")
+        if cfg.get("model_type") not in ("llama", "mistral"):
+            raise ValueError(f"{source}: model_type: expected \"llama\" or \"mistral\", got {cfg.get('model_type')!r}")
+        if cfg.get("sliding_window") is not None:  # Mistral-7B v0.1; later Mistrals attend to everything, as Llama
+            raise ValueError(f"{source}: sliding_window: expected null (full attention), got {cfg['sliding_window']}")
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             if key not in cfg:
                 raise ValueError(f"{source}: {key}: missing")

@@ -127,6 +127,17 @@ def test_unsupported_config_is_an_error_naming_the_field(field, value, expected)
         M.ModelArgs.from_hf_config(cfg)
 
 
+def test_mistral_without_sliding_window_loads_as_the_same_architecture(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+    cfg = MistralConfig(**{**SMALL, "num_key_value_heads": 2}, sliding_window=None, attn_implementation="eager")
+    hf = randomize(MistralForCausalLM(cfg).float())
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 30))
+    assert (M.load_pretrained(tmp_path)(ids) - hf(ids).logits).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="sliding_window"):
+        M.ModelArgs.from_hf_config({**cfg.to_dict(), "sliding_window": 4096})
+
+
 def test_old_rope_scaling_key_type_is_accepted():
     cfg = {**LlamaConfig(**SMALL).to_dict(), "rope_scaling": {
         "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
