@@ -1,6 +1,7 @@
 """train.py end to end on CPU: DDP equals one process, resume equals no interruption, dynamics are what they claim."""
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -94,6 +95,20 @@ def test_run_killed_at_any_moment_resumes_bitwise_equal(tiny_model_dir, chat_dat
     run_train(*base[1:], "--out", tmp_path / "killed", "--resume")
     whole, resumed = weights(tmp_path / "whole"), weights(tmp_path / "killed")
     assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
+def test_pipeline_runs_every_stage_and_reuses_the_reference_run_as_the_one_epoch_baseline(tiny_model_dir,
+                                                                                           chat_data, tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "DYNAMICS": "2"}
+    subprocess.run(["bash", ROOT / "scripts" / "pipeline.sh", tiny_model_dir, chat_data, tmp_path,
+                    "--global-batch", "8", "--lr", "1e-3"], env=env, check=True, capture_output=True)
+    dynamics = [json.loads(l) for l in (tmp_path / "reference" / "dynamics.jsonl").read_text().splitlines()]
+    split = json.loads((tmp_path / "split.json").read_text())
+    by_confidence = sorted(dynamics, key=lambda r: (-r["confidence"], r["id"]))
+    assert split["confident"] == [r["id"] for r in by_confidence[:20]]
+    assert split["unconfident"] == [r["id"] for r in by_confidence[20:]]
+    assert (tmp_path / "sftmix" / "final" / "model.safetensors").exists()
+    assert (tmp_path / "ntp").resolve() == (tmp_path / "reference").resolve()
 
 
 def hf_response_nll(hf, samples):
