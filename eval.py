@@ -89,14 +89,9 @@ def load_model(path, rt: Runtime) -> M.Transformer:
 def read_split(path) -> dict:
     """split.json -> {"confident": set of ids, "unconfident": set of ids}."""
     try:
-        split = json.loads(Path(path).read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read JSON: {e}") from None
-    for half in ("confident", "unconfident"):
-        if not isinstance(split, dict) or not isinstance(split.get(half), list):
-            raise DataError(f'{path}: "{half}": expected a list of ids, '
-                            f'as in {{"confident": [...], "unconfident": [...]}}')
-    return {half: {str(i) for i in split[half]} for half in ("confident", "unconfident")}
+        return {half: set(ids) for half, ids in sftmix.read_split(path).items()}
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- ppl

@@ -106,6 +106,15 @@ def read_dynamics(path):
     return ids, np.asarray(perps)
 
 
+def read_split(path):
+    """split.json -> {"confident": [ids], "unconfident": [ids]}, ids as strings."""
+    try:
+        split = json.loads(open(path, encoding="utf-8").read())
+        return {half: [str(i) for i in split[half]] for half in ("confident", "unconfident")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'{path}: expected {{"confident": [ids], "unconfident": [ids]}} ({e})') from None
+
+
 def write_json_atomic(path, obj, lines=False):
     """Write JSON (or JSON lines from a list) to path.tmp, then rename: never a half-written file."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:

@@ -104,13 +104,10 @@ def check_args(args, world):
                          f"pairs, expected an even number")
 
 
-def read_split(path, samples):
+def split_indices(path, samples):
     """split.json -> (confident, unconfident) sample indices; every id of the data in exactly one half."""
-    try:
-        split = json.loads(Path(path).read_text("utf-8"))
-        halves = [[str(i) for i in split[k]] for k in ("confident", "unconfident")]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f'{path}: expected {{"confident": [ids], "unconfident": [ids]}} ({e})')
+    halves = sftmix.read_split(path)
+    halves = [halves["confident"], halves["unconfident"]]
     index = {s.id: i for i, s in enumerate(samples)}
     in_split = set(halves[0]) | set(halves[1])
     unknown = [i for i in halves[0] + halves[1] if i not in index]
@@ -319,7 +316,7 @@ def train(args, rank, local_rank, world):
     out = Path(args.out)
     tok = data.load_tokenizer(args.model)
     samples, _ = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, args.format, verbose=rank == 0)
-    halves = read_split(args.split, samples) if args.mode == "sftmix" else None
+    halves = split_indices(args.split, samples) if args.mode == "sftmix" else None
     steps_per_epoch = len(epoch_batches(args, samples, halves, 0))
     total = steps_per_epoch * args.epochs
     if total == 0:
