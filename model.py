@@ -217,11 +217,13 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpoint_activations = False  # keep only each block's input; recompute the rest in backward
 
-    def forward(self, input_ids, return_hidden=False, positions=None, mask=None, cache=None):
+    def forward(self, input_ids, return_hidden=False, positions=None, mask=None, cache=None, logits_at=None):
         """input_ids (B, T) -> logits (B, T, V); with return_hidden, also the final-norm states (B, T, D).
 
-        positions (B, T) default to 0..T-1 (after the cache's filled length); mask (B, 1, T, S) is only
-        needed when rows hold padding before real tokens (batched generation).
+        logits_at (B, T) bool: apply the LM head only there, returning logits (N, V) for those N positions
+        in row-major order (a loss needs only the trained positions). positions (B, T) default to 0..T-1
+        (after the cache's filled length); mask (B, 1, T, S) is only needed when rows hold padding before
+        real tokens (batched generation).
         """
         B, T = input_ids.shape
         if positions is None:
@@ -237,7 +239,7 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += T
         hidden = self.model.norm(x)  # (B, T, D): what the LM head reads, and what SFTMix interpolates
-        logits = self.lm_head(hidden)  # (B, T, V)
+        logits = self.lm_head(hidden if logits_at is None else hidden[logits_at])  # (B, T, V) or (N, V)
         return (logits, hidden) if return_hidden else logits
 
 

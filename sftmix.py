@@ -46,14 +46,15 @@ def response_nll(model, samples, batch_size, device, amp_dtype=None, desc="dynam
     for r in tqdm(range(rounds), desc=desc, disable=rank != 0, leave=False):
         b = collate([samples[i] for i in (mine[r] if r < len(mine) else batches[0])], pad_id=0)
         input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T) each
+        trained = labels != IGNORE  # (B, T)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(input_ids)  # (B, T, V)
+            logits = model(input_ids, logits_at=trained)  # (N, V), the N trained positions
         if r >= len(mine):
             continue  # a filler forward on a rank with one batch fewer: nothing to record
-        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                              reduction="none").view(labels.shape)  # (B, T)
-        for sample_id, row_nll, n in zip(b["ids"], nll.sum(1).tolist(), (labels != IGNORE).sum(1).tolist()):
-            result[sample_id] = (row_nll, n)
+        nll = F.cross_entropy(logits.float(), labels[trained], reduction="none")  # (N,)
+        row_nll = torch.zeros(len(labels), dtype=nll.dtype, device=device).index_add_(0, trained.nonzero()[:, 0], nll)
+        for sample_id, s_nll, n in zip(b["ids"], row_nll.tolist(), trained.sum(1).tolist()):
+            result[sample_id] = (s_nll, n)
     model.train(was_training)
     if world > 1:
         parts = [None] * world
@@ -183,11 +184,14 @@ def mixup_loss(hidden_c, labels_c, hidden_u, labels_u, lam, lm_head_weight, redu
 def mixup_loss_from_logits(logits_c, labels_c, logits_u, labels_u, lam, reduction="mean"):
     """mixup_loss computed from the NTP logits: W is linear with no bias, so W Z~ = lam W Z^c + (1 - lam) W Z^u.
 
-    logits_* (P, T, V). Same value as mixup_loss, with no second LM-head matmul.
+    logits_* (N_*, V): the logits at the response positions of labels_* (P, T) (labels != IGNORE), in
+    row-major order, as the model returns them with logits_at. Same value as mixup_loss, with no second
+    LM-head matmul.
     """
     mask_c, mask_u = first_n_response_positions(labels_c, labels_u)
+    keep_c, keep_u = mask_c[labels_c != IGNORE], mask_u[labels_u != IGNORE]  # (N_c,), (N_u,): the first n of each row
     lam_pos = lam[:, None].expand_as(labels_c)[mask_c].to(logits_c.dtype)  # (M,)
-    mixed = torch.lerp(logits_u[mask_u], logits_c[mask_c], lam_pos[:, None])  # (M, V) = lam c + (1-lam) u
+    mixed = torch.lerp(logits_u[keep_u], logits_c[keep_c], lam_pos[:, None])  # (M, V) = lam c + (1-lam) u
     return soft_label_ce(mixed, labels_c[mask_c], labels_u[mask_u], lam_pos, reduction)
 
 

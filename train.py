@@ -159,14 +159,17 @@ def token_counts(args, samples, batch):
 def loss_sums(logits, labels, lam=None):
     """(NTP NLL summed over trained tokens, Mixup CE summed over mixed positions) of one micro-batch.
 
-    logits (m, T, V), labels (m, T). With lam (m/2,), rows [0, m/2) are confident examples and rows
-    [m/2, m) their unconfident partners; without it the Mixup term is 0 (plain NTP).
+    logits (N, V) at the N trained positions of labels (m, T), in row-major order (model(..., logits_at)).
+    With lam (m/2,), rows [0, m/2) of labels are confident examples and rows [m/2, m) their unconfident
+    partners; without it the Mixup term is 0 (plain NTP).
     """
-    ntp = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    trained = labels != IGNORE  # (m, T)
+    ntp = F.cross_entropy(logits.float(), labels[trained], reduction="sum")
     if lam is None:
         return ntp, torch.zeros((), device=logits.device)
     p = len(lam)
-    return ntp, sftmix.mixup_loss_from_logits(logits[:p], labels[:p], logits[p:], labels[p:], lam, reduction="sum")
+    n_c = int(trained[:p].sum())  # the confident rows' positions come first
+    return ntp, sftmix.mixup_loss_from_logits(logits[:n_c], labels[:p], logits[n_c:], labels[p:], lam, reduction="sum")
 
 
 def lr_at(step, total, args):
@@ -404,7 +407,7 @@ def forward_backward(args, trained, samples, batch, step, pad_id, device, amp_dt
             trained.set_requires_gradient_sync(last)
         with trained.no_sync() if isinstance(trained, DDP) and not last else nullcontext():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = trained(input_ids)  # (m, T, V)
+                logits = trained(input_ids, logits_at=labels != IGNORE)  # (N, V) at the N trained positions
             pair_lam = lam[first_pair:first_pair + len(indices) // 2].to(device) if lam is not None else None
             ntp, mix = loss_sums(logits, labels, pair_lam)
             loss = ntp / n_tokens + (args.mu * mix / n_mixed if lam is not None else 0.0)

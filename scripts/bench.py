@@ -92,9 +92,9 @@ def micro_step(model, targs, samples, batch, pad_id, device):
 
 
 def train_step(model, optimizer, input_ids, labels, logits_of):
-    """Forward + NTP loss + backward + AdamW step; logits_of(model, input_ids) -> (B, T, V)."""
+    """Forward + NTP loss + backward + AdamW step; logits_of(model, input_ids, trained) -> (N, V) at trained."""
     with amp(input_ids.device):
-        logits = logits_of(model, input_ids)
+        logits = logits_of(model, input_ids, labels != sftmix.IGNORE)
     ntp, _ = train.loss_sums(logits, labels)
     (ntp / (labels != sftmix.IGNORE).sum()).backward()
     optimizer.step()
@@ -168,9 +168,9 @@ def main():
     log(f"1/4 train step: ours vs transformers, {args.warmup} + {args.steps} steps each")
     peer = LlamaForCausalLM.from_pretrained(args.model, attn_implementation="sdpa", dtype=torch.float32).to(device)
     adamw = {m: torch.optim.AdamW(m.parameters(), lr=1e-6, fused=device.type == "cuda") for m in (ours, peer)}
-    t = race({"ours": lambda: train_step(ours, adamw[ours], input_ids, labels, lambda m, x: m(x)),
+    t = race({"ours": lambda: train_step(ours, adamw[ours], input_ids, labels, lambda m, x, at: m(x, logits_at=at)),
               "transformers": lambda: train_step(peer, adamw[peer], input_ids, labels,
-                                                 lambda m, x: m(input_ids=x, use_cache=False).logits)},
+                                                 lambda m, x, at: m(input_ids=x, use_cache=False).logits[at])},
              device, args.warmup, args.steps)
     del peer, adamw
     t_ours = t["ours"]

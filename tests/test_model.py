@@ -70,6 +70,14 @@ def test_return_hidden_is_the_final_norm_output_transformers_exposes(tmp_path):
     assert (hidden - hf_hidden).abs().max().item() <= 1e-5
 
 
+def test_logits_at_positions_are_those_rows_of_the_full_logits(tmp_path):
+    hf_random_model(CONFIGS["gqa"]).save_pretrained(tmp_path)
+    ours = M.load_pretrained(tmp_path)
+    ids = torch.randint(0, SMALL["vocab_size"], (3, 20))
+    at = torch.rand(3, 20, generator=torch.Generator().manual_seed(0)) < 0.5
+    assert torch.allclose(ours(ids, logits_at=at), ours(ids)[at], atol=1e-6)
+
+
 def test_tied_checkpoint_loads_tied_and_is_saved_once(tmp_path):
     hf_random_model(CONFIGS["tied"]).save_pretrained(tmp_path / "hf")
     ours = M.load_pretrained(tmp_path / "hf")
