@@ -329,7 +329,7 @@ def train(args, rank, local_rank, world):
     torch.manual_seed(args.seed)
     model = load_pretrained(args.model, device=device)
     model.checkpoint_activations = args.activation_checkpointing
-    trained = shard_model(model, args, device, world)  # what forward and backward go through
+    wrapped = shard_model(model, args, device, world)  # what forward and backward go through
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
                                   weight_decay=args.weight_decay, fused=True)
     config, step, dynamics = run_config(args), 0, {}
@@ -352,7 +352,7 @@ def train(args, rank, local_rank, world):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, args)
             t0 = time.perf_counter()
-            ntp_loss, mix_loss, grad_norm, n_input = forward_backward(args, trained, samples, batch, step, tok.pad_id,
+            ntp_loss, mix_loss, grad_norm, n_input = forward_backward(args, wrapped, samples, batch, step, tok.pad_id,
                                                                       device, amp_dtype, rank, world)
             if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm)):
                 save_state(out, model, optimizer, step, dynamics, config)  # weights are still the last good ones
@@ -365,7 +365,7 @@ def train(args, rank, local_rank, world):
             progress.update(1)
             progress.set_postfix(loss=f"{ntp_loss:.4f}")
             if step in points:
-                nll = sftmix.response_nll(trained, samples, args.eval_batch, device, amp_dtype,
+                nll = sftmix.response_nll(wrapped, samples, args.eval_batch, device, amp_dtype,
                                           desc=f"dynamics {points.index(step) + 1}/{len(points)}")
                 dynamics[step] = {k: sftmix.perplexity(*v) for k, v in nll.items()}
             if rank == 0:
@@ -390,7 +390,7 @@ def train(args, rank, local_rank, world):
         print(f"wrote {out / 'final'}" + (f" and {out / 'dynamics.jsonl'}" if points else ""))
 
 
-def forward_backward(args, trained, samples, batch, step, pad_id, device, amp_dtype, rank, world):
+def forward_backward(args, wrapped, samples, batch, step, pad_id, device, amp_dtype, rank, world):
     """Accumulate the gradient of L over this rank's micro-batches of one global batch, then clip it.
 
     Returns (L_NTP, L_Mixup, grad norm before clipping, input tokens on all ranks) of the global batch.
@@ -404,10 +404,10 @@ def forward_backward(args, trained, samples, batch, step, pad_id, device, amp_dt
         input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (m, T) each
         last = j == len(micro) - 1  # gradients cross ranks after the last micro-batch only
         if args.shard == "fsdp":
-            trained.set_requires_gradient_sync(last)
-        with trained.no_sync() if isinstance(trained, DDP) and not last else nullcontext():
+            wrapped.set_requires_gradient_sync(last)
+        with wrapped.no_sync() if isinstance(wrapped, DDP) and not last else nullcontext():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = trained(input_ids, logits_at=labels != IGNORE)  # (N, V) at the N trained positions
+                logits = wrapped(input_ids, logits_at=labels != IGNORE)  # (N, V) at the N trained positions
             pair_lam = lam[first_pair:first_pair + len(indices) // 2].to(device) if lam is not None else None
             ntp, mix = loss_sums(logits, labels, pair_lam)
             loss = ntp / n_tokens + (args.mu * mix / n_mixed if lam is not None else 0.0)
@@ -415,7 +415,7 @@ def forward_backward(args, trained, samples, batch, step, pad_id, device, amp_dt
         sums += torch.stack([ntp.detach(), mix.detach(), torch.tensor(float(input_ids.numel()), device=device)])
     if world > 1:
         dist.all_reduce(sums)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), args.grad_clip or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), args.grad_clip or float("inf"))
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
     return sums[0].item() / n_tokens, sums[1].item() / max(n_mixed, 1), grad_norm.item(), sums[2].item()
