@@ -194,11 +194,10 @@ def run_config(args):
     return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}))
 
 
-def shard_model(model, args, device, world):
+def shard_model(model, args, device, world, bf16):
     """The module to call in training: the model itself, DDP around it, or the model sharded in place by
     FSDP2 (each transformer block one unit, the root holding embeddings, final norm and LM head)."""
     if args.shard == "fsdp":
-        bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         for block in model.model.layers:
             fully_shard(block, mp_policy=mp)
@@ -329,7 +328,7 @@ def train(args, rank, local_rank, world):
     torch.manual_seed(args.seed)
     model = load_pretrained(args.model, device=device)
     model.checkpoint_activations = args.activation_checkpointing
-    wrapped = shard_model(model, args, device, world)  # what forward and backward go through
+    wrapped = shard_model(model, args, device, world, bf16)  # what forward and backward go through
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
                                   weight_decay=args.weight_decay, fused=True)
     config, step, dynamics = run_config(args), 0, {}
