@@ -35,8 +35,10 @@ An example left with no trained token after truncation is dropped and counted, n
 import argparse
 import itertools
 import json
+import os
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +46,7 @@ import numpy as np
 import tokenizers
 import torch
 
-IGNORE = -100
+IGNORE = -100  # label of a position that is not trained (prompt, padding); PyTorch's ignore_index
 MAX_LEN = 2048
 FORMATS = ("alpaca", "sharegpt", "messages")
 PROMPT_FORMATS = ("chatml", "llama3", "alpaca")
@@ -66,8 +68,32 @@ ALPACA = (  # Stanford Alpaca's prompts without and with an input; the response 
 )
 
 
-class DataError(Exception):
-    """Bad input; the message is one line: '<file>:<line or record>: <field>: <what was expected>'."""
+class InputError(Exception):
+    """Bad input (a file, a field, a flag) in any of the five files; every command prints the message as its one
+    line and exits 2: '<file>:<line or record>: <field>: <what was expected>'. A bug of ours keeps its traceback."""
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield PATH.tmp to write; on success rename it to path, so a reader never sees a half-written file
+    (a crash leaves at most PATH.tmp, removed here when the writer raised)."""
+    tmp = Path(str(path) + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj, lines=False) -> None:
+    """Write JSON (JSON lines from a list with lines=True) atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            if lines:
+                f.writelines(json.dumps(o) + "\n" for o in obj)
+            else:
+                json.dump(obj, f, indent=1)
+                f.write("\n")
 
 
 @dataclass
@@ -99,7 +125,7 @@ def _kind(value) -> str:
 def _text(obj: dict, key: str, where: str, field: str | None = None) -> str:
     field = field or json.dumps(key)
     if not isinstance(obj.get(key), str):
-        raise DataError(f"{where}: {field}: expected a string, got {_kind(obj[key]) if key in obj else 'nothing'}")
+        raise InputError(f"{where}: {field}: expected a string, got {_kind(obj[key]) if key in obj else 'nothing'}")
     return obj[key]
 
 
@@ -112,26 +138,26 @@ def read_records(path: Path) -> list:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+        raise InputError(f"{path}: cannot read: {e.strerror}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); expected UTF-8 JSON text") from None
+        raise InputError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); expected UTF-8 JSON text") from None
     if not text.strip():
-        raise DataError(f"{path}: empty file; expected a JSON array of records or one JSON object per line")
+        raise InputError(f"{path}: empty file; expected a JSON array of records or one JSON object per line")
     if text.lstrip().startswith("["):
         try:
             return [(f"{path}:record {i}", r) for i, r in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
             cut = "" if text.rstrip().endswith("]") else "; the file ends inside the array (truncated?)"
-            raise DataError(f"{path}:{e.lineno}: invalid JSON array: {_msg(e)}{cut}") from None
+            raise InputError(f"{path}:{e.lineno}: invalid JSON array: {_msg(e)}{cut}") from None
     records = []
     for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         try:
             records += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON: {_msg(e)}; expected one object per line") from None
+            raise InputError(f"{path}:{n}: invalid JSON: {_msg(e)}; expected one object per line") from None
     return records
 
 
@@ -142,16 +168,16 @@ def _check_order(roles: list, where: str, field: str, names: dict, last: str) ->
         if role not in NEXT_ROLES[prev]:
             expected = " or ".join(f'"{names.get(r, r)}"' for r in NEXT_ROLES[prev])
             after = f' after "{names.get(prev, prev)}"' if prev else " first"
-            raise DataError(f'{where}: {field.format(i=i)}: expected {expected}{after}, got "{names.get(role, role)}"')
+            raise InputError(f'{where}: {field.format(i=i)}: expected {expected}{after}, got "{names.get(role, role)}"')
         prev = role
     if prev != last:
-        raise DataError(f'{where}: {field.format(i=len(roles) - 1)}: expected the last turn from '
+        raise InputError(f'{where}: {field.format(i=len(roles) - 1)}: expected the last turn from '
                         f'"{names.get(last, last)}", got "{names.get(prev, prev)}"')
 
 
 def _messages(record, fmt: str, where: str) -> list:
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_kind(record)}")
+        raise InputError(f"{where}: expected a JSON object, got {_kind(record)}")
     if fmt == "alpaca":
         instruction, output = _text(record, "instruction", where), _text(record, "output", where)
         inp = _text(record, "input", where) if "input" in record else ""
@@ -162,15 +188,15 @@ def _messages(record, fmt: str, where: str) -> list:
         key, role_key, text_key, roles = TURNS[fmt]
         if not isinstance(record.get(key), list) or not record[key]:
             got = _kind(record[key]) if key in record else "nothing"
-            raise DataError(f'{where}: "{key}": expected a non-empty array of turns, got {got}')
+            raise InputError(f'{where}: "{key}": expected a non-empty array of turns, got {got}')
         turns = []
         for i, turn in enumerate(record[key]):
             field = f'"{key}"[{i}]'
             if not isinstance(turn, dict):
-                raise DataError(f"{where}: {field}: expected an object, got {_kind(turn)}")
+                raise InputError(f"{where}: {field}: expected an object, got {_kind(turn)}")
             role = _text(turn, role_key, where, f"{field}.{role_key}")
             if role not in roles:
-                raise DataError(f'{where}: {field}.{role_key}: expected one of {", ".join(map(json.dumps, roles))}, '
+                raise InputError(f'{where}: {field}.{role_key}: expected one of {", ".join(map(json.dumps, roles))}, '
                                 f"got {json.dumps(role)}")
             turns.append(({"role": roles[role], "content": _text(turn, text_key, where, f"{field}.{text_key}")},
                           f"{field}.{text_key}"))
@@ -178,34 +204,34 @@ def _messages(record, fmt: str, where: str) -> list:
         _check_order([m["role"] for m, _ in turns], where, f'"{key}"[{{i}}].{role_key}', names, "assistant")
     for m, field in turns:
         if m["role"] == "assistant" and not m["content"].strip():
-            raise DataError(f"{where}: {field}: expected a non-empty response, got {json.dumps(m['content'])}")
+            raise InputError(f"{where}: {field}: expected a non-empty response, got {json.dumps(m['content'])}")
     return [m for m, _ in turns]
 
 
 def _read(path, fmt: str | None) -> tuple:
     """(examples, format, how the format was chosen)."""
     if fmt is not None and fmt not in FORMATS:
-        raise DataError(f'--format: expected one of {", ".join(FORMATS)}, got "{fmt}"')
+        raise InputError(f'--format: expected one of {", ".join(FORMATS)}, got "{fmt}"')
     path = Path(path)
     records = read_records(path)
     if not records:
-        raise DataError(f"{path}: no records; expected at least one")
+        raise InputError(f"{path}: no records; expected at least one")
     chosen = "--format" if fmt else "detected from the keys"
     where, first = records[0]
     keys = sorted(first) if isinstance(first, dict) else []
     fmt = fmt or next((f for f, k in (("sharegpt", "conversations"), ("messages", "messages"),
                                       ("alpaca", "instruction")) if k in keys), None)
     if fmt is None:
-        raise DataError(f'{where}: cannot tell the format: expected key "instruction" (alpaca), "conversations" '
+        raise InputError(f'{where}: cannot tell the format: expected key "instruction" (alpaca), "conversations" '
                         f'(sharegpt) or "messages" (messages), got keys {keys}; or pass --format')
     examples, seen = [], {}
     for i, (where, record) in enumerate(records):
         messages = _messages(record, fmt, where)
         id = record.get("id", f"{path.name}:{i}")
         if not isinstance(id, (str, int)) or isinstance(id, bool) or id == "":
-            raise DataError(f'{where}: "id": expected a non-empty string, got {_kind(id)}')
+            raise InputError(f'{where}: "id": expected a non-empty string, got {_kind(id)}')
         if str(id) in seen:
-            raise DataError(f'{where}: "id": duplicate id {json.dumps(str(id))} (first at {seen[str(id)]})')
+            raise InputError(f'{where}: "id": duplicate id {json.dumps(str(id))} (first at {seen[str(id)]})')
         seen[str(id)] = where
         examples.append(Example(str(id), messages))
     return examples, fmt, chosen
@@ -244,13 +270,13 @@ def load_tokenizer(dir) -> Tokenizer:
     """The tokenizer of a Hugging Face directory: tokenizer.json, and tokenizer_config.json when present."""
     d = Path(dir)
     if not (d / "tokenizer.json").is_file():
-        raise DataError(f"{d}: no tokenizer.json; expected a Hugging Face tokenizer directory")
+        raise InputError(f"{d}: no tokenizer.json; expected a Hugging Face tokenizer directory")
     try:
         hf = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
         has_config = (d / "tokenizer_config.json").is_file()
         config = json.loads((d / "tokenizer_config.json").read_text("utf-8")) if has_config else {}
     except Exception as e:  # tokenizers raises a bare Exception
-        raise DataError(f"{d}: tokenizer.json or tokenizer_config.json: unreadable: {e}") from None
+        raise InputError(f"{d}: tokenizer.json or tokenizer_config.json: unreadable: {e}") from None
     bos, eos, pad = (v["content"] if isinstance(v := config.get(k), dict) else v
                      for k in ("bos_token", "eos_token", "pad_token"))
     template = config.get("chat_template")
@@ -269,14 +295,14 @@ def _resolve(tok: Tokenizer, prompt_format: str | None) -> str:
     """The prompt format given, else the tokenizer's; checks that the tokenizer has its special tokens."""
     prompt_format = prompt_format or tok.prompt_format
     if prompt_format is None:
-        raise DataError(f"{tok.dir}: chat template: cannot tell the prompt format; pass --prompt-format "
+        raise InputError(f"{tok.dir}: chat template: cannot tell the prompt format; pass --prompt-format "
                         f"({', '.join(PROMPT_FORMATS)})")
     if prompt_format not in PROMPT_FORMATS:
-        raise DataError(f'--prompt-format: expected one of {", ".join(PROMPT_FORMATS)}, got "{prompt_format}"')
+        raise InputError(f'--prompt-format: expected one of {", ".join(PROMPT_FORMATS)}, got "{prompt_format}"')
     chat = "".join(CHAT[prompt_format][:4]) if prompt_format in CHAT else ""
     for token in re.findall(r"<\|\w+\|>", chat) if chat else [tok.eos_token]:
         if token is None or len(tok.encode(token)) != 1:
-            raise DataError(f"{tok.dir}: prompt format {prompt_format} needs the special token {token or 'eos_token'}")
+            raise InputError(f"{tok.dir}: prompt format {prompt_format} needs the special token {token or 'eos_token'}")
     return prompt_format
 
 
@@ -285,7 +311,7 @@ def render(messages: list, tok: Tokenizer, prompt_format: str, generation: bool 
     if prompt_format == "alpaca":
         roles = [m["role"] for m in messages]
         if roles != (["user"] if generation else ["user", "assistant"]):
-            raise DataError(f"{where}: messages: the alpaca prompt format holds one instruction and one response, "
+            raise InputError(f"{where}: messages: the alpaca prompt format holds one instruction and one response, "
                             f"got turns {roles}; use --prompt-format chatml or llama3")
         user = messages[0]
         prompt = ALPACA[1].format(**user) if user.get("input") else ALPACA[0].format(instruction=user["content"])
@@ -345,7 +371,7 @@ def load_dataset(path, tok: Tokenizer, prompt_format: str | None = None, max_len
     dropped = [e.id for e, s in zip(examples, samples) if s is None]
     samples = [s for s in samples if s is not None]
     if not samples:
-        raise DataError(f"{path}: no example keeps a trained token within max_len {max_len}")
+        raise InputError(f"{path}: no example keeps a trained token within max_len {max_len}")
     lengths = np.array([len(s.input_ids) for s in samples])
     stats = {"format": fmt, "format_from": fmt_chosen, "prompt_format": prompt_format,
              "prompt_format_from": prompt_chosen, "examples": len(examples), "samples": len(samples),
@@ -443,7 +469,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         inspect(args)
-    except DataError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -43,9 +43,8 @@ from tqdm import tqdm
 import data
 import model as M
 import sftmix
-from data import DataError
+from data import IGNORE, InputError
 
-IGNORE = -100
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -74,24 +73,18 @@ def model_dir(path) -> Path:
     if (path / "final" / "config.json").is_file():
         return path / "final"
     if not (path / "config.json").is_file():
-        raise DataError(f"{path}: config.json: not found; expected an HF model directory "
+        raise InputError(f"{path}: config.json: not found; expected an HF model directory "
                         f"or a run directory with final/")
     return path
 
 
 def load_model(path, rt: Runtime) -> M.Transformer:
-    try:
-        return M.load_pretrained(path, device=rt.device).eval()
-    except (OSError, ValueError) as e:
-        raise DataError(str(e)) from None
+    return M.load_pretrained(path, device=rt.device).eval()
 
 
 def read_split(path) -> dict:
     """split.json -> {"confident": set of ids, "unconfident": set of ids}."""
-    try:
-        return {half: set(ids) for half, ids in sftmix.read_split(path).items()}
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    return {half: set(ids) for half, ids in sftmix.read_split(path).items()}
 
 
 # ----------------------------------------------------------------------------- ppl
@@ -107,7 +100,7 @@ def evaluate_ppl(model, samples, rt, batch_size=8, split=None):
     members = {half: [s.id for s in samples if s.id in ids] for half, ids in (split or {}).items()}
     for half, ids in members.items():
         if not ids:
-            raise DataError(f'--split: "{half}": none of its ids is an example of --data')
+            raise InputError(f'--split: "{half}": none of its ids is an example of --data')
     results = sftmix.response_nll(model, samples, batch_size, rt.device, rt.amp_dtype, desc="ppl")  # {id: (nll, n)}
     summary = {"all": token_weighted(results, list(results))}
     summary |= {half: token_weighted(results, ids) for half, ids in members.items()}
@@ -133,19 +126,19 @@ def read_mc(path) -> list:
     questions = []
     for i, (where, r) in enumerate(data.read_records(Path(path))):  # [(file:line, record)]
         if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not r["question"].strip():
-            raise DataError(f'{where}: "question": expected an object with a non-empty string "question"')
+            raise InputError(f'{where}: "question": expected an object with a non-empty string "question"')
         options = r.get("options")
         options = dict(zip(LETTERS, options)) if isinstance(options, list) and len(options) <= len(LETTERS) else options
         if not (isinstance(options, dict) and len(options) >= 2 and list(options) == list(LETTERS[:len(options)])
                 and all(isinstance(t, str) and t.strip() for t in options.values())):
-            raise DataError(f'{where}: "options": expected 2 or more non-empty strings, as a list or as '
+            raise InputError(f'{where}: "options": expected 2 or more non-empty strings, as a list or as '
                             f'{{"A": text, "B": text, ...}} with keys A, B, C, ... in order')
         key = "answer_idx" if "answer_idx" in r else "answer"
         texts, answer, n = list(options.values()), r.get(key), len(options)
         if isinstance(answer, str) and answer.strip() in LETTERS[:n]:
             answer = LETTERS.index(answer.strip())
         elif not (type(answer) is int and 0 <= answer < n):
-            raise DataError(f'{where}: "{key}": expected one of {", ".join(LETTERS[:n])} or an index 0..{n - 1}, '
+            raise InputError(f'{where}: "{key}": expected one of {", ".join(LETTERS[:n])} or an index 0..{n - 1}, '
                             f"got {json.dumps(answer)}")
         questions.append(Question(str(r.get("id", f"{Path(path).name}:{i}")), r["question"], texts, answer))
     return questions
@@ -200,12 +193,12 @@ def read_questions(path) -> list:
     questions, seen = [], set()
     for where, r in data.read_records(Path(path)):
         if not isinstance(r, dict) or "question_id" not in r:
-            raise DataError(f'{where}: "question_id": missing; expected an object with "question_id" and "turns"')
+            raise InputError(f'{where}: "question_id": missing; expected an object with "question_id" and "turns"')
         turns = r.get("turns")
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-            raise DataError(f'{where}: "turns": expected a non-empty list of non-empty strings')
+            raise InputError(f'{where}: "turns": expected a non-empty list of non-empty strings')
         if r["question_id"] in seen:
-            raise DataError(f'{where}: "question_id": duplicate {json.dumps(r["question_id"])}')
+            raise InputError(f'{where}: "question_id": duplicate {json.dumps(r["question_id"])}')
         seen.add(r["question_id"])
         questions.append(r)
     return questions
@@ -271,7 +264,7 @@ def compare(args, rt) -> str:
     dirs = [model_dir(r) for r in args.runs]
     names = args.names or [Path(r).resolve().name for r in args.runs]
     if len(names) != len(dirs):
-        raise DataError(f"--names: expected {len(dirs)} names, one per run, got {len(names)}")
+        raise InputError(f"--names: expected {len(dirs)} names, one per run, got {len(names)}")
     split = read_split(args.split) if args.split else None
     mc = read_mc(args.mc) if args.mc else None
     metrics = {}
@@ -297,16 +290,13 @@ def compare(args, rt) -> str:
 def datamap(dynamics, out, split_path=None):
     """Scatter of confidence Conf = -mean_c Perp_c (y-axis) against variability std_c Perp_c (x-axis),
     coloured by half, with the median confidence drawn: the split is the line through the cloud."""
-    try:
-        ids, perps = sftmix.read_dynamics(dynamics)
-    except (OSError, ValueError) as e:
-        raise DataError(str(e)) from None
+    ids, perps = sftmix.read_dynamics(dynamics)
     conf, var = sftmix.confidence(perps), sftmix.variability(perps)  # (N,), (N,)
     if split_path:
         halves = read_split(split_path)
         missing = [i for i in ids if i not in halves["confident"] | halves["unconfident"]]
         if missing:
-            raise DataError(f'{split_path}: id {json.dumps(missing[0])} of {dynamics} is in neither half')
+            raise InputError(f'{split_path}: id {json.dumps(missing[0])} of {dynamics} is in neither half')
     else:
         halves = dict(zip(("confident", "unconfident"), map(set, sftmix.split_by_confidence(ids, conf))))
     try:
@@ -314,7 +304,7 @@ def datamap(dynamics, out, split_path=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise DataError("datamap needs matplotlib: pip install matplotlib") from None
+        raise InputError("datamap needs matplotlib: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for half, colour in (("confident", "tab:blue"), ("unconfident", "tab:orange")):
         mask = np.array([i in halves[half] for i in ids])
@@ -328,10 +318,9 @@ def datamap(dynamics, out, split_path=None):
            ylabel="confidence: −mean over checkpoints of Perp(y|x) (symlog)",
            title=f"Data map: {len(ids)} examples, {perps.shape[1]} checkpoints")
     ax.legend()
-    with open(str(out) + ".tmp", "wb") as f:
-        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    with data.atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    os.replace(str(out) + ".tmp", out)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -372,8 +361,8 @@ def cmd_compare(args, rt, say):
     with contextlib.redirect_stdout(sys.stderr):  # stdout holds the table alone: `> table.md` works
         table = compare(args, rt)
     if rt.rank == 0 and args.out:
-        Path(args.out + ".tmp").write_text(table, "utf-8")
-        os.replace(args.out + ".tmp", args.out)
+        with data.atomic_path(args.out) as tmp:
+            tmp.write_text(table, "utf-8")
     say(table, end="")
 
 
@@ -430,9 +419,9 @@ def main(argv=None):
         say = print if rt.rank == 0 else (lambda *a, **k: None)
         rows = args.run(args, rt, say)
         if rows is not None and rt.rank == 0 and args.out:  # per-example / per-question / answer JSONL
-            sftmix.write_json_atomic(str(args.out), rows, lines=True)
+            data.write_json(args.out, rows, lines=True)
             say(f"wrote {args.out}")
-    except DataError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

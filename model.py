@@ -7,7 +7,6 @@ hd head_dim, V vocab_size.
 """
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,6 +17,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from data import InputError, atomic_path, write_json
 
 
 @dataclass
@@ -43,14 +44,14 @@ class ModelArgs:
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
         """Fill from an HF config.json dict; anything this model would get wrong is an error naming the field."""
         if cfg.get("model_type") not in ("llama", "mistral"):
-            raise ValueError(f"{source}: model_type: expected \"llama\" or \"mistral\", got {cfg.get('model_type')!r}")
+            raise InputError(f"{source}: model_type: expected \"llama\" or \"mistral\", got {cfg.get('model_type')!r}")
         if cfg.get("sliding_window") is not None:  # Mistral-7B v0.1; later Mistrals attend to everything, as Llama
-            raise ValueError(f"{source}: sliding_window: expected null (full attention), got {cfg['sliding_window']}")
+            raise InputError(f"{source}: sliding_window: expected null (full attention), got {cfg['sliding_window']}")
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             if key not in cfg:
-                raise ValueError(f"{source}: {key}: missing")
+                raise InputError(f"{source}: {key}: missing")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act: expected \"silu\", got {cfg['hidden_act']!r}")
+            raise InputError(f"{source}: hidden_act: expected \"silu\", got {cfg['hidden_act']!r}")
         rope_params = cfg.get("rope_parameters")  # transformers 5 folds rope_theta into rope_parameters
         scaling = cfg.get("rope_scaling") or (rope_params if rope_params and "factor" in rope_params else None)
         if scaling is not None:
@@ -60,11 +61,11 @@ class ModelArgs:
             if rope_type == "default":
                 scaling = None
             elif rope_type != "llama3":
-                raise ValueError(f"{source}: rope_scaling.rope_type: expected \"llama3\" or none, got {rope_type!r}")
+                raise InputError(f"{source}: rope_scaling.rope_type: expected \"llama3\" or none, got {rope_type!r}")
             else:
                 for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                     if key not in scaling:
-                        raise ValueError(f"{source}: rope_scaling.{key}: missing for rope_type \"llama3\"")
+                        raise InputError(f"{source}: rope_scaling.{key}: missing for rope_type \"llama3\"")
                 scaling = {"rope_type": "llama3", **{k: scaling[k] for k in (
                     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
         theta = cfg.get("rope_theta", (rope_params or {}).get("rope_theta", 10000.0))
@@ -75,7 +76,7 @@ class ModelArgs:
         if "head_dim" not in cfg or cfg["head_dim"] is None:
             args.head_dim = args.hidden_size // args.num_attention_heads
         if args.num_attention_heads % args.num_key_value_heads:
-            raise ValueError(f"{source}: num_key_value_heads: must divide num_attention_heads")
+            raise InputError(f"{source}: num_key_value_heads: must divide num_attention_heads")
         return args
 
     def to_hf_config(self, dtype: torch.dtype) -> dict:
@@ -248,7 +249,7 @@ class Transformer(nn.Module):
 def _read_config(path: Path) -> ModelArgs:
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: not found (expected an HF model directory)")
+        raise InputError(f"{config_file}: not found (expected an HF model directory)")
     return ModelArgs.from_hf_config(json.loads(config_file.read_text()), str(config_file))
 
 
@@ -266,7 +267,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu") -> Transformer:
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        raise InputError(f"{path}: no model.safetensors or model.safetensors.index.json")
     with torch.device("meta"):
         model = Transformer(args)
     expected = {name: p.shape for name, p in model.state_dict().items()}
@@ -283,7 +284,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu") -> Transformer:
     wrong = [f"{n}: checkpoint {tuple(state[n].shape)}, model {tuple(expected[n])}"
              for n in sorted(expected.keys() & state.keys()) if state[n].shape != expected[n]]
     if missing or unexpected or wrong:
-        raise ValueError(f"{path}: checkpoint does not match config.json: missing {missing}, "
+        raise InputError(f"{path}: checkpoint does not match config.json: missing {missing}, "
                          f"unexpected {unexpected}, shape mismatch {wrong}")
     if args.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -318,25 +319,19 @@ def save_pretrained(model: Transformer, path, tokenizer_dir=None, state_dict=Non
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file(shard, str(path / (name + ".tmp")), metadata={"format": "pt"})
-        os.replace(path / (name + ".tmp"), path / name)
+        with atomic_path(path / name) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        _write_json(path / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(path / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     dtype = next(iter(state.values())).dtype
-    _write_json(path / "config.json", model.args.to_hf_config(dtype))
+    write_json(path / "config.json", model.args.to_hf_config(dtype))
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
-                shutil.copyfile(Path(tokenizer_dir) / name, path / (name + ".tmp"))
-                os.replace(path / (name + ".tmp"), path / name)
-
-
-def _write_json(file: Path, obj):
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, file)
+                with atomic_path(path / name) as tmp:
+                    shutil.copyfile(Path(tokenizer_dir) / name, tmp)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -11,7 +11,6 @@ The training loop that puts them together is train.py; `python sftmix.py split` 
 import argparse
 import json
 import math
-import os
 import random
 import sys
 
@@ -21,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-IGNORE = -100  # label of a position that is not trained (prompt, padding)
+from data import IGNORE, InputError, collate, length_grouped_batches, shard, write_json
 
 
 # ----------------------------------------------------------------------------- stage 1: training dynamics
@@ -35,7 +34,6 @@ def response_nll(model, samples, batch_size, device, amp_dtype=None, desc="dynam
     amp_dtype (e.g. torch.bfloat16) runs the forward under autocast, as training does.
     Returns {id: (nll, n_tokens)} with every sample's id exactly once, on every rank.
     """
-    from data import collate, length_grouped_batches, shard  # data.py imports nothing from here
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
@@ -101,9 +99,9 @@ def read_dynamics(path):
                 ids.append(str(record["id"]))
                 perps.append([float(p) for p in record["perplexities"]])
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: expected {{\"id\": ..., \"perplexities\": [numbers]}} ({e})")
+                raise InputError(f"{path}:{lineno}: expected {{\"id\": ..., \"perplexities\": [numbers]}} ({e})")
     if not ids or len({len(p) for p in perps}) != 1:
-        raise ValueError(f"{path}: expected one or more lines, each with the same number of perplexities")
+        raise InputError(f"{path}: expected one or more lines, each with the same number of perplexities")
     return ids, np.asarray(perps)
 
 
@@ -113,17 +111,7 @@ def read_split(path):
         split = json.loads(open(path, encoding="utf-8").read())
         return {half: [str(i) for i in split[half]] for half in ("confident", "unconfident")}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f'{path}: expected {{"confident": [ids], "unconfident": [ids]}} ({e})') from None
-
-
-def write_json_atomic(path, obj, lines=False):
-    """Write JSON (or JSON lines from a list) to path.tmp, then rename: never a half-written file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        if lines:
-            f.writelines(json.dumps(o) + "\n" for o in obj)
-        else:
-            json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+        raise InputError(f'{path}: expected {{"confident": [ids], "unconfident": [ids]}} ({e})') from None
 
 
 # ----------------------------------------------------------------------------- stage 3: Mixup training
@@ -215,13 +203,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         ids, perps = read_dynamics(args.dynamics)
-    except (OSError, ValueError) as e:
+    except (OSError, InputError) as e:
         sys.exit(f"error: {e}")
     if len(set(ids)) != len(ids):
         sys.exit(f"error: {args.dynamics}: an id appears more than once")
     conf = confidence(perps)
     confident, unconfident = split_by_confidence(ids, conf)
-    write_json_atomic(args.out, {"confident": confident, "unconfident": unconfident})
+    write_json(args.out, {"confident": confident, "unconfident": unconfident})
     by_id = dict(zip(ids, conf))
     for name, half in (("confident", confident), ("unconfident", unconfident)):
         values = [by_id[i] for i in half]

@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 import data
 import sftmix
+from data import IGNORE, InputError
 from model import load_pretrained, save_pretrained
 
-IGNORE = sftmix.IGNORE
 # Flags that may change between a run and its resumption; every other flag must match the saved state.
 RESUMABLE_FLAGS = {"resume", "stop_at_step", "save_every", "eval_batch"}
 
@@ -83,24 +83,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line, no traceback."""
-
-
 def check_args(args, world):
     if args.mode == "sftmix" and not args.split:
-        raise UsageError("--mode sftmix needs --split FILE (from `python sftmix.py split`)")
+        raise InputError("--mode sftmix needs --split FILE (from `python sftmix.py split`)")
     if args.mode == "sftmix" and args.dynamics:
-        raise UsageError("--dynamics records the reference run: use it with --mode ntp")
+        raise InputError("--dynamics records the reference run: use it with --mode ntp")
     if args.alpha <= 0:
-        raise UsageError(f"--alpha: expected > 0 (Beta(alpha, alpha)), got {args.alpha}")
+        raise InputError(f"--alpha: expected > 0 (Beta(alpha, alpha)), got {args.alpha}")
     if args.mu < 0:
-        raise UsageError(f"--mu: expected >= 0, got {args.mu}")
+        raise InputError(f"--mu: expected >= 0, got {args.mu}")
     if args.global_batch % (world * args.micro_batch):
-        raise UsageError(f"--global-batch {args.global_batch}: expected a multiple of ranks x --micro-batch "
+        raise InputError(f"--global-batch {args.global_batch}: expected a multiple of ranks x --micro-batch "
                          f"= {world} x {args.micro_batch}")
     if args.mode == "sftmix" and args.micro_batch % 2:
-        raise UsageError(f"--micro-batch {args.micro_batch}: an SFTMix micro-batch holds confident/unconfident "
+        raise InputError(f"--micro-batch {args.micro_batch}: an SFTMix micro-batch holds confident/unconfident "
                          f"pairs, expected an even number")
 
 
@@ -113,7 +109,7 @@ def split_indices(path, samples):
     unknown = [i for i in halves[0] + halves[1] if i not in index]
     missing = [i for i in index if i not in in_split]
     if unknown or missing or set(halves[0]) & set(halves[1]):
-        raise UsageError(f"{path}: ids must match the data: {len(unknown)} not in the data {unknown[:3]}, "
+        raise InputError(f"{path}: ids must match the data: {len(unknown)} not in the data {unknown[:3]}, "
                          f"{len(missing)} of the data not in the split {missing[:3]}, "
                          f"{len(set(halves[0]) & set(halves[1]))} in both halves")
     return [index[i] for i in halves[0]], [index[i] for i in halves[1]]
@@ -185,7 +181,7 @@ def dynamics_points(total, C):
     """The C optimizer steps after which perplexities are recorded: round(total * k / C), k = 1..C."""
     points = [round(total * k / C) for k in range(1, C + 1)]
     if len(set(points)) != C or points[0] == 0:
-        raise UsageError(f"--dynamics {C}: the run has only {total} steps; expected at least {C}")
+        raise InputError(f"--dynamics {C}: the run has only {total} steps; expected at least {C}")
     return points
 
 
@@ -208,35 +204,6 @@ def shard_model(model, args, device, world, bf16):
     return model
 
 
-def memory_per_gpu(m, gpus, shard, activation_checkpointing, tokens_per_gpu):
-    """Estimated bytes per GPU of one bf16 AdamW training step, by part, for ModelArgs m.
-
-    P parameters (P_b in one block). Weights and optimizer state are fp32: weights 4P, gradients 4P,
-    AdamW moments 8P. DDP adds autocast's bf16 weight copies, kept for the backward (2P). FSDP divides
-    the fp32 parts by the number of GPUs and adds the bf16 copies of the blocks gathered at a time
-    (2: the one computing and the one prefetched): weights 2 * 2 P_b, grads 2 * 2 P_b.
-    Activations saved per token and block (bf16, from the tensors the backward keeps):
-        a = 2 (4D + 4 + 2D)              two RMSNorms: fp32 input, fp32 1/rms, bf16 output
-          + 2 (2 H hd + 2 K hd) + 4 H    q, k, v after RoPE and the attention output; its fp32 logsumexp
-          + 3 (2 I)                      gate, up, silu(gate) * up
-    Without checkpointing: tokens * L * a. With it: each block's bf16 input, 2D per token and block, plus one
-    block recomputed at a time: tokens * (2D L + a). Logits: tokens * V * 10 (bf16 logits, fp32 copy, fp32 grad).
-    """
-    D, I, L, H, K, hd, V = (m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads,
-                            m.num_key_value_heads, m.head_dim, m.vocab_size)
-    P_b = D * (H + 2 * K) * hd + H * hd * D + 3 * D * I + 2 * D  # attention, MLP, two norms (no biases)
-    P = L * P_b + V * D * (1 if m.tie_word_embeddings else 2) + D
-    a = 2 * (4 * D + 4 + 2 * D) + 2 * (2 * H * hd + 2 * K * hd) + 4 * H + 3 * 2 * I
-    activations = tokens_per_gpu * ((2 * D * L + a) if activation_checkpointing else L * a) + tokens_per_gpu * V * 10
-    n = gpus if shard == "fsdp" else 1
-    gathered = 2 * 2 * P_b if shard == "fsdp" else 0
-    parts = {"parameters": P, "weights": 4 * P / n + (gathered if shard == "fsdp" else 2 * P),
-             "grads": 4 * P / n + gathered,
-             "optimizer": 8 * P / n, "activations": activations}
-    parts["total"] = parts["weights"] + parts["grads"] + parts["optimizer"] + activations
-    return parts
-
-
 def save_state(out, model, optimizer, step, dynamics, config):
     """Everything needed to continue bitwise: weights, AdamW moments, RNG (torch.distributed.checkpoint, each
     rank writing its own shard), then OUT/state/latest.json naming it, with the step (which fixes the
@@ -249,7 +216,7 @@ def save_state(out, model, optimizer, step, dynamics, config):
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        sftmix.write_json_atomic(str(out / "state" / "latest.json"), {
+        data.write_json(out / "state" / "latest.json", {
             "step": step, "checkpoint": name, "config": config,
             "dynamics": {str(point): values for point, values in dynamics.items()}})
         for old in (out / "state").glob("step-*"):
@@ -262,7 +229,7 @@ def load_state(out, model, optimizer, config):
     changed = [f"--{k.replace('_', '-')}: saved {latest['config'].get(k)!r}, now {v!r}"
                for k, v in config.items() if latest["config"].get(k) != v]
     if changed:
-        raise UsageError(f"{out / 'state'}: was written by a run with other settings: {'; '.join(changed)}")
+        raise InputError(f"{out / 'state'}: was written by a run with other settings: {'; '.join(changed)}")
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
              "rng": torch.get_rng_state()}
     dcp.load(state, checkpoint_id=str(out / "state" / latest["checkpoint"]))
@@ -276,7 +243,7 @@ def write_dynamics(path, samples, points, dynamics):
     """dynamics.jsonl: {"id", "perplexities": [Perp at each point], "confidence", "variability"} per example."""
     perps = [[dynamics[s][sample.id] for s in points] for sample in samples]
     conf, var = sftmix.confidence(perps), sftmix.variability(perps)
-    sftmix.write_json_atomic(str(path), [
+    data.write_json(path, [
         {"id": s.id, "perplexities": p, "confidence": float(c), "variability": float(v)}
         for s, p, c, v in zip(samples, perps, conf, var)], lines=True)
 
@@ -286,8 +253,8 @@ def keep_metrics_until(path, step):
     if path.exists():
         lines = [l for l in path.read_text().splitlines(keepends=True)
                  if l.endswith("\n") and json.loads(l)["step"] <= step]
-        path.with_suffix(".tmp").write_text("".join(lines))
-        os.replace(path.with_suffix(".tmp"), path)
+        with data.atomic_path(path) as tmp:
+            tmp.write_text("".join(lines))
 
 
 def main(argv=None):
@@ -299,7 +266,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # dcp in a single process
     try:
         train(args, rank, local_rank, world)
-    except (UsageError, data.DataError, ValueError, FileNotFoundError) as e:
+    except InputError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -322,7 +289,7 @@ def train(args, rank, local_rank, world):
     steps_per_epoch = len(epoch_batches(args, samples, halves, 0))
     total = steps_per_epoch * args.epochs
     if total == 0:
-        raise UsageError(f"{args.data}: {len(samples)} samples fill no global batch of {args.global_batch}")
+        raise InputError(f"{args.data}: {len(samples)} samples fill no global batch of {args.global_batch}")
     points = dynamics_points(total, args.dynamics) if args.dynamics else []
 
     torch.manual_seed(args.seed)
@@ -355,7 +322,7 @@ def train(args, rank, local_rank, world):
                                                                       device, amp_dtype, rank, world)
             if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm)):
                 save_state(out, model, optimizer, step, dynamics, config)  # weights are still the last good ones
-                raise UsageError(f"step {step + 1}: loss is not finite (ntp {ntp_loss}, mixup {mix_loss}, grad norm "
+                raise InputError(f"step {step + 1}: loss is not finite (ntp {ntp_loss}, mixup {mix_loss}, grad norm "
                                  f"{grad_norm}); stopped, the state after step {step} is in {out / 'state'}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -94,9 +94,9 @@ def micro_step(model, targs, samples, batch, pad_id, device):
 def train_step(model, optimizer, input_ids, labels, logits_of):
     """Forward + NTP loss + backward + AdamW step; logits_of(model, input_ids, trained) -> (N, V) at trained."""
     with amp(input_ids.device):
-        logits = logits_of(model, input_ids, labels != sftmix.IGNORE)
+        logits = logits_of(model, input_ids, labels != data.IGNORE)
     ntp, _ = train.loss_sums(logits, labels)
-    (ntp / (labels != sftmix.IGNORE).sum()).backward()
+    (ntp / (labels != data.IGNORE).sum()).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -226,5 +226,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (data.DataError, FileNotFoundError, ValueError) as e:
+    except data.InputError as e:
         sys.exit(f"error: {e}")

@@ -185,7 +185,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(name, tmp_path, base, capsys):
 
 def test_tokenizer_directory_without_tokenizer_json_is_an_error(tmp_path):
     message = f"^{tmp_path}: no tokenizer.json; expected a Hugging Face tokenizer directory$"
-    with pytest.raises(D.DataError, match=message):
+    with pytest.raises(D.InputError, match=message):
         D.load_tokenizer(tmp_path)
 
 
@@ -203,7 +203,7 @@ def test_prompt_format_is_detected_from_the_chat_template(smol, llama3, base, tm
     assert (smol.prompt_format, llama3.prompt_format, base.prompt_format) == ("chatml", "llama3", "alpaca")
     assert smol.default_system == SMOL_SYSTEM
     mistral = D.load_tokenizer(byte_tokenizer_dir(tmp_path / "m", [], {"chat_template": "[INST] {{ m }} [/INST]"}))
-    with pytest.raises(D.DataError, match="cannot tell the prompt format; pass --prompt-format"):
+    with pytest.raises(D.InputError, match="cannot tell the prompt format; pass --prompt-format"):
         D.encode_prompt([{"role": "user", "content": "Q"}], mistral)
 
 
@@ -275,7 +275,7 @@ def test_alpaca_rendering_equals_the_stanford_template(base, smol, with_input, t
 def test_encode_prompt_equals_apply_chat_template_with_generation_prompt(smol, hf_smol):
     messages = CONVERSATION[:3]
     assert D.encode_prompt(messages, smol) == hf_ids(hf_smol, messages, add_generation_prompt=True)
-    with pytest.raises(D.DataError, match='expected the last turn from "user", got "assistant"'):
+    with pytest.raises(D.InputError, match='expected the last turn from "user", got "assistant"'):
         D.encode_prompt(CONVERSATION, smol)
 
 
@@ -304,7 +304,7 @@ def test_example_with_no_trained_token_left_is_dropped_and_counted(smol, tmp_pat
     assert "1 dropped (no trained token left)" in capsys.readouterr().out
     samples, stats = D.load_dataset(path, smol, max_len=prompt_len)
     assert len(samples) == 2 and trained_targets(samples[0]) == smol.encode("Ok.")[:1]
-    with pytest.raises(D.DataError, match="no example keeps a trained token within max_len 5"):
+    with pytest.raises(D.InputError, match="no example keeps a trained token within max_len 5"):
         D.load_dataset(path, smol, max_len=5)
 
 

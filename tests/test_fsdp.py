@@ -4,8 +4,8 @@ import torch
 from safetensors.torch import load_file
 
 import model as M
+from scripts.memory_table import memory_per_gpu
 from test_train import COMMON, run_train, weights
-from train import memory_per_gpu
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import model as M
+from data import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,7 +118,7 @@ def test_checkpoint_mismatch_names_the_tensors(tmp_path):
     hf_random_model(CONFIGS["mha"]).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3, "intermediate_size": 90}))
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(InputError) as e:
         M.load_pretrained(tmp_path)
     msg = str(e.value)
     assert "model.layers.2.mlp.up_proj.weight" in msg  # missing
@@ -131,7 +132,7 @@ def test_checkpoint_mismatch_names_the_tensors(tmp_path):
 ])
 def test_unsupported_config_is_an_error_naming_the_field(field, value, expected):
     cfg = {**LlamaConfig(**SMALL).to_dict(), field: value}
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(InputError, match=expected):
         M.ModelArgs.from_hf_config(cfg)
 
 
@@ -142,7 +143,7 @@ def test_mistral_without_sliding_window_loads_as_the_same_architecture(tmp_path)
     hf.save_pretrained(tmp_path)
     ids = torch.randint(0, SMALL["vocab_size"], (2, 30))
     assert (M.load_pretrained(tmp_path)(ids) - hf(ids).logits).abs().max().item() <= 1e-5
-    with pytest.raises(ValueError, match="sliding_window"):
+    with pytest.raises(InputError, match="sliding_window"):
         M.ModelArgs.from_hf_config({**cfg.to_dict(), "sliding_window": 4096})
 
 
@@ -157,7 +158,7 @@ def test_pickled_checkpoints_are_never_read(tmp_path):
     hf = hf_random_model(CONFIGS["mha"])
     hf.config.save_pretrained(tmp_path)
     torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(InputError, match="model.safetensors"):
         M.load_pretrained(tmp_path)
 
 

@@ -118,8 +118,8 @@ def hf_response_nll(hf, samples):
     out = {}
     for s in samples:
         logp = torch.log_softmax(hf(torch.tensor([s.input_ids])).logits[0].double(), -1)  # (T, V)
-        out[s.id] = -sum(logp[t, y].item() for t, y in enumerate(s.labels) if y != sftmix.IGNORE), \
-            sum(y != sftmix.IGNORE for y in s.labels)
+        out[s.id] = -sum(logp[t, y].item() for t, y in enumerate(s.labels) if y != data.IGNORE), \
+            sum(y != data.IGNORE for y in s.labels)
     return out
 
 
