@@ -13,11 +13,13 @@ import json
 import math
 import random
 import sys
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 from data import IGNORE, InputError, collate, length_grouped_batches, shard, write_json
@@ -29,9 +31,9 @@ from data import IGNORE, InputError, collate, length_grouped_batches, shard, wri
 def response_nll(model, samples, batch_size, device, amp_dtype=None, desc="dynamics"):
     """Summed response-token NLL and response length of every sample, over all ranks.
 
-    nll(x, y) = -sum_t log p(y_t | x, y_<t) over the trained (label != -100) positions; |y| their count.
-    Forward only, in length-grouped batches so padding stays small, the batches sharded over ranks.
-    amp_dtype (e.g. torch.bfloat16) runs the forward under autocast, as training does.
+    nll(x, y) = -sum_t log p(y_t | x, y_<t) over the trained (label != IGNORE) positions; |y| their count.
+    Forward only, in length-grouped batches so padding stays small, the batches sharded over ranks, the LM
+    head applied in chunks (head_losses). amp_dtype (e.g. torch.bfloat16) runs the forward under autocast.
     Returns {id: (nll, n_tokens)} with every sample's id exactly once, on every rank.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -46,10 +48,9 @@ def response_nll(model, samples, batch_size, device, amp_dtype=None, desc="dynam
         input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T) each
         trained = labels != IGNORE  # (B, T)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(input_ids, logits_at=trained)  # (N, V), the N trained positions
+            nll, _ = model(input_ids, logits_at=trained, head=partial(head_losses, targets=labels[trained]))  # (N,)
         if r >= len(mine):
             continue  # a filler forward on a rank with one batch fewer: nothing to record
-        nll = F.cross_entropy(logits.float(), labels[trained], reduction="none")  # (N,)
         row_nll = torch.zeros(len(labels), dtype=nll.dtype, device=device).index_add_(0, trained.nonzero()[:, 0], nll)
         for sample_id, s_nll, n in zip(b["ids"], row_nll.tolist(), trained.sum(1).tolist()):
             result[sample_id] = (s_nll, n)
@@ -166,30 +167,116 @@ def mixup_loss(hidden_c, labels_c, hidden_u, labels_u, lam, lm_head_weight, redu
     lam_pos = lam[:, None].expand_as(labels_c)[mask_c][:, None].to(hidden_c.dtype)  # (M, 1)
     mixed = lam_pos * hidden_c[mask_c] + (1 - lam_pos) * hidden_u[mask_u]  # (M, D)
     logits = mixed @ lm_head_weight.T  # (M, V)
-    return soft_label_ce(logits, labels_c[mask_c], labels_u[mask_u], lam_pos[:, 0], reduction)
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    lam_pos = lam_pos[:, 0].to(logp.dtype)
+    nll = -(lam_pos * logp.gather(1, labels_c[mask_c][:, None])[:, 0]
+            + (1 - lam_pos) * logp.gather(1, labels_u[mask_u][:, None])[:, 0])  # (M,)
+    return nll.sum() if reduction == "sum" else nll.sum() / max(nll.numel(), 1)
 
 
-def mixup_loss_from_logits(logits_c, labels_c, logits_u, labels_u, lam, reduction="mean"):
-    """mixup_loss computed from the NTP logits: W is linear with no bias, so W Z~ = lam W Z^c + (1 - lam) W Z^u.
+@dataclass
+class MicroBatch:
+    """One forward pass of training: the examples it packs, and where its Mixup pairs sit.
 
-    logits_* (N_*, V): the logits at the response positions of labels_* (P, T) (labels != IGNORE), in
-    row-major order, as the model returns them with logits_at. Same value as mixup_loss, with no second
-    LM-head matmul.
+    Its N trained positions are numbered 0..N-1 in row order (rows one after another, each row's trained
+    positions left to right), which is the order in which the model returns states with `logits_at`.
+        rows    sample indices; with pairs: the p confident examples, then their p partners in the same order
+        mix_c   (M,) the number of each mixed position's confident token among the N
+        mix_u   (M,) the number of the aligned unconfident token (the k-th response token of each, k < n)
+        lam     (M,) the pair's lambda at each mixed position
+    Plain NTP has no pairs: mix_c, mix_u and lam are empty.
     """
-    mask_c, mask_u = first_n_response_positions(labels_c, labels_u)
-    keep_c, keep_u = mask_c[labels_c != IGNORE], mask_u[labels_u != IGNORE]  # (N_c,), (N_u,): the first n of each row
-    lam_pos = lam[:, None].expand_as(labels_c)[mask_c].to(logits_c.dtype)  # (M,)
-    mixed = torch.lerp(logits_u[keep_u], logits_c[keep_c], lam_pos[:, None])  # (M, V) = lam c + (1-lam) u
-    return soft_label_ce(mixed, labels_c[mask_c], labels_u[mask_u], lam_pos, reduction)
+    rows: list
+    mix_c: torch.Tensor
+    mix_u: torch.Tensor
+    lam: torch.Tensor
 
 
-def soft_label_ce(logits, y_c, y_u, lam, reduction):
-    """-sum_v Y~_v log softmax(logits)_v with Y~ = lam onehot(y_c) + (1 - lam) onehot(y_u); logits (M, V)."""
-    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (M, V), >= fp32
-    nll = -(lam * logp.gather(1, y_c[:, None])[:, 0] + (1 - lam) * logp.gather(1, y_u[:, None])[:, 0])  # (M,)
-    if reduction == "sum":
-        return nll.sum()
-    return nll.sum() / max(nll.numel(), 1)
+def micro_batches(batch, samples, rank, world, micro_batch, lam=None):
+    """This rank's micro-batches of one global batch, and the normalisers of the whole global batch.
+
+    batch: G sample indices. With lam (P = G/2 lambdas) the batch holds pairs, as paired_batches lays them
+    out: pair i is (batch[i], batch[P + i]) with lambda lam[i]; without it, G single examples (plain NTP).
+    A unit (one example, or a pair kept together) goes to one rank: units are dealt longest first in snake
+    order (0, 1, .., W-1, W-1, .., 0), so every rank gets as many units (FSDP gathers weights in every
+    forward, on all ranks alike) and a similar number of tokens; each rank cuts its units into micro-batches
+    of `micro_batch` examples. Returns (micro-batches, n_tokens, n_mixed), the global normalisers:
+        n_tokens = sum over the G examples of |y|            (trained tokens)
+        n_mixed  = sum over the P pairs of min(|y^c|, |y^u|)  (mixed positions; 0 without pairs)
+    """
+    n = {i: sum(t != IGNORE for t in samples[i].labels) for i in batch}  # trained tokens per example
+    P = len(batch) // 2
+    units = [(i, (batch[i], batch[P + i])) for i in range(P)] if lam is not None else [(i, (j,)) for i, j in enumerate(batch)]
+    units.sort(key=lambda u: (-sum(len(samples[j].input_ids) for j in u[1]), u[0]))
+    mine = [u for k, u in enumerate(units) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == rank]
+    per_micro = micro_batch // len(units[0][1])
+    result = []
+    for first in range(0, len(mine), per_micro):
+        group = mine[first:first + per_micro]
+        rows = [u[1][k] for k in range(len(group[0][1])) for u in group]  # confident rows, then their partners
+        offset = np.cumsum([0] + [n[i] for i in rows])  # first trained position of each row
+        mix_c, mix_u, lam_pos = [], [], []
+        for j, (pair, members) in enumerate(group if lam is not None else []):
+            m = min(n[members[0]], n[members[1]])
+            mix_c += range(offset[j], offset[j] + m)
+            mix_u += range(offset[len(group) + j], offset[len(group) + j] + m)
+            lam_pos += [float(lam[pair])] * m
+        result.append(MicroBatch(rows, torch.tensor(mix_c, dtype=torch.long), torch.tensor(mix_u, dtype=torch.long),
+                                 torch.tensor(lam_pos, dtype=torch.float32)))
+    n_mixed = sum(min(n[batch[i]], n[batch[P + i]]) for i in range(P)) if lam is not None else 0
+    return result, sum(n.values()), n_mixed
+
+
+CHUNK = 1024  # positions per LM-head chunk: (CHUNK, V) fp32 logits at a time, whatever N
+
+
+def head_losses(hidden, weight, targets, mix_c=None, mix_u=None, lam=None, softcap=None, chunk=CHUNK):
+    """NTP NLL at each of N positions (N,), and the Mixup CE at each of M mixed positions (M,), from final states.
+
+    hidden (N, D) final-norm states, targets (N,) next tokens, weight W (V, D) the LM head; mix_c, mix_u,
+    lam (M,) as in MicroBatch. Logits z = W h, capped as c tanh(z / c) when the model soft-caps (Gemma 2).
+        nll_t   = -log softmax(cap(z_t))[y_t]
+        mix_k   = -[lam log softmax(cap(z~))[y^c] + (1 - lam) log softmax(cap(z~))[y^u]],  z~ = lam z^c + (1 - lam) z^u
+    This is mixup_loss's CE of W Z~: W is linear with no bias, so W (lam Z^c + (1 - lam) Z^u) = lam z^c
+    + (1 - lam) z^u, and the logits NTP needs anyway give the mixed ones (no second LM-head matmul; a
+    cap is applied after mixing, as it would be to W Z~). The head runs on `chunk` positions at a time, each
+    chunk recomputed in backward when there are several, so no (N, V) tensor is ever held: a mixed pair's
+    positions share one chunk, the other positions follow.
+    """
+    N = len(targets)
+    if mix_c is None or len(mix_c) == 0:
+        mix_c = mix_u = torch.zeros(0, dtype=torch.long, device=hidden.device)
+        lam = torch.zeros(0, device=hidden.device)
+    mixed = torch.zeros(N, dtype=torch.bool, device=hidden.device)
+    mixed[mix_c], mixed[mix_u] = True, True
+    rest = (~mixed).nonzero()[:, 0]  # positions trained by NTP alone (the longer example's tail, unpaired rows)
+    parts = [(mix_c[k:k + chunk // 2], mix_u[k:k + chunk // 2], lam[k:k + chunk // 2]) for k in range(0, len(mix_c), chunk // 2)]
+    parts += [(rest[k:k + chunk], None, None) for k in range(0, len(rest), chunk)]
+    recompute = len(parts) > 1 and torch.is_grad_enabled()
+    dtype = torch.promote_types(hidden.dtype, torch.float32)  # losses in at least fp32, also under bf16 autocast
+    nll, mix = hidden.new_zeros(N, dtype=dtype), []
+    for idx_c, idx_u, lam_k in parts:
+        idx = idx_c if idx_u is None else torch.cat([idx_c, idx_u])
+        args = (hidden[idx], weight, targets[idx], lam_k, softcap)
+        nll_k, mix_k = torch.utils.checkpoint.checkpoint(_head_chunk, *args, use_reentrant=False) if recompute \
+            else _head_chunk(*args)
+        nll = nll.index_add(0, idx, nll_k)
+        mix.append(mix_k)
+    return nll, torch.cat(mix) if mix else hidden.new_zeros(0, dtype=dtype)
+
+
+def _head_chunk(h, weight, y, lam, softcap):
+    """head_losses on one chunk: h (n, D), y (n,); with lam (m,), rows [0, m) are confident, [m, 2m) their partners."""
+    def logp(z):  # log softmax of capped logits, in at least fp32
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        return torch.log_softmax(z if softcap is None else softcap * torch.tanh(z / softcap), dim=-1)
+    z = h @ weight.T  # (n, V)
+    nll = -logp(z).gather(1, y[:, None])[:, 0]  # (n,)
+    if lam is None:
+        return nll, z.new_zeros(0, dtype=nll.dtype)
+    m = len(lam)
+    lp = logp(torch.lerp(z[m:], z[:m], lam[:, None].to(z.dtype)))  # (m, V): lam z^c + (1 - lam) z^u
+    return nll, -(lam * lp.gather(1, y[:m, None])[:, 0] + (1 - lam) * lp.gather(1, y[m:, None])[:, 0])
 
 
 # ----------------------------------------------------------------------------- `python sftmix.py split`

@@ -9,7 +9,7 @@
 Loss per global batch of G examples (NTP tokens counted over all micro-batches and ranks, not a mean of means):
     L_NTP   = sum over trained tokens of -log p(y_t | x, y_<t)  /  number of trained tokens
     L_Mixup = sum over mixed positions of the Mixup CE          /  number of mixed positions
-    L       = L_NTP + mu * L_Mixup                                (sftmix; ntp has L = L_NTP)
+    L       = L_NTP + mu * L_Mixup                                (sftmix; ntp has L = L_NTP; --mixup-only L_Mixup)
 Writes OUT/metrics.jsonl, OUT/state/ (resumable, torch.distributed.checkpoint, one file per rank, made current
 by an atomic rename of OUT/state/latest.json), OUT/final/ (HF checkpoint), and with --dynamics C,
 OUT/dynamics.jsonl (per example: perplexity at C checkpoints, confidence, variability).
@@ -23,6 +23,7 @@ import shutil
 import time
 import warnings
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ from data import IGNORE, InputError
 from model import load_pretrained, save_pretrained
 
 # Flags that may change between a run and its resumption; every other flag must match the saved state.
-RESUMABLE_FLAGS = {"resume", "stop_at_step", "save_every", "eval_batch"}
+RESUMABLE_FLAGS = {"resume", "stop_at_step", "save_every", "eval_batch", "keep_state"}
 
 
 def parse_args(argv=None):
@@ -53,8 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="training data (alpaca / sharegpt / messages; JSON or JSONL)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--split", help="split.json from `sftmix.py split` (sftmix mode)")
+    p.add_argument("--mixup-only", action="store_true",
+                   help="sftmix: L = L_Mixup, no NTP term and mu unused (the paper's 'Mixup only' ablation)")
     p.add_argument("--dynamics", type=int, default=0, metavar="C",
-                   help="record every example's response perplexity at C evenly spaced checkpoints (ntp mode)")
+                   help="record every example's response perplexity at C evenly spaced checkpoints")
+    p.add_argument("--heldout", help="held-out data: response perplexity after every epoch, in metrics.jsonl")
     p.add_argument("--alpha", type=float, default=0.5, help="lambda ~ Beta(alpha, alpha) [paper]")
     p.add_argument("--mu", type=float, default=0.2, help="weight of the Mixup loss [paper]")
     p.add_argument("--epochs", type=int, default=1, help="passes over the data [paper: 3 Alpaca, 1 UltraChat]")
@@ -78,16 +82,18 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=16, help="examples per forward in the dynamics pass")
     p.add_argument("--save-every", type=int, default=100, help="steps between resumable states (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state/ if it holds a state")
+    p.add_argument("--keep-state", action="store_true",
+                   help="keep OUT/state/ (weights + AdamW moments, ~4x the model) after final/ is written")
     p.add_argument("--stop-at-step", type=int, default=0,
                    help="save the state and exit after this step, to continue later with --resume (0 = run to the end)")
     return p.parse_args(argv)
 
 
 def check_args(args, world):
+    if args.mixup_only and args.mode != "sftmix":
+        raise InputError("--mixup-only: expected --mode sftmix (the Mixup term needs pairs)")
     if args.mode == "sftmix" and not args.split:
         raise InputError("--mode sftmix needs --split FILE (from `python sftmix.py split`)")
-    if args.mode == "sftmix" and args.dynamics:
-        raise InputError("--dynamics records the reference run: use it with --mode ntp")
     if args.alpha <= 0:
         raise InputError(f"--alpha: expected > 0 (Beta(alpha, alpha)), got {args.alpha}")
     if args.mu < 0:
@@ -126,46 +132,6 @@ def epoch_batches(args, samples, halves, epoch):
         return sftmix.paired_batches(*halves, G, args.seed, epoch)
     order = data.shuffled_order(len(samples), args.seed, epoch)
     return [order[b * G:(b + 1) * G] for b in range(len(order) // G)]
-
-
-def rank_micro_batches(args, batch, rank, world):
-    """This rank's micro-batches of a global batch, with the index of each micro-batch's first pair.
-
-    ntp: a contiguous slice of G/world examples in chunks of m. sftmix: a contiguous slice of the pairs;
-    each micro-batch holds m/2 pairs as m/2 confident rows followed by their m/2 unconfident partners.
-    """
-    G, m = len(batch), args.micro_batch
-    if args.mode == "ntp":
-        mine = batch[rank * G // world:(rank + 1) * G // world]
-        return [(mine[i:i + m], None) for i in range(0, len(mine), m)]
-    P, p = G // 2, m // 2
-    first = rank * P // world
-    return [(batch[i:i + p] + batch[P + i:P + i + p], i) for i in range(first, first + P // world, p)]
-
-
-def token_counts(args, samples, batch):
-    """(trained tokens, mixed positions) in a whole global batch; every rank computes the same numbers."""
-    n = [sum(t != IGNORE for t in samples[i].labels) for i in batch]
-    if args.mode == "ntp":
-        return sum(n), 0
-    P = len(batch) // 2
-    return sum(n), sum(min(n[i], n[P + i]) for i in range(P))
-
-
-def loss_sums(logits, labels, lam=None):
-    """(NTP NLL summed over trained tokens, Mixup CE summed over mixed positions) of one micro-batch.
-
-    logits (N, V) at the N trained positions of labels (m, T), in row-major order (model(..., logits_at)).
-    With lam (m/2,), rows [0, m/2) of labels are confident examples and rows [m/2, m) their unconfident
-    partners; without it the Mixup term is 0 (plain NTP).
-    """
-    trained = labels != IGNORE  # (m, T)
-    ntp = F.cross_entropy(logits.float(), labels[trained], reduction="sum")
-    if lam is None:
-        return ntp, torch.zeros((), device=logits.device)
-    p = len(lam)
-    n_c = int(trained[:p].sum())  # the confident rows' positions come first
-    return ntp, sftmix.mixup_loss_from_logits(logits[:n_c], labels[:p], logits[n_c:], labels[p:], lam, reduction="sum")
 
 
 def lr_at(step, total, args):
@@ -285,6 +251,8 @@ def train(args, rank, local_rank, world):
     out = Path(args.out)
     tok = data.load_tokenizer(args.model)
     samples, _ = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, args.format, verbose=rank == 0)
+    heldout = data.load_dataset(args.heldout, tok, args.prompt_format, args.max_len, verbose=rank == 0)[0] \
+        if args.heldout else None
     halves = split_indices(args.split, samples) if args.mode == "sftmix" else None
     steps_per_epoch = len(epoch_batches(args, samples, halves, 0))
     total = steps_per_epoch * args.epochs
@@ -318,8 +286,8 @@ def train(args, rank, local_rank, world):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, args)
             t0 = time.perf_counter()
-            ntp_loss, mix_loss, grad_norm, n_input = forward_backward(args, wrapped, samples, batch, step, tok.pad_id,
-                                                                      device, amp_dtype, rank, world)
+            loss, ntp_loss, mix_loss, grad_norm, n_input = forward_backward(args, wrapped, samples, batch, step,
+                                                                            device, amp_dtype, rank, world)
             if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm)):
                 save_state(out, model, optimizer, step, dynamics, config)  # weights are still the last good ones
                 raise InputError(f"step {step + 1}: loss is not finite (ntp {ntp_loss}, mixup {mix_loss}, grad norm "
@@ -329,16 +297,18 @@ def train(args, rank, local_rank, world):
             step += 1
             elapsed = time.perf_counter() - t0
             progress.update(1)
-            progress.set_postfix(loss=f"{ntp_loss:.4f}")
+            progress.set_postfix(loss=f"{loss:.4f}", ntp=f"{ntp_loss:.4f}", mixup=f"{mix_loss:.4f}")
             if step in points:
                 nll = sftmix.response_nll(wrapped, samples, args.eval_batch, device, amp_dtype,
                                           desc=f"dynamics {points.index(step) + 1}/{len(points)}")
                 dynamics[step] = {k: sftmix.perplexity(*v) for k, v in nll.items()}
+            record = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": loss,
+                      "ntp_loss": ntp_loss, "mixup_loss": mix_loss, "grad_norm": grad_norm, "tokens_per_s": n_input / elapsed}
+            if heldout and step % steps_per_epoch == 0:  # the end of an epoch
+                nll = sftmix.response_nll(wrapped, heldout, args.eval_batch, device, amp_dtype, desc="held-out")
+                nll_per_token = sum(v[0] for v in nll.values()) / sum(v[1] for v in nll.values())
+                record.update(heldout_nll=nll_per_token, heldout_ppl=math.exp(nll_per_token))
             if rank == 0:
-                record = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "ntp_loss": ntp_loss,
-                          "grad_norm": grad_norm, "tokens_per_s": n_input / elapsed}
-                if args.mode == "sftmix":
-                    record.update(mixup_loss=mix_loss, loss=ntp_loss + args.mu * mix_loss)
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
             if step % args.save_every == 0 or step == total or step == args.stop_at_step:
@@ -353,38 +323,44 @@ def train(args, rank, local_rank, world):
         if points:
             write_dynamics(out / "dynamics.jsonl", samples, points, dynamics)
         save_pretrained(model, out / "final", tokenizer_dir=args.model, state_dict=full)
+        if not args.keep_state:
+            shutil.rmtree(out / "state")
         print(f"wrote {out / 'final'}" + (f" and {out / 'dynamics.jsonl'}" if points else ""))
 
 
-def forward_backward(args, wrapped, samples, batch, step, pad_id, device, amp_dtype, rank, world):
+def forward_backward(args, wrapped, samples, batch, step, device, amp_dtype, rank, world):
     """Accumulate the gradient of L over this rank's micro-batches of one global batch, then clip it.
 
-    Returns (L_NTP, L_Mixup, grad norm before clipping, input tokens on all ranks) of the global batch.
+    L = L_NTP + mu L_Mixup, or L_Mixup alone with --mixup-only; each term normalised over the whole global batch
+    (sftmix.micro_batches gives the normalisers), so micro-batch and rank boundaries do not change the gradient.
+    Returns (L, L_NTP, L_Mixup, grad norm before clipping, input tokens on all ranks) of the global batch.
     """
-    n_tokens, n_mixed = token_counts(args, samples, batch)
     lam = sftmix.sample_lambda(args.alpha, len(batch) // 2, args.seed, step) if args.mode == "sftmix" else None
+    micro, n_tokens, n_mixed = sftmix.micro_batches(batch, samples, rank, world, args.micro_batch, lam)
+    ntp_weight, mix_weight = (0.0, 1.0) if args.mixup_only else (1.0, args.mu)
     sums = torch.zeros(3, device=device)  # NTP NLL sum, Mixup CE sum, input tokens
-    micro = rank_micro_batches(args, batch, rank, world)
-    for j, (indices, first_pair) in enumerate(micro):
-        b = data.collate([samples[i] for i in indices], pad_id)
-        input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (m, T) each
+    for j, mb in enumerate(micro):
+        b = data.pack([samples[i] for i in mb.rows])
+        input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (1, S) each
+        trained = labels != IGNORE  # (1, S)
+        head = partial(sftmix.head_losses, targets=labels[trained], mix_c=mb.mix_c.to(device),
+                       mix_u=mb.mix_u.to(device), lam=mb.lam.to(device))
         last = j == len(micro) - 1  # gradients cross ranks after the last micro-batch only
         if args.shard == "fsdp":
             wrapped.set_requires_gradient_sync(last)
         with wrapped.no_sync() if isinstance(wrapped, DDP) and not last else nullcontext():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = wrapped(input_ids, logits_at=labels != IGNORE)  # (N, V) at the N trained positions
-            pair_lam = lam[first_pair:first_pair + len(indices) // 2].to(device) if lam is not None else None
-            ntp, mix = loss_sums(logits, labels, pair_lam)
-            loss = ntp / n_tokens + (args.mu * mix / n_mixed if lam is not None else 0.0)
+                nll, mix = wrapped(input_ids, seq_lens=b["seq_lens"], logits_at=trained, head=head)  # (N,), (M,)
+            loss = ntp_weight * nll.sum() / n_tokens + mix_weight * mix.sum() / max(n_mixed, 1)
             (loss * world).backward()  # ranks average gradients; * world makes it the sum over the global batch
-        sums += torch.stack([ntp.detach(), mix.detach(), torch.tensor(float(input_ids.numel()), device=device)])
+        sums += torch.stack([nll.detach().sum(), mix.detach().sum(), torch.tensor(float(input_ids.numel()), device=device)])
     if world > 1:
         dist.all_reduce(sums)
     grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), args.grad_clip or float("inf"))
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
-    return sums[0].item() / n_tokens, sums[1].item() / max(n_mixed, 1), grad_norm.item(), sums[2].item()
+    ntp, mixup = sums[0].item() / n_tokens, sums[1].item() / max(n_mixed, 1)
+    return ntp_weight * ntp + mix_weight * mixup, ntp, mixup, grad_norm.item(), sums[2].item()
 
 
 if __name__ == "__main__":

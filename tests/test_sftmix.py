@@ -67,12 +67,40 @@ def test_mixup_loss_gradient_matches_finite_differences():
         lambda hc, hu, w: sftmix.mixup_loss(hc, labels_c, hu, labels_u, lam, w), inputs)
 
 
-def test_logit_form_equals_hidden_state_form():
-    hidden_c, labels_c, hidden_u, labels_u, lam, W = random_pairs(dtype=torch.float32)
-    from_hidden = sftmix.mixup_loss(hidden_c, labels_c, hidden_u, labels_u, lam, W)
-    at_c, at_u = labels_c != IGNORE, labels_u != IGNORE  # the model returns logits at trained positions only
-    from_logits = sftmix.mixup_loss_from_logits((hidden_c @ W.T)[at_c], labels_c, (hidden_u @ W.T)[at_u], labels_u, lam)
-    torch.testing.assert_close(from_logits, from_hidden, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("chunk", [1024, 2])
+def test_head_losses_logit_form_equals_hidden_state_form_and_per_position_ntp(chunk):
+    """training's chunked logit form (mixed logits from NTP's logits) = mixup_loss's hidden form, values and grads"""
+    hidden_c, labels_c, hidden_u, labels_u, lam, W = random_pairs()
+    at_c, at_u = labels_c != IGNORE, labels_u != IGNORE
+    hidden = torch.cat([hidden_c[at_c], hidden_u[at_u]]).requires_grad_()  # (N, D): confident rows, then partners
+    targets = torch.cat([labels_c[at_c], labels_u[at_u]])
+    n_c, n_u = at_c.sum(1).tolist(), at_u.sum(1).tolist()
+    off_c, off_u = np.cumsum([0] + n_c), sum(n_c) + np.cumsum([0] + n_u)
+    n = [min(a, b) for a, b in zip(n_c, n_u)]
+    mix_c = torch.tensor([off_c[p] + k for p in range(3) for k in range(n[p])])
+    mix_u = torch.tensor([off_u[p] + k for p in range(3) for k in range(n[p])])
+    lam_pos = torch.cat([lam[p].repeat(n[p]) for p in range(3)])
+    nll, mix = sftmix.head_losses(hidden, W, targets, mix_c, mix_u, lam_pos, chunk=chunk)
+    torch.testing.assert_close(nll, F.cross_entropy(hidden @ W.T, targets, reduction="none"))
+    torch.testing.assert_close(mix, per_position_mixup(hidden_c, labels_c, hidden_u, labels_u, lam, W))
+    grad, = torch.autograd.grad(nll.sum() + mix.sum(), hidden)
+    hc, hu = hidden_c.clone().requires_grad_(), hidden_u.clone().requires_grad_()
+    ref = F.cross_entropy(torch.cat([hc[at_c], hu[at_u]]) @ W.T, targets, reduction="sum") \
+        + sftmix.mixup_loss(hc, labels_c, hu, labels_u, lam, W, reduction="sum")
+    ref_c, ref_u = torch.autograd.grad(ref, (hc, hu))
+    torch.testing.assert_close(grad, torch.cat([ref_c[at_c], ref_u[at_u]]))
+
+
+def test_head_losses_soft_caps_the_mixed_logits_after_mixing():
+    """with a final-logit cap c (Gemma 2), Mixup uses c tanh(W Z~ / c): the cap comes after the mix"""
+    hidden_c, labels_c, hidden_u, labels_u, lam, W = random_pairs(P=1)
+    h = torch.stack([hidden_c[0, 2], hidden_u[0, 3]])  # one confident and one unconfident position
+    y = torch.stack([labels_c[0, 2], labels_u[0, 3]])
+    nll, mix = sftmix.head_losses(h, W, y, torch.tensor([0]), torch.tensor([1]), lam[:1], softcap=2.0)
+    z = lam[0] * h[0] + (1 - lam[0]) * h[1]
+    logp = torch.log_softmax(2.0 * torch.tanh(W @ z / 2.0), dim=0)
+    torch.testing.assert_close(mix[0], -(lam[0] * logp[y[0]] + (1 - lam[0]) * logp[y[1]]))
+    torch.testing.assert_close(nll, F.cross_entropy(2.0 * torch.tanh(h @ W.T / 2.0), y, reduction="none"))
 
 
 def test_confidence_is_minus_mean_perplexity_and_variability_its_population_std():
