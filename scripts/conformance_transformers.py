@@ -1,0 +1,164 @@
+"""The conformance kit's worked example, computed with transformers alone: stages 1, 2, 4 and 5.
+
+    python scripts/conformance.py make --out KIT/
+    python scripts/conformance_transformers.py KIT/ --out theirs.json
+    python scripts/conformance.py check KIT/ theirs.json
+
+It reads only the kit's files (model/, data.jsonl, and the settings and inputs in expected.json) and uses only
+transformers and torch: apply_chat_template, the tokenizer's offsets, LlamaForCausalLM and hidden_states[-1].
+Nothing of this project is imported, so it is the template to start from on TRL or any transformers stack:
+replace a function by the corresponding piece of your own code and check again. Stage 3 (the reference run's
+dynamics) needs a training loop with a dynamics pass, and is left to your trainer.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+IGNORE = -100  # PyTorch's ignore_index: the label of a position that is not trained
+
+
+# ----------------------------------------------------------------------------- stage 1: tokens and labels
+
+def trained_spans(tok, messages):
+    """(rendered text, character spans [start, end) of every assistant turn's content and its end-of-turn token).
+
+    A turn starts where the chat template's generation prompt for it ends, and ends after the first end-of-turn
+    token (tok.eos_token, <|im_end|> in ChatML) after its content: the newline the template puts after that
+    token is not part of the turn.
+    """
+    text = tok.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            prompt = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            assert text.startswith(prompt), "the chat template renders a conversation's prefix differently"
+            end = text.index(tok.eos_token, len(prompt) + len(m["content"])) + len(tok.eos_token)
+            spans.append((len(prompt), end))
+    return text, spans
+
+
+def tokens(tok, messages, max_len):
+    """(input_ids, pre-shifted labels) of one conversation, as the kit states them.
+
+    The text is tokenized whole; a token is trained when its characters overlap a trained span. HF-style
+    labels y (y_t = x_t or -100) over x_0..x_max_len become the kit's by the shift: input_ids = x[:-1],
+    labels = y[1:].
+    """
+    text, spans = trained_spans(tok, messages)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    x = enc["input_ids"][:max_len + 1]
+    y = [t if any(a < end and b > start for start, end in spans) else IGNORE
+         for t, (a, b) in zip(x, enc["offset_mapping"])]
+    return x[:-1], y[1:]
+
+
+# ----------------------------------------------------------------------------- stage 2: response NLL
+
+@torch.no_grad()
+def response_nll(model, input_ids, labels):
+    """(sum of -log p over the trained positions, their number) of one example, alone (no padding)."""
+    logits = model(torch.tensor([input_ids])).logits[0]  # (T, V)
+    y = torch.tensor(labels)  # (T,)
+    return F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum").item(), int((y != IGNORE).sum())
+
+
+# ----------------------------------------------------------------------------- stage 4: two SFTMix steps
+
+def ntp_loss(logits, labels):
+    """L_NTP over the global batch: logits (G, T, V), labels (G, T); every trained token weighs the same."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+
+
+def mixup_loss(hidden, labels, lam, lm_head):
+    """L_Mixup: rows [0, P) of hidden (G, T, D) / labels (G, T) are the confident examples, rows [P, 2P) their
+    unconfident partners, lam (P,). The k-th response position of c is mixed with the k-th of u, k < n =
+    min(n^c, n^u); the loss -(lam log q(y^c) + (1 - lam) log q(y^u)), q = softmax(lm_head(lam z^c + (1 - lam) z^u)),
+    is averaged over every mixed position of the batch.
+    """
+    P, losses = len(lam), []
+    for p in range(P):
+        pos_c = (labels[p] != IGNORE).nonzero()[:, 0]
+        pos_u = (labels[P + p] != IGNORE).nonzero()[:, 0]
+        n = min(len(pos_c), len(pos_u))
+        pos_c, pos_u = pos_c[:n], pos_u[:n]
+        z = lam[p] * hidden[p, pos_c] + (1 - lam[p]) * hidden[P + p, pos_u]  # (n, D)
+        logp = torch.log_softmax(lm_head(z), dim=-1)  # (n, V)
+        y_c, y_u = labels[p, pos_c], labels[P + p, pos_u]
+        losses.append(-(lam[p] * logp[torch.arange(n), y_c] + (1 - lam[p]) * logp[torch.arange(n), y_u]))
+    return torch.cat(losses).mean()
+
+
+def collate(rows, pad_id):
+    """Right-padded (input_ids, labels, attention_mask), each (G, T), of rows [(input_ids, labels)]."""
+    T = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [pad_id] * (T - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([y + [IGNORE] * (T - len(y)) for _, y in rows])
+    attention_mask = torch.tensor([[1] * len(ids) + [0] * (T - len(ids)) for ids, _ in rows])
+    return input_ids, labels, attention_mask
+
+
+def adamw(model, settings):
+    """AdamW as the kit states it: weight decay on the tensors of 2 or more dimensions, not on the norms."""
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": settings["weight_decay"]},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, betas=tuple(settings["betas"]), eps=settings["eps"])
+
+
+def sftmix_steps(model, examples, inputs, settings, pad_id):
+    """The kit's two SFTMix steps from the loaded weights; examples {id: (input_ids, labels)}."""
+    optimizer = adamw(model, settings)
+    params = dict(model.named_parameters())
+    steps = []
+    for pairs, lam, lr in zip(inputs["pairs"], inputs["lambda"], inputs["lr"]):
+        rows = [examples[c] for c, _ in pairs] + [examples[u] for _, u in pairs]  # P confident, then partners
+        input_ids, labels, attention_mask = collate(rows, pad_id)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        ntp = ntp_loss(out.logits, labels)
+        mix = mixup_loss(out.hidden_states[-1], labels, torch.tensor(lam), model.lm_head)  # after the final norm
+        loss = ntp + settings["mu"] * mix
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
+        entries = [params[name].grad[tuple(index)].item() for name, index in inputs["grad_entries"]]
+        steps.append({"ntp_loss": ntp.item(), "mixup_loss": mix.item(), "loss": loss.item(),
+                      "grad_norm": grad_norm.item(), "grad_entries": entries})
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad()
+    return steps
+
+
+def compute(kit):
+    """THEIRS.json's content for stages 1, 2, 4 and 5."""
+    kit = Path(kit)
+    expected = json.loads((kit / "expected.json").read_text("utf-8"))
+    settings = expected["settings"]
+    tok = AutoTokenizer.from_pretrained(kit / "model")
+    model = LlamaForCausalLM.from_pretrained(kit / "model", dtype=torch.float32).eval()
+    conversations = [json.loads(line) for line in (kit / "data.jsonl").read_text("utf-8").splitlines()]
+    examples = {c["id"]: tokens(tok, c["messages"], settings["max_len"]) for c in conversations}
+    nll = {i: response_nll(model, *x) for i, x in examples.items()}
+    steps = sftmix_steps(model, examples, expected["inputs"]["sftmix_steps"], settings, tok.pad_token_id)
+    return {"input_ids": {i: x for i, (x, _) in examples.items()},
+            "labels": {i: y for i, (_, y) in examples.items()},
+            "response_nll": {i: v for i, (v, _) in nll.items()},
+            "n_tokens": {i: n for i, (_, n) in nll.items()},
+            "sftmix_steps": steps,
+            "weight_norms": {name: p.norm().item() for name, p in model.named_parameters()}}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("kit", help="kit directory written by `python scripts/conformance.py make`")
+    p.add_argument("--out", required=True, help="JSON file to write, for `python scripts/conformance.py check`")
+    args = p.parse_args()
+    Path(args.out).write_text(json.dumps(compute(args.kit), indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
