@@ -11,16 +11,22 @@ Every example keeps one id through every stage of SFTMix (dynamics, split, mixin
 tokenizer: its own "id" field, else "<file name>:<record index>".
 
 Prompt formats, detected from the tokenizer's chat template when not given:
-    chatml  <|im_start|>role\\ncontent<|im_end|>\\n ...   (SmolLM2, Qwen) no BOS; the default system prompt
-            written in the template is added when a conversation has none, as the template does.
-    llama3  <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|> ...
-            content stripped, as Llama-3's template does (3.1's dated system prompt is not added).
-    alpaca  Stanford Alpaca's prompt (ending "### Response:\\n", as in its README), the response, EOS;
-            for base models (no chat template); BOS only if the tokenizer itself adds one. It holds one
-            instruction and one response: a system turn or several turns is an error (use a chat format).
+    chatml   <|im_start|>role\\ncontent<|im_end|>\\n ...   (SmolLM2, Qwen2, Qwen2.5) no BOS; the default system
+             prompt written in the template is added when a conversation has none, as the template does.
+    llama3   <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|> ...
+             content stripped, as Llama-3's template does (3.1's dated system prompt is not added).
+    gemma    <bos><start_of_turn>user\\ncontent<end_of_turn>\\n<start_of_turn>model\\ncontent<end_of_turn>\\n ...
+             (Gemma, Gemma 2) content stripped, as the template does.
+    mistral  <s> [INST] content [/INST] content</s> [INST] ...   (Mistral-7B-Instruct v0.1 and v0.2's template;
+             v0.3's, with no space before [/INST], is not detected as it: pass --prompt-format to use this one).
+             gemma and mistral have no system turn: its content goes before the first user turn's content,
+             then a blank line, as Mistral's template and Gemma 3's do (Gemma 1 and 2's templates refuse one).
+    alpaca   Stanford Alpaca's prompt (ending "### Response:\\n", as in its README), the response, EOS;
+             for base models (no chat template); BOS only if the tokenizer itself adds one. It holds one
+             instruction and one response: a system turn or several turns is an error (use a chat format).
 
 Labels. Every assistant turn is trained together with its end-of-turn token (<|im_end|>, <|eot_id|>,
-EOS), so the model learns to stop; all else is -100. The rendered text is tokenized whole, as
+<end_of_turn>, EOS), so the model learns to stop; all else is -100. The rendered text is tokenized whole, as
 transformers' apply_chat_template does, and a token is trained when its characters overlap an
 assistant turn (tokenizing turn by turn would differ where a response starts with whitespace: BPE
 joins it with the header's newline). Labels are PRE-SHIFTED, so the loss needs no shift:
@@ -49,16 +55,21 @@ import torch
 IGNORE = -100  # label of a position that is not trained (prompt, padding); PyTorch's ignore_index
 MAX_LEN = 2048
 FORMATS = ("alpaca", "sharegpt", "messages")
-PROMPT_FORMATS = ("chatml", "llama3", "alpaca")
+PROMPT_FORMATS = ("chatml", "llama3", "gemma", "mistral", "alpaca")
 TURNS = {  # format: (list key, role key, text key, {role in the file: role here})
     "sharegpt": ("conversations", "from", "value", {"system": "system", "human": "user", "gpt": "assistant"}),
     "messages": ("messages", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
 }
 NEXT_ROLES = {None: ("system", "user"), "system": ("user",), "user": ("assistant",), "assistant": ("user",)}
-CHAT = {  # prompt format: (start of text, turn header, end of turn, after a turn, strip content)
-    "chatml": ("", "<|im_start|>{role}\n", "<|im_end|>", "\n", False),
-    "llama3": ("<|begin_of_text|>", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", "", True),
-}
+ROLES = ("system", "user", "assistant")
+CHAT = {  # prompt format: (start of text, {role: (header, turn with {} for the content, after it)}, strip content)
+    "chatml": ("", {r: (f"<|im_start|>{r}\n", "{}<|im_end|>", "\n") for r in ROLES}, False),
+    "llama3": ("<|begin_of_text|>", {r: (f"<|start_header_id|>{r}<|end_header_id|>\n\n", "{}<|eot_id|>", "")
+                                     for r in ROLES}, True),
+    "gemma": ("{bos}", {"user": ("<start_of_turn>user\n", "{}<end_of_turn>", "\n"),
+                        "assistant": ("<start_of_turn>model\n", "{}<end_of_turn>", "\n")}, True),
+    "mistral": ("{bos}", {"user": (" [INST] ", "{} [/INST]", ""), "assistant": ("", " {}{eos}", "")}, False),
+}  # {bos}, {eos}: the tokenizer's; an assistant's turn is trained, end-of-turn token included
 ALPACA = (  # Stanford Alpaca's prompts without and with an input; the response and EOS follow
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{instruction}\n\n### Response:\n",
@@ -83,6 +94,21 @@ def atomic_path(path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_output(path, flag="--out") -> Path:
+    """An output file, checked before any work: its missing directories are made; a directory in its place, or
+    a directory that cannot be written, is an InputError. The same rule for every command's output files."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path}: is a directory; expected a file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot make its directory {path.parent}: {e.strerror}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"{flag} {path}: cannot write in {path.parent}")
+    return path
 
 
 def write_json(path, obj, lines=False) -> None:
@@ -282,8 +308,11 @@ def load_tokenizer(dir) -> Tokenizer:
     template = config.get("chat_template")
     if template is None and (d / "chat_template.jinja").is_file():
         template = (d / "chat_template.jinja").read_text("utf-8")
-    markers = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>"}
+    markers = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>", "gemma": "<start_of_turn>",
+               "mistral": " [/INST]"}
     prompt_format = next((f for f, m in markers.items() if m in template), None) if template else "alpaca"
+    if template and "<<SYS>>" in template:  # Llama 2's [INST] template: none of ours
+        prompt_format = None
     system = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"]+?)<\|im_end\|>", template or "")
     bos_id, eos_id = (hf.token_to_id(t) if t else None for t in (bos, eos))
     pad_id = next((hf.token_to_id(t) for t in (pad, eos) if t), 0)
@@ -299,10 +328,14 @@ def _resolve(tok: Tokenizer, prompt_format: str | None) -> str:
                         f"({', '.join(PROMPT_FORMATS)})")
     if prompt_format not in PROMPT_FORMATS:
         raise InputError(f'--prompt-format: expected one of {", ".join(PROMPT_FORMATS)}, got "{prompt_format}"')
-    chat = "".join(CHAT[prompt_format][:4]) if prompt_format in CHAT else ""
-    for token in re.findall(r"<\|\w+\|>", chat) if chat else [tok.eos_token]:
+    marks = ["{eos}"]  # alpaca's: EOS; a chat format's: its <...> tokens, and BOS or EOS where it says so
+    if prompt_format in CHAT:
+        start, turns, _ = CHAT[prompt_format]
+        marks = re.findall(r"\{bos\}|\{eos\}|<[^<>\s{}]+>", start + "".join(map("".join, turns.values())))
+    named = {"{bos}": ("bos_token", tok.bos_token), "{eos}": ("eos_token", tok.eos_token)}
+    for name, token in (named.get(m, (m, m)) for m in dict.fromkeys(marks)):
         if token is None or len(tok.encode(token)) != 1:
-            raise InputError(f"{tok.dir}: prompt format {prompt_format} needs the special token {token or 'eos_token'}")
+            raise InputError(f"{tok.dir}: prompt format {prompt_format} needs the special token {token or name}")
     return prompt_format
 
 
@@ -312,19 +345,24 @@ def render(messages: list, tok: Tokenizer, prompt_format: str, generation: bool 
         roles = [m["role"] for m in messages]
         if roles != (["user"] if generation else ["user", "assistant"]):
             raise InputError(f"{where}: messages: the alpaca prompt format holds one instruction and one response, "
-                            f"got turns {roles}; use --prompt-format chatml or llama3")
+                            f"got turns {roles}; use a chat format: --prompt-format chatml, llama3, gemma or mistral")
         user = messages[0]
         prompt = ALPACA[1].format(**user) if user.get("input") else ALPACA[0].format(instruction=user["content"])
         bos = tok.bos_token if tok.add_bos else ""
         return [(bos + prompt, False)] + [(m["content"] + tok.eos_token, True) for m in messages[1:]]
-    start, header, end, after, strip = CHAT[prompt_format]
+    start, turns, strip = CHAT[prompt_format]
+    special = {"bos": tok.bos_token, "eos": tok.eos_token}
     if prompt_format == "chatml" and messages[0]["role"] != "system" and tok.default_system is not None:
         messages = [{"role": "system", "content": tok.default_system}] + messages
-    pieces = [(start, False)]
-    for m in messages:
-        content = m["content"].strip() if strip else m["content"]
-        pieces += [(header.format(role=m["role"]), False), (content + end, m["role"] == "assistant"), (after, False)]
-    return pieces + [(header.format(role="assistant"), False)] * generation
+    prefix = ""
+    if messages[0]["role"] == "system" and "system" not in turns:  # before the first user turn's content
+        prefix, messages = messages[0]["content"] + "\n\n", messages[1:]
+    pieces = [(start.format(**special), False)]
+    for i, m in enumerate(messages):
+        header, turn, after = turns[m["role"]]
+        content = (prefix if i == 0 else "") + (m["content"].strip() if strip else m["content"])
+        pieces += [(header, False), (turn.format(content, **special), m["role"] == "assistant"), (after, False)]
+    return pieces + [(turns["assistant"][0], False)] * generation
 
 
 def encode_prompt(messages: list, tok: Tokenizer, prompt_format: str | None = None) -> list:
@@ -337,7 +375,8 @@ def encode_prompt(messages: list, tok: Tokenizer, prompt_format: str | None = No
 def stop_ids(tok: Tokenizer, prompt_format: str | None = None) -> list:
     """Ids that end an assistant turn: the format's end-of-turn token, and EOS."""
     prompt_format = _resolve(tok, prompt_format)
-    ends = [CHAT[prompt_format][2]] if prompt_format in CHAT else []
+    turn = CHAT[prompt_format][1]["assistant"][1] if prompt_format in CHAT else ""
+    ends = [turn.format("", eos=tok.eos_token).strip()] if turn else []  # the end-of-turn token
     return list(dict.fromkeys(tok.encode(t)[0] for t in ends + [tok.eos_token] if t))
 
 
@@ -397,6 +436,14 @@ def collate(samples: list, pad_id: int) -> dict:
         input_ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
         labels[i, : len(s.labels)] = torch.tensor(s.labels)
     return {"input_ids": input_ids, "labels": labels, "ids": [s.id for s in samples]}
+
+
+def pack(samples: list) -> dict:
+    """Samples end to end in one row, no padding: input_ids, labels (1, S) with S = sum of lengths, and seq_lens
+    for the model (positions restart and attention stays inside each sample, so each row computes as alone)."""
+    return {"input_ids": torch.tensor([[t for s in samples for t in s.input_ids]]),  # (1, S)
+            "labels": torch.tensor([[t for s in samples for t in s.labels]]),  # (1, S)
+            "seq_lens": [len(s.input_ids) for s in samples], "ids": [s.id for s in samples]}
 
 
 def shuffled_order(n: int, seed: int, epoch: int) -> list:

@@ -1,28 +1,45 @@
-"""The Llama-family decoder-only transformer, HF checkpoint load/save, and KV-cached generation.
+"""The decoder-only transformer of the Llama, Mistral, Qwen2, Gemma and Gemma 2 families, HF checkpoint
+load/save, and KV-cached generation.
 
-Parameter names are those of HF's LlamaForCausalLM (model.layers.N.self_attn.q_proj.weight, ...),
+Parameter names are those of HF's *ForCausalLM classes (model.layers.N.self_attn.q_proj.weight, ...),
 so a safetensors checkpoint maps onto this model one to one, and RoPE uses HF's rotate-half layout,
-so no weight permutation is needed. Shapes: B batch, T time, D hidden_size, H heads, K kv heads,
-hd head_dim, V vocab_size.
+so no weight permutation is needed. A family is not a class here: it is a few fields of ModelArgs
+(biases, norm offset, embedding scale, activation, sliding window, soft-caps, extra norms), read from
+config.json. Shapes: B batch, T time, S keys, D hidden_size, H heads, K kv heads, hd head_dim, V vocab_size.
 """
 import json
 import math
 import shutil
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data import InputError, atomic_path, write_json
 
+GEMMA = dict(mlp_bias=False, norm_offset=1.0, embed_scale=True)
+FAMILIES = {  # model_type: (transformers' class, its defaults that config.json files omit, what the family fixes)
+    "llama": ("LlamaForCausalLM", {}, {}),
+    "mistral": ("MistralForCausalLM", {}, dict(attention_bias=False, mlp_bias=False)),
+    "qwen2": ("Qwen2ForCausalLM", {}, dict(qkv_bias=True, attention_bias=False, mlp_bias=False)),
+    "gemma": ("GemmaForCausalLM", dict(tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh"), GEMMA),
+    "gemma2": ("Gemma2ForCausalLM", dict(tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+                                         query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+                                         final_logit_softcapping=30.0), dict(GEMMA, sandwich_norms=True)),
+}
+FIXED = ("qkv_bias", "norm_offset", "embed_scale", "sandwich_norms")  # set by the family, never in config.json
+OWN = ("sliding_window", "layer_types", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+
 
 @dataclass
 class ModelArgs:
+    model_type: str = "llama"  # the family, a key of FAMILIES
     hidden_size: int = 576
     intermediate_size: int = 1536
     num_hidden_layers: int = 30
@@ -34,24 +51,39 @@ class ModelArgs:
     rope_scaling: dict | None = None  # None, or {"rope_type": "llama3", "factor", "low_freq_factor", ...}
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # bias on q, k, v and o
     mlp_bias: bool = False
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    hidden_act: str = "silu"  # silu: SwiGLU MLP; gelu_pytorch_tanh: Gemma's GeGLU (gelu, tanh approximation)
+    sliding_window: int | None = None  # W: a query attends to the last W positions only (itself included) ...
+    layer_types: list | None = None  # ... in the layers marked "sliding_attention" here (None: every layer)
+    query_pre_attn_scalar: float | None = None  # attention scores scaled by 1/sqrt(this), else 1/sqrt(head_dim)
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: logits -> cap tanh(logits / cap)
+    qkv_bias: bool = False  # Qwen2: bias on q, k, v (and not o)
+    norm_offset: float = 0.0  # Gemma: RMSNorm scales by (1 + w), in fp32
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+    sandwich_norms: bool = False  # Gemma 2: a norm after attention, and norms before and after the MLP
 
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
         """Fill from an HF config.json dict; anything this model would get wrong is an error naming the field."""
-        if cfg.get("model_type") not in ("llama", "mistral"):
-            raise InputError(f"{source}: model_type: expected \"llama\" or \"mistral\", got {cfg.get('model_type')!r}")
-        if cfg.get("sliding_window") is not None:  # Mistral-7B v0.1; later Mistrals attend to everything, as Llama
-            raise InputError(f"{source}: sliding_window: expected null (full attention), got {cfg['sliding_window']}")
+        family = cfg.get("model_type")
+        if family not in FAMILIES:
+            raise InputError(f"{source}: model_type: expected one of {', '.join(FAMILIES)}, got {family!r}")
+        cfg = {**FAMILIES[family][1], **cfg}
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             if key not in cfg:
                 raise InputError(f"{source}: {key}: missing")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise InputError(f"{source}: hidden_act: expected \"silu\", got {cfg['hidden_act']!r}")
+        act_key = "hidden_activation" if family == "gemma2" else "hidden_act"
+        acts = {"gemma": ("gelu", "gelu_pytorch_tanh"), "gemma2": ("gelu_pytorch_tanh",)}.get(family, ("silu",))
+        if cfg.get(act_key, "silu") not in acts:  # Gemma's "gelu" is the tanh approximation, as in transformers
+            raise InputError(f"{source}: {act_key}: expected {' or '.join(map(json.dumps, acts))}, "
+                             f"got {cfg[act_key]!r}")
+        if family == "qwen2" and cfg.get("use_sliding_window"):
+            raise InputError(f"{source}: use_sliding_window: expected false (Qwen2's sliding window is not supported)")
         rope_params = cfg.get("rope_parameters")  # transformers 5 folds rope_theta into rope_parameters
         scaling = cfg.get("rope_scaling") or (rope_params if rope_params and "factor" in rope_params else None)
         if scaling is not None:
@@ -69,8 +101,18 @@ class ModelArgs:
                 scaling = {"rope_type": "llama3", **{k: scaling[k] for k in (
                     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
         theta = cfg.get("rope_theta", (rope_params or {}).get("rope_theta", 10000.0))
-        names = {f.name for f in fields(cls)} - {"rope_scaling", "rope_theta"}
-        args = cls(**{k: cfg[k] for k in names if cfg.get(k) is not None}, rope_theta=theta, rope_scaling=scaling)
+        fixed = FAMILIES[family][2]
+        names = {f.name for f in fields(cls)} - {"rope_scaling", "rope_theta", "hidden_act", "sliding_window",
+                                                 "layer_types", *fixed}
+        args = cls(**{k: cfg[k] for k in names if cfg.get(k) is not None}, rope_theta=theta, rope_scaling=scaling,
+                   hidden_act=acts[-1], **fixed)
+        if family in ("mistral", "gemma2") and cfg.get("sliding_window") is not None:  # Mistral: in every layer
+            L = args.num_hidden_layers  # Gemma 2: in layers 0, 2, 4, ... unless config.json lists layer_types
+            types = cfg.get("layer_types") or (
+                None if family == "mistral" else [("sliding_attention", "full_attention")[i % 2] for i in range(L)])
+            if types is not None and (len(types) != L or not set(types) <= {"sliding_attention", "full_attention"}):
+                raise InputError(f"{source}: layer_types: expected {L} of \"sliding_attention\" or \"full_attention\"")
+            args.sliding_window, args.layer_types = cfg["sliding_window"], types
         if "num_key_value_heads" not in cfg or cfg["num_key_value_heads"] is None:
             args.num_key_value_heads = args.num_attention_heads
         if "head_dim" not in cfg or cfg["head_dim"] is None:
@@ -80,9 +122,14 @@ class ModelArgs:
         return args
 
     def to_hf_config(self, dtype: torch.dtype) -> dict:
-        cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-               "torch_dtype": str(dtype).removeprefix("torch.")}
-        cfg.update({f.name: getattr(self, f.name) for f in fields(self)})
+        """config.json for transformers' class of this family. A family's own field that is unset is left out
+        unless the class's default differs (transformers reads a Mistral config with layer_types as Ministral)."""
+        architecture, defaults, _ = FAMILIES[self.model_type]
+        cfg = {"architectures": [architecture], "torch_dtype": str(dtype).removeprefix("torch.")}
+        cfg.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in FIXED and (
+            getattr(self, f.name) is not None or f.name not in OWN or f.name in defaults)})
+        if self.model_type == "gemma2":
+            cfg["hidden_activation"] = self.hidden_act
         return cfg
 
 
@@ -117,16 +164,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), the normalisation computed in fp32."""
+    """y = w * x / sqrt(mean(x^2) + eps), the normalisation computed in fp32; with an offset (Gemma),
+    y = (offset + w) * x / sqrt(mean(x^2) + eps), all of it in fp32."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))  # the identity
 
     def forward(self, x):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x32 * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
@@ -148,18 +198,23 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention: H query heads share K key/value heads (H % K == 0)."""
+    """Grouped-query attention: H query heads share K key/value heads (H % K == 0).
+
+    softmax(q k^T s + mask) v with s = 1/sqrt(query_pre_attn_scalar or hd); Gemma 2 soft-caps the scores,
+    softmax(cap tanh(q k^T s / cap) + mask) v, which SDPA cannot do: that path is written out.
+    """
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer, self.args = layer, args
         H, K, hd, D = args.num_attention_heads, args.num_key_value_heads, args.head_dim, args.hidden_size
-        self.q_proj = nn.Linear(D, H * hd, bias=args.attention_bias)
-        self.k_proj = nn.Linear(D, K * hd, bias=args.attention_bias)
-        self.v_proj = nn.Linear(D, K * hd, bias=args.attention_bias)
+        self.q_proj = nn.Linear(D, H * hd, bias=args.attention_bias or args.qkv_bias)
+        self.k_proj = nn.Linear(D, K * hd, bias=args.attention_bias or args.qkv_bias)
+        self.v_proj = nn.Linear(D, K * hd, bias=args.attention_bias or args.qkv_bias)
         self.o_proj = nn.Linear(H * hd, D, bias=args.attention_bias)
+        self.scale = (args.query_pre_attn_scalar or hd) ** -0.5
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, seq_lens=None):
         B, T, _ = x.shape
         hd = self.args.head_dim
         q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
@@ -168,15 +223,37 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, hd), S = positions so far
-        if mask is None:  # training / scoring: plain causal; right padding never reaches a real token
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # mask (B, 1, T, S), True = may attend
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        if seq_lens is None:
+            y = self.attend(q, k, v, mask)
+        else:  # a packed row: each sequence attends to itself alone, no (T, T) mask and no wasted scores
+            ends = torch.tensor(seq_lens).cumsum(0).tolist()
+            y = torch.cat([self.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[a:b, a:b])
+                           for a, b in zip([0] + ends[:-1], ends)], dim=2)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+    def attend(self, q, k, v, mask):
+        """q (B, H, T, hd), k and v (B, K, S, hd) -> (B, H, T, hd); mask (B, 1, T, S) or (T, S), True = may
+        attend, or None: causal (training and scoring; right padding never reaches a real token)."""
+        if self.args.attn_logit_softcapping is not None:
+            return softcapped_attention(q, k, v, mask, self.scale, self.args.attn_logit_softcapping)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+
+
+def softcapped_attention(q, k, v, mask, scale, cap):
+    """softmax(cap tanh(q k^T scale / cap) + mask) v, the softmax in fp32. q (B, H, T, hd); k, v (B, K, S, hd);
+    mask (B, 1, T, S) or (T, S), True = may attend, or None: causal, the T queries being the last of the S."""
+    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))  # (B, H, S, hd)
+    scores = cap * torch.tanh(q @ k.transpose(2, 3) * scale / cap)  # (B, H, T, S)
+    if mask is None:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    return torch.softmax(scores.masked_fill(~mask, -math.inf).float(), dim=-1).to(q.dtype) @ v  # (B, H, T, hd)
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); Gemma's GeGLU has gelu (tanh approximation) for silu."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -184,24 +261,32 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(D, I, bias=args.mlp_bias)
         self.up_proj = nn.Linear(D, I, bias=args.mlp_bias)
         self.down_proj = nn.Linear(I, D, bias=args.mlp_bias)
+        self.act = F.silu if args.hidden_act == "silu" else partial(F.gelu, approximate="tanh")
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). With sandwich norms (Gemma 2)
+    each sub-layer's output is normalised too: x + norm(attn(norm(x))), then + norm(mlp(norm(x)))."""
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        norm = partial(RMSNorm, args.hidden_size, args.rms_norm_eps, args.norm_offset)
+        self.input_layernorm = norm()
         self.self_attn = Attention(args, layer)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = norm()  # Gemma 2: on the attention output; others: before the MLP
         self.mlp = MLP(args)
+        if args.sandwich_norms:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask=None, cache=None, seq_lens=None):
+        if not self.self_attn.args.sandwich_norms:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, seq_lens)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, seq_lens))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class Transformer(nn.Module):
@@ -211,59 +296,107 @@ class Transformer(nn.Module):
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(args.vocab_size, args.hidden_size),
             layers=nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers)),
-            norm=RMSNorm(args.hidden_size, args.rms_norm_eps),
+            norm=RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_offset),
         ))
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpoint_activations = False  # keep only each block's input; recompute the rest in backward
 
-    def forward(self, input_ids, return_hidden=False, positions=None, mask=None, cache=None, logits_at=None):
+    def forward(self, input_ids, return_hidden=False, positions=None, mask=None, cache=None, logits_at=None, head=None,
+                seq_lens=None):
         """input_ids (B, T) -> logits (B, T, V); with return_hidden, also the final-norm states (B, T, D).
 
         logits_at (B, T) bool: apply the LM head only there, returning logits (N, V) for those N positions
-        in row-major order (a loss needs only the trained positions). positions (B, T) default to 0..T-1
+        in row-major order (a loss needs only the trained positions). head(hidden (N, D), lm_head weight (V, D),
+        softcap=final-logit cap or None) replaces the LM head and its result is returned: a loss that applies
+        the head itself, in chunks (sftmix.head_losses), inside forward where FSDP has gathered the weights.
+        seq_lens: the single row (B = 1) packs sequences of these lengths end to end (no padding); each attends
+        only to itself and its positions restart at 0. positions (B, T) default to 0..T-1
         (after the cache's filled length); mask (B, 1, T, S) is only needed when rows hold padding before
-        real tokens (batched generation).
+        real tokens (batched generation). With a sliding window W, the sliding layers further limit query i
+        to keys i-W < j <= i (indices over the cache). Gemma 2's logits are soft-capped (`softcap`).
         """
         B, T = input_ids.shape
+        if seq_lens is not None:  # one row of packed sequences: positions restart at 0 for each
+            positions = torch.cat([torch.arange(n, device=input_ids.device) for n in seq_lens])[None]  # (1, T)
+        start = cache.length if cache is not None else 0
         if positions is None:
-            start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        if self.args.embed_scale:  # Gemma: times sqrt(D), rounded to the model's dtype as transformers does
+            x = x * torch.tensor(self.args.hidden_size ** 0.5).to(x.dtype)
         cos, sin = rope_cos_sin(self.args, positions, x.dtype)
-        for block in self.model.layers:
+        W, band = self.args.sliding_window, None
+        if W is not None and start + T > W:  # a sliding layer's query i sees keys i-W < j <= i (indices over the cache)
+            i = torch.arange(start, start + T, device=x.device)[:, None]  # (T, 1)
+            j = torch.arange(start + T, device=x.device)  # (S,)
+            band = (j <= i) & (j > i - W) if mask is None else mask & (j > i - W)  # (T, S) or (B, 1, T, S)
+        for layer, block in enumerate(self.model.layers):
+            types = self.args.layer_types
+            m = band if band is not None and (types is None or types[layer] == "sliding_attention") else mask
             if self.checkpoint_activations and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, m, cache, seq_lens, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache)
+                x = block(x, cos, sin, m, cache, seq_lens)
         if cache is not None:
             cache.length += T
         hidden = self.model.norm(x)  # (B, T, D): what the LM head reads, and what SFTMix interpolates
-        logits = self.lm_head(hidden if logits_at is None else hidden[logits_at])  # (B, T, V) or (N, V)
+        if head is not None:
+            return head(hidden[logits_at], self.lm_head.weight, softcap=self.args.final_logit_softcapping)
+        logits = self.softcap(self.lm_head(hidden if logits_at is None else hidden[logits_at]))  # (B, T, V) or (N, V)
         return (logits, hidden) if return_hidden else logits
+
+    def softcap(self, logits):
+        """Gemma 2's final soft-cap, cap tanh(logits / cap); the identity for the other families. It is not
+        linear: SFTMix's Mixup mixes the LM head's outputs (W Z~ = lam W Z^c + (1 - lam) W Z^u), then caps."""
+        cap = self.args.final_logit_softcapping
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _read_config(path: Path) -> ModelArgs:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise InputError(f"{config_file}: not found (expected an HF model directory)")
-    return ModelArgs.from_hf_config(json.loads(config_file.read_text()), str(config_file))
+def model_dir(path) -> Path:
+    """The checkpoint a path names: an HF model directory (config.json), or a train.py run directory's final/."""
+    path = Path(path)
+    if (path / "final" / "config.json").is_file():
+        return path / "final"
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: config.json: not found; expected an HF model directory "
+                         f"or a run directory with final/")
+    return path
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        obj = json.loads(file.read_bytes())
+    except OSError as e:
+        raise InputError(f"{file}: cannot read: {e.strerror}") from None
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise InputError(f"{file}: not a JSON file ({e}); truncated or corrupted?") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{file}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def load_pretrained(path, dtype=torch.float32, device="cpu") -> Transformer:
-    """Load a local HF directory (model.safetensors, or shards listed in model.safetensors.index.json).
+    """Load a model (see model_dir): model.safetensors, or shards listed in model.safetensors.index.json.
 
     The model is built on the meta device and the checkpoint's tensors are assigned in place, so no
     random weights are allocated first. Only safetensors are read: no checkpoint is ever unpickled.
+    A file that cannot be read (missing, empty, truncated, not JSON) is an InputError naming it.
     """
-    path = Path(path)
-    args = _read_config(path)
+    path = model_dir(path)
+    args = ModelArgs.from_hf_config(_read_json(path / "config.json"), str(path / "config.json"))
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise InputError(f"{index}: weight_map: expected an object of tensor name -> file name")
+        files = sorted(set(weight_map.values()))
+        for file in files:
+            if not (path / file).is_file():
+                raise InputError(f"{path / file}: not found; {index.name} lists it")
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -275,11 +408,14 @@ def load_pretrained(path, dtype=torch.float32, device="cpu") -> Transformer:
         expected.pop("lm_head.weight")
     state = {}
     for file in files:
-        with safe_open(str(path / file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if args.tie_word_embeddings and name == "lm_head.weight":
-                    continue  # some tied checkpoints store the shared matrix twice
-                state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+        try:
+            with safe_open(str(path / file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if args.tie_word_embeddings and name == "lm_head.weight":
+                        continue  # some tied checkpoints store the shared matrix twice
+                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+        except (OSError, SafetensorError) as e:
+            raise InputError(f"{path / file}: not a readable safetensors file ({e}); truncated or corrupted?") from None
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     wrong = [f"{n}: checkpoint {tuple(state[n].shape)}, model {tuple(expected[n])}"
              for n in sorted(expected.keys() & state.keys()) if state[n].shape != expected[n]]
@@ -294,12 +430,14 @@ def load_pretrained(path, dtype=torch.float32, device="cpu") -> Transformer:
     return model
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "generation_config.json")
 
 
 def save_pretrained(model: Transformer, path, tokenizer_dir=None, state_dict=None, max_shard_bytes=5 * 2**30):
     """Write config.json and model.safetensors (sharded with an index above max_shard_bytes), loadable by
-    transformers' LlamaForCausalLM. A tied LM head is written once, as model.embed_tokens.weight.
+    transformers' class of the family (LlamaForCausalLM, Gemma2ForCausalLM, ...). A tied LM head is written
+    once, as model.embed_tokens.weight.
     state_dict (name -> full CPU tensor) replaces model.state_dict(), for callers that gathered it.
     Every file is written to a temporary name and renamed, so a crash never leaves a half-written file.
     """

@@ -15,6 +15,101 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 LLAMA3_TEMPLATE = "{{ bos_token }}{% for m in messages %}<|start_header_id|>...{% endfor %}"  # only its markers count
+# The instruct templates of the families, as their tokenizer_config.json files hold them (Jinja text):
+GEMMA_TEMPLATE = (  # google/gemma-2b-it, gemma-7b-it, gemma-2-2b-it, gemma-2-9b-it
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+MISTRAL_TEMPLATE = r"""{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.first and system_message is defined %}
+            {{- ' [INST] ' + system_message + '\n\n' + message['content'] + ' [/INST]' }}
+        {%- else %}
+            {{- ' [INST] ' + message['content'] + ' [/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token}}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""  # mistralai/Mistral-7B-Instruct-v0.1 and v0.2
+QWEN25_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""  # Qwen/Qwen2.5-*-Instruct
+FAMILY_TOKENIZERS = {  # family: (template, special tokens added to SmolLM2's, tokenizer_config.json fields)
+    "gemma": (GEMMA_TEMPLATE, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
+              {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<eos>"}),
+    "mistral": (MISTRAL_TEMPLATE, ["<s>", "</s>"], {"bos_token": "<s>", "eos_token": "</s>"}),
+    "qwen2.5": (QWEN25_TEMPLATE, [], {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}),
+}
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 CONVERSATION = [  # digits, unicode, leading and trailing whitespace: where tokenizing in pieces would differ
     {"role": "user", "content": "What is 12 + 30? Answer in one word, s'il vous plaît."},
     {"role": "assistant", "content": "42 🙂"},
@@ -30,6 +125,18 @@ def write(path: Path, text) -> Path:
 
 def jsonl(path: Path, records) -> Path:
     return write(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def family_tokenizer_dir(smollm2_dir: Path, path: Path, family: str) -> Path:
+    """SmolLM2's tokenizer.json with the family's special tokens added, and a tokenizer_config.json with the family's
+    chat template: the template's behaviour on real BPE tokens, without the family's own vocabulary."""
+    template, specials, config = FAMILY_TOKENIZERS[family]
+    tok = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    path.mkdir(parents=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, **config}))
+    return path
 
 
 def byte_tokenizer_dir(path: Path, specials, config: dict, bos=None) -> Path:
@@ -168,7 +275,8 @@ BAD_INPUT = {  # name: (file name, content, extra arguments, message after "erro
     "multi-turn in alpaca prompt format": ("d.jsonl", json.dumps({"id": "c1", "messages": [
         {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}] * 2}), ["--prompt-format", "alpaca"],
         "c1: messages: the alpaca prompt format holds one instruction and one response, got turns "
-        "['user', 'assistant', 'user', 'assistant']; use --prompt-format chatml or llama3"),
+        "['user', 'assistant', 'user', 'assistant']; use a chat format: --prompt-format chatml, llama3, gemma "
+        "or mistral"),
 }
 
 
@@ -202,9 +310,12 @@ def test_command_line_error_has_no_traceback(tmp_path, base):
 def test_prompt_format_is_detected_from_the_chat_template(smol, llama3, base, tmp_path):
     assert (smol.prompt_format, llama3.prompt_format, base.prompt_format) == ("chatml", "llama3", "alpaca")
     assert smol.default_system == SMOL_SYSTEM
-    mistral = D.load_tokenizer(byte_tokenizer_dir(tmp_path / "m", [], {"chat_template": "[INST] {{ m }} [/INST]"}))
-    with pytest.raises(D.InputError, match="cannot tell the prompt format; pass --prompt-format"):
-        D.encode_prompt([{"role": "user", "content": "Q"}], mistral)
+    llama2 = "{{ bos_token + '[INST] <<SYS>>' + s + '<</SYS>>' + m + ' [/INST]' }}"  # Llama 2's markers: none of ours
+    mistral3 = "{{ bos_token + '[INST] ' + m + '[/INST]' }}"  # Mistral v0.3's: no space before [/INST]
+    for template in (llama2, mistral3):
+        other = D.load_tokenizer(byte_tokenizer_dir(tmp_path / str(len(template)), [], {"chat_template": template}))
+        with pytest.raises(D.InputError, match="cannot tell the prompt format; pass --prompt-format"):
+            D.encode_prompt([{"role": "user", "content": "Q"}], other)
 
 
 @pytest.mark.parametrize("system", [None, "Answer briefly."])
@@ -230,6 +341,61 @@ def test_smollm2_trains_each_assistant_turn_with_its_im_end_and_nothing_else(smo
         expected[start - 1: stop - 1] = ref[start:stop]  # labels[t] is the target of position t: token t + 1
         assert hf_smol.decode(ref[start:stop]) == messages[k]["content"] + "<|im_end|>"
     assert sample.labels == expected
+
+
+@pytest.fixture(scope="module")
+def family(smollm2_dir, tmp_path_factory, request):
+    """(name, our Tokenizer, transformers' tokenizer) of a family's template over SmolLM2's tokens."""
+    path = family_tokenizer_dir(smollm2_dir, tmp_path_factory.mktemp(request.param) / "tok", request.param)
+    return request.param, D.load_tokenizer(path), AutoTokenizer.from_pretrained(path)
+
+
+FAMILY_FORMATS = {"gemma": "gemma", "mistral": "mistral", "qwen2.5": "chatml"}
+
+
+@pytest.mark.parametrize("family", FAMILY_FORMATS, indirect=True)
+def test_family_template_is_detected_and_ids_equal_apply_chat_template(family):
+    """Token ids of the whole conversation, and the trained targets: each assistant turn with its end-of-turn token,
+    exactly where transformers' rendering puts them (from the generation prompt to the end-of-turn token)."""
+    name, tok, hf_tok = family
+    assert tok.prompt_format == FAMILY_FORMATS[name]
+    assert D.tokenize(D.Example("c", CONVERSATION), tok, max_len=10_000).input_ids == hf_ids(hf_tok, CONVERSATION)[:-1]
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "What is 6 x 7?"}, {"role": "assistant", "content": "It is 42."}]
+    sample, ref = D.tokenize(D.Example("c", messages), tok), hf_ids(hf_tok, messages)
+    expected = [D.IGNORE] * (len(ref) - 1)
+    for k in (1, 3):
+        start = len(hf_ids(hf_tok, messages[:k], add_generation_prompt=True))
+        stop = next(i for i in range(start, len(ref)) if ref[i] in D.stop_ids(tok)) + 1  # its end-of-turn, included
+        expected[start - 1: stop - 1] = ref[start:stop]  # labels[t] is the target of position t: token t + 1
+        content = messages[k]["content"]
+        assert hf_tok.decode(ref[start:stop]) == {"gemma": f"{content}<end_of_turn>", "mistral": f" {content}</s>",
+                                                  "qwen2.5": f"{content}<|im_end|>"}[name]
+    assert sample.input_ids == ref[:-1] and sample.labels == expected
+    assert D.encode_prompt(CONVERSATION[:3], tok) == hf_ids(hf_tok, CONVERSATION[:3], add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2.5"], indirect=True)
+def test_family_system_turn_equals_apply_chat_template(family):
+    """Mistral's template puts a system turn before the first user turn's content; Qwen's replaces its default."""
+    _, tok, hf_tok = family
+    messages = [{"role": "system", "content": "Be brief. "}] + CONVERSATION
+    assert D.tokenize(D.Example("c", messages), tok).input_ids == hf_ids(hf_tok, messages)[:-1]
+
+
+@pytest.mark.parametrize("family", ["gemma"], indirect=True)
+def test_gemma_puts_a_system_turn_before_the_first_user_turn_which_its_template_refuses(family):
+    """Gemma 1 and 2's templates raise on a system turn; here it goes before the first user turn's content with a
+    blank line between, as Gemma 3's template does (the system text as it is, the user's stripped)."""
+    _, tok, hf_tok = family
+    messages = [{"role": "system", "content": " Be brief."}] + CONVERSATION[:2]
+    with pytest.raises(Exception, match="System role not supported"):
+        hf_tok.apply_chat_template(messages, tokenize=False)
+    sample = D.tokenize(D.Example("c", messages), tok)
+    assert tok.decode(sample.input_ids) == (  # the last token, "\n" after <end_of_turn>, is only ever a target
+        "<bos><start_of_turn>user\n Be brief.\n\nWhat is 12 + 30? Answer in one word, s'il vous plaît.<end_of_turn>\n"
+        "<start_of_turn>model\n42 🙂<end_of_turn>")
+    assert tok.decode(trained_targets(sample)) == "42 🙂<end_of_turn>"
 
 
 def test_labels_are_the_next_token_or_ignored(smol):
@@ -279,10 +445,13 @@ def test_encode_prompt_equals_apply_chat_template_with_generation_prompt(smol, h
         D.encode_prompt(CONVERSATION, smol)
 
 
-def test_stop_ids_are_the_end_of_turn_token_and_eos(smol, llama3, base):
+def test_stop_ids_are_the_end_of_turn_token_and_eos(smol, llama3, base, smollm2_dir, tmp_path):
     assert D.stop_ids(smol) == [smol.encode("<|im_end|>")[0]] == [2]
     assert D.stop_ids(llama3) == llama3.encode("<|eot_id|><|end_of_text|>")
     assert D.stop_ids(base) == base.encode("</s>")
+    gemma, mistral = (D.load_tokenizer(family_tokenizer_dir(smollm2_dir, tmp_path / f, f)) for f in ("gemma", "mistral"))
+    assert D.stop_ids(gemma) == gemma.encode("<end_of_turn><eos>")
+    assert D.stop_ids(mistral) == mistral.encode("</s>")  # the end of a turn is EOS
 
 
 def test_truncation_keeps_the_left_part(smol, hf_smol):

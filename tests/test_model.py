@@ -1,6 +1,7 @@
 """model.py against transformers' LlamaForCausalLM: same logits, same gradients, same checkpoints, same tokens."""
 import ast
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def test_checkpoint_mismatch_names_the_tensors(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,expected", [
-    ("model_type", "qwen2", "model_type"),
+    ("model_type", "phi3", "model_type"),
     ("rope_scaling", {"type": "yarn", "factor": 4.0}, "rope_scaling.rope_type"),
     ("hidden_act", "gelu", "hidden_act"),
 ])
@@ -143,8 +144,6 @@ def test_mistral_without_sliding_window_loads_as_the_same_architecture(tmp_path)
     hf.save_pretrained(tmp_path)
     ids = torch.randint(0, SMALL["vocab_size"], (2, 30))
     assert (M.load_pretrained(tmp_path)(ids) - hf(ids).logits).abs().max().item() <= 1e-5
-    with pytest.raises(InputError, match="sliding_window"):
-        M.ModelArgs.from_hf_config({**cfg.to_dict(), "sliding_window": 4096})
 
 
 def test_old_rope_scaling_key_type_is_accepted():
@@ -224,3 +223,52 @@ def test_main_files_never_import_transformers():
                     top = n.split(".")[0]
                     ok = top in allowed | optional.get(file, set()) or top in sys.stdlib_module_names
                     assert ok, f"{file}: {n}"
+
+
+def corrupt(kind: str, data: bytes) -> bytes:
+    return {"empty": b"", "truncated": data[: len(data) // 2], "garbage": bytes(range(256)) * 4,
+            "not an object": b"[1, 2]"}[kind]
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sharded")
+    M.save_pretrained(M.Transformer(M.ModelArgs.from_hf_config(LlamaConfig(**SMALL).to_dict())), path,
+                      max_shard_bytes=40_000)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "not an object"])
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors.index.json", "model-00002-of-00012.safetensors"])
+def test_every_corrupted_checkpoint_file_is_one_error_line_naming_it(file, kind, sharded_dir, tmp_path):
+    if kind == "not an object" and file.endswith(".safetensors"):
+        kind = "garbage"
+    shutil.copytree(sharded_dir, tmp_path / "m")
+    assert (tmp_path / "m" / file).is_file()
+    (tmp_path / "m" / file).write_bytes(corrupt(kind, (tmp_path / "m" / file).read_bytes()))
+    with pytest.raises(InputError) as e:
+        M.load_pretrained(tmp_path / "m")
+    assert str(e.value).startswith(f"{tmp_path / 'm' / file}: ") and "\n" not in str(e.value), str(e.value)
+
+
+def test_missing_shard_and_bad_weight_map_are_one_line_naming_the_file(sharded_dir, tmp_path):
+    shutil.copytree(sharded_dir, tmp_path / "m")
+    (tmp_path / "m" / "model-00003-of-00012.safetensors").unlink()
+    with pytest.raises(InputError, match=f"^{tmp_path / 'm' / 'model-00003-of-00012.safetensors'}: not found; "
+                                         "model.safetensors.index.json lists it$"):
+        M.load_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
+    with pytest.raises(InputError, match=f"^{tmp_path / 'm' / 'model.safetensors.index.json'}: weight_map: expected"):
+        M.load_pretrained(tmp_path / "m")
+
+
+def test_a_run_directory_names_its_final_checkpoint(sharded_dir, tmp_path):
+    shutil.copytree(sharded_dir, tmp_path / "run" / "final")
+    (tmp_path / "run" / "state").mkdir()
+    assert M.model_dir(tmp_path / "run") == tmp_path / "run" / "final"
+    assert M.model_dir(sharded_dir) == sharded_dir
+    one, run = M.load_pretrained(sharded_dir), M.load_pretrained(tmp_path / "run")
+    assert all(torch.equal(p, q) for p, q in zip(one.state_dict().values(), run.state_dict().values()))
+    with pytest.raises(InputError, match=f"^{tmp_path}: config.json: not found; expected an HF model directory or "
+                                         f"a run directory with final/$"):
+        M.load_pretrained(tmp_path)
