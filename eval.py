@@ -1,28 +1,50 @@
-"""Evaluate fine-tuned models the way the paper compares NTP and SFTMix, and draw the data map.
+"""Evaluate fine-tuned models the way the paper compares NTP and SFTMix, and draw the data map and training curves.
 
     python eval.py ppl      --model DIR --data heldout.jsonl [--split split.json] [--out per_example.jsonl]
-    python eval.py mc       --model DIR --data medqa.jsonl [--out per_question.jsonl]
-    python eval.py generate --model DIR --questions question.jsonl --out answers.jsonl
-    python eval.py compare  RUN_A RUN_B ... --data heldout.jsonl [--mc medqa.jsonl] [--out table.md]
+    python eval.py mc       --model DIR --data medmcqa.json [--out per_question.jsonl]
+    python eval.py generate --model DIR --questions question.jsonl --out model_answer/NAME.jsonl
+    python eval.py generate --model DIR --questions alpaca_eval.json --out NAME/model_outputs.json
+    python eval.py compare  RUN_A RUN_B ... [--data heldout.jsonl] [--mc MedQA=medqa.jsonl ...] [--out table.md]
     python eval.py datamap  --dynamics dynamics.jsonl --out datamap.png [--split split.json]
+    python eval.py curves   RUN_A RUN_B ... --out curves.png
+    python eval.py dynamics RUN_A/dynamics.jsonl RUN_B/dynamics.jsonl [--out table.md]
 
 ppl       Response perplexity over data.py's trained tokens (every assistant turn and its end-of-turn token),
           token-weighted over the file: PPL = exp(sum_i nll_i / sum_i |y_i|), nll_i = -sum_t log p(y_t | x, y_<t).
-mc        Multiple-choice accuracy by option log-likelihood. One record per question (JSON lines or array):
-              {"id": optional, "question": "...", "options": ["...", ...] or {"A": "...", "B": "...", ...},
-               "answer": "B" or 1 (0-based index)}
-          MedQA's own files work as they are (their letter "answer_idx" is read before "answer"); convert
-          MedMCQA (opa..opd, cop) and PubMedQA (context + question, options yes / no / maybe) to this form.
-          The user turn is the question, a blank line and one "A. text" line per option; option k's text y_k
-          is scored as the assistant's reply: LL_k = sum_t log p(y_t | prompt, y_<t). Accuracy is reported
-          for argmax_k LL_k (summed) and argmax_k LL_k / |y_k| (length-normalised).
-generate  MT-Bench questions {"question_id", "category", "turns": [...]} -> FastChat model answers
-          {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [...]}], "tstamp"},
-          ready for FastChat's judge. Turn k sees the model's own answers to turns 1..k-1.
-compare   One Markdown table of the above for several runs (model or run directories), side by side.
+mc        Multiple-choice accuracy by option log-likelihood, from a JSON-lines or JSON-array file as released:
+            MedQA      {"question", "options": {"A": ..., ...}, "answer_idx": "B"}
+            MedMCQA    {"question", "opa", "opb", "opc", "opd", "cop"}: cop counts from 1 in MedMCQA's release and
+                       from 0 in the HF copy; a file holding a 0 (and no 4) is 0-based, one holding a 4 (and no 0)
+                       1-based; any other file cannot tell and is refused unless --cop-base says it
+            PubMedQA   ori_pqal.json, {PMID: {"QUESTION", "CONTEXTS": [...], "final_decision"}}, or the HF layout
+                       {"question", "context": {"contexts": [...]}, "final_decision"}; options yes / no / maybe, the
+                       question is the contexts (one per line), a blank line, then the question
+            any other  {"question", "options": [...] or {"A": ..., ...}, "answer": "B" or 1 (0-based index)}
+          The user turn is the question, a blank line and one "A. text" line per option; option k's text y_k is
+          scored as the assistant's reply, LL_k = sum_t log p(y_t | prompt, y_<t), and the prediction is argmax_k
+          of a score: summed LL_k; per-token LL_k / |y_k| in tokens; per-character LL_k / (characters of y_k),
+          lm-eval's acc_norm.
+generate  Answers as the judges read them; the file's first record says which benchmark:
+            MT-Bench   question.jsonl {"question_id", "category", "turns"} -> FastChat's model answers, JSON lines
+                       {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns"}], "tstamp"};
+                       turn k sees the model's own answers to turns 1..k-1. Decoding as FastChat's gen_model_answer:
+                       the temperature of the question's category (MT_BENCH_TEMPERATURE), greedy below 1e-4, at most
+                       1024 new tokens per turn.
+            AlpacaEval its evaluation set, a JSON array of {"instruction", "dataset", ...} -> the JSON array of
+                       {"instruction", "output", "generator", "dataset"} that alpaca_eval reads; temperature 0.7
+                       and 2048 new tokens (the most common model config of alpaca_eval).
+          The generator / model_id is the run's name. Sampling draws from softmax(logits / T) within --top-p, with
+          no top-k cut (transformers' generate, which FastChat calls, also keeps only the 50 likeliest tokens).
+compare   One Markdown table of the above for several runs (model or run directories), side by side; with
+          several --mc benchmarks, also their mean (the paper's: MedQA, MedQA-5, PubMedQA, MedMCQA).
 datamap   Confidence vs variability of every training example, coloured by split (needs matplotlib).
+curves    NTP loss, Mixup loss, learning rate and held-out perplexity against step from each run's metrics.jsonl.
+dynamics  Confidence mean and spread (std over examples) of dynamics files side by side, as the paper compares
+          the confidence spread after NTP and after SFTMix.
 
 Under `torchrun --nproc_per_node N eval.py ...` the passes over data are sharded over ranks; rank 0 writes.
+Every --out is checked before any work: its directory is made if missing; a directory, or a place that cannot
+be written, is refused.
 """
 import argparse
 import contextlib
@@ -46,6 +68,15 @@ import sftmix
 from data import IGNORE, InputError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+SCORES = ("summed", "per-token", "per-character")
+MEDMCQA_OPTIONS = ("opa", "opb", "opc", "opd")
+PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]
+# FastChat's temperature_config (fastchat/llm_judge/common.py): the temperature its gen_model_answer samples each
+# MT-Bench category at; any other category, and AlpacaEval, get DEFAULT_TEMPERATURE (FastChat's fallback).
+MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                        "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
+DEFAULT_TEMPERATURE = 0.7
+MAX_NEW_TOKENS = {"mt_bench": 1024, "alpaca_eval": 2048}
 
 
 @dataclass
@@ -67,17 +98,6 @@ def setup() -> Runtime:
     return Runtime(device, torch.bfloat16 if cuda else None, dist.get_rank() if world > 1 else 0, world)
 
 
-def model_dir(path) -> Path:
-    """An HF model directory as given, or a run directory's final/ checkpoint."""
-    path = Path(path)
-    if (path / "final" / "config.json").is_file():
-        return path / "final"
-    if not (path / "config.json").is_file():
-        raise InputError(f"{path}: config.json: not found; expected an HF model directory "
-                        f"or a run directory with final/")
-    return path
-
-
 def load_model(path, rt: Runtime) -> M.Transformer:
     return M.load_pretrained(path, device=rt.device).eval()
 
@@ -85,6 +105,37 @@ def load_model(path, rt: Runtime) -> M.Transformer:
 def read_split(path) -> dict:
     """split.json -> {"confident": set of ids, "unconfident": set of ids}."""
     return {half: set(ids) for half, ids in sftmix.read_split(path).items()}
+
+
+NUMERIC_FLAGS = {"batch_size": (lambda v: v >= 1, "an integer >= 1"), "max_len": (lambda v: v >= 2, "an integer >= 2"),
+                 "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+                 "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+                 "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]")}
+
+
+def check_flags(args) -> None:
+    """The numeric flags a command has, before any work: one line naming the flag and what was expected."""
+    for flag, (ok, expected) in NUMERIC_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None and not ok(value):
+            raise InputError(f"--{flag.replace('_', '-')}: expected {expected}, got {value}")
+
+
+def run_file(path, name) -> tuple:
+    """(file, display name) of a run directory's file name, or of a file given directly (named after its folder)."""
+    path = Path(path)
+    return (path / name, path.resolve().name) if path.is_dir() else (path, path.resolve().parent.name)
+
+
+def pyplot(command):
+    """matplotlib's pyplot on the Agg backend (files, no display), imported only by the commands that draw."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError(f"{command} needs matplotlib: pip install matplotlib") from None
+    return plt
 
 
 # ----------------------------------------------------------------------------- ppl
@@ -121,27 +172,80 @@ class Question:
     answer: int  # 0-based index of the correct option
 
 
-def read_mc(path) -> list:
-    """Multiple-choice questions of a JSON-lines or JSON-array file (format in the module docstring)."""
-    questions = []
-    for i, (where, r) in enumerate(data.read_records(Path(path))):  # [(file:line, record)]
-        if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not r["question"].strip():
-            raise InputError(f'{where}: "question": expected an object with a non-empty string "question"')
-        options = r.get("options")
+def mc_records(path) -> list:
+    """[(where, record)]: data.read_records, or PubMedQA's ori_pqal.json (one object {PMID: record})."""
+    try:
+        whole = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        whole = None  # not one JSON document: read_records says what is wrong, if anything
+    if isinstance(whole, dict) and whole and all(isinstance(r, dict) and "QUESTION" in r for r in whole.values()):
+        return [(f"{path}:{pmid}", r | {"id": pmid}) for pmid, r in whole.items()]
+    return data.read_records(Path(path))
+
+
+def medmcqa_base(path, records, base=None):
+    """The number MedMCQA's "cop" gives the first option: 1 in its release (1..4), 0 in the HF copy (0..3).
+    A file holding a 0 and no 4 is 0-based, a 4 and no 0 1-based; any other cannot tell (base must be given)."""
+    cops = {r.get("cop") for _, r in records if isinstance(r, dict) and "opa" in r and type(r.get("cop")) is int}
+    if base is not None or not cops:
+        return base
+    if (0 in cops) == (4 in cops):
+        raise InputError(f'{path}: "cop": {"both 0 and 4" if 0 in cops else "neither 0 nor 4"} among its values, so '
+                         f"the file cannot tell 1-based answers (MedMCQA's release) from 0-based ones (the HF copy); "
+                         f"pass --cop-base 1 or 0")
+    return 0 if 0 in cops else 1
+
+
+def mc_question(where, r, default_id, base) -> Question:
+    """One question of any layout in the module docstring, its answer as a 0-based index."""
+    if not isinstance(r, dict):
+        raise InputError(f"{where}: expected an object with a question")
+    if "opa" in r:  # MedMCQA
+        key, options, answer = '"question"', [r.get(k) for k in MEDMCQA_OPTIONS], r.get("cop")
+        question, id_ = r.get("question"), r.get("id", default_id)
+        if base is None or not (type(answer) is int and 0 <= answer - base < 4):
+            counts = f"this file counts from {base}" if base is not None else "from 1 as released, 0 in the HF copy"
+            raise InputError(f'{where}: "cop": expected the correct option\'s number ({counts}), '
+                             f"got {json.dumps(answer)}")
+        answer -= base
+    elif "final_decision" in r:  # PubMedQA: the HF layout, or ori_pqal.json's
+        hf = "question" in r
+        key, id_ = ('"question"', r.get("pubid", default_id)) if hf else ('"QUESTION"', r.get("id", default_id))
+        context = r.get("context") if isinstance(r.get("context"), dict) else {}
+        contexts = context.get("contexts") if hf else r.get("CONTEXTS")
+        if not (isinstance(contexts, list) and all(isinstance(c, str) for c in contexts)):
+            raise InputError(f'{where}: {"context.contexts" if hf else "CONTEXTS"}: expected a list of strings')
+        question = r.get("question" if hf else "QUESTION")
+        question = "\n".join(contexts) + "\n\n" + question if isinstance(question, str) and question.strip() else None
+        options, answer = PUBMEDQA_OPTIONS, r["final_decision"]
+        if answer not in options:
+            raise InputError(f'{where}: "final_decision": expected yes, no or maybe, got {json.dumps(answer)}')
+        answer = options.index(answer)
+    else:  # MedQA, or our own {"question", "options", "answer"}
+        key, question, options, id_ = '"question"', r.get("question"), r.get("options"), r.get("id", default_id)
         options = dict(zip(LETTERS, options)) if isinstance(options, list) and len(options) <= len(LETTERS) else options
-        if not (isinstance(options, dict) and len(options) >= 2 and list(options) == list(LETTERS[:len(options)])
-                and all(isinstance(t, str) and t.strip() for t in options.values())):
+        if not (isinstance(options, dict) and len(options) >= 2 and list(options) == list(LETTERS[:len(options)])):
             raise InputError(f'{where}: "options": expected 2 or more non-empty strings, as a list or as '
-                            f'{{"A": text, "B": text, ...}} with keys A, B, C, ... in order')
-        key = "answer_idx" if "answer_idx" in r else "answer"
-        texts, answer, n = list(options.values()), r.get(key), len(options)
+                             f'{{"A": text, "B": text, ...}} with keys A, B, C, ... in order')
+        field = "answer_idx" if "answer_idx" in r else "answer"
+        options, answer, n = list(options.values()), r.get(field), len(options)
         if isinstance(answer, str) and answer.strip() in LETTERS[:n]:
             answer = LETTERS.index(answer.strip())
         elif not (type(answer) is int and 0 <= answer < n):
-            raise InputError(f'{where}: "{key}": expected one of {", ".join(LETTERS[:n])} or an index 0..{n - 1}, '
-                            f"got {json.dumps(answer)}")
-        questions.append(Question(str(r.get("id", f"{Path(path).name}:{i}")), r["question"], texts, answer))
-    return questions
+            raise InputError(f'{where}: "{field}": expected one of {", ".join(LETTERS[:n])} or an index 0..{n - 1}, '
+                             f"got {json.dumps(answer)}")
+    if not isinstance(question, str) or not question.strip():
+        raise InputError(f"{where}: {key}: expected a non-empty string")
+    if not all(isinstance(t, str) and t.strip() for t in options):
+        raise InputError(f"{where}: options: expected non-empty strings")
+    return Question(str(id_), question, options, answer)
+
+
+def read_mc(path, cop_base=None) -> list:
+    """Multiple-choice questions of a file in any layout of the module docstring."""
+    records = mc_records(path)
+    base = medmcqa_base(path, records, cop_base)
+    return [mc_question(where, r, f"{Path(path).name}:{i}", base) for i, (where, r) in enumerate(records)]
 
 
 def mc_prompt(q: Question) -> str:
@@ -173,25 +277,49 @@ def option_logliks(model, tok, questions, rt, prompt_format=None, batch_size=8) 
 
 
 def mc_accuracy(questions, logliks) -> tuple:
-    """Accuracy of argmax_k log p(y_k | x) (summed) and of argmax_k log p(y_k | x) / |y_k| (length-normalised)."""
+    """Accuracy of argmax_k s_k for each score s: summed s_k = LL_k, per-token s_k = LL_k / |y_k| (tokens),
+    per-character s_k = LL_k / len(y_k) (characters: lm-eval's acc_norm). Ties go to the first option."""
     rows = []
     for q, scores in zip(questions, logliks):
-        summed = [ll for ll, _ in scores]
-        normed = [ll / n for ll, n in scores]
-        rows.append({"id": q.id, "answer": LETTERS[q.answer], "pred_sum": LETTERS[int(np.argmax(summed))],
-                     "pred_norm": LETTERS[int(np.argmax(normed))], "loglik": summed, "tokens": [n for _, n in scores]})
-    summary = {"questions": len(rows),
-               "accuracy_sum": sum(r["pred_sum"] == r["answer"] for r in rows) / len(rows),
-               "accuracy_norm": sum(r["pred_norm"] == r["answer"] for r in rows) / len(rows)}
-    return summary, rows
+        ll, tokens, chars = [ll for ll, _ in scores], [n for _, n in scores], [len(t) for t in q.options]
+        by = {"summed": ll, "per-token": np.divide(ll, tokens), "per-character": np.divide(ll, chars)}
+        rows.append({"id": q.id, "answer": LETTERS[q.answer]}
+                    | {f"pred_{kind.replace('-', '_')}": LETTERS[int(np.argmax(s))] for kind, s in by.items()}
+                    | {"loglik": ll, "tokens": tokens, "chars": chars})
+    accuracy = {kind: sum(r[f"pred_{kind.replace('-', '_')}"] == r["answer"] for r in rows) / len(rows)
+                for kind in SCORES}
+    return {"questions": len(rows), "accuracy": accuracy}, rows
 
 
-# ----------------------------------------------------------------------------- generate (MT-Bench)
+def named_files(values) -> dict:
+    """--mc [NAME=]FILE, repeated -> {NAME: FILE}; NAME defaults to the file's name without its suffix."""
+    named = {}
+    for v in values or []:
+        name, file = v.split("=", 1) if "=" in v else (Path(v).stem, v)
+        if not name or name in named:
+            raise InputError(f"--mc {v}: expected NAME=FILE with a name no other --mc has")
+        named[name] = file
+    return named
 
-def read_questions(path) -> list:
-    """MT-Bench questions: objects with "question_id" and "turns" (a non-empty list of strings)."""
+
+# ----------------------------------------------------------------------------- generate (MT-Bench, AlpacaEval)
+
+def read_questions(path) -> tuple:
+    """(benchmark, questions): "mt_bench" for MT-Bench's question.jsonl ({"question_id", "category", "turns"}),
+    "alpaca_eval" for AlpacaEval's set ({"instruction", ...}, given "turns": [instruction]); the first record
+    decides."""
+    records = data.read_records(Path(path))
+    if not records:
+        raise InputError(f"{path}: no questions")
+    benchmark = "alpaca_eval" if isinstance(records[0][1], dict) and "instruction" in records[0][1] else "mt_bench"
     questions, seen = [], set()
-    for where, r in data.read_records(Path(path)):
+    for where, r in records:
+        if benchmark == "alpaca_eval":
+            if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not r["instruction"].strip():
+                raise InputError(f'{where}: "instruction": expected a non-empty string (AlpacaEval\'s layout, '
+                                 f"as the first record)")
+            questions.append(r | {"turns": [r["instruction"]]})
+            continue
         if not isinstance(r, dict) or "question_id" not in r:
             raise InputError(f'{where}: "question_id": missing; expected an object with "question_id" and "turns"')
         turns = r.get("turns")
@@ -201,7 +329,13 @@ def read_questions(path) -> list:
             raise InputError(f'{where}: "question_id": duplicate {json.dumps(r["question_id"])}')
         seen.add(r["question_id"])
         questions.append(r)
-    return questions
+    return benchmark, questions
+
+
+def temperature_of(question, temperature=None) -> float:
+    """temperature, or FastChat's for the question's MT-Bench category; below 1e-4 it is 0 (greedy), as in FastChat."""
+    t = MT_BENCH_TEMPERATURE.get(question.get("category"), DEFAULT_TEMPERATURE) if temperature is None else temperature
+    return t if t >= 1e-4 else 0.0
 
 
 def conversation(turns, answers) -> list:
@@ -212,27 +346,36 @@ def conversation(turns, answers) -> list:
     return messages + [{"role": "user", "content": turns[len(answers)]}]
 
 
-def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_tokens=1024, temperature=0.0,
+def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_tokens=1024, temperature=None,
                      top_p=1.0, batch_size=8, seed=0) -> list:
     """The model's answers, a list of turn texts per question, on every rank (questions sharded over ranks).
 
-    Turn by turn: all first turns (batched, sorted by prompt length so little is padding), then all second
-    turns with each conversation holding the model's own first answer, and so on. KV-cached, greedy at
-    temperature 0; the end-of-turn token is dropped and the text stripped, as FastChat does.
+    Turn by turn: all first turns, then all second turns with each conversation holding the model's own first
+    answer, and so on; each turn in batches of one temperature (temperature_of), sorted by prompt length so little
+    is padding. KV-cached; batch j of turn k samples with seed + 1000 k + j, so the same flags give the same
+    answers. The end-of-turn token is dropped and the text stripped, as FastChat does.
     """
     stops = data.stop_ids(tok, prompt_format)
+    temperatures = [temperature_of(q, temperature) for q in questions]
     answers = {i: [] for i in data.shard(list(range(len(questions))), rt.rank, rt.world)}
-    for turn in range(max(len(q["turns"]) for q in questions)):
+    turns = max(len(q["turns"]) for q in questions)
+    progress = tqdm(desc="generate", unit=" tokens", disable=rt.rank != 0)  # generated tokens and their rate
+    for turn in range(turns):
         prompts = {i: data.encode_prompt(conversation(questions[i]["turns"][:turn + 1], a), tok, prompt_format)
                    for i, a in answers.items() if turn < len(questions[i]["turns"])}
-        order = sorted(prompts, key=lambda i: len(prompts[i]))
-        batches = [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
-        for j, batch in enumerate(tqdm(batches, desc=f"generate turn {turn + 1}", disable=rt.rank != 0)):
+        same_temperature = {}
+        for i in sorted(prompts, key=lambda i: len(prompts[i])):
+            same_temperature.setdefault(temperatures[i], []).append(i)
+        batches = [g[k:k + batch_size] for g in same_temperature.values() for k in range(0, len(g), batch_size)]
+        for j, batch in enumerate(batches):
+            progress.set_postfix_str(f"turn {turn + 1}/{turns}, batch {j + 1}/{len(batches)}")
             with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-                new = M.generate(model, [prompts[i] for i in batch], max_new_tokens, temperature, top_p,
+                new = M.generate(model, [prompts[i] for i in batch], max_new_tokens, temperatures[batch[0]], top_p,
                                  eos_ids=stops, seed=seed + 1000 * turn + j)
             for i, ids in zip(batch, new):
                 answers[i].append(tok.decode(ids[:-1] if ids and ids[-1] in stops else ids).strip())
+            progress.update(sum(map(len, new)))
+    progress.close()
     if rt.world > 1:
         parts = [None] * rt.world
         dist.all_gather_object(parts, answers)
@@ -240,9 +383,12 @@ def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_toke
     return [answers[i] for i in range(len(questions))]
 
 
-def answer_records(questions, answers, model_id) -> list:
-    """FastChat's model-answer records."""
-    return [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
+def answer_records(benchmark, questions, answers, name) -> list:
+    """FastChat's model-answer records (MT-Bench), or alpaca_eval's model outputs, name as model_id / generator."""
+    if benchmark == "alpaca_eval":
+        return [{"instruction": q["instruction"], "output": a[0], "generator": name}
+                | ({"dataset": q["dataset"]} if "dataset" in q else {}) for q, a in zip(questions, answers)]
+    return [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": name,
              "choices": [{"index": 0, "turns": a}], "tstamp": time.time()} for q, a in zip(questions, answers)]
 
 
@@ -259,37 +405,70 @@ def markdown_table(names, metrics) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_names(args, defaults) -> list:
+    names = args.names or defaults
+    if len(names) != len(defaults):
+        raise InputError(f"--names: expected {len(defaults)} names, one per run, got {len(names)}")
+    return names
+
+
 def compare(args, rt) -> str:
-    """Each run's ppl on --data (per half with --split) and accuracy on --mc, as one Markdown table."""
-    dirs = [model_dir(r) for r in args.runs]
-    names = args.names or [Path(r).resolve().name for r in args.runs]
-    if len(names) != len(dirs):
-        raise InputError(f"--names: expected {len(dirs)} names, one per run, got {len(names)}")
+    """Each run's ppl on --data (per half with --split) and accuracy on each --mc benchmark, with the benchmarks'
+    mean when there are several, as one Markdown table."""
+    dirs = [M.model_dir(r) for r in args.runs]
+    names = run_names(args, [Path(r).resolve().name for r in args.runs])
+    if not args.data and not args.mc:
+        raise InputError("compare: expected --data, --mc or both")
     split = read_split(args.split) if args.split else None
-    mc = read_mc(args.mc) if args.mc else None
+    benchmarks = {name: read_mc(file, args.cop_base) for name, file in named_files(args.mc).items()}
     metrics = {}
     for d in dirs:
         tok = data.load_tokenizer(d)
-        samples, _ = data.load_dataset(args.data, tok, args.prompt_format, args.max_len)
+        samples = data.load_dataset(args.data, tok, args.prompt_format, args.max_len)[0] if args.data else None
         model = load_model(d, rt)
-        summary, _ = evaluate_ppl(model, samples, rt, args.batch_size, split)
-        for part, s in summary.items():
-            suffix = "" if part == "all" else f" ({part})"
-            metrics.setdefault(f"ppl{suffix} ↓", []).append(s["ppl"])
-            metrics.setdefault(f"NLL per token{suffix} ↓", []).append(s["nll_per_token"])
-        if mc:
-            acc, _ = mc_accuracy(mc, option_logliks(model, tok, mc, rt, args.prompt_format, args.batch_size))
-            metrics.setdefault("mc accuracy, summed log-lik ↑", []).append(acc["accuracy_sum"])
-            metrics.setdefault("mc accuracy, length-normalised ↑", []).append(acc["accuracy_norm"])
+        if samples:
+            summary, _ = evaluate_ppl(model, samples, rt, args.batch_size, split)
+            for part, s in summary.items():
+                suffix = "" if part == "all" else f" ({part})"
+                metrics.setdefault(f"ppl{suffix} ↓", []).append(s["ppl"])
+                metrics.setdefault(f"NLL per token{suffix} ↓", []).append(s["nll_per_token"])
+        accuracy = {name: mc_accuracy(questions, option_logliks(model, tok, questions, rt, args.prompt_format,
+                                                                args.batch_size))[0]["accuracy"]
+                    for name, questions in benchmarks.items()}
+        for kind in args.mc_score:
+            for name in benchmarks:
+                metrics.setdefault(f"{name} accuracy, {kind} ↑", []).append(accuracy[name][kind])
+            if len(benchmarks) > 1:
+                metrics.setdefault(f"mean of {', '.join(benchmarks)}, {kind} ↑", []).append(
+                    sum(accuracy[name][kind] for name in benchmarks) / len(benchmarks))
         del model
     return markdown_table(names, metrics)
 
 
-# ----------------------------------------------------------------------------- datamap
+def dynamics_table(paths, names) -> str:
+    """Per dynamics file: mean and spread (population std over the N examples) of Conf = -mean_c Perp_c, and the
+    mean variability, side by side; the spread's ratio B ÷ A is the paper's comparison of two runs."""
+    metrics = {}
+    for path in paths:
+        _, perplexities = sftmix.read_dynamics(path)  # (N, C)
+        conf = sftmix.confidence(perplexities)  # (N,)
+        metrics.setdefault("confidence mean", []).append(conf.mean())
+        metrics.setdefault("confidence spread (std over examples)", []).append(conf.std())
+        metrics.setdefault("variability mean", []).append(sftmix.variability(perplexities).mean())
+    return markdown_table(names, metrics)
+
+
+# ----------------------------------------------------------------------------- pictures
 
 def datamap(dynamics, out, split_path=None):
-    """Scatter of confidence Conf = -mean_c Perp_c (y-axis) against variability std_c Perp_c (x-axis),
-    coloured by half, with the median confidence drawn: the split is the line through the cloud."""
+    """Scatter of confidence Conf = -mean_c Perp_c (y-axis) against variability std_c Perp_c (x-axis), coloured by
+    half, with the median confidence drawn: the split is the line through the cloud.
+
+    Perplexities span orders of magnitude, so both axes are logarithmic and every point lies inside the frame:
+    y is -Conf (the mean perplexity) on a log axis, drawn downwards and labelled with Conf's values, so that the
+    confident examples are on top; x is symlog, linear below the decade of the 1st percentile of the nonzero
+    variabilities, so that 0 is shown.
+    """
     ids, perps = sftmix.read_dynamics(dynamics)
     conf, var = sftmix.confidence(perps), sftmix.variability(perps)  # (N,), (N,)
     if split_path:
@@ -299,34 +478,102 @@ def datamap(dynamics, out, split_path=None):
             raise InputError(f'{split_path}: id {json.dumps(missing[0])} of {dynamics} is in neither half')
     else:
         halves = dict(zip(("confident", "unconfident"), map(set, sftmix.split_by_confidence(ids, conf))))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError("datamap needs matplotlib: pip install matplotlib") from None
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    plt = pyplot("datamap")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
     for half, colour in (("confident", "tab:blue"), ("unconfident", "tab:orange")):
         mask = np.array([i in halves[half] for i in ids])
-        ax.scatter(var[mask], conf[mask], s=10, alpha=0.6, color=colour, label=f"{half} ({mask.sum()})")
-    ax.axhline(np.median(conf), color="black", linestyle="--", linewidth=1, label="median confidence")
-    ax.set_xscale("symlog")  # perplexities span orders of magnitude: a few outliers would flatten the cloud
-    ax.set_yscale("symlog")
-    ax.set_xlim(left=0)  # variability >= 0, confidence <= -1
-    ax.set_ylim(top=0)
-    ax.set(xlabel="variability: std over checkpoints of Perp(y|x) (symlog)",
-           ylabel="confidence: −mean over checkpoints of Perp(y|x) (symlog)",
+        ax.scatter(var[mask], -conf[mask], s=10, alpha=0.6, color=colour, label=f"{half} ({mask.sum()})")
+    ax.axhline(-np.median(conf), color="black", linestyle="--", linewidth=1, label="median confidence")
+    low = np.percentile(var[var > 0], 1) if (var > 0).any() else 1.0  # below it, a linear stretch down to 0
+    ax.set_xscale("symlog", linthresh=10 ** np.floor(np.log10(low)))
+    ax.set_yscale("log")
+    ax.invert_yaxis()  # higher confidence (lower perplexity) on top
+    decades = np.log10(-conf.min() / -conf.max())
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0,) if decades > 3 else (1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"−{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.margins(0.05)
+    ax.set(xlabel="variability: std over checkpoints of Perp(y|x) (symlog scale)",
+           ylabel="confidence: −mean over checkpoints of Perp(y|x) (log scale)",
            title=f"Data map: {len(ids)} examples, {perps.shape[1]} checkpoints")
     ax.legend()
     with data.atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+CURVES = {"ntp_loss": "NTP loss", "mixup_loss": "Mixup loss", "lr": "learning rate",
+          "heldout_ppl": "held-out perplexity (per epoch)"}
+
+
+def read_metrics(path) -> list:
+    """metrics.jsonl -> its records; each an object with an integer "step" and numbers (or null) under CURVES' keys."""
+    records = data.read_records(Path(path))
+    for where, r in records:
+        if not isinstance(r, dict) or type(r.get("step")) is not int:
+            raise InputError(f'{where}: "step": expected an object with an integer "step" (train.py\'s metrics.jsonl)')
+        for key in CURVES:
+            if not isinstance(r.get(key), (int, float, type(None))) or isinstance(r.get(key), bool):
+                raise InputError(f'{where}: "{key}": expected a number, got {json.dumps(r[key])}')
+    return [r for _, r in records]
+
+
+def smooth(values, window):
+    """Moving average over `window` steps (shorter at the ends): (S,) -> (S,)."""
+    kernel = np.ones(window)
+    return np.convolve(values, kernel, "same") / np.convolve(np.ones(len(values)), kernel, "same")
+
+
+def curves(runs, names, out):
+    """One panel per quantity of CURVES that some run recorded, against step; run k is colour C<k> and line style k.
+    A loss is drawn raw (faint) and as its moving average over 1/25 of the steps (the labelled line). An NTP run
+    records mixup_loss 0 at every step: it has no Mixup line."""
+    series = [read_metrics(run_file(run, "metrics.jsonl")[0]) for run in runs]
+    lines = {key: [] for key in CURVES}  # key -> [(run k, steps, values)]
+    for k, records in enumerate(series):
+        for key in CURVES:
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if points and not (key == "mixup_loss" and all(v == 0 for _, v in points)):
+                lines[key].append((k, *map(np.array, zip(*points))))
+    panels = [key for key in CURVES if lines[key]]
+    if not panels:
+        raise InputError(f"{', '.join(map(str, runs))}: no {', '.join(CURVES)} recorded")
+    plt = pyplot("curves")
+    cols = min(len(panels), 2)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), layout="constrained", squeeze=False)
+    style = ["-", "--", "-.", ":"]
+    for ax, key in zip(axes.flat, panels):
+        for k, steps, values in lines[key]:
+            drawn = dict(color=f"C{k}", linestyle=style[k % 4], linewidth=1.5, label=names[k])
+            if key.endswith("_loss"):
+                ax.plot(steps, values, color=f"C{k}", linewidth=0.6, alpha=0.3)
+                values = smooth(values, max(1, len(values) // 25))
+            ax.plot(steps, values, marker="o" if key == "heldout_ppl" else None, **drawn)
+        ax.set(title=CURVES[key], xlabel="step")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
+    handles = [plt.Line2D([], [], color=f"C{k}", linestyle=style[k % 4], label=n) for k, n in enumerate(names)]
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(names), 6))
+    with data.atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- command line
 
-def cmd_ppl(args, rt, say) -> list:
-    path = model_dir(args.model)
+def write_out(args, rt, say, obj, lines=True) -> None:
+    """--out, when given, on rank 0: JSON lines of a list, or (lines=False) one JSON document."""
+    if rt.rank == 0 and args.out:
+        data.write_json(args.out, obj, lines=lines)
+        say(f"wrote {args.out}")
+
+
+def cmd_ppl(args, rt, say):
+    path = M.model_dir(args.model)
     tok = data.load_tokenizer(path)
     samples, _ = data.load_dataset(args.data, tok, args.prompt_format, args.max_len)
     split = read_split(args.split) if args.split else None
@@ -334,36 +581,50 @@ def cmd_ppl(args, rt, say) -> list:
     for part, s in summary.items():
         say(f"{part:>11}: ppl {s['ppl']:.4f}  NLL/token {s['nll_per_token']:.4f}  "
             f"({s['examples']} examples, {s['tokens']} response tokens)")
-    return rows
+    write_out(args, rt, say, rows)
 
 
-def cmd_mc(args, rt, say) -> list:
-    questions = read_mc(args.data)  # bad input fails before the model loads
-    path = model_dir(args.model)
+def cmd_mc(args, rt, say):
+    questions = read_mc(args.data, args.cop_base)  # bad input fails before the model loads
+    path = M.model_dir(args.model)
     tok = data.load_tokenizer(path)
     logliks = option_logliks(load_model(path, rt), tok, questions, rt, args.prompt_format, args.batch_size)
     summary, rows = mc_accuracy(questions, logliks)
-    say(f"{summary['questions']} questions: accuracy {summary['accuracy_sum']:.4f} (summed log-likelihood), "
-        f"{summary['accuracy_norm']:.4f} (length-normalised)")
-    return rows
+    say(f"{summary['questions']} questions: accuracy " + ", ".join(f"{a:.4f} ({kind})"
+                                                                  for kind, a in summary["accuracy"].items()))
+    write_out(args, rt, say, rows)
 
 
-def cmd_generate(args, rt, say) -> list:
-    questions = read_questions(args.questions)  # bad input fails before the model loads
-    path = model_dir(args.model)
+def cmd_generate(args, rt, say):
+    benchmark, questions = read_questions(args.questions)  # bad input fails before the model loads
+    suffix = {"mt_bench": ".jsonl", "alpaca_eval": ".json"}[benchmark]  # what FastChat / alpaca_eval read
+    if Path(args.out).suffix != suffix:
+        raise InputError(f"--out {args.out}: expected a {suffix} file for {benchmark} (what its judge reads)")
+    path = M.model_dir(args.model)
     answers = answer_questions(load_model(path, rt), data.load_tokenizer(path), questions, rt, args.prompt_format,
-                               args.max_new_tokens, args.temperature, args.top_p, args.batch_size, args.seed)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    return answer_records(questions, answers, args.model_id or Path(args.model).resolve().name)
+                               args.max_new_tokens or MAX_NEW_TOKENS[benchmark], args.temperature, args.top_p,
+                               args.batch_size, args.seed)
+    name = args.model_id or Path(args.model).resolve().name
+    write_out(args, rt, say, answer_records(benchmark, questions, answers, name), lines=benchmark == "mt_bench")
 
 
-def cmd_compare(args, rt, say):
-    with contextlib.redirect_stdout(sys.stderr):  # stdout holds the table alone: `> table.md` works
-        table = compare(args, rt)
+def show_table(args, rt, say, table):
+    """The table on stdout alone (so `> table.md` works), and in --out when given."""
     if rt.rank == 0 and args.out:
         with data.atomic_path(args.out) as tmp:
             tmp.write_text(table, "utf-8")
     say(table, end="")
+
+
+def cmd_compare(args, rt, say):
+    with contextlib.redirect_stdout(sys.stderr):  # progress and loading messages stay off stdout
+        table = compare(args, rt)
+    show_table(args, rt, say, table)
+
+
+def cmd_dynamics(args, rt, say):
+    files, defaults = zip(*(run_file(r, "dynamics.jsonl") for r in args.runs))
+    show_table(args, rt, say, dynamics_table(files, run_names(args, list(defaults))))
 
 
 def cmd_datamap(args, rt, say):
@@ -372,55 +633,90 @@ def cmd_datamap(args, rt, say):
     say(f"wrote {args.out}")
 
 
+def cmd_curves(args, rt, say):
+    if rt.rank == 0:
+        curves(args.runs, run_names(args, [run_file(r, "metrics.jsonl")[1] for r in args.runs]), args.out)
+    say(f"wrote {args.out}")
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except for a flag that is required or has none, or says it in words."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or "(default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    D = argparse.ArgumentDefaultsHelpFormatter
-    ppl = sub.add_parser("ppl", formatter_class=D, help="response perplexity, overall, per example, per half")
-    mc = sub.add_parser("mc", formatter_class=D, help="multiple-choice accuracy by option log-likelihood")
-    gen = sub.add_parser("generate", formatter_class=D, help="answers to MT-Bench questions, FastChat format")
-    cmp = sub.add_parser("compare", formatter_class=D, help="Markdown table of several runs side by side")
-    dm = sub.add_parser("datamap", formatter_class=D, help="confidence vs variability picture (matplotlib)")
-    for s, run in ((ppl, cmd_ppl), (mc, cmd_mc), (gen, cmd_generate), (cmp, cmd_compare), (dm, cmd_datamap)):
+    ppl = sub.add_parser("ppl", formatter_class=Help, help="response perplexity, overall, per example, per half")
+    mc = sub.add_parser("mc", formatter_class=Help, help="multiple-choice accuracy (MedQA, MedMCQA, PubMedQA, ...)")
+    gen = sub.add_parser("generate", formatter_class=Help, help="MT-Bench or AlpacaEval answers, as judges read them")
+    cmp = sub.add_parser("compare", formatter_class=Help, help="Markdown table of several runs side by side")
+    dm = sub.add_parser("datamap", formatter_class=Help, help="confidence vs variability picture (matplotlib)")
+    cur = sub.add_parser("curves", formatter_class=Help, help="training curves of several runs (matplotlib)")
+    dyn = sub.add_parser("dynamics", formatter_class=Help, help="confidence mean and spread of dynamics files")
+    for s, run in ((ppl, cmd_ppl), (mc, cmd_mc), (gen, cmd_generate), (cmp, cmd_compare), (dm, cmd_datamap),
+                   (cur, cmd_curves), (dyn, cmd_dynamics)):
         s.set_defaults(run=run)
     for s in (ppl, mc, gen):
         s.add_argument("--model", required=True, help="HF model directory, or a run directory with final/")
     cmp.add_argument("runs", nargs="+", help="model or run directories; the first is the baseline A")
-    cmp.add_argument("--names", nargs="+", help="column names, one per run (None: the directories' names)")
-    cmp.add_argument("--mc", help="multiple-choice file; adds accuracy rows")
-    for s, what in ((ppl, "conversations (alpaca / sharegpt / messages)"), (mc, "multiple-choice questions"),
-                    (cmp, "held-out conversations for ppl")):
-        s.add_argument("--data", required=True, help=what)
+    cur.add_argument("runs", nargs="+", help="run directories (or their metrics.jsonl files)")
+    dyn.add_argument("runs", nargs="+", help="dynamics.jsonl files (or run directories holding one); the first is A")
+    for s in (cmp, cur, dyn):
+        s.add_argument("--names", nargs="+", help="one name per run (default: the directories' names)")
+    cmp.add_argument("--mc", action="append", metavar="[NAME=]FILE",
+                     help="multiple-choice benchmark, repeated for several (NAME defaults to the file's stem); adds "
+                          "accuracy rows, and their mean with several, e.g. --mc MedQA=medqa.jsonl --mc "
+                          "MedQA-5=medqa5.jsonl --mc PubMedQA=ori_pqal.json --mc MedMCQA=dev.json")
+    cmp.add_argument("--mc-score", nargs="+", choices=SCORES, default=list(SCORES), metavar="SCORE",
+                     help=f"accuracy by these scores, of {', '.join(SCORES)} (default: all three)")
+    ppl.add_argument("--data", required=True, help="conversations (alpaca / sharegpt / messages)")
+    mc.add_argument("--data", required=True, help="multiple-choice questions: MedQA, MedMCQA, PubMedQA or our layout")
+    cmp.add_argument("--data", help="held-out conversations; adds ppl rows")
+    for s in (mc, cmp):
+        s.add_argument("--cop-base", type=int, choices=(0, 1), help="MedMCQA's cop: 1 = its release (1..4), 0 = the "
+                       "HF copy (0..3) (default: decided from the file: a 0 is 0-based, a 4 is 1-based)")
     for s in (ppl, cmp):
         s.add_argument("--split", help="split.json; adds ppl per half")
         s.add_argument("--max-len", type=int, default=data.MAX_LEN, help="tokens per example; longer cut on the right")
     for s in (ppl, mc, gen, cmp):
-        s.add_argument("--prompt-format", choices=data.PROMPT_FORMATS, help="None: from the chat template")
+        s.add_argument("--prompt-format", choices=data.PROMPT_FORMATS, help="(default: from the chat template)")
         s.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
-    for s, what in ((ppl, "per-example JSONL"), (mc, "per-question JSONL"), (cmp, "Markdown file for the table")):
+    for s, what in ((ppl, "per-example JSONL"), (mc, "per-question JSONL"), (cmp, "Markdown file for the table"),
+                    (dyn, "Markdown file for the table")):
         s.add_argument("--out", help=what)
-    gen.add_argument("--questions", required=True, help="MT-Bench question.jsonl")
-    gen.add_argument("--out", required=True, help="answers JSONL, e.g. data/mt_bench/model_answer/NAME.jsonl")
-    gen.add_argument("--model-id", help="model_id in the answers (None: the model directory's name)")
-    gen.add_argument("--max-new-tokens", type=int, default=1024, help="per turn")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed when temperature > 0")
+    gen.add_argument("--questions", required=True, help="MT-Bench's question.jsonl, or AlpacaEval's evaluation set "
+                                                        "(a JSON array of {instruction, dataset, ...})")
+    gen.add_argument("--out", required=True, help="MT-Bench: answers JSONL, e.g. model_answer/NAME.jsonl; "
+                                                  "AlpacaEval: model outputs JSON, e.g. NAME/model_outputs.json")
+    gen.add_argument("--model-id", help="model_id (MT-Bench) or generator (AlpacaEval) (default: the model "
+                                        "or run directory's name)")
+    gen.add_argument("--max-new-tokens", type=int, help="per turn (default: 1024 for MT-Bench, as FastChat; "
+                                                        "2048 for AlpacaEval)")
+    gen.add_argument("--temperature", type=float, help="for every question; below 1e-4 is greedy (default: FastChat's "
+                                                       "per MT-Bench category, 0.7 for AlpacaEval)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed: the same flags give the same answers")
     dm.add_argument("--dynamics", required=True, help="dynamics.jsonl of the reference run")
-    dm.add_argument("--split", help="split.json to colour by (None: the median split of the dynamics)")
-    dm.add_argument("--out", required=True, help="PNG to write")
+    dm.add_argument("--split", help="split.json to colour by (default: the median split of the dynamics)")
+    for s in (dm, cur):
+        s.add_argument("--out", required=True, help="PNG to write")
     return p
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
+        check_flags(args)
+        if args.out:
+            data.check_output(args.out)
         rt = setup()
         say = print if rt.rank == 0 else (lambda *a, **k: None)
-        rows = args.run(args, rt, say)
-        if rows is not None and rt.rank == 0 and args.out:  # per-example / per-question / answer JSONL
-            data.write_json(args.out, rows, lines=True)
-            say(f"wrote {args.out}")
+        args.run(args, rt, say)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

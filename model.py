@@ -354,6 +354,48 @@ class Transformer(nn.Module):
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
+# ----------------------------------------------------------------------------- LoRA
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + (alpha / r) x A^T B^T (Hu et al., LoRA): the frozen base W (out, in) and b keep their HF
+    names (weight, bias); A (r, in) starts Kaiming-uniform and B (out, r) at zero, as peft, so step 0 is the base."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.weight, self.bias, self.scale = base.weight, base.bias, alpha / r
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+def add_lora(model: Transformer, r: int, alpha: float, targets=LORA_TARGETS) -> Transformer:
+    """Freeze every parameter, then wrap each projection named in targets (HF names) in a LoRALinear."""
+    model.requires_grad_(False)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, r, alpha))
+    return model
+
+
+def merge_lora(state: dict, scale: float) -> dict:
+    """A state dict with every adapter folded into its base, W' = W + scale B A, and no lora_A / lora_B entries:
+    plain HF weights, which load with no adapter code."""
+    merged = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
+    for k in state:
+        if k.endswith(".lora_A"):
+            w = k.removesuffix("lora_A") + "weight"
+            merged[w] = state[w] + scale * (state[k.removesuffix("A") + "B"] @ state[k])
+    return merged
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def model_dir(path) -> Path:

@@ -1,11 +1,18 @@
 """SFTMix, the method: training dynamics -> confidence split -> Mixup between confident and unconfident data.
 
 Each step of the paper is one function here, named after the paper's terms, with its equation:
-  response_nll / perplexity     Perp_c(y|x) = exp(-(1/|y|) sum_t log p_c(y_t | x, y_<t))
-  confidence, variability       Conf(x, y) = -(1/C) sum_c Perp_c(y|x), and the std of the same values
-  split_by_confidence           D^c = top half by confidence, D^u = bottom half
-  paired_batches                every batch: half from D^c, half from D^u, paired at random
-  mixup_loss                    CE(softmax(W (lam Z^c + (1-lam) Z^u)), lam Y^c + (1-lam) Y^u)
+  response_nll / perplexity   Perp_c(y|x) = exp(-(1/|y|) sum_t log p_c(y_t | x, y_<t))
+  confidence, variability     Conf(x, y) = -(1/C) sum_c Perp_c(y|x), and the population std of the same values
+  split_by_confidence         D^c = top half by confidence, D^u = bottom half (random_split: the control)
+  paired_batches              every batch: G/2 from D^c, G/2 from D^u, pair i = (i-th confident, i-th unconfident)
+  sample_lambda               lam ~ Beta(alpha, alpha), one per pair, drawn from (seed, step)
+  mixup_loss                  L_Mixup = CE(softmax(W Z~), Y~),  Z~ = lam Z^c + (1-lam) Z^u,  Y~ = lam Y^c + (1-lam) Y^u
+  micro_batches, head_losses  L = L_NTP + mu L_Mixup over a global batch, each term token-weighted over it:
+                                L_NTP   = sum of NTP NLL over trained tokens   / number of trained tokens
+                                L_Mixup = sum of Mixup CE over mixed positions / number of mixed positions
+Training calls head_losses, the logit form of mixup_loss: W is linear with no bias, so W Z~ = lam W Z^c +
+(1 - lam) W Z^u, and the mixed logits come from the logits NTP computes anyway (no second LM-head matmul).
+mixup_loss, the hidden-state form, is the paper's equation as written; tests check that both agree.
 The training loop that puts them together is train.py; `python sftmix.py split` is stage 2 as a command.
 """
 import argparse
@@ -22,7 +29,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 from tqdm import tqdm
 
-from data import IGNORE, InputError, collate, length_grouped_batches, shard, write_json
+from data import IGNORE, InputError, check_output, collate, length_grouped_batches, shard, write_json
 
 
 # ----------------------------------------------------------------------------- stage 1: training dynamics
@@ -63,8 +70,8 @@ def response_nll(model, samples, batch_size, device, amp_dtype=None, desc="dynam
 
 
 def perplexity(nll, n_tokens):
-    """Perp(y|x) = exp(nll / |y|)."""
-    return math.exp(nll / n_tokens)
+    """Perp(y|x) = exp(nll / |y|); inf when that overflows a float (a mean NLL above ~709.8 nats)."""
+    return math.exp(nll / n_tokens) if nll / n_tokens < 709.78 else math.inf
 
 
 def confidence(perplexities):
@@ -90,17 +97,38 @@ def split_by_confidence(ids, confidence):
     return [ids[i] for i in order[:half]], [ids[i] for i in order[half:]]
 
 
+def random_split(ids, seed):
+    """The control for the confidence split: halves of the same sizes as split_by_confidence's, drawn at random."""
+    order = sorted(ids)
+    random.Random(seed).shuffle(order)
+    half = len(ids) // 2
+    return order[:half], order[half:]
+
+
 def read_dynamics(path):
-    """dynamics.jsonl -> (ids, perplexities (N, C)); each line {"id", "perplexities", ...}."""
-    ids, perps = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-                ids.append(str(record["id"]))
-                perps.append([float(p) for p in record["perplexities"]])
-            except (ValueError, KeyError, TypeError) as e:
-                raise InputError(f"{path}:{lineno}: expected {{\"id\": ..., \"perplexities\": [numbers]}} ({e})")
+    """dynamics.jsonl -> (ids, perplexities (N, C)); each line {"id", "perplexities": [C finite numbers > 0], ...}."""
+    ids, perps, seen = [], [], {}
+    try:
+        lines = open(path, encoding="utf-8").read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({e})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            sample_id, values = record["id"], record["perplexities"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f'{path}:{lineno}: expected {{"id": ..., "perplexities": [numbers]}} ({e})') from None
+        if not isinstance(values, list) or not values or not all(
+                type(v) in (int, float) and math.isfinite(v) and v > 0 for v in values):
+            raise InputError(f'{path}:{lineno}: "perplexities": expected a list of finite numbers > 0, got '
+                             f"{json.dumps(values)[:80]}")
+        if str(sample_id) in seen:
+            raise InputError(f'{path}:{lineno}: "id": {json.dumps(sample_id)} already on line {seen[str(sample_id)]}')
+        seen[str(sample_id)] = lineno
+        ids.append(str(sample_id))
+        perps.append([float(v) for v in values])
     if not ids or len({len(p) for p in perps}) != 1:
         raise InputError(f"{path}: expected one or more lines, each with the same number of perplexities")
     return ids, np.asarray(perps)
@@ -110,6 +138,8 @@ def read_split(path):
     """split.json -> {"confident": [ids], "unconfident": [ids]}, ids as strings."""
     try:
         split = json.loads(open(path, encoding="utf-8").read())
+        if not all(isinstance(split[half], list) for half in ("confident", "unconfident")):
+            raise TypeError("a half is not a list")
         return {half: [str(i) for i in split[half]] for half in ("confident", "unconfident")}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f'{path}: expected {{"confident": [ids], "unconfident": [ids]}} ({e})') from None
@@ -284,18 +314,29 @@ def _head_chunk(h, weight, y, lam, softcap):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Stage 2: split the data at the median confidence.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("split", help="dynamics.jsonl -> split.json (confident / unconfident ids)")
+    s = sub.add_parser("split", help="dynamics.jsonl -> split.json (confident / unconfident ids)",
+                       description="Sort by confidence (-mean perplexity over the checkpoints), highest first, ties "
+                                   "by id; the first floor(N/2) examples are confident, the rest unconfident (the "
+                                   "median example joins them when N is odd).")
     s.add_argument("--dynamics", required=True, help="dynamics.jsonl written by train.py --dynamics C")
     s.add_argument("--out", required=True, help="split.json to write")
+    s.add_argument("--random", action="store_true",
+                   help="ignore confidence: random halves of the same sizes (the control that isolates the split)")
+    s.add_argument("--seed", type=int, default=0, help="with --random: the draw")
     args = p.parse_args(argv)
     try:
-        ids, perps = read_dynamics(args.dynamics)
-    except (OSError, InputError) as e:
+        run_split(args)
+    except InputError as e:
         sys.exit(f"error: {e}")
-    if len(set(ids)) != len(ids):
-        sys.exit(f"error: {args.dynamics}: an id appears more than once")
+
+
+def run_split(args):
+    check_output(args.out)
+    ids, perps = read_dynamics(args.dynamics)
+    if len(ids) < 2:
+        raise InputError(f"{args.dynamics}: {len(ids)} example; expected at least 2 to split in halves")
     conf = confidence(perps)
-    confident, unconfident = split_by_confidence(ids, conf)
+    confident, unconfident = random_split(ids, args.seed) if args.random else split_by_confidence(ids, conf)
     write_json(args.out, {"confident": confident, "unconfident": unconfident})
     by_id = dict(zip(ids, conf))
     for name, half in (("confident", confident), ("unconfident", unconfident)):

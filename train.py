@@ -5,6 +5,7 @@
     python train.py --mode sftmix --model BASE --data train.jsonl --split runs/split.json --out runs/sftmix
     torchrun --nproc_per_node=8 train.py ...                                                  # the same on 8 ranks
     torchrun --nproc_per_node=8 train.py --shard fsdp --activation-checkpointing ...         # 8B-14B models
+    python train.py ... --lora-rank 16 --lr 1e-4                                             # LoRA, merged into final/
 
 Loss per global batch of G examples (NTP tokens counted over all micro-batches and ranks, not a mean of means):
     L_NTP   = sum over trained tokens of -log p(y_t | x, y_<t)  /  number of trained tokens
@@ -15,24 +16,23 @@ by an atomic rename of OUT/state/latest.json), OUT/final/ (HF checkpoint), and w
 OUT/dynamics.jsonl (per example: perplexity at C checkpoints, confidence, variability).
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import sys
 import shutil
 import time
-import warnings
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -41,16 +41,18 @@ from tqdm import tqdm
 import data
 import sftmix
 from data import IGNORE, InputError
-from model import load_pretrained, save_pretrained
+from model import LORA_TARGETS, add_lora, load_pretrained, merge_lora, model_dir, save_pretrained
 
-# Flags that may change between a run and its resumption; every other flag must match the saved state.
-RESUMABLE_FLAGS = {"resume", "stop_at_step", "save_every", "eval_batch", "keep_state"}
+# Flags that may change between a run and its resumption; every other flag, and the data, must match the saved
+# state. --lr and --grad-clip may change to rescue a run that diverged (the schedule is lr_at with the new --lr).
+RESUMABLE_FLAGS = {"resume", "stop_at_step", "save_every", "eval_batch", "keep_state", "lr", "grad_clip"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--mode", choices=["ntp", "sftmix"], default="ntp", help="plain SFT, or SFTMix (needs --split)")
-    p.add_argument("--model", required=True, help="base model: HF directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--model", required=True,
+                   help="base model: HF directory (config.json, safetensors, tokenizer), or a run directory (its final/)")
     p.add_argument("--data", required=True, help="training data (alpaca / sharegpt / messages; JSON or JSONL)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--split", help="split.json from `sftmix.py split` (sftmix mode)")
@@ -63,9 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--mu", type=float, default=0.2, help="weight of the Mixup loss [paper]")
     p.add_argument("--epochs", type=int, default=1, help="passes over the data [paper: 3 Alpaca, 1 UltraChat]")
     p.add_argument("--lr", type=float, default=2e-6, help="peak learning rate [paper]")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay [paper]")
+    p.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW weight decay of the weight matrices; norms and biases are not decayed [paper: 0.1]")
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas [ours]")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up share of the steps [paper]")
+    p.add_argument("--warmup-ratio", type=float, default=0.1,
+                   help="linear warm-up share W of the steps; step k runs at lr (k+1)/W (HF: lr k/W) [paper: 0.1]")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm, 0 = off [ours]")
     p.add_argument("--global-batch", type=int, default=32, help="examples per optimizer step, all ranks [paper]")
     p.add_argument("--micro-batch", type=int, default=4, help="examples per forward on one rank [ours]")
@@ -81,22 +85,44 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="data order and lambda draws")
     p.add_argument("--eval-batch", type=int, default=16, help="examples per forward in the dynamics pass")
     p.add_argument("--save-every", type=int, default=100, help="steps between resumable states (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/state/ if it holds a state")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/state/ if it holds a state; the data and every flag must be the same, but "
+                        "--lr, --grad-clip, --stop-at-step, --save-every, --eval-batch and --keep-state may change")
     p.add_argument("--keep-state", action="store_true",
                    help="keep OUT/state/ (weights + AdamW moments, ~4x the model) after final/ is written")
     p.add_argument("--stop-at-step", type=int, default=0,
                    help="save the state and exit after this step, to continue later with --resume (0 = run to the end)")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="train rank-R LoRA adapters only, the base frozen; final/ holds the merged weights "
+                        "W + (alpha/R) B A (0 = off: all weights train). Adapters usually want a larger --lr (~1e-4)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha/R [ours; peft: 8]")
+    p.add_argument("--lora-targets", nargs="+", choices=LORA_TARGETS, default=list(LORA_TARGETS), metavar="NAME",
+                   help="projections (HF names) that get adapters [ours: all seven, as QLoRA; peft: q_proj v_proj]")
     return p.parse_args(argv)
 
 
 def check_args(args, world):
+    """Every flag checked before anything loads: one line naming the flag and what was expected."""
+    for flag, ok, expected in [
+            ("global_batch", args.global_batch >= 1, ">= 1"), ("micro_batch", args.micro_batch >= 1, ">= 1"),
+            ("epochs", args.epochs >= 1, ">= 1"), ("eval_batch", args.eval_batch >= 1, ">= 1"),
+            ("save_every", args.save_every >= 1, ">= 1"), ("dynamics", args.dynamics >= 0, ">= 0 (0 = off)"),
+            ("max_len", args.max_len >= 2, ">= 2"), ("stop_at_step", args.stop_at_step >= 0, ">= 0 (0 = off)"),
+            ("lr", 0 < args.lr < math.inf, "> 0 and finite"), ("warmup_ratio", 0 <= args.warmup_ratio < 1, "in [0, 1)"),
+            ("weight_decay", 0 <= args.weight_decay < math.inf, ">= 0 and finite"),
+            ("grad_clip", 0 <= args.grad_clip < math.inf, ">= 0 and finite (0 = off)"),
+            ("betas", all(0 <= b < 1 for b in args.betas), "two numbers in [0, 1)"),
+            ("lora_rank", args.lora_rank >= 0, ">= 0 (0 = off)"),
+            ("lora_alpha", 0 < args.lora_alpha < math.inf, "> 0 and finite")]:
+        if not ok:
+            raise InputError(f"--{flag.replace('_', '-')}: expected {expected}, got {getattr(args, flag)}")
     if args.mixup_only and args.mode != "sftmix":
         raise InputError("--mixup-only: expected --mode sftmix (the Mixup term needs pairs)")
     if args.mode == "sftmix" and not args.split:
         raise InputError("--mode sftmix needs --split FILE (from `python sftmix.py split`)")
-    if args.alpha <= 0:
+    if not 0 < args.alpha < math.inf:
         raise InputError(f"--alpha: expected > 0 (Beta(alpha, alpha)), got {args.alpha}")
-    if args.mu < 0:
+    if not 0 <= args.mu < math.inf:
         raise InputError(f"--mu: expected >= 0, got {args.mu}")
     if args.global_batch % (world * args.micro_batch):
         raise InputError(f"--global-batch {args.global_batch}: expected a multiple of ranks x --micro-batch "
@@ -122,20 +148,35 @@ def split_indices(path, samples):
 
 
 def epoch_batches(args, samples, halves, epoch):
-    """The global batches of one epoch, as sample indices (an incomplete last batch is dropped).
+    """The global batches of one epoch as (sample indices, lambdas); an incomplete last batch is dropped.
 
-    ntp: a shuffled order cut into batches of G. sftmix: G/2 confident then G/2 unconfident
-    examples, pair i = (batch[i], batch[G/2 + i]).
+    ntp: a shuffled order cut into batches of G, no lambdas. sftmix: G/2 confident then G/2 unconfident
+    examples, pair i = (batch[i], batch[G/2 + i]) with lambda lam[i], drawn from (seed, step).
     """
     G = args.global_batch
     if args.mode == "sftmix":
-        return sftmix.paired_batches(*halves, G, args.seed, epoch)
+        batches = sftmix.paired_batches(*halves, G, args.seed, epoch)
+        return [(b, sftmix.sample_lambda(args.alpha, G // 2, args.seed, epoch * len(batches) + i))
+                for i, b in enumerate(batches)]
     order = data.shuffled_order(len(samples), args.seed, epoch)
-    return [order[b * G:(b + 1) * G] for b in range(len(order) // G)]
+    return [(order[b * G:(b + 1) * G], None) for b in range(len(order) // G)]
+
+
+def adamw(model, args):
+    """AdamW with weight decay on the matrices only: RMSNorm weights and biases (1-D) are not decayed, as in
+    nanoGPT and HF's Trainer (decaying a norm weight pulls it towards 0, not towards the identity). Frozen
+    parameters (the base under LoRA) are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=True)
 
 
 def lr_at(step, total, args):
-    """Linear warm-up over warmup_ratio * total steps to --lr, then cosine decay to 0."""
+    """Linear warm-up over W = ceil(warmup_ratio * total) steps to --lr, then cosine decay to 0.
+
+    Step k (0-based) of the warm-up runs at lr (k + 1) / W, so the first step already learns (HF's linear
+    warm-up runs its first step at lr 0)."""
     warmup = math.ceil(args.warmup_ratio * total)
     if step < warmup:
         return args.lr * (step + 1) / warmup
@@ -151,9 +192,23 @@ def dynamics_points(total, C):
     return points
 
 
-def run_config(args):
-    """The settings a resumed run must share, as they read back from JSON."""
-    return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}))
+def run_config(args, samples):
+    """The settings a resumed run must share, as they read back from JSON, and a fingerprint of the data."""
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}
+    tokens = json.dumps([(s.id, s.input_ids, s.labels) for s in samples]).encode()
+    return json.loads(json.dumps(config | {"data_sha256": hashlib.sha256(tokens).hexdigest()}))
+
+
+def writable_dir(out):
+    """Create the run directory (and its parents) and check it takes files, before any work starts."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with data.atomic_path(out / ".write-test") as probe:
+            probe.write_text("")
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write there ({e.strerror}); expected a directory that can be created "
+                         f"and written") from None
 
 
 def shard_model(model, args, device, world, bf16):
@@ -170,39 +225,97 @@ def shard_model(model, args, device, world, bf16):
     return model
 
 
-def save_state(out, model, optimizer, step, dynamics, config):
-    """Everything needed to continue bitwise: weights, AdamW moments, RNG (torch.distributed.checkpoint, each
-    rank writing its own shard), then OUT/state/latest.json naming it, with the step (which fixes the
-    schedule and the data position), the run's settings and the dynamics so far. latest.json is replaced
-    atomically only once every rank has written, so a run killed at any moment resumes from a complete state."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    name = f"step-{step:07d}"
-    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
-              "rng": torch.get_rng_state()}, checkpoint_id=str(out / "state" / name))
+def _local(t):
+    """The part of a tensor this rank holds: its shard under FSDP (a DTensor), else the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def save_state(out, model, optimizer, step, dynamics, config, rank):
+    """Everything needed to continue bitwise, with no pickle anywhere: OUT/state/step-N/rank-R.safetensors holds
+    the weights, AdamW moments and RNG state (one file per rank under FSDP, whose ranks hold different shards;
+    rank 0's alone under DDP), and OUT/state/latest.json names it, with the step (which fixes the schedule and
+    the data position), the number of ranks, the run's settings and the dynamics so far. A step is written
+    beside the last one, never over it, and latest.json is replaced atomically once every rank has written,
+    so a run killed at any moment resumes from a complete state."""
+    name, sharded = f"step-{step:07d}", any(isinstance(p, DTensor) for p in model.parameters())
+    folder = out / "state" / name
+    latest = out / "state" / "latest.json"
+    if latest.exists() and json.loads(latest.read_text())["checkpoint"] == name:
+        return  # this very state is already complete on disk
+    if rank == 0 or sharded:
+        tensors = {"rng": torch.get_rng_state()}
+        for n, p in model.named_parameters():
+            tensors[f"model.{n}"] = _local(p.detach())
+            tensors.update({f"optimizer.{n}.{k}": _local(v) for k, v in optimizer.state.get(p, {}).items()})
+        folder.mkdir(parents=True, exist_ok=True)
+        with data.atomic_path(folder / f"rank-{rank:05d}.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        data.write_json(out / "state" / "latest.json", {
-            "step": step, "checkpoint": name, "config": config,
-            "dynamics": {str(point): values for point, values in dynamics.items()}})
+        data.write_json(latest, {"step": step, "checkpoint": name, "ranks": dist.get_world_size() if sharded else 1,
+                                 "config": config, "dynamics": {str(k): v for k, v in dynamics.items()}})
         for old in (out / "state").glob("step-*"):
             if old.name != name:
                 shutil.rmtree(old)
 
 
-def load_state(out, model, optimizer, config):
-    latest = json.loads((out / "state" / "latest.json").read_text())
-    changed = [f"--{k.replace('_', '-')}: saved {latest['config'].get(k)!r}, now {v!r}"
-               for k, v in config.items() if latest["config"].get(k) != v]
+def load_state(out, model, optimizer, config, rank, world):
+    """Restore what save_state wrote; any unreadable or mismatching file is one line naming it."""
+    path = out / "state" / "latest.json"
+    try:
+        latest = json.loads(path.read_text())
+        step, name, ranks, saved = int(latest["step"]), str(latest["checkpoint"]), int(latest["ranks"]), latest["config"]
+        dynamics = {int(k): {str(i): float(x) for i, x in v.items()} for k, v in latest["dynamics"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{path}: unreadable ({e}); expected the latest.json of a run's state") from None
+    changed = [f"{config['data']}: the data changed since the run started" if k == "data_sha256" else
+               f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items() if saved.get(k) != v]
     if changed:
         raise InputError(f"{out / 'state'}: was written by a run with other settings: {'; '.join(changed)}")
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
-             "rng": torch.get_rng_state()}
-    dcp.load(state, checkpoint_id=str(out / "state" / latest["checkpoint"]))
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    return latest["step"], {int(point): values for point, values in latest["dynamics"].items()}
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    if sharded and ranks != world:
+        raise InputError(f"{path}: written by {ranks} FSDP ranks, resumed on {world}: each rank holds its own shards, "
+                         f"so resume on {ranks} ranks")
+    file = out / "state" / name / f"rank-{rank if sharded else 0:05d}.safetensors"
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise InputError(f"{file}: unreadable ({e}); expected a state written by train.py") from None
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            keys = {"param": f"model.{n}", "exp_avg": f"optimizer.{n}.exp_avg", "exp_avg_sq": f"optimizer.{n}.exp_avg_sq",
+                    "step": f"optimizer.{n}.step"} if p.requires_grad else {"param": f"model.{n}"}
+            if any(k not in tensors for k in keys.values()) or tensors[keys["param"]].shape != _local(p).shape:
+                raise InputError(f"{file}: {n}: missing or of another shape than the model's; expected the state of "
+                                 f"this run's model")
+            _local(p).copy_(tensors[keys["param"]])
+            if not p.requires_grad:  # a frozen weight (the base under LoRA) has no AdamW moments
+                continue
+            state = {"step": tensors[keys["step"]].to(_local(p).device),
+                     "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            _local(state["exp_avg"]).copy_(tensors[keys["exp_avg"]])
+            _local(state["exp_avg_sq"]).copy_(tensors[keys["exp_avg_sq"]])
+            optimizer.state[p] = state
+    torch.set_rng_state(tensors["rng"])
+    return step, dynamics
+
+
+def last_state(out, saved):
+    """What a run stopped by divergence leaves: the last state saved on schedule (the weights in memory, though
+    finite, are those that diverged, so nothing is written), and how to go on."""
+    if saved == 0:
+        return "No state was saved yet: start again with a lower --lr"
+    return f"The state after step {saved} is in {out / 'state'}: continue with --resume and a lower --lr"
+
+
+def weights_finite(model, world):
+    """True on every rank when no weight is inf or NaN (a sum per tensor: one value each, no copy)."""
+    finite = torch.stack([_local(p).detach().sum() for p in model.parameters()]).isfinite().all().float()
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
 
 
 def write_dynamics(path, samples, points, dynamics):
@@ -229,12 +342,10 @@ def main(argv=None):
     if world > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # dcp in a single process
     try:
         train(args, rank, local_rank, world)
-    except InputError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+    except InputError as e:  # bad input: one line; anything else is a bug and keeps its traceback
+        print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():
@@ -249,28 +360,35 @@ def train(args, rank, local_rank, world):
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     amp_dtype = torch.bfloat16 if bf16 and args.shard == "ddp" else None  # FSDP2 casts through its policy
     out = Path(args.out)
-    tok = data.load_tokenizer(args.model)
+    if rank == 0:
+        writable_dir(out)
+    base = model_dir(args.model)  # an HF directory, or a run directory's final/
+    tok = data.load_tokenizer(base)
     samples, _ = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, args.format, verbose=rank == 0)
     heldout = data.load_dataset(args.heldout, tok, args.prompt_format, args.max_len, verbose=rank == 0)[0] \
         if args.heldout else None
     halves = split_indices(args.split, samples) if args.mode == "sftmix" else None
     steps_per_epoch = len(epoch_batches(args, samples, halves, 0))
     total = steps_per_epoch * args.epochs
+    if total == 0 and halves:
+        raise InputError(f"{args.split}: {len(halves[0])} confident and {len(halves[1])} unconfident examples make "
+                         f"{min(map(len, halves))} pairs, fewer than the {args.global_batch // 2} of one global batch")
     if total == 0:
         raise InputError(f"{args.data}: {len(samples)} samples fill no global batch of {args.global_batch}")
     points = dynamics_points(total, args.dynamics) if args.dynamics else []
 
     torch.manual_seed(args.seed)
-    model = load_pretrained(args.model, device=device)
+    model = load_pretrained(base, device=device)
+    if args.lora_rank:
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
     model.checkpoint_activations = args.activation_checkpointing
     wrapped = shard_model(model, args, device, world, bf16)  # what forward and backward go through
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
-                                  weight_decay=args.weight_decay, fused=True)
-    config, step, dynamics = run_config(args), 0, {}
+    optimizer = adamw(model, args)
+    config, step, dynamics = run_config(args, samples), 0, {}
     if args.resume and (out / "state" / "latest.json").exists():
-        step, dynamics = load_state(out, model, optimizer, config)
+        step, dynamics = load_state(out, model, optimizer, config, rank, world)
+    saved = step  # the step of the last complete state on disk
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         print(f"train: {args.mode}, {len(samples)} samples, {total} steps of {args.global_batch} examples "
               f"on {world} rank(s) ({args.shard}), {device.type}, {'bf16' if bf16 else 'fp32'}"
               f"{f', resuming after step {step}' if step else ''}")
@@ -282,18 +400,20 @@ def train(args, rank, local_rank, world):
             epoch = step // steps_per_epoch
             if epoch != batches_epoch:
                 batches, batches_epoch = epoch_batches(args, samples, halves, epoch), epoch
-            batch = batches[step % steps_per_epoch]
+            batch, lam = batches[step % steps_per_epoch]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, args)
             t0 = time.perf_counter()
-            loss, ntp_loss, mix_loss, grad_norm, n_input = forward_backward(args, wrapped, samples, batch, step,
+            loss, ntp_loss, mix_loss, grad_norm, n_input = forward_backward(args, wrapped, samples, batch, lam,
                                                                             device, amp_dtype, rank, world)
             if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm)):
-                save_state(out, model, optimizer, step, dynamics, config)  # weights are still the last good ones
                 raise InputError(f"step {step + 1}: loss is not finite (ntp {ntp_loss}, mixup {mix_loss}, grad norm "
-                                 f"{grad_norm}); stopped, the state after step {step} is in {out / 'state'}")
+                                 f"{grad_norm}); stopped. {last_state(out, saved)}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if not weights_finite(model, world):
+                raise InputError(f"step {step + 1}: the update made weights inf or NaN (lr {lr_at(step, total, args):.3g})"
+                                 f"; stopped. {last_state(out, saved)}")
             step += 1
             elapsed = time.perf_counter() - t0
             progress.update(1)
@@ -302,40 +422,47 @@ def train(args, rank, local_rank, world):
                 nll = sftmix.response_nll(wrapped, samples, args.eval_batch, device, amp_dtype,
                                           desc=f"dynamics {points.index(step) + 1}/{len(points)}")
                 dynamics[step] = {k: sftmix.perplexity(*v) for k, v in nll.items()}
+                if not all(map(math.isfinite, dynamics[step].values())):
+                    worst = max(nll, key=lambda k: nll[k][0] / nll[k][1])
+                    raise InputError(f"step {step}: example {worst}: mean response NLL {nll[worst][0] / nll[worst][1]:.1f} "
+                                     f"nats, its perplexity overflows a float: the model has diverged (lower --lr)")
             record = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": loss,
                       "ntp_loss": ntp_loss, "mixup_loss": mix_loss, "grad_norm": grad_norm, "tokens_per_s": n_input / elapsed}
             if heldout and step % steps_per_epoch == 0:  # the end of an epoch
                 nll = sftmix.response_nll(wrapped, heldout, args.eval_batch, device, amp_dtype, desc="held-out")
                 nll_per_token = sum(v[0] for v in nll.values()) / sum(v[1] for v in nll.values())
-                record.update(heldout_nll=nll_per_token, heldout_ppl=math.exp(nll_per_token))
+                record.update(heldout_nll=nll_per_token, heldout_ppl=sftmix.perplexity(nll_per_token, 1))
             if rank == 0:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
             if step % args.save_every == 0 or step == total or step == args.stop_at_step:
-                save_state(out, model, optimizer, step, dynamics, config)
+                save_state(out, model, optimizer, step, dynamics, config, rank)
+                saved = step
             if step == args.stop_at_step and step < total:
                 if rank == 0:
                     print(f"stopped after step {step}; continue with --resume")
                 return
     # all ranks take part in gathering the full weights, one tensor at a time, onto rank 0's CPU
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if args.lora_rank:  # final/ is plain HF weights: W + (alpha / r) B A, no adapter keys
+        full = merge_lora(full, args.lora_alpha / args.lora_rank)
     if rank == 0:
         if points:
             write_dynamics(out / "dynamics.jsonl", samples, points, dynamics)
-        save_pretrained(model, out / "final", tokenizer_dir=args.model, state_dict=full)
+        save_pretrained(model, out / "final", tokenizer_dir=base, state_dict=full)
         if not args.keep_state:
             shutil.rmtree(out / "state")
         print(f"wrote {out / 'final'}" + (f" and {out / 'dynamics.jsonl'}" if points else ""))
 
 
-def forward_backward(args, wrapped, samples, batch, step, device, amp_dtype, rank, world):
+def forward_backward(args, wrapped, samples, batch, lam, device, amp_dtype, rank, world):
     """Accumulate the gradient of L over this rank's micro-batches of one global batch, then clip it.
 
     L = L_NTP + mu L_Mixup, or L_Mixup alone with --mixup-only; each term normalised over the whole global batch
     (sftmix.micro_batches gives the normalisers), so micro-batch and rank boundaries do not change the gradient.
+    batch holds G sample indices, and lam (G/2,) makes it G/2 pairs (epoch_batches), or is None (plain NTP).
     Returns (L, L_NTP, L_Mixup, grad norm before clipping, input tokens on all ranks) of the global batch.
     """
-    lam = sftmix.sample_lambda(args.alpha, len(batch) // 2, args.seed, step) if args.mode == "sftmix" else None
     micro, n_tokens, n_mixed = sftmix.micro_batches(batch, samples, rank, world, args.micro_batch, lam)
     ntp_weight, mix_weight = (0.0, 1.0) if args.mixup_only else (1.0, args.mu)
     sums = torch.zeros(3, device=device)  # NTP NLL sum, Mixup CE sum, input tokens

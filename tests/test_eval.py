@@ -1,18 +1,26 @@
-"""eval.py's commands on the real SmolLM2-135M-Instruct, against transformers and hand calculations."""
+"""eval.py's commands on the real SmolLM2-135M-Instruct (or a tiny random model where only formats and flags matter),
+against transformers, the judges' own loaders (FastChat, alpaca_eval) and hand calculations."""
+import argparse
+import ast
 import contextlib
 import io
 import json
 import math
+import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.figure
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import eval as E
+import model as M
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,6 +49,32 @@ QUESTIONS = [
 ]
 
 
+ALPACA_EVAL = [  # AlpacaEval's evaluation set as released: a reference output and its generator per instruction
+    {"dataset": "helpful_base", "instruction": "What are the names of some famous actors that started their careers on "
+     "Broadway?", "output": "Some famous actors ...", "generator": "gpt4_1106_preview"},
+    {"dataset": "koala", "instruction": "Give three tips for staying healthy.", "output": "1. Eat well ...",
+     "generator": "gpt4_1106_preview"},
+    {"dataset": "selfinstruct", "instruction": "Translate to French: good morning", "output": "Bonjour",
+     "generator": "gpt4_1106_preview"},
+]
+HAND_MC = [  # (id, question, options, 0-based answer): what each MedMCQA file below must read as
+    ("m1", "Deficiency of which vitamin causes scurvy?", ["Vitamin A", "Vitamin B12", "Vitamin C", "Vitamin D"], 2),
+    ("m2", "Which organ secretes insulin?", ["Liver", "Pancreas", "Kidney", "Spleen"], 1),
+    ("m3", "Which is the longest bone of the human body?", ["Tibia", "Humerus", "Radius", "Femur"], 3),
+    ("m4", "Which blood cells carry oxygen?", ["Red blood cells", "Platelets", "Neutrophils", "Lymphocytes"], 0),
+]
+HAND_PUBMEDQA = [  # (PMID, contexts, question, final_decision)
+    ("21645374", ["Programmed cell death (PCD) is the regulated death of cells within an organism.",
+                  "The lace plant produces leaves with perforations through PCD."],
+     "Do mitochondria play a role in remodelling lace plant leaves during programmed cell death?", "yes"),
+    ("16418930", ["Landolt C and Snellen E acuity were compared in 40 patients with amblyopia."],
+     "Landolt C and snellen e acuity: differences in strabismus amblyopia?", "no"),
+    ("9488747", ["Dyschesia can be provoked by inappropriate defecation movements.",
+                 "Anorectal endosonography was performed in 20 patients."],
+     "Is anorectal endosonography valuable in dyschesia?", "maybe"),
+]
+
+
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -60,6 +94,68 @@ def run_eval(*argv):
         except SystemExit as e:
             code = e.code
     return code, out.getvalue(), err.getvalue()
+
+
+def medmcqa(first, questions=HAND_MC):
+    """MedMCQA's records with "cop" counted from `first`: 1 in its release, 0 in the HF copy."""
+    return [{"question": q, "exp": "", "cop": a + first, "opa": o[0], "opb": o[1], "opc": o[2], "opd": o[3],
+             "subject_name": "Medicine", "topic_name": None, "id": i, "choice_type": "single"}
+            for i, q, o, a in questions]
+
+
+def write_ori_pqal(path):
+    """PubMedQA's ori_pqal.json: one indented object keyed by PMID."""
+    path.write_text(json.dumps({pmid: {
+        "QUESTION": q, "CONTEXTS": c, "LABELS": ["BACKGROUND"] * len(c), "MESHES": ["Humans"], "YEAR": "2011",
+        "reasoning_required_pred": d, "reasoning_free_pred": d, "final_decision": d, "LONG_ANSWER": "Because."}
+        for pmid, c, q, d in HAND_PUBMEDQA}, indent=4))
+    return path
+
+
+def accuracies(out):
+    """{score kind: accuracy} from mc's summary line 'N questions: accuracy 0.5000 (summed), ...'."""
+    line = next(line for line in out.splitlines() if "questions: accuracy" in line)
+    return {kind: float(value) for value, kind in re.findall(r"([\d.]+) \(([\w-]+)\)", line)}
+
+
+def table_cells(table):
+    """{metric: [cells as numbers]} of a Markdown table printed by compare or dynamics."""
+    return {line.split(" | ")[0][2:]: [float(c) for c in line.strip("| ").split(" | ")[1:]]
+            for line in table.splitlines()[2:]}
+
+
+def fastchat_max_new_token():
+    """The default of --max-new-token in FastChat's gen_model_answer.py, read from its source."""
+    import fastchat
+    tree = ast.parse((Path(fastchat.__file__).parent / "llm_judge" / "gen_model_answer.py").read_text())
+    return next(ast.literal_eval(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and getattr(node.func, "attr", "") == "add_argument" and node.args
+                and getattr(node.args[0], "value", "") == "--max-new-token"
+                for k in node.keywords if k.arg == "default")
+
+
+@pytest.fixture
+def generate_calls(monkeypatch):
+    """Every model.generate call as (prompts, max_new_tokens, temperature); each runs for at most 3 new tokens."""
+    calls, real = [], M.generate
+
+    def recording(model, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, eos_ids=(), seed=None):
+        calls.append((prompt_ids, max_new_tokens, temperature))
+        return real(model, prompt_ids, min(max_new_tokens, 3), temperature, top_p, eos_ids, seed)
+    monkeypatch.setattr(M, "generate", recording)
+    return calls
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every matplotlib figure saved during the test, kept for inspection after the code closes it."""
+    figures, real = [], matplotlib.figure.Figure.savefig
+
+    def recording(fig, *args, **kwargs):
+        figures.append(fig)
+        return real(fig, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording)
+    return figures
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +232,8 @@ def test_mc_picks_the_known_answers_and_scores_options_as_transformers_does(smol
     assert code == 0, err
     rows = read_jsonl(tmp_path / "per_question.jsonl")
     assert [r["answer"] for r in rows] == ["B", "C", "A", "B"]
-    assert [r["pred_sum"] for r in rows] == ["B", "C", "A", "B"]
-    assert "accuracy 1.0000 (summed log-likelihood)" in out
+    assert [r["pred_summed"] for r in rows] == ["B", "C", "A", "B"]
+    assert "accuracy 1.0000 (summed)" in out
     assert rows[1]["id"] == "q2" and rows[0]["id"] == "mc.jsonl:0"
     _, tok = hf
     for q, row in zip(MC, rows):
@@ -148,15 +244,15 @@ def test_mc_picks_the_known_answers_and_scores_options_as_transformers_does(smol
         assert row["tokens"] == [len(o) for o in options_ids]
         for ours, theirs, o in zip(row["loglik"], hf_logliks(hf, prompt, options_ids), options_ids):
             assert ours == pytest.approx(theirs, abs=5e-4 * len(o))  # fp32 log-softmax on CPU: ~2e-4 per token
-        normed = [ll / n for ll, n in zip(row["loglik"], row["tokens"])]
-        assert row["pred_norm"] == "ABC"[normed.index(max(normed))]
+        assert row["chars"] == [len(o) for o in options]
 
 
-def test_generate_is_transformers_greedy_turn_by_turn_in_fastchat_answer_format(smollm2_dir, hf, tmp_path):
+def test_generate_at_temperature_0_is_transformers_greedy_turn_by_turn_in_fastchat_answer_format(
+        smollm2_dir, hf, tmp_path):
     out_file = tmp_path / "model_answer" / "smol.jsonl"
     code, _, err = run_eval("generate", "--model", smollm2_dir, "--questions",
                             write_jsonl(tmp_path / "question.jsonl", QUESTIONS), "--out", out_file,
-                            "--max-new-tokens", 8, "--model-id", "smol")
+                            "--max-new-tokens", 8, "--model-id", "smol", "--temperature", 0)
     assert code == 0, err
     answers = read_jsonl(out_file)
     # FastChat's model-answer format
@@ -181,6 +277,142 @@ def test_generate_is_transformers_greedy_turn_by_turn_in_fastchat_answer_format(
             messages.append({"role": "assistant", "content": answer})
 
 
+def test_mt_bench_answers_are_read_by_fastchat_and_decoded_as_its_gen_model_answer_does(
+        tiny_model_dir, generate_calls, tmp_path):
+    from fastchat.llm_judge import common
+    categories = list(common.temperature_config) + ["a category FastChat has no temperature for"]
+    questions = [{"question_id": 100 + k, "category": c, "turns": [f"Question {k} of {c}?"] + [f"Next {k}?"] * (k % 2)}
+                 for k, c in enumerate(categories)]
+    answer_dir = tmp_path / "model_answer"  # made by generate
+    code, _, err = run_eval("generate", "--model", tiny_model_dir, "--questions",
+                            write_jsonl(tmp_path / "question.jsonl", questions), "--out", answer_dir / "tiny-run.jsonl",
+                            "--model-id", "tiny-run")
+    assert code == 0, err
+    # gen_model_answer: temperature_config[category], else 0.7; greedy below 1e-4; its --max-new-token default
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    used = {}
+    for prompts, max_new_tokens, temperature in generate_calls:
+        for prompt in prompts:
+            k = next(k for k, q in enumerate(questions) if q["turns"][0] in tok.decode(prompt))
+            used.setdefault(k, []).append((max_new_tokens, temperature))
+    for k, q in enumerate(questions):
+        t = common.temperature_config.get(q["category"], 0.7)
+        assert used[k] == [(fastchat_max_new_token(), t if t >= 1e-4 else 0.0)] * len(q["turns"]), q["category"]
+    answers = common.load_model_answers(str(answer_dir))  # FastChat's own reader, as its judge calls it
+    assert list(answers) == ["tiny-run"] and sorted(answers["tiny-run"]) == [q["question_id"] for q in questions]
+    for q in questions:
+        a = answers["tiny-run"][q["question_id"]]
+        assert a["model_id"] == "tiny-run" and len(a["choices"][0]["turns"]) == len(q["turns"])
+    assert re.search(r"generate: \d+ tokens \[.* tokens/s", err)  # progress counts generated tokens, with a rate
+
+
+def test_sampling_is_reproducible_by_seed_and_differs_between_seeds(tiny_model_dir, tmp_path):
+    questions = write_jsonl(tmp_path / "question.jsonl",
+                            [{"question_id": 1, "category": "writing", "turns": ["Write a poem about rain."]}])
+
+    def answer(seed):
+        out = tmp_path / "answers.jsonl"
+        code, _, err = run_eval("generate", "--model", tiny_model_dir, "--questions", questions, "--out", out,
+                                "--max-new-tokens", 6, "--seed", seed)
+        assert code == 0, err
+        return read_jsonl(out)[0]["choices"][0]["turns"]
+    assert answer(0) == answer(0) != answer(1)
+
+
+def test_alpaca_eval_outputs_are_read_by_alpaca_eval_with_the_run_as_generator(tiny_model_dir, generate_calls,
+                                                                             tmp_path):
+    from alpaca_eval import utils
+    eval_set = tmp_path / "alpaca_eval.json"
+    eval_set.write_text(json.dumps(ALPACA_EVAL, indent=2))
+    out = tmp_path / "tiny-sftmix" / "model_outputs.json"
+    code, _, err = run_eval("generate", "--model", tiny_model_dir, "--questions", eval_set, "--out", out,
+                            "--model-id", "tiny-sftmix")
+    assert code == 0, err
+    outputs = utils.load_or_convert_to_dataframe(out)  # what alpaca_eval's evaluate() does with model_outputs
+    assert utils.get_generator_name(None, outputs) == "tiny-sftmix"
+    assert set(outputs.columns) == {"instruction", "output", "generator", "dataset"}
+    assert list(outputs["instruction"]) == [r["instruction"] for r in ALPACA_EVAL]
+    assert list(outputs["dataset"]) == [r["dataset"] for r in ALPACA_EVAL]
+    assert all(isinstance(o, str) for o in outputs["output"])
+    assert {(n, t) for _, n, t in generate_calls} == {(2048, 0.7)}  # the documented AlpacaEval decoding
+
+
+def test_medmcqa_as_released_and_as_the_hf_copy_read_as_the_same_questions(tmp_path):
+    for first in (1, 0):  # MedMCQA's release counts cop from 1; the HF copy from 0
+        questions = E.read_mc(write_jsonl(tmp_path / f"dev{first}.json", medmcqa(first)))
+        assert [(q.id, q.question, q.options, q.answer) for q in questions] == HAND_MC
+    # a file with no 0 and no 4 cannot tell: refused, unless --cop-base says it
+    ambiguous = write_jsonl(tmp_path / "mc.jsonl", medmcqa(1, HAND_MC[:2]))
+    code, _, err = run_eval("mc", "--model", tmp_path / "no_model_here", "--data", ambiguous)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f'error: {ambiguous}: "cop": neither 0 nor 4 among its values') and "--cop-base" in err
+    assert [q.answer for q in E.read_mc(ambiguous, cop_base=1)] == [a for *_, a in HAND_MC[:2]]
+
+
+def test_pubmedqa_ori_pqal_and_hf_layout_read_as_the_same_questions_with_their_contexts(tmp_path):
+    expected = [(pmid, "\n".join(contexts) + "\n\n" + question, ["yes", "no", "maybe"],
+                 ["yes", "no", "maybe"].index(decision)) for pmid, contexts, question, decision in HAND_PUBMEDQA]
+    hf_layout = [{"pubid": int(pmid), "question": q, "context": {
+        "contexts": c, "labels": ["BACKGROUND"] * len(c), "meshes": ["Humans"], "reasoning_required_pred": [d],
+        "reasoning_free_pred": [d]}, "long_answer": "Because.", "final_decision": d} for pmid, c, q, d in HAND_PUBMEDQA]
+    for path in (write_ori_pqal(tmp_path / "ori_pqal.json"), write_jsonl(tmp_path / "pqa_labeled.jsonl", hf_layout)):
+        assert [(q.id, q.question, q.options, q.answer) for q in E.read_mc(path)] == expected, path.name
+
+
+MIXED_LENGTHS = [  # options of very different lengths; on the tiny random model the scores pick differently, and
+    # the answers are set so that their accuracies differ (by hand: summed 4/6, per-token 5/6, per-character 2/6)
+    {"question": "Pick one.", "options": ["Yes", "Absolutely, without any doubt whatsoever", "No"], "answer": 2},
+    {"question": "Pick the fruit.", "options": ["A red apple from the orchard", "Rock", "Sand"], "answer": 0},
+    {"question": "Which is a colour?", "options": ["Table", "Blue", "An extraordinarily long chair"], "answer": 1},
+    {"question": "Which is a number?", "options": ["Seven", "Tree", "A very small house by the lake"], "answer": 0},
+    {"question": "Which is a city?", "options": ["Paris", "The city of Rio de Janeiro", "Rome"], "answer": 1},
+    {"question": "Which is a planet?", "options": ["Mars", "Jupiter", "A sandwich with cheese and ham"], "answer": 0},
+]
+
+
+def test_mc_accuracy_by_summed_per_token_and_per_character_score_equals_a_hand_computation(tiny_model_dir, tmp_path):
+    out_file = tmp_path / "mc" / "per_question.jsonl"  # its directory is made
+    code, out, err = run_eval("mc", "--model", tiny_model_dir, "--data",
+                              write_jsonl(tmp_path / "mc.jsonl", MIXED_LENGTHS), "--out", out_file)
+    assert code == 0, err
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    predicted, correct = {kind: [] for kind in E.SCORES}, {kind: 0 for kind in E.SCORES}
+    for q in MIXED_LENGTHS:
+        user = q["question"] + "\n\n" + "\n".join(f"{'ABC'[k]}. {o}" for k, o in enumerate(q["options"]))
+        options_ids = [tok(o, add_special_tokens=False).input_ids for o in q["options"]]
+        ll = hf_logliks((model, tok), hf_ids(tok, [{"role": "user", "content": user}], generation=True), options_ids)
+        scores = {"summed": ll, "per-token": [v / len(o) for v, o in zip(ll, options_ids)],
+                  "per-character": [v / len(text) for v, text in zip(ll, q["options"])]}  # lm-eval's acc_norm
+        for kind, s in scores.items():
+            predicted[kind].append("ABC"[s.index(max(s))])
+            correct[kind] += s.index(max(s)) == q["answer"]
+    rows = read_jsonl(out_file)
+    for kind in E.SCORES:
+        assert [r[f"pred_{kind.replace('-', '_')}"] for r in rows] == predicted[kind], kind
+        assert accuracies(out)[kind] == pytest.approx(correct[kind] / len(MIXED_LENGTHS), abs=5e-5)
+    assert len(set(correct.values())) == 3  # the set tells the three scores apart
+
+
+def test_compare_reports_each_benchmark_and_their_mean_as_mc_does(tiny_model_dir, tmp_path):
+    files = {"MedMCQA": write_jsonl(tmp_path / "dev.json", medmcqa(1)),
+             "PubMedQA": write_ori_pqal(tmp_path / "ori_pqal.json")}
+    code, table, err = run_eval("compare", tiny_model_dir, tiny_model_dir, "--names", "A", "B",
+                                *(a for name, f in files.items() for a in ("--mc", f"{name}={f}")))
+    assert code == 0, err
+    cells = table_cells(table)
+    assert set(cells) == {f"{b} accuracy, {k} ↑" for b in files for k in E.SCORES} | {
+        f"mean of MedMCQA, PubMedQA, {k} ↑" for k in E.SCORES}
+    for name, file in files.items():  # the second code path: mc on each file alone
+        code, out, err = run_eval("mc", "--model", tiny_model_dir, "--data", file)
+        assert code == 0, err
+        for kind, accuracy in accuracies(out).items():
+            assert cells[f"{name} accuracy, {kind} ↑"][:2] == [accuracy, accuracy]
+    for kind in E.SCORES:
+        mean = (cells[f"MedMCQA accuracy, {kind} ↑"][0] + cells[f"PubMedQA accuracy, {kind} ↑"][0]) / 2
+        assert cells[f"mean of MedMCQA, PubMedQA, {kind} ↑"][0] == pytest.approx(mean, abs=1e-4)
+
+
 def test_compare_puts_runs_side_by_side_with_difference_and_ratio(smollm2_dir, hf_scored, tmp_path):
     run_b = tmp_path / "sftmix_run" / "final"  # a run directory; its model's logits are 0.8 times the first's
     run_b.mkdir(parents=True)
@@ -197,8 +429,8 @@ def test_compare_puts_runs_side_by_side_with_difference_and_ratio(smollm2_dir, h
     lines = table.splitlines()
     assert lines[0] == "| metric | ntp | sftmix | sftmix − ntp | sftmix ÷ ntp |"
     cells = {line.split(" | ")[0][2:]: [float(c) for c in line.strip("| ").split(" | ")[1:]] for line in lines[2:]}
-    assert set(cells) == {"ppl ↓", "NLL per token ↓",
-                          "mc accuracy, summed log-lik ↑", "mc accuracy, length-normalised ↑"}
+    assert set(cells) == {"ppl ↓", "NLL per token ↓", "mc accuracy, summed ↑", "mc accuracy, per-token ↑",
+                          "mc accuracy, per-character ↑"}
     for temperature, column in ((1.0, 0), (1 / 0.8, 1)):
         expected = response_nll(hf_scored, temperature)
         nll_per_token = sum(nll for nll, _ in expected.values()) / sum(n for _, n in expected.values())
@@ -206,7 +438,7 @@ def test_compare_puts_runs_side_by_side_with_difference_and_ratio(smollm2_dir, h
         assert cells["ppl ↓"][column] == pytest.approx(math.exp(nll_per_token), rel=5e-4)
     for a, b, diff, ratio in cells.values():  # from the rounded cells: within the rounding
         assert diff == pytest.approx(b - a, abs=2e-4) and ratio == pytest.approx(b / a, abs=2e-4 * (1 + b / a))
-    assert cells["mc accuracy, summed log-lik ↑"][0] == 1.0
+    assert cells["mc accuracy, summed ↑"][0] == 1.0
 
 
 def write_dynamics(path, n=24):
@@ -235,19 +467,157 @@ def test_datamap_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
     assert not (tmp_path / "m.png").exists()
 
 
+def test_datamap_shows_every_point_inside_the_frame_and_spreads_the_bulk(tmp_path, saved_figures):
+    rng = np.random.default_rng(0)  # heavy-tailed: a log-normal bulk, a tail, two extreme outliers
+    perplexities = [list(1 + np.exp(rng.normal(1.2, 0.6)) * np.exp(rng.normal(0, 0.05, 4))) for _ in range(300)]
+    perplexities += [list(1 + np.exp(rng.uniform(3, 6)) * np.exp(rng.normal(0, 0.1, 4))) for _ in range(20)]
+    perplexities += [[6211.0, 5000.0, 7000.0, 8000.0], [1.0, 1.0, 1.0, 1.0]]
+    dynamics = write_jsonl(tmp_path / "dynamics.jsonl",
+                           [{"id": f"ex{i}", "perplexities": p} for i, p in enumerate(perplexities)])
+    code, _, err = run_eval("datamap", "--dynamics", dynamics, "--out", tmp_path / "maps" / "map.png")
+    assert code == 0, err
+    assert (tmp_path / "maps" / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = saved_figures[0].axes[0]
+    drawn = np.concatenate([np.asarray(c.get_offsets()) for c in ax.collections])  # (N, 2) data coordinates
+    hand = [(statistics.pstdev(p), statistics.fmean(p)) for p in perplexities]  # (variability, -confidence)
+    np.testing.assert_allclose(np.sort(drawn, axis=0), np.sort(np.array(hand), axis=0), rtol=1e-9)
+    points, frame = ax.transData.transform(drawn), ax.get_window_extent()  # display pixels
+    assert ((points[:, 0] > frame.x0) & (points[:, 0] < frame.x1)).all()
+    assert ((points[:, 1] > frame.y0) & (points[:, 1] < frame.y1)).all()
+    for axis, size in ((0, frame.width), (1, frame.height)):  # linear axes would squeeze this into < 1%
+        low, high = np.percentile(points[:, axis], [10, 90])
+        assert high - low > 0.1 * size
+    assert "confidence" in ax.get_ylabel() and "variability" in ax.get_xlabel()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert labels and all(t.startswith("−") for t in labels)  # confidences: minus the mean perplexity
+
+
+def write_metrics(run, mixup):
+    """A run's metrics.jsonl, 30 steps; a held-out perplexity at steps 15 and 30 (the ends of two epochs)."""
+    run.mkdir(parents=True)
+    records = [{"step": s, "epoch": (s - 1) // 15, "lr": 1e-5 * min(s / 3, 1) * (31 - s) / 30, "loss": 0.0,
+                "ntp_loss": 3 - s / 20 + (s % 3) / 10, "mixup_loss": (4 - s / 25) * mixup, "grad_norm": 1.0,
+                "tokens_per_s": 100.0} | ({"heldout_nll": 1 - s / 100, "heldout_ppl": math.exp(1 - s / 100) + mixup}
+                                          if s % 15 == 0 else {}) for s in range(1, 31)]
+    write_jsonl(run / "metrics.jsonl", records)
+    return records
+
+
+def test_curves_draws_one_line_per_run_in_each_panel_from_the_metrics(tmp_path, saved_figures):
+    records = {"ntp": write_metrics(tmp_path / "ntp", mixup=0), "sftmix": write_metrics(tmp_path / "sftmix", mixup=1)}
+    out = tmp_path / "plots" / "curves.png"
+    code, _, err = run_eval("curves", tmp_path / "ntp", tmp_path / "sftmix", "--out", out)
+    assert code == 0, err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    panels = {ax.get_title(): ax for ax in saved_figures[0].axes if ax.get_title()}
+    assert set(panels) == {"NTP loss", "Mixup loss", "learning rate", "held-out perplexity (per epoch)"}
+    for title, key in (("NTP loss", "ntp_loss"), ("Mixup loss", "mixup_loss"), ("learning rate", "lr"),
+                       ("held-out perplexity (per epoch)", "heldout_ppl")):
+        runs = ["sftmix"] if key == "mixup_loss" else ["ntp", "sftmix"]  # an NTP run has no Mixup loss
+        lines = panels[title].get_lines()
+        labelled = [line for line in lines if not line.get_label().startswith("_")]
+        assert [line.get_label() for line in labelled] == runs, title
+        for run in runs:
+            steps, values = zip(*[(r["step"], r[key]) for r in records[run] if key in r])
+            assert any(list(line.get_xdata()) == list(steps) and list(line.get_ydata()) == list(values)
+                       for line in lines), (title, run)  # the raw values (a loss is also drawn smoothed)
+
+
+def test_dynamics_reports_confidence_mean_and_spread_as_computed_by_hand(tmp_path):
+    runs = {"NTP": [[2.0, 3.0, 4.0], [5.0, 5.5, 6.0], [9.0, 12.0, 15.0], [1.5, 1.5, 1.8]],
+            "SFTMix": [[2.0, 2.5, 3.0], [4.0, 4.5, 5.0], [7.0, 8.0, 10.0], [1.5, 1.6, 1.7]]}
+    (tmp_path / "ntp").mkdir()
+    paths = [write_jsonl(tmp_path / "ntp" / "dynamics.jsonl",  # a run directory, and a file given directly
+                         [{"id": f"e{i}", "perplexities": p} for i, p in enumerate(runs["NTP"])]),
+             write_jsonl(tmp_path / "sftmix.jsonl", [{"id": f"e{i}", "perplexities": p}
+                                                    for i, p in enumerate(runs["SFTMix"])])]
+    code, table, err = run_eval("dynamics", tmp_path / "ntp", paths[1], "--names", "NTP", "SFTMix",
+                                "--out", tmp_path / "tables" / "dynamics.md")
+    assert code == 0, err
+    assert (tmp_path / "tables" / "dynamics.md").read_text() == table
+    cells = table_cells(table)
+    for column, name in enumerate(runs):
+        conf = [-statistics.fmean(p) for p in runs[name]]
+        assert cells["confidence mean"][column] == pytest.approx(statistics.fmean(conf), abs=1e-4)
+        value = cells["confidence spread (std over examples)"][column]
+        assert value == pytest.approx(statistics.pstdev(conf), abs=1e-4)
+        assert cells["variability mean"][column] == pytest.approx(
+            statistics.fmean(statistics.pstdev(p) for p in runs[name]), abs=1e-4)
+    spread = cells["confidence spread (std over examples)"]
+    assert spread[3] == pytest.approx(spread[1] / spread[0], abs=1e-3)  # the SFTMix ÷ NTP column
+
+
+COMMANDS = {  # every command with --out; its other inputs do not exist, so an error about --out came first
+    "ppl": ["ppl", "--model", "nope", "--data", "nope.jsonl"],
+    "mc": ["mc", "--model", "nope", "--data", "nope.jsonl"],
+    "generate": ["generate", "--model", "nope", "--questions", "nope.jsonl"],
+    "compare": ["compare", "nope", "--data", "nope.jsonl"],
+    "datamap": ["datamap", "--dynamics", "nope.jsonl"],
+    "curves": ["curves", "nope"],
+    "dynamics": ["dynamics", "nope.jsonl"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("where", ["a directory", "under a file"])
+def test_an_out_that_cannot_be_written_is_one_line_before_any_work(command, where, tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "out.jsonl" if where == "a directory" else tmp_path / "file" / "out.jsonl"
+    if where == "a directory":
+        out.mkdir()
+    code, _, err = run_eval(*COMMANDS[command], "--out", out)
+    expected = f"error: --out {out}: " + ("is a directory; expected a file to write" if where == "a directory"
+                                          else f"cannot make its directory {out.parent}:")
+    assert code == 2 and err.startswith(expected) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["ppl", "--batch-size", 0], "--batch-size: expected an integer >= 1, got 0"),
+    (["compare", "--max-len", 1], "--max-len: expected an integer >= 2, got 1"),
+    (["generate", "--max-new-tokens", -5], "--max-new-tokens: expected an integer >= 1, got -5"),
+    (["generate", "--temperature", -0.5], "--temperature: expected a finite number >= 0, got -0.5"),
+    (["generate", "--temperature", "nan"], "--temperature: expected a finite number >= 0, got nan"),
+    (["generate", "--top-p", 0], "--top-p: expected a number in (0, 1], got 0.0"),
+])
+def test_a_numeric_flag_out_of_range_is_one_line_before_any_work(flags, message, tmp_path):
+    command, *flag = flags
+    code, _, err = run_eval(*COMMANDS[command], *flag, "--out", tmp_path / "out.jsonl")
+    assert (code, err) == (2, f"error: {message}\n")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_every_default_and_none_for_required_flags_or_flags_without_one(command):
+    code, out, _ = run_eval(command, "--help")
+    assert code == 0 and "default: None" not in out
+    sub = next(a for a in E.parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    text = "".join(out.split())  # as printed, wrapped at spaces and hyphens
+    for action in sub._actions:  # a default the help says in words is shown as written
+        if action.option_strings and action.default not in (None, argparse.SUPPRESS) and not action.required:
+            shown = action.help if "(default:" in action.help else f"{action.help} (default: {action.default})"
+            assert "".join(shown.split()) in text, action.dest
+
+
 @pytest.mark.parametrize("command, records, message", [
     ("mc", MC[:1] + [{"question": "2 + 2?", "options": ["3", "4"], "answer": "C"}],
      'mc.jsonl:2: "answer": expected one of A, B or an index 0..1, got "C"'),
     ("mc", [{"question": "2 + 2?", "options": {"A": "3", "C": "4"}, "answer": "A"}], 'mc.jsonl:1: "options": expected'),
     ("generate", QUESTIONS[:1] + [{"question_id": 9, "category": "math"}], 'question.jsonl:2: "turns": expected'),
     ("generate", [{"question_id": 9, "turns": []}], 'question.jsonl:1: "turns": expected a non-empty list'),
+    ("generate", ALPACA_EVAL[:1] + [{"dataset": "koala", "output": "x"}], 'question.jsonl:2: "instruction": expected'),
+    ("generate", ALPACA_EVAL, "--out {out}: expected a .json file for alpaca_eval (what its judge reads)"),
+    ("mc", medmcqa(0)[3:] + medmcqa(1)[2:3], 'mc.jsonl: "cop": both 0 and 4 among its values'),
+    ("mc", medmcqa(1)[2:3] + [{"question": "x", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 7}],
+     'mc.jsonl:2: "cop": expected the correct option\'s number (this file counts from 1), got 7'),
+    ("mc", [{"question": "Is it?", "context": {"contexts": ["It is."]}, "final_decision": "perhaps"}],
+     'mc.jsonl:1: "final_decision": expected yes, no or maybe, got "perhaps"'),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2_before_the_model_loads(command, records, message, tmp_path):
     file = write_jsonl(tmp_path / ("mc.jsonl" if command == "mc" else "question.jsonl"), records)
     flag = "--data" if command == "mc" else "--questions"
     code, _, err = run_eval(command, "--model", tmp_path / "no_model_here", flag, file, "--out", tmp_path / "out.jsonl")
     assert code == 2
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert err.startswith("error: ") and message.format(out=tmp_path / "out.jsonl") in err and err.count("\n") == 1, err
     assert not (tmp_path / "out.jsonl").exists()
 
 

@@ -11,6 +11,7 @@ alone. A deliberate mistake in the layout (lambda reversed within a pair, n_mixe
 """
 import os
 import random
+import socket
 from argparse import Namespace
 
 import pytest
@@ -69,7 +70,7 @@ def whole_batch_loss(model, samples, batch, lam, mu, ntp_weight=1.0):
     return ntp_weight * torch.stack(nll).mean() + mu * torch.stack(mixed).mean()
 
 
-def run_forward_backward(rank, world, port, mistake, mixup_only, queue):
+def run_forward_backward(rank, world, port, mistake, mode, queue):
     """train.forward_backward on `world` gloo ranks; rank 0 puts the summed-over-ranks gradient in the queue."""
     torch.set_num_threads(1)
     if world > 1:
@@ -88,20 +89,22 @@ def run_forward_backward(rank, world, port, mistake, mixup_only, queue):
             return micro, n_tokens, n_mixed + (mistake == "n_mixed off by one")
         sftmix.micro_batches = wrong
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    args = Namespace(mode="sftmix", alpha=0.5, seed=3, mu=MU, micro_batch=2, shard="ddp", grad_clip=0.0,
-                     mixup_only=mixup_only)
-    T.forward_backward(args, wrapped, samples, batch, 5, torch.device("cpu"), None, rank, world)
+    args = Namespace(mu=MU, micro_batch=2, shard="ddp", grad_clip=0.0, mixup_only=mode == "mixup only")
+    lam = None if mode == "ntp" else sftmix.sample_lambda(0.5, 4, 3, 5)
+    T.forward_backward(args, wrapped, samples, batch, lam, torch.device("cpu"), None, rank, world)
     if rank == 0:
         queue.put({n: p.grad.numpy().copy() for n, p in model.named_parameters()})  # no shared memory
     if world > 1:
         dist.destroy_process_group()
 
 
-def training_gradient(world, mistake=None, mixup_only=False):
+def training_gradient(world, mistake=None, mode="sftmix"):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = random.Random().randint(20000, 40000)
-    procs = [ctx.Process(target=run_forward_backward, args=(r, world, port, mistake, mixup_only, queue))
+    with socket.socket() as s:  # a free port for the ranks to meet on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=run_forward_backward, args=(r, world, port, mistake, mode, queue))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -112,11 +115,11 @@ def training_gradient(world, mistake=None, mixup_only=False):
     return grads
 
 
-def reference_gradient(mixup_only=False):
+def reference_gradient(mode="sftmix"):
     samples, model = make_batch()
     lam = sftmix.sample_lambda(0.5, 4, 3, 5).double()
-    loss = whole_batch_loss(model, samples, list(range(8)), lam, 1.0 if mixup_only else MU,
-                            ntp_weight=0.0 if mixup_only else 1.0)
+    mu, ntp_weight = {"sftmix": (MU, 1.0), "ntp": (0.0, 1.0), "mixup only": (1.0, 0.0)}[mode]
+    loss = whole_batch_loss(model, samples, list(range(8)), lam, mu, ntp_weight)
     loss.backward()
     return {n: p.grad for n, p in model.named_parameters()}
 
@@ -141,5 +144,31 @@ def test_a_deliberate_layout_mistake_breaks_the_equality(mistake, reference):
     assert relative_error(training_gradient(1, mistake), reference) > 1e-3
 
 
-def test_mixup_only_gives_the_gradient_of_the_mixup_term_alone():
-    assert relative_error(training_gradient(2, mixup_only=True), reference_gradient(mixup_only=True)) <= 1e-6
+@pytest.mark.parametrize("mode", ["ntp", "mixup only"])
+def test_plain_ntp_and_mixup_only_give_the_gradient_of_their_term_alone(mode):
+    assert relative_error(training_gradient(2, mode=mode), reference_gradient(mode)) <= 1e-6
+
+
+def test_warm_up_step_k_runs_at_lr_times_k_plus_1_over_w_then_cosine_to_zero():
+    """documented difference from HF's schedule (step 1 at lr 0): W = ceil(0.25 * 10) = 3 warm-up steps"""
+    args = T.parse_args(["--model", "m", "--data", "d", "--out", "o", "--lr", "0.3", "--warmup-ratio", "0.25"])
+    lrs = [T.lr_at(k, 10, args) for k in range(10)]
+    import math
+    expected = [0.1, 0.2, 0.3] + [0.3 * 0.5 * (1 + math.cos(math.pi * j / 7)) for j in range(7)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_the_pad_tokens_embedding_row_is_trained_unlike_transformers_padding_idx():
+    """documented difference: HF's Llama embedding has padding_idx = pad_token_id (that row never gets a gradient);
+    ours has none, so the pad token (SmolLM2: <|im_end|>, also the end-of-turn token) trains as an input too"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    pad = 3
+    ids = torch.tensor([[5, pad, 7, 9]])
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=V, pad_token_id=pad)
+    hf = LlamaForCausalLM(cfg)
+    hf(ids, labels=ids).loss.backward()
+    assert hf.model.embed_tokens.weight.grad[pad].abs().sum() == 0
+    ours = M.Transformer(ARGS)
+    F.cross_entropy(ours(ids)[0, :-1], ids[0, 1:]).backward()
+    assert ours.model.embed_tokens.weight.grad[pad].abs().sum() > 0

@@ -1,0 +1,61 @@
+"""scripts/bench.py end to end at toy size, with its peers (transformers, TRL) installed: every row is printed, with
+finite positive ratios. A smoke test of the script, not of the timings, which it does not check."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ROWS = [  # the start of each row's measure, in the order bench.py prints them
+    "one NTP epoch s", "one NTP epoch s: TRL SFTTrainer padding_free=True / train.py",
+    "padding share of the positions computed, the epoch: train.py / TRL default",
+    "padding share of the positions computed, the epoch: train.py / TRL padding_free=True",
+    "generation tokens/s", "train step tokens/s", "micro-batch s", "micro-batch peak tensor MiB",
+    "s over 8 samples: dynamics pass", "padding share of the positions computed, the dynamics pass", "GFLOP/s",
+]
+
+
+def bench(model_dir, data_path):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--model", str(model_dir), "--data", str(data_path),
+         "--max-len", "64", "--batch", "2", "--global-batch", "4", "--eval-batch", "4", "--repeats", "1",
+         "--warmup", "0", "--steps", "1", "--new-tokens", "8", "--matmul-size", "64", "--threads", "1"],
+        capture_output=True, text=True, timeout=900)
+
+
+def table(stdout):
+    """{measure: (ours, peer, ratio)} of the Markdown table's body rows."""
+    lines = [l for l in stdout.splitlines() if l.startswith("| ") and not l.startswith("| measure")]
+    return {cells[0]: tuple(cells[1:4]) for cells in ([c.strip() for c in l.strip("|").split("|")] for l in lines)}
+
+
+def test_bench_prints_every_row_with_finite_positive_ratios(tiny_model_dir, chat_data, tmp_path):
+    data_path = tmp_path / "train.jsonl"
+    data_path.write_text("".join(chat_data.read_text().splitlines(keepends=True)[:8]))  # 2 global batches of 4
+    run = bench(tiny_model_dir, data_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = table(run.stdout)
+    assert len(rows) == len(ROWS), list(rows)
+    for (measure, (ours, peer, ratio)), start in zip(rows.items(), ROWS):
+        assert measure.startswith(start), (measure, start)
+        if measure.startswith("padding share"):  # shares of the positions computed: no ratio
+            assert ratio == "—"
+            for share in (ours, peer) if peer else (ours,):
+                assert share.endswith("%") and 0 <= float(share[:-1]) < 100, (measure, share)
+        else:
+            assert math.isfinite(float(ratio)) and float(ratio) > 0, (measure, ratio)
+            assert float(ours) > 0 and float(peer) > 0, (measure, ours, peer)
+    # TRL's padding_free flattens each micro-batch into one row: it computes no padding position
+    assert rows["padding share of the positions computed, the epoch: train.py / TRL padding_free=True"][1] == "0.0%"
+
+
+def test_bench_data_not_filling_global_batches_is_one_line_and_exit_2(tiny_model_dir, chat_data, tmp_path):
+    data_path = tmp_path / "train.jsonl"
+    data_path.write_text("".join(chat_data.read_text().splitlines(keepends=True)[:6]))  # 6 samples, batches of 4
+    run = bench(tiny_model_dir, data_path)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"error: {data_path}: 6 samples; expected a multiple of --global-batch 4, so that train.py and TRL train "
+        f"on the same examples"]
+    assert run.stdout == ""
