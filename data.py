@@ -1,6 +1,6 @@
 """Instruction data to token ids with response-only labels.
 
-    file --read_examples--> Example(id, messages) --tokenize--> Sample(id, input_ids, labels) --collate--> batch
+    file --read_examples--> Example(id, messages) --tokenize--> Sample(id, input_ids, labels) --pack--> row
 
 Data formats (a JSON array or JSON lines), detected from the first record's keys or forced with --format:
     alpaca    {"instruction", "input" (optional), "output"}
@@ -471,6 +471,16 @@ def shard(items: list, rank: int, world_size: int) -> list:
     return items[rank::world_size]
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """The --help of every command: each flag's default, except for a flag that is required or has none, or that
+    says its default in words."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or "(default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 # --- inspect -----------------------------------------------------------------------------------------------
 
 def show(sample: Sample, tok: Tokenizer) -> str:
@@ -505,7 +515,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("inspect", help="rendered examples with trained spans marked, and statistics",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=Help)
     p.add_argument("--data", required=True, help="data file: a JSON array or JSON lines")
     p.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (and tokenizer_config.json)")
     p.add_argument("--format", help=f"one of {', '.join(FORMATS)}; detected from the keys if not given")

@@ -639,25 +639,16 @@ def cmd_curves(args, rt, say):
     say(f"wrote {args.out}")
 
 
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's default, except for a flag that is required or has none, or says it in words."""
-
-    def _get_help_string(self, action):
-        if action.required or action.default is None or "(default:" in action.help:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    ppl = sub.add_parser("ppl", formatter_class=Help, help="response perplexity, overall, per example, per half")
-    mc = sub.add_parser("mc", formatter_class=Help, help="multiple-choice accuracy (MedQA, MedMCQA, PubMedQA, ...)")
-    gen = sub.add_parser("generate", formatter_class=Help, help="MT-Bench or AlpacaEval answers, as judges read them")
-    cmp = sub.add_parser("compare", formatter_class=Help, help="Markdown table of several runs side by side")
-    dm = sub.add_parser("datamap", formatter_class=Help, help="confidence vs variability picture (matplotlib)")
-    cur = sub.add_parser("curves", formatter_class=Help, help="training curves of several runs (matplotlib)")
-    dyn = sub.add_parser("dynamics", formatter_class=Help, help="confidence mean and spread of dynamics files")
+    ppl = sub.add_parser("ppl", formatter_class=data.Help, help="response perplexity, overall, per example, per half")
+    mc = sub.add_parser("mc", formatter_class=data.Help, help="multiple-choice accuracy (MedQA, MedMCQA, PubMedQA, ...)")
+    gen = sub.add_parser("generate", formatter_class=data.Help, help="MT-Bench or AlpacaEval answers, as judges read them")
+    cmp = sub.add_parser("compare", formatter_class=data.Help, help="Markdown table of several runs side by side")
+    dm = sub.add_parser("datamap", formatter_class=data.Help, help="confidence vs variability picture (matplotlib)")
+    cur = sub.add_parser("curves", formatter_class=data.Help, help="training curves of several runs (matplotlib)")
+    dyn = sub.add_parser("dynamics", formatter_class=data.Help, help="confidence mean and spread of dynamics files")
     for s, run in ((ppl, cmd_ppl), (mc, cmd_mc), (gen, cmd_generate), (cmp, cmd_compare), (dm, cmd_datamap),
                    (cur, cmd_curves), (dyn, cmd_dynamics)):
         s.set_defaults(run=run)

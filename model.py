@@ -544,8 +544,10 @@ def generate(model: Transformer, prompt_ids, max_new_tokens, temperature=0.0, to
     out = [[] for _ in range(B)]
     start, end = 0, P
     for _ in range(max_new_tokens):
+        last = torch.zeros(B, end - start, dtype=torch.bool, device=device)
+        last[:, -1] = True  # the LM head only where the next token is read (the prompt's last position)
         logits = model(tokens[:, start:end], positions=positions[:, start:end],
-                       mask=mask[:, None, start:end, :end], cache=cache)[:, -1].float()  # (B, V)
+                       mask=mask[:, None, start:end, :end], cache=cache, logits_at=last).float()  # (B, V)
         next_id = _sample(logits, temperature, top_p, gen)  # (B,)
         for i in torch.nonzero(~done).flatten().tolist():
             out[i].append(next_id[i].item())

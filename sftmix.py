@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 from tqdm import tqdm
 
-from data import IGNORE, InputError, check_output, collate, length_grouped_batches, shard, write_json
+from data import IGNORE, Help, InputError, check_output, length_grouped_batches, pack, shard, write_json
 
 
 # ----------------------------------------------------------------------------- stage 1: training dynamics
@@ -39,9 +39,9 @@ def response_nll(model, samples, batch_size, device, amp_dtype=None, desc="dynam
     """Summed response-token NLL and response length of every sample, over all ranks.
 
     nll(x, y) = -sum_t log p(y_t | x, y_<t) over the trained (label != IGNORE) positions; |y| their count.
-    Forward only, in length-grouped batches so padding stays small, the batches sharded over ranks, the LM
-    head applied in chunks (head_losses). amp_dtype (e.g. torch.bfloat16) runs the forward under autocast.
-    Returns {id: (nll, n_tokens)} with every sample's id exactly once, on every rank.
+    Forward only, in length-grouped batches packed into one row each (no padding), the batches sharded over
+    ranks, the LM head applied in chunks (head_losses). amp_dtype (e.g. torch.bfloat16) runs the forward
+    under autocast. Returns {id: (nll, n_tokens)} with every sample's id exactly once, on every rank.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
@@ -51,15 +51,19 @@ def response_nll(model, samples, batch_size, device, amp_dtype=None, desc="dynam
     rounds = -(-len(batches) // world)  # every rank runs as many forwards: FSDP gathers weights collectively
     result = {}
     for r in tqdm(range(rounds), desc=desc, disable=rank != 0, leave=False):
-        b = collate([samples[i] for i in (mine[r] if r < len(mine) else batches[0])], pad_id=0)
-        input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T) each
-        trained = labels != IGNORE  # (B, T)
+        b = pack([samples[i] for i in (mine[r] if r < len(mine) else batches[0])])
+        input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (1, S) each
+        trained = labels != IGNORE  # (1, S)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            nll, _ = model(input_ids, logits_at=trained, head=partial(head_losses, targets=labels[trained]))  # (N,)
+            nll, _ = model(input_ids, seq_lens=b["seq_lens"], logits_at=trained,
+                           head=partial(head_losses, targets=labels[trained]))  # (N,)
         if r >= len(mine):
             continue  # a filler forward on a rank with one batch fewer: nothing to record
-        row_nll = torch.zeros(len(labels), dtype=nll.dtype, device=device).index_add_(0, trained.nonzero()[:, 0], nll)
-        for sample_id, s_nll, n in zip(b["ids"], row_nll.tolist(), trained.sum(1).tolist()):
+        row = torch.repeat_interleave(torch.arange(len(b["ids"]), device=device),
+                                      torch.tensor(b["seq_lens"], device=device))[trained[0]]  # (N,) sample of each
+        sample_nll = torch.zeros(len(b["ids"]), dtype=nll.dtype, device=device).index_add_(0, row, nll)
+        counts = torch.bincount(row, minlength=len(b["ids"]))
+        for sample_id, s_nll, n in zip(b["ids"], sample_nll.tolist(), counts.tolist()):
             result[sample_id] = (s_nll, n)
     model.train(was_training)
     if world > 1:
@@ -257,10 +261,10 @@ def micro_batches(batch, samples, rank, world, micro_batch, lam=None):
     return result, sum(n.values()), n_mixed
 
 
-CHUNK = 1024  # positions per LM-head chunk: (CHUNK, V) fp32 logits at a time, whatever N
+CHUNK = 1024  # positions per LM-head chunk by default: (CHUNK, V) fp32 logits at a time, whatever N
 
 
-def head_losses(hidden, weight, targets, mix_c=None, mix_u=None, lam=None, softcap=None, chunk=CHUNK):
+def head_losses(hidden, weight, targets, mix_c=None, mix_u=None, lam=None, softcap=None, chunk=None):
     """NTP NLL at each of N positions (N,), and the Mixup CE at each of M mixed positions (M,), from final states.
 
     hidden (N, D) final-norm states, targets (N,) next tokens, weight W (V, D) the LM head; mix_c, mix_u,
@@ -273,7 +277,7 @@ def head_losses(hidden, weight, targets, mix_c=None, mix_u=None, lam=None, softc
     chunk recomputed in backward when there are several, so no (N, V) tensor is ever held: a mixed pair's
     positions share one chunk, the other positions follow.
     """
-    N = len(targets)
+    N, chunk = len(targets), chunk or CHUNK
     if mix_c is None or len(mix_c) == 0:
         mix_c = mix_u = torch.zeros(0, dtype=torch.long, device=hidden.device)
         lam = torch.zeros(0, device=hidden.device)
@@ -314,7 +318,7 @@ def _head_chunk(h, weight, y, lam, softcap):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Stage 2: split the data at the median confidence.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("split", help="dynamics.jsonl -> split.json (confident / unconfident ids)",
+    s = sub.add_parser("split", help="dynamics.jsonl -> split.json (confident / unconfident ids)", formatter_class=Help,
                        description="Sort by confidence (-mean perplexity over the checkpoints), highest first, ties "
                                    "by id; the first floor(N/2) examples are confident, the rest unconfident (the "
                                    "median example joins them when N is odd).")

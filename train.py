@@ -49,7 +49,7 @@ RESUMABLE_FLAGS = {"resume", "stop_at_step", "save_every", "eval_batch", "keep_s
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.Help)
     p.add_argument("--mode", choices=["ntp", "sftmix"], default="ntp", help="plain SFT, or SFTMix (needs --split)")
     p.add_argument("--model", required=True,
                    help="base model: HF directory (config.json, safetensors, tokenizer), or a run directory (its final/)")

@@ -346,7 +346,26 @@ def main(argv=None):
                  f"{mem['sftmix'] / 2**20:.0f}", f"{mem['ntp'] / 2**20:.0f}", mem["sftmix"] / mem["ntp"],
                  "<= 1.10", mem["sftmix"] / mem["ntp"] <= 1.10))
 
-    # (the peak memory of one SFTMix micro-batch at a 128K vocabulary, chunked / unchunked, is measured here)
+    # the same SFTMix micro-batch at a 128K vocabulary (Llama 3's), where the LM head's logits dominate memory:
+    # sftmix.head_losses in chunks of sftmix.CHUNK positions, against one chunk of all positions
+    log("5b/7 SFTMix micro-batch at a 128K vocabulary: peak memory, chunked vs unchunked LM head")
+    big = M.Transformer(M.ModelArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, vocab_size=128256)).to(device)
+    g = torch.Generator().manual_seed(0)
+    L = 4 * args.max_len  # tokens per example: the 4 examples' trained positions make several chunks
+    long = [data.Sample(str(i), torch.randint(0, 128256, (L,), generator=g).tolist(),
+                        [data.IGNORE] * 24 + torch.randint(0, 128256, (L - 24,), generator=g).tolist()) for i in range(4)]
+    targs = trainer_args(args, "sftmix", 4)
+    targs.micro_batch = 4
+    mem = {}
+    for name, chunk in (("chunked", sftmix.CHUNK), ("unchunked", 10**9)):
+        default, sftmix.CHUNK = sftmix.CHUNK, chunk
+        mem[name] = peak_memory(lambda: micro_step(big, targs, long, [0, 1, 2, 3], device), device)
+        sftmix.CHUNK = default
+    rows.append((f"SFTMix micro-batch peak tensor MiB, 2 pairs x {L - 24} trained tokens, vocabulary 128256: LM head in "
+                 f"chunks of {sftmix.CHUNK} / unchunked", f"{mem['chunked'] / 2**20:.0f}", f"{mem['unchunked'] / 2**20:.0f}",
+                 mem["chunked"] / mem["unchunked"], "<= 0.5", mem["chunked"] / mem["unchunked"] <= 0.5))
+    del big
 
     # 6. dynamics pass (one checkpoint) vs the NTP epoch of 1, and its padding share
     log(f"6/7 dynamics pass over {len(samples)} samples, {args.repeats} runs")
