@@ -643,8 +643,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     ppl = sub.add_parser("ppl", formatter_class=data.Help, help="response perplexity, overall, per example, per half")
-    mc = sub.add_parser("mc", formatter_class=data.Help, help="multiple-choice accuracy (MedQA, MedMCQA, PubMedQA, ...)")
-    gen = sub.add_parser("generate", formatter_class=data.Help, help="MT-Bench or AlpacaEval answers, as judges read them")
+    mc = sub.add_parser("mc", formatter_class=data.Help,
+                        help="multiple-choice accuracy (MedQA, MedMCQA, PubMedQA, ...)")
+    gen = sub.add_parser("generate", formatter_class=data.Help,
+                         help="MT-Bench or AlpacaEval answers, as judges read them")
     cmp = sub.add_parser("compare", formatter_class=data.Help, help="Markdown table of several runs side by side")
     dm = sub.add_parser("datamap", formatter_class=data.Help, help="confidence vs variability picture (matplotlib)")
     cur = sub.add_parser("curves", formatter_class=data.Help, help="training curves of several runs (matplotlib)")

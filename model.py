@@ -227,7 +227,8 @@ class Attention(nn.Module):
             y = self.attend(q, k, v, mask)
         else:  # a packed row: each sequence attends to itself alone, no (T, T) mask and no wasted scores
             ends = torch.tensor(seq_lens).cumsum(0).tolist()
-            y = torch.cat([self.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[a:b, a:b])
+            y = torch.cat([self.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
+                                       None if mask is None else mask[a:b, a:b])
                            for a, b in zip([0] + ends[:-1], ends)], dim=2)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 

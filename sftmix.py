@@ -240,7 +240,8 @@ def micro_batches(batch, samples, rank, world, micro_batch, lam=None):
     """
     n = {i: sum(t != IGNORE for t in samples[i].labels) for i in batch}  # trained tokens per example
     P = len(batch) // 2
-    units = [(i, (batch[i], batch[P + i])) for i in range(P)] if lam is not None else [(i, (j,)) for i, j in enumerate(batch)]
+    units = [(i, (batch[i], batch[P + i])) for i in range(P)] if lam is not None else \
+        [(i, (j,)) for i, j in enumerate(batch)]  # (pair or example index, its sample indices)
     units.sort(key=lambda u: (-sum(len(samples[j].input_ids) for j in u[1]), u[0]))
     mine = [u for k, u in enumerate(units) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == rank]
     per_micro = micro_batch // len(units[0][1])
@@ -284,7 +285,8 @@ def head_losses(hidden, weight, targets, mix_c=None, mix_u=None, lam=None, softc
     mixed = torch.zeros(N, dtype=torch.bool, device=hidden.device)
     mixed[mix_c], mixed[mix_u] = True, True
     rest = (~mixed).nonzero()[:, 0]  # positions trained by NTP alone (the longer example's tail, unpaired rows)
-    parts = [(mix_c[k:k + chunk // 2], mix_u[k:k + chunk // 2], lam[k:k + chunk // 2]) for k in range(0, len(mix_c), chunk // 2)]
+    half = chunk // 2  # pairs per chunk: their confident and unconfident positions together
+    parts = [(mix_c[k:k + half], mix_u[k:k + half], lam[k:k + half]) for k in range(0, len(mix_c), half)]
     parts += [(rest[k:k + chunk], None, None) for k in range(0, len(rest), chunk)]
     recompute = len(parts) > 1 and torch.is_grad_enabled()
     dtype = torch.promote_types(hidden.dtype, torch.float32)  # losses in at least fp32, also under bf16 autocast

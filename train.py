@@ -11,9 +11,11 @@ Loss per global batch of G examples (NTP tokens counted over all micro-batches a
     L_NTP   = sum over trained tokens of -log p(y_t | x, y_<t)  /  number of trained tokens
     L_Mixup = sum over mixed positions of the Mixup CE          /  number of mixed positions
     L       = L_NTP + mu * L_Mixup                                (sftmix; ntp has L = L_NTP; --mixup-only L_Mixup)
-Writes OUT/metrics.jsonl, OUT/state/ (resumable, torch.distributed.checkpoint, one file per rank, made current
-by an atomic rename of OUT/state/latest.json), OUT/final/ (HF checkpoint), and with --dynamics C,
-OUT/dynamics.jsonl (per example: perplexity at C checkpoints, confidence, variability).
+sftmix.micro_batches lays a global batch out over ranks and packed micro-batches; sftmix.head_losses computes
+both terms from the final hidden states, the LM head in chunks. Writes OUT/metrics.jsonl, OUT/state/ (resumable:
+safetensors and JSON, no pickle, made current by an atomic rename of OUT/state/latest.json; deleted at the end
+unless --keep-state), OUT/final/ (HF checkpoint), and with --dynamics C, OUT/dynamics.jsonl (per example:
+perplexity at C checkpoints, confidence, variability).
 """
 import argparse
 import hashlib
@@ -52,7 +54,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.Help)
     p.add_argument("--mode", choices=["ntp", "sftmix"], default="ntp", help="plain SFT, or SFTMix (needs --split)")
     p.add_argument("--model", required=True,
-                   help="base model: HF directory (config.json, safetensors, tokenizer), or a run directory (its final/)")
+                   help="base model: HF directory (config.json, safetensors, tokenizer), or a run directory "
+                        "(its final/)")
     p.add_argument("--data", required=True, help="training data (alpaca / sharegpt / messages; JSON or JSONL)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--split", help="split.json from `sftmix.py split` (sftmix mode)")
@@ -215,7 +218,8 @@ def shard_model(model, args, device, world, bf16):
     """The module to call in training: the model itself, DDP around it, or the model sharded in place by
     FSDP2 (each transformer block one unit, the root holding embeddings, final norm and LM head)."""
     if args.shard == "fsdp":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
         for block in model.model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
@@ -265,12 +269,14 @@ def load_state(out, model, optimizer, config, rank, world):
     path = out / "state" / "latest.json"
     try:
         latest = json.loads(path.read_text())
-        step, name, ranks, saved = int(latest["step"]), str(latest["checkpoint"]), int(latest["ranks"]), latest["config"]
+        step, name, ranks = int(latest["step"]), str(latest["checkpoint"]), int(latest["ranks"])
+        saved = latest["config"]
         dynamics = {int(k): {str(i): float(x) for i, x in v.items()} for k, v in latest["dynamics"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{path}: unreadable ({e}); expected the latest.json of a run's state") from None
     changed = [f"{config['data']}: the data changed since the run started" if k == "data_sha256" else
-               f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items() if saved.get(k) != v]
+               f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, now {v!r}"
+               for k, v in config.items() if saved.get(k) != v]
     if changed:
         raise InputError(f"{out / 'state'}: was written by a run with other settings: {'; '.join(changed)}")
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
@@ -285,7 +291,8 @@ def load_state(out, model, optimizer, config, rank, world):
         raise InputError(f"{file}: unreadable ({e}); expected a state written by train.py") from None
     with torch.no_grad():
         for n, p in model.named_parameters():
-            keys = {"param": f"model.{n}", "exp_avg": f"optimizer.{n}.exp_avg", "exp_avg_sq": f"optimizer.{n}.exp_avg_sq",
+            keys = {"param": f"model.{n}", "exp_avg": f"optimizer.{n}.exp_avg",
+                    "exp_avg_sq": f"optimizer.{n}.exp_avg_sq",
                     "step": f"optimizer.{n}.step"} if p.requires_grad else {"param": f"model.{n}"}
             if any(k not in tensors for k in keys.values()) or tensors[keys["param"]].shape != _local(p).shape:
                 raise InputError(f"{file}: {n}: missing or of another shape than the model's; expected the state of "
@@ -412,7 +419,8 @@ def train(args, rank, local_rank, world):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if not weights_finite(model, world):
-                raise InputError(f"step {step + 1}: the update made weights inf or NaN (lr {lr_at(step, total, args):.3g})"
+                raise InputError(f"step {step + 1}: the update made weights inf or NaN "
+                                 f"(lr {lr_at(step, total, args):.3g})"
                                  f"; stopped. {last_state(out, saved)}")
             step += 1
             elapsed = time.perf_counter() - t0
@@ -424,10 +432,12 @@ def train(args, rank, local_rank, world):
                 dynamics[step] = {k: sftmix.perplexity(*v) for k, v in nll.items()}
                 if not all(map(math.isfinite, dynamics[step].values())):
                     worst = max(nll, key=lambda k: nll[k][0] / nll[k][1])
-                    raise InputError(f"step {step}: example {worst}: mean response NLL {nll[worst][0] / nll[worst][1]:.1f} "
+                    raise InputError(f"step {step}: example {worst}: mean response NLL "
+                                     f"{nll[worst][0] / nll[worst][1]:.1f} "
                                      f"nats, its perplexity overflows a float: the model has diverged (lower --lr)")
             record = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": loss,
-                      "ntp_loss": ntp_loss, "mixup_loss": mix_loss, "grad_norm": grad_norm, "tokens_per_s": n_input / elapsed}
+                      "ntp_loss": ntp_loss, "mixup_loss": mix_loss, "grad_norm": grad_norm,
+                      "tokens_per_s": n_input / elapsed}
             if heldout and step % steps_per_epoch == 0:  # the end of an epoch
                 nll = sftmix.response_nll(wrapped, heldout, args.eval_batch, device, amp_dtype, desc="held-out")
                 nll_per_token = sum(v[0] for v in nll.values()) / sum(v[1] for v in nll.values())
@@ -480,7 +490,8 @@ def forward_backward(args, wrapped, samples, batch, lam, device, amp_dtype, rank
                 nll, mix = wrapped(input_ids, seq_lens=b["seq_lens"], logits_at=trained, head=head)  # (N,), (M,)
             loss = ntp_weight * nll.sum() / n_tokens + mix_weight * mix.sum() / max(n_mixed, 1)
             (loss * world).backward()  # ranks average gradients; * world makes it the sum over the global batch
-        sums += torch.stack([nll.detach().sum(), mix.detach().sum(), torch.tensor(float(input_ids.numel()), device=device)])
+        sums += torch.stack([nll.detach().sum(), mix.detach().sum(),
+                             torch.tensor(float(input_ids.numel()), device=device)])
     if world > 1:
         dist.all_reduce(sums)
     grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), args.grad_clip or float("inf"))
