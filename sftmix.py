@@ -275,8 +275,8 @@ def head_losses(hidden, weight, targets, mix_c=None, mix_u=None, lam=None, softc
     This is mixup_loss's CE of W Z~: W is linear with no bias, so W (lam Z^c + (1 - lam) Z^u) = lam z^c
     + (1 - lam) z^u, and the logits NTP needs anyway give the mixed ones (no second LM-head matmul; a
     cap is applied after mixing, as it would be to W Z~). The head runs on `chunk` positions at a time, each
-    chunk recomputed in backward when there are several, so no (N, V) tensor is ever held: a mixed pair's
-    positions share one chunk, the other positions follow.
+    chunk recomputed in backward when N > chunk, so no (N, V) tensor is ever held: a mixed pair's positions
+    share one chunk, the other positions follow.
     """
     N, chunk = len(targets), chunk or CHUNK
     if mix_c is None or len(mix_c) == 0:
@@ -288,7 +288,7 @@ def head_losses(hidden, weight, targets, mix_c=None, mix_u=None, lam=None, softc
     half = chunk // 2  # pairs per chunk: their confident and unconfident positions together
     parts = [(mix_c[k:k + half], mix_u[k:k + half], lam[k:k + half]) for k in range(0, len(mix_c), half)]
     parts += [(rest[k:k + chunk], None, None) for k in range(0, len(rest), chunk)]
-    recompute = len(parts) > 1 and torch.is_grad_enabled()
+    recompute = N > chunk and torch.is_grad_enabled()  # one chunk's logits are held whole anyway
     dtype = torch.promote_types(hidden.dtype, torch.float32)  # losses in at least fp32, also under bf16 autocast
     nll, mix = hidden.new_zeros(N, dtype=dtype), []
     for idx_c, idx_u, lam_k in parts:
