@@ -165,26 +165,26 @@ def epoch_batches(args, samples, halves, epoch):
     return [(order[b * G:(b + 1) * G], None) for b in range(len(order) // G)]
 
 
-def adamw(model, args):
+def adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
     """AdamW with weight decay on the matrices only: RMSNorm weights and biases (1-D) are not decayed, as in
     nanoGPT and HF's Trainer (decaying a norm weight pulls it towards 0, not towards the identity). Frozen
     parameters (the base under LoRA) are left out."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
 
 
-def lr_at(step, total, args):
+def lr_at(step, total, lr, warmup_ratio):
     """Linear warm-up over W = ceil(warmup_ratio * total) steps to --lr, then cosine decay to 0.
 
     Step k (0-based) of the warm-up runs at lr (k + 1) / W, so the first step already learns (HF's linear
     warm-up runs its first step at lr 0)."""
-    warmup = math.ceil(args.warmup_ratio * total)
+    warmup = math.ceil(warmup_ratio * total)
     if step < warmup:
-        return args.lr * (step + 1) / warmup
+        return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def dynamics_points(total, C):
@@ -390,7 +390,7 @@ def train(args, rank, local_rank, world):
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
     model.checkpoint_activations = args.activation_checkpointing
     wrapped = shard_model(model, args, device, world, bf16)  # what forward and backward go through
-    optimizer = adamw(model, args)
+    optimizer = adamw(model, args.lr, args.weight_decay, args.betas)
     config, step, dynamics = run_config(args, samples), 0, {}
     if args.resume and (out / "state" / "latest.json").exists():
         step, dynamics = load_state(out, model, optimizer, config, rank, world)
@@ -409,7 +409,7 @@ def train(args, rank, local_rank, world):
                 batches, batches_epoch = epoch_batches(args, samples, halves, epoch), epoch
             batch, lam = batches[step % steps_per_epoch]
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, args)
+                group["lr"] = lr_at(step, total, args.lr, args.warmup_ratio)
             t0 = time.perf_counter()
             loss, ntp_loss, mix_loss, grad_norm, n_input = forward_backward(args, wrapped, samples, batch, lam,
                                                                             device, amp_dtype, rank, world)
@@ -420,7 +420,7 @@ def train(args, rank, local_rank, world):
             optimizer.zero_grad(set_to_none=True)
             if not weights_finite(model, world):
                 raise InputError(f"step {step + 1}: the update made weights inf or NaN "
-                                 f"(lr {lr_at(step, total, args):.3g})"
+                                 f"(lr {lr_at(step, total, args.lr, args.warmup_ratio):.3g})"
                                  f"; stopped. {last_state(out, saved)}")
             step += 1
             elapsed = time.perf_counter() - t0

@@ -153,8 +153,7 @@ def test_plain_ntp_and_mixup_only_give_the_gradient_of_their_term_alone(mode):
 
 def test_warm_up_step_k_runs_at_lr_times_k_plus_1_over_w_then_cosine_to_zero():
     """documented difference from HF's schedule (step 1 at lr 0): W = ceil(0.25 * 10) = 3 warm-up steps"""
-    args = T.parse_args(["--model", "m", "--data", "d", "--out", "o", "--lr", "0.3", "--warmup-ratio", "0.25"])
-    lrs = [T.lr_at(k, 10, args) for k in range(10)]
+    lrs = [T.lr_at(k, 10, lr=0.3, warmup_ratio=0.25) for k in range(10)]
     import math
     expected = [0.1, 0.2, 0.3] + [0.3 * 0.5 * (1 + math.cos(math.pi * j / 7)) for j in range(7)]
     assert lrs == pytest.approx(expected)

@@ -217,8 +217,7 @@ def test_weight_decay_shrinks_matrices_and_leaves_norm_weights_untouched():
     with torch.no_grad():
         for p in tiny.parameters():
             p.normal_()  # norm weights away from 1, so decay would show
-    optimizer = T.adamw(tiny, T.parse_args(["--model", "m", "--data", "d", "--out", "o", "--lr", "0.1",
-                                            "--weight-decay", "0.5"]))
+    optimizer = T.adamw(tiny, lr=0.1, weight_decay=0.5)
     before = {n: p.detach().clone() for n, p in tiny.named_parameters()}
     for p in tiny.parameters():
         p.grad = torch.zeros_like(p)
