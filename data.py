@@ -2,7 +2,9 @@
 
     file --read_examples--> Example(id, messages) --tokenize--> Sample(id, input_ids, labels) --pack--> row
 
-Data formats (a JSON array or JSON lines), detected from the first record's keys or forced with --format:
+Data formats (a JSON array, JSON lines, or a parquet file of such records, as UltraChat-200K and Tulu 3's SFT
+mixture are published: read with pyarrow where it is installed), detected from the first record's keys or forced
+with --format:
     alpaca    {"instruction", "input" (optional), "output"}
     sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}
     messages  {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}
@@ -160,11 +162,14 @@ def _msg(e: json.JSONDecodeError) -> str:
 
 
 def read_records(path: Path) -> list:
-    """[(where, record)] of a JSON array ('file:record i') or of JSON lines ('file:line')."""
+    """[(where, record)] of a JSON array ('file:record i'), of JSON lines ('file:line') or of a parquet file's rows
+    ('file:row i', read with pyarrow when it is installed)."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror}") from None
+    if raw[:4] == b"PAR1" or path.suffix == ".parquet":  # parquet's magic number
+        return [(f"{path}:row {i}", r) for i, r in enumerate(parquet_rows(path, raw))]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -185,6 +190,19 @@ def read_records(path: Path) -> list:
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: invalid JSON: {_msg(e)}; expected one object per line") from None
     return records
+
+
+def parquet_rows(path: Path, raw: bytes) -> list:
+    """The rows of a parquet file as dicts (a list of structs, as a messages column, becomes a list of dicts)."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise InputError(f"{path}: a parquet file; reading it needs pyarrow: pip install pyarrow") from None
+    try:
+        return pyarrow.parquet.read_table(pyarrow.BufferReader(raw)).to_pylist()
+    except (pyarrow.ArrowException, OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable parquet file ({e}); truncated or corrupted?") from None
 
 
 def _check_order(roles: list, where: str, field: str, names: dict, last: str) -> None:
@@ -365,11 +383,13 @@ def render(messages: list, tok: Tokenizer, prompt_format: str, generation: bool 
     return pieces + [(turns["assistant"][0], False)] * generation
 
 
-def encode_prompt(messages: list, tok: Tokenizer, prompt_format: str | None = None) -> list:
-    """Token ids of a conversation that ends with a user turn, then the assistant's header (for generation)."""
+def encode_prompt(messages: list, tok: Tokenizer, prompt_format: str | None = None, where: str = "prompt") -> list:
+    """Token ids of a conversation that ends with a user turn, then the assistant's header (for generation);
+    `where` names the conversation in an error."""
     prompt_format = _resolve(tok, prompt_format)
-    _check_order([m["role"] for m in messages], "messages", "[{i}].role", {}, "user")
-    return tok.encode("".join(text for text, _ in render(messages, tok, prompt_format, generation=True)))
+    _check_order([m["role"] for m in messages], where, "messages[{i}].role", {}, "user")
+    pieces = render(messages, tok, prompt_format, generation=True, where=where)
+    return tok.encode("".join(text for text, _ in pieces))
 
 
 def stop_ids(tok: Tokenizer, prompt_format: str | None = None) -> list:
@@ -400,7 +420,7 @@ def tokenize(example: Example, tok: Tokenizer, prompt_format: str | None = None,
 
 def load_dataset(path, tok: Tokenizer, prompt_format: str | None = None, max_len: int = MAX_LEN,
                  fmt: str | None = None, verbose: bool = True) -> tuple:
-    """(samples, stats) of a data file; prints (if verbose) the formats chosen and what was truncated or dropped."""
+    """(samples, stats) of a data file; prints (if verbose) its summary line."""
     examples, fmt, fmt_chosen = _read(path, fmt)
     prompt_chosen = "given" if prompt_format else f"detected from {tok.dir}"
     prompt_format = _resolve(tok, prompt_format)
@@ -412,17 +432,24 @@ def load_dataset(path, tok: Tokenizer, prompt_format: str | None = None, max_len
     if not samples:
         raise InputError(f"{path}: no example keeps a trained token within max_len {max_len}")
     lengths = np.array([len(s.input_ids) for s in samples])
-    stats = {"format": fmt, "format_from": fmt_chosen, "prompt_format": prompt_format,
-             "prompt_format_from": prompt_chosen, "examples": len(examples), "samples": len(samples),
+    stats = {"path": str(path), "max_len": max_len, "format": fmt, "format_from": fmt_chosen,
+             "prompt_format": prompt_format, "prompt_format_from": prompt_chosen, "examples": len(examples),
+             "samples": len(samples),
              "truncated": sum(len(e.ids) > max_len + 1 for e in encodings), "dropped": len(dropped),
              "dropped_ids": dropped, "tokens": int(lengths.sum()),
              "trained_tokens": sum(sum(x != IGNORE for x in s.labels) for s in samples),
              "length_percentiles": {p: int(np.percentile(lengths, p)) for p in (50, 90, 99, 100)}}
     if verbose:
-        print(f"data: {path}: format {fmt} ({fmt_chosen}), prompt format {prompt_format} ({prompt_chosen}); "
-              f"{len(samples)} samples, {stats['truncated']} truncated to max_len {max_len}, "
-              f"{len(dropped)} dropped (no trained token left)")
+        print(summary(stats))
     return samples, stats
+
+
+def summary(stats: dict) -> str:
+    """The line that says what load_dataset made of a file: the formats chosen, what was truncated or dropped."""
+    return (f"data: {stats['path']}: format {stats['format']} ({stats['format_from']}), prompt format "
+            f"{stats['prompt_format']} ({stats['prompt_format_from']}); {stats['samples']} samples, "
+            f"{stats['truncated']} truncated to max_len {stats['max_len']}, {stats['dropped']} dropped "
+            f"(no trained token left)")
 
 
 # --- batching ----------------------------------------------------------------------------------------------
@@ -439,11 +466,30 @@ def collate(samples: list, pad_id: int) -> dict:
 
 
 def pack(samples: list) -> dict:
-    """Samples end to end in one row, no padding: input_ids, labels (1, S) with S = sum of lengths, and seq_lens
-    for the model (positions restart and attention stays inside each sample, so each row computes as alone)."""
+    """Samples end to end in one row, no padding, laid out on the host (no device work, so no sync):
+        input_ids, labels, positions  (1, S), S = sum of lengths; positions restart at 0 at each sample, which is
+                                      all the model needs to keep attention inside each sample (model.attention_mask)
+        trained                       (N,) flat indices of the positions with a label (the LM head runs there only)
+        targets, sample               (N,) those labels, and the sample each position belongs to
+        ids                           the samples' ids, in row order
+    """
+    labels = [t for s in samples for t in s.labels]
+    trained = [k for k, t in enumerate(labels) if t != IGNORE]
     return {"input_ids": torch.tensor([[t for s in samples for t in s.input_ids]]),  # (1, S)
-            "labels": torch.tensor([[t for s in samples for t in s.labels]]),  # (1, S)
-            "seq_lens": [len(s.input_ids) for s in samples], "ids": [s.id for s in samples]}
+            "labels": torch.tensor([labels]),  # (1, S)
+            "positions": torch.tensor([[p for s in samples for p in range(len(s.input_ids))]]),  # (1, S)
+            "trained": torch.tensor(trained, dtype=torch.long),  # (N,)
+            "targets": torch.tensor([labels[k] for k in trained], dtype=torch.long),  # (N,)
+            "sample": torch.tensor([j for j, s in enumerate(samples) for t in s.labels if t != IGNORE],
+                                   dtype=torch.long),  # (N,)
+            "ids": [s.id for s in samples]}
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on the device, copied asynchronously from pinned memory on CUDA (no stream sync)."""
+    if device.type != "cuda":
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def shuffled_order(n: int, seed: int, epoch: int) -> list:
@@ -516,7 +562,7 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("inspect", help="rendered examples with trained spans marked, and statistics",
                             formatter_class=Help)
-    p.add_argument("--data", required=True, help="data file: a JSON array or JSON lines")
+    p.add_argument("--data", required=True, help="data file: a JSON array, JSON lines or parquet")
     p.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (and tokenizer_config.json)")
     p.add_argument("--format", help=f"one of {', '.join(FORMATS)}; detected from the keys if not given")
     p.add_argument("--prompt-format", help=f"one of {', '.join(PROMPT_FORMATS)}; from the tokenizer if not given")

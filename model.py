@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from data import InputError, atomic_path, write_json
 
@@ -35,6 +36,34 @@ FAMILIES = {  # model_type: (transformers' class, its defaults that config.json 
 }
 FIXED = ("qkv_bias", "norm_offset", "embed_scale", "sandwich_norms")  # set by the family, never in config.json
 OWN = ("sliding_window", "layer_types", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+# Fields of the five families' config classes (and RoPE parameters) that change the computation and that this model
+# does not implement: field: (the values that compute as this model does, what another value would ask for). Any
+# other value is refused, naming the field; tests/test_families.py walks every field of transformers' classes.
+REFUSED = {
+    "attention_dropout": ((None, 0.0), "dropout on the attention probabilities in training"),
+    "partial_rotary_factor": ((None, 1.0), "RoPE on a part of each head only"),
+    "use_bidirectional_attention": ((None, False), "attention to the tokens after each one"),
+    "use_sliding_window": ((None, False), "Qwen2's sliding window"),
+}
+ROPE_TYPES = ("default", "llama3")  # the rope_type values rope_inv_freq computes; transformers' others are refused
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_scaling(rope: dict, key: str, theta: float, source: str) -> tuple:
+    """(rope_theta, rope_scaling) of ModelArgs from the RoPE parameters `rope` that config.json holds under `key`,
+    read as transformers 5 reads them: "type" is the old name of rope_type, and their own rope_theta wins over the
+    top level's (`theta`)."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise InputError(f"{source}: {key}.rope_type: expected {' or '.join(map(json.dumps, ROPE_TYPES))} (the RoPE "
+                         f"implemented here), got {json.dumps(rope_type)}")
+    theta = rope.get("rope_theta", theta)
+    if rope_type == "default":
+        return theta, None
+    for field in LLAMA3_ROPE:
+        if field not in rope:
+            raise InputError(f'{source}: {key}.{field}: missing for rope_type "llama3"')
+    return theta, {"rope_type": "llama3", **{field: rope[field] for field in LLAMA3_ROPE}}
 
 
 @dataclass
@@ -82,25 +111,19 @@ class ModelArgs:
         if cfg.get(act_key, "silu") not in acts:  # Gemma's "gelu" is the tanh approximation, as in transformers
             raise InputError(f"{source}: {act_key}: expected {' or '.join(map(json.dumps, acts))}, "
                              f"got {cfg[act_key]!r}")
-        if family == "qwen2" and cfg.get("use_sliding_window"):
-            raise InputError(f"{source}: use_sliding_window: expected false (Qwen2's sliding window is not supported)")
-        rope_params = cfg.get("rope_parameters")  # transformers 5 folds rope_theta into rope_parameters
-        scaling = cfg.get("rope_scaling") or (rope_params if rope_params and "factor" in rope_params else None)
-        if scaling is not None:
-            scaling = dict(scaling)
-            rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None)
-            scaling.pop("type", None)
-            if rope_type == "default":
-                scaling = None
-            elif rope_type != "llama3":
-                raise InputError(f"{source}: rope_scaling.rope_type: expected \"llama3\" or none, got {rope_type!r}")
-            else:
-                for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-                    if key not in scaling:
-                        raise InputError(f"{source}: rope_scaling.{key}: missing for rope_type \"llama3\"")
-                scaling = {"rope_type": "llama3", **{k: scaling[k] for k in (
-                    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
-        theta = cfg.get("rope_theta", (rope_params or {}).get("rope_theta", 10000.0))
+        key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"  # the old key wins, as in transformers
+        rope = cfg.get(key) or {}
+        if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+            raise InputError(f"{source}: {key}: expected one object of RoPE parameters for every layer")
+        for field, (ok, what) in REFUSED.items():  # partial_rotary_factor may stand at the top level or in rope
+            for name, value in ((field, cfg.get(field)), (f"{key}.{field}", rope.get(field))):
+                if value not in ok:
+                    raise InputError(f"{source}: {name}: expected {json.dumps(ok[-1])} ({what} is not implemented),"
+                                     f" got {json.dumps(value)}")
+        theta, scaling = rope_scaling(rope, key, cfg.get("rope_theta", 10000.0), source)
+        if family == "qwen2" and "sliding_attention" in (cfg.get("layer_types") or []):
+            raise InputError(f'{source}: layer_types: expected only "full_attention" (Qwen2\'s sliding window is not '
+                             f'implemented)')
         fixed = FAMILIES[family][2]
         names = {f.name for f in fields(cls)} - {"rope_scaling", "rope_theta", "hidden_act", "sliding_window",
                                                  "layer_types", *fixed}
@@ -120,6 +143,12 @@ class ModelArgs:
         if args.num_attention_heads % args.num_key_value_heads:
             raise InputError(f"{source}: num_key_value_heads: must divide num_attention_heads")
         return args
+
+    @classmethod
+    def from_model_dir(cls, path) -> "ModelArgs":
+        """From the config.json of a model (see model_dir), checked as from_hf_config checks it."""
+        file = model_dir(path) / "config.json"
+        return cls.from_hf_config(_read_json(file), str(file))
 
     def to_hf_config(self, dtype: torch.dtype) -> dict:
         """config.json for transformers' class of this family. A family's own field that is unset is left out
@@ -214,7 +243,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * hd, D, bias=args.attention_bias)
         self.scale = (args.query_pre_attn_scalar or hd) ** -0.5
 
-    def forward(self, x, cos, sin, mask=None, cache=None, seq_lens=None):
+    def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
         hd = self.args.head_dim
         q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
@@ -223,29 +252,44 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, hd), S = positions so far
-        if seq_lens is None:
-            y = self.attend(q, k, v, mask)
-        else:  # a packed row: each sequence attends to itself alone, no (T, T) mask and no wasted scores
-            ends = torch.tensor(seq_lens).cumsum(0).tolist()
-            y = torch.cat([self.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
-                                       None if mask is None else mask[a:b, a:b])
-                           for a, b in zip([0] + ends[:-1], ends)], dim=2)
+        y = self.attend(q, k, v, mask)  # (B, H, T, hd): one call for the whole row, packed or not
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
     def attend(self, q, k, v, mask):
-        """q (B, H, T, hd), k and v (B, K, S, hd) -> (B, H, T, hd); mask (B, 1, T, S) or (T, S), True = may
-        attend, or None: causal (training and scoring; right padding never reaches a real token)."""
-        if self.args.attn_logit_softcapping is not None:
-            return softcapped_attention(q, k, v, mask, self.scale, self.args.attn_logit_softcapping)
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        """q (B, H, T, hd), k and v (B, K, S, hd) -> (B, H, T, hd). mask (B, 1, T, S) bool from attention_mask,
+        True = may attend; None: plain causal, the T queries being the last of the S keys (T = S, or T = 1)."""
+        cap = self.args.attn_logit_softcapping
+        if cap is None and mask is None:  # GQA inside the kernel: no copy of k and v
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=self.scale, enable_gqa=True)
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))  # (B, H, S, hd)
+        if cap is None:  # a mask: SDPA's fused kernels take it with k, v expanded, not together with enable_gqa
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return softcapped_attention(q, k, v, mask, self.scale, cap)
+
+
+def attention_mask(positions, S, window=None):
+    """(B, 1, T, S) bool, True where query i may attend to key j; the T queries are the last of the S keys.
+
+    positions (B, T) count each token's place in its own sequence, so they say where sequences start:
+    query i's sequence began at key i - pos_i. Query i sees key j when
+        i - pos_i <= j <= i           (its own sequence, causal)
+        i - j < window                (a sliding layer: the last `window` positions, itself included)
+    One mask covers a packed row (positions restart at each sequence), a left-padded row of generation
+    (positions start at the first real token; a padding query sees itself alone) and the KV cache.
+    """
+    T = positions.shape[1]
+    i = torch.arange(S - T, S, device=positions.device)[:, None]  # (T, 1) each query's index among the keys
+    j = torch.arange(S, device=positions.device)  # (S,)
+    first = (i[:, 0] - positions)[:, :, None]  # (B, T, 1) the first key of each query's sequence
+    mask = (j >= first) & (j <= i)  # (B, T, S)
+    if window is not None:
+        mask = mask & (i - j < window)
+    return mask[:, None]
 
 
 def softcapped_attention(q, k, v, mask, scale, cap):
-    """softmax(cap tanh(q k^T scale / cap) + mask) v, the softmax in fp32. q (B, H, T, hd); k, v (B, K, S, hd);
-    mask (B, 1, T, S) or (T, S), True = may attend, or None: causal, the T queries being the last of the S."""
-    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))  # (B, H, S, hd)
+    """softmax(cap tanh(q k^T scale / cap) + mask) v, the softmax in fp32. q, k, v (B, H, T|S, hd);
+    mask (B, 1, T, S), True = may attend, or None: causal, the T queries being the last of the S keys."""
     scores = cap * torch.tanh(q @ k.transpose(2, 3) * scale / cap)  # (B, H, T, S)
     if mask is None:
         T, S = scores.shape[-2:]
@@ -282,12 +326,20 @@ class Block(nn.Module):
         if args.sandwich_norms:
             self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
-    def forward(self, x, cos, sin, mask=None, cache=None, seq_lens=None):
+    def forward(self, x, cos, sin, mask=None, cache=None):
         if not self.self_attn.args.sandwich_norms:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, seq_lens)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
             return x + self.mlp(self.post_attention_layernorm(x))
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, seq_lens))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class LMHead(nn.Linear):
+    """logits = h W^T, W (V, D), no bias. Given a loss, it hands the loss W instead of computing every logit
+    (sftmix.head_losses applies W in chunks); the call still goes through this module, so FSDP2 gathers W."""
+
+    def forward(self, hidden, loss=None):
+        return super().forward(hidden) if loss is None else loss(hidden, self.weight)
 
 
 class Transformer(nn.Module):
@@ -299,53 +351,53 @@ class Transformer(nn.Module):
             layers=nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers)),
             norm=RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_offset),
         ))
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = LMHead(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpoint_activations = False  # keep only each block's input; recompute the rest in backward
 
-    def forward(self, input_ids, return_hidden=False, positions=None, mask=None, cache=None, logits_at=None, head=None,
-                seq_lens=None):
+    def forward(self, input_ids, positions=None, cache=None, logits_at=None, head=None, return_hidden=False):
         """input_ids (B, T) -> logits (B, T, V); with return_hidden, also the final-norm states (B, T, D).
 
-        logits_at (B, T) bool: apply the LM head only there, returning logits (N, V) for those N positions
-        in row-major order (a loss needs only the trained positions). head(hidden (N, D), lm_head weight (V, D),
-        softcap=final-logit cap or None) replaces the LM head and its result is returned: a loss that applies
-        the head itself, in chunks (sftmix.head_losses), inside forward where FSDP has gathered the weights.
-        seq_lens: the single row (B = 1) packs sequences of these lengths end to end (no padding); each attends
-        only to itself and its positions restart at 0. positions (B, T) default to 0..T-1
-        (after the cache's filled length); mask (B, 1, T, S) is only needed when rows hold padding before
-        real tokens (batched generation). With a sliding window W, the sliding layers further limit query i
-        to keys i-W < j <= i (indices over the cache). Gemma 2's logits are soft-capped (`softcap`).
+        positions (B, T): each token's place in its own sequence. None: every row is one sequence from
+        position 0 (after the cache's filled length), and attention is plain causal with no mask. Given, as
+        for a packed row (positions restart at each sequence, data.pack) or a left-padded one (generation),
+        attention_mask keeps each query inside its own sequence: the boundaries are data, not a loop.
+        A sliding layer (window W) also limits query i to its last W keys; that band is built only when the
+        row is longer than W, as no score changes otherwise.
+        logits_at (N,) long: the LM head only at these positions of the flattened (B*T) rows, in that order,
+        returning logits (N, V): a loss needs only the trained positions (an index, not a boolean mask: no
+        host sync). head(hidden (N, D), W (V, D), softcap=final-logit cap or None) replaces the LM head and
+        its result is returned: a loss that applies W itself, in chunks (sftmix.head_losses).
         """
         B, T = input_ids.shape
-        if seq_lens is not None:  # one row of packed sequences: positions restart at 0 for each
-            positions = torch.cat([torch.arange(n, device=input_ids.device) for n in seq_lens])[None]  # (1, T)
         start = cache.length if cache is not None else 0
+        S = start + T  # keys: the cached positions, then these
+        masked = positions is not None or (start > 0 and T > 1)  # else SDPA's own causal mask
         if positions is None:
-            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            positions = torch.arange(start, S, device=input_ids.device).expand(B, T)
+        full = attention_mask(positions, S) if masked else None  # (B, 1, T, S) or None
+        W = self.args.sliding_window
+        band = attention_mask(positions, S, W) if W is not None and S > W else full
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         if self.args.embed_scale:  # Gemma: times sqrt(D), rounded to the model's dtype as transformers does
             x = x * torch.tensor(self.args.hidden_size ** 0.5).to(x.dtype)
         cos, sin = rope_cos_sin(self.args, positions, x.dtype)
-        W, band = self.args.sliding_window, None
-        if W is not None and start + T > W:  # a sliding layer's query i sees keys i-W < j <= i (indices over the cache)
-            i = torch.arange(start, start + T, device=x.device)[:, None]  # (T, 1)
-            j = torch.arange(start + T, device=x.device)  # (S,)
-            band = (j <= i) & (j > i - W) if mask is None else mask & (j > i - W)  # (T, S) or (B, 1, T, S)
         for layer, block in enumerate(self.model.layers):
             types = self.args.layer_types
-            m = band if band is not None and (types is None or types[layer] == "sliding_attention") else mask
+            mask = band if types is None or types[layer] == "sliding_attention" else full
             if self.checkpoint_activations and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, m, cache, seq_lens, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
             else:
-                x = block(x, cos, sin, m, cache, seq_lens)
+                x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
         hidden = self.model.norm(x)  # (B, T, D): what the LM head reads, and what SFTMix interpolates
+        if logits_at is not None:
+            hidden = hidden.flatten(0, 1).index_select(0, logits_at)  # (N, D)
         if head is not None:
-            return head(hidden[logits_at], self.lm_head.weight, softcap=self.args.final_logit_softcapping)
-        logits = self.softcap(self.lm_head(hidden if logits_at is None else hidden[logits_at]))  # (B, T, V) or (N, V)
+            return self.lm_head(hidden, partial(head, softcap=self.args.final_logit_softcapping))
+        logits = self.softcap(self.lm_head(hidden))  # (B, T, V) or (N, V)
         return (logits, hidden) if return_hidden else logits
 
     def softcap(self, logits):
@@ -369,8 +421,15 @@ class LoRALinear(nn.Module):
         self.weight, self.bias, self.scale = base.weight, base.bias, alpha / r
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **like))
+        if not base.weight.is_meta:  # else load_pretrained initialises them once the model has memory
+            self.reset_lora()
+
+    @torch.no_grad()
+    def reset_lora(self):
+        """A Kaiming-uniform, drawn on the CPU (the same on every rank: each keeps its part), B = 0."""
+        load_into(self.lora_A, nn.init.kaiming_uniform_(torch.empty(self.lora_A.shape), a=math.sqrt(5)))
+        load_into(self.lora_B, torch.zeros(self.lora_B.shape))
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
@@ -422,15 +481,8 @@ def _read_json(file: Path) -> dict:
     return obj
 
 
-def load_pretrained(path, dtype=torch.float32, device="cpu") -> Transformer:
-    """Load a model (see model_dir): model.safetensors, or shards listed in model.safetensors.index.json.
-
-    The model is built on the meta device and the checkpoint's tensors are assigned in place, so no
-    random weights are allocated first. Only safetensors are read: no checkpoint is ever unpickled.
-    A file that cannot be read (missing, empty, truncated, not JSON) is an InputError naming it.
-    """
-    path = model_dir(path)
-    args = ModelArgs.from_hf_config(_read_json(path / "config.json"), str(path / "config.json"))
+def checkpoint_files(path: Path) -> list:
+    """The safetensors files of a model directory: model.safetensors, or the shards its index lists."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map")
@@ -440,36 +492,69 @@ def load_pretrained(path, dtype=torch.float32, device="cpu") -> Transformer:
         for file in files:
             if not (path / file).is_file():
                 raise InputError(f"{path / file}: not found; {index.name} lists it")
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise InputError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        return files
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise InputError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+@torch.no_grad()
+def load_into(param, full):
+    """Copy a full tensor (on the CPU) into a parameter, cast to its dtype: all of it, or under FSDP2 (a DTensor
+    sharded on dim 0 as torch.chunk cuts it) this rank's part alone, so the device never holds the full tensor."""
+    if isinstance(param, DTensor):
+        mesh = param.device_mesh
+        chunks = full.chunk(mesh.size(), dim=0)
+        rank = mesh.get_local_rank()
+        full, param = (chunks[rank] if rank < len(chunks) else full[:0]), param.to_local()
+    assert param.shape == full.shape, f"{tuple(full.shape)} into {tuple(param.shape)}"
+    param.copy_(full)
+
+
+def load_pretrained(path, dtype=torch.float32, device="cpu", prepare=None) -> Transformer:
+    """Load a model (see model_dir): model.safetensors, or shards listed in model.safetensors.index.json.
+
+    The model is built on the meta device; prepare(model), if given, changes it there, before any memory is
+    taken (train.py adds LoRA, compiles blocks and shards it with FSDP2). Then each checkpoint tensor is read
+    alone and copied into its parameter (only this rank's part under FSDP2), so at most one full tensor is
+    held at a time, on the CPU. Only safetensors are read: no checkpoint is ever unpickled. A file that
+    cannot be read (missing, empty, truncated, not JSON) is an InputError naming it.
+    """
+    path = model_dir(path)
+    args = ModelArgs.from_hf_config(_read_json(path / "config.json"), str(path / "config.json"))
+    files = checkpoint_files(path)
     with torch.device("meta"):
-        model = Transformer(args)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
+        model = Transformer(args).to(dtype)
+    if prepare is not None:
+        prepare(model)
+    model.to_empty(device=device)
     if args.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    state = {}
+        model.lm_head.weight = model.model.embed_tokens.weight  # one Parameter again (to_empty makes two)
+    params = {n: p for n, p in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))}
+    done, unexpected, wrong = set(), [], []
     for file in files:
         try:
             with safe_open(str(path / file), framework="pt", device="cpu") as f:
                 for name in f.keys():
                     if args.tie_word_embeddings and name == "lm_head.weight":
                         continue  # some tied checkpoints store the shared matrix twice
-                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if name not in params:
+                        unexpected.append(name)
+                    elif shape != tuple(params[name].shape):
+                        wrong.append(f"{name}: checkpoint {shape}, model {tuple(params[name].shape)}")
+                    else:
+                        load_into(params[name], f.get_tensor(name))
+                        done.add(name)
         except (OSError, SafetensorError) as e:
             raise InputError(f"{path / file}: not a readable safetensors file ({e}); truncated or corrupted?") from None
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    wrong = [f"{n}: checkpoint {tuple(state[n].shape)}, model {tuple(expected[n])}"
-             for n in sorted(expected.keys() & state.keys()) if state[n].shape != expected[n]]
+    missing = sorted(params.keys() - done)
     if missing or unexpected or wrong:
         raise InputError(f"{path}: checkpoint does not match config.json: missing {missing}, "
-                         f"unexpected {unexpected}, shape mismatch {wrong}")
-    if args.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, assign=True)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # one Parameter, as built
+                         f"unexpected {sorted(unexpected)}, shape mismatch {wrong}")
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.reset_lora()
     return model
 
 
@@ -521,51 +606,50 @@ def save_pretrained(model: Transformer, path, tokenizer_dir=None, state_dict=Non
 def generate(model: Transformer, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, eos_ids=(), seed=None):
     """Continue each prompt (a list of token-id lists, any lengths) with a KV cache.
 
-    Prompts are left-padded; positions count real tokens only, and padding is masked out of attention,
-    so each row continues exactly as it would alone. temperature 0 is greedy; otherwise sample from
-    softmax(logits / temperature) restricted to the smallest set of tokens with probability >= top_p.
+    Prompts are left-padded; positions count real tokens only, so padding is masked out of attention
+    (attention_mask) and each row continues exactly as it would alone. When no row is padded (one prompt,
+    or prompts of one length) no positions are passed: plain causal attention, no mask. temperature 0 is
+    greedy; otherwise sample from softmax(logits / temperature) restricted to the smallest set of tokens
+    with probability >= top_p. The tokens stay on the device: each step reads its B new ids to the host
+    once (one sync a step).
     Returns the new tokens of each prompt, ending with the EOS token when one was produced.
     """
     device = model.lm_head.weight.device
     B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
     S = P + max_new_tokens
-    tokens = torch.zeros(B, S, dtype=torch.long, device=device)
-    real = torch.zeros(B, S, dtype=torch.bool, device=device)  # True where a token (not padding) sits
-    for i, p in enumerate(prompt_ids):
-        tokens[i, P - len(p):P] = torch.tensor(p, device=device)
-        real[i, P - len(p):] = True
-    positions = (real.cumsum(-1) - 1).clamp(min=0)  # (B, S)
-    causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
-    mask = causal[None] & real[:, None, :]  # (B, S, S): query t may see key s
-    mask |= torch.eye(S, dtype=torch.bool, device=device)  # a padding query sees itself, never an empty row
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompt_ids], device=device)  # (B, P), left-padded
+    positions = None  # no padding: positions 0, 1, ... and causal attention, the model's defaults
+    if len(set(map(len, prompt_ids))) > 1:
+        pad = torch.tensor([P - len(p) for p in prompt_ids], device=device)[:, None]  # (B, 1)
+        positions = (torch.arange(S, device=device) - pad).clamp(min=0)  # (B, S); a padding token's is 0
     cache = KVCache(model.args, B, S, model.lm_head.weight.dtype, device)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = [[] for _ in range(B)]
-    start, end = 0, P
+    stop, done, out = set(eos_ids), [False] * B, [[] for _ in range(B)]
     for _ in range(max_new_tokens):
-        last = torch.zeros(B, end - start, dtype=torch.bool, device=device)
-        last[:, -1] = True  # the LM head only where the next token is read (the prompt's last position)
-        logits = model(tokens[:, start:end], positions=positions[:, start:end],
-                       mask=mask[:, None, start:end, :end], cache=cache, logits_at=last).float()  # (B, V)
-        next_id = _sample(logits, temperature, top_p, gen)  # (B,)
-        for i in torch.nonzero(~done).flatten().tolist():
-            out[i].append(next_id[i].item())
-        done |= torch.isin(next_id, eos)
-        if done.all() or end == S:
+        start, T = cache.length, ids.shape[1]
+        last = torch.arange(B, device=device) * T + T - 1  # (B,) each row's last token: the LM head there only
+        logits = model(ids, positions=None if positions is None else positions[:, start:start + T], cache=cache,
+                       logits_at=last)  # (B, V)
+        next_id = _sample(logits.float(), temperature, top_p, gen)  # (B,)
+        for i, token in enumerate(next_id.tolist()):  # the step's one host-device sync
+            if not done[i]:
+                out[i].append(token)
+                done[i] = token in stop
+        if all(done):
             break
-        tokens[:, end] = next_id
-        start, end = end, end + 1
+        ids = next_id[:, None]  # (B, 1)
     return out
 
 
 def _sample(logits, temperature, top_p, gen):
+    """Next ids (B,) from logits (B, V), on the device: no host sync (torch.multinomial reads its input's
+    range back to check it)."""
     if temperature == 0.0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # tokens after the top-p mass is reached
-    sorted_probs[outside] = 0.0
-    choice = torch.multinomial(sorted_probs, 1, generator=gen)  # (B, 1)
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    # p_i / q_i with q_i ~ Exp(1) peaks at i with probability p_i / sum p: torch.multinomial's own one-sample draw
+    choice = (sorted_probs / torch.empty_like(sorted_probs).exponential_(generator=gen)).argmax(-1, keepdim=True)
     return order.gather(-1, choice).squeeze(-1)

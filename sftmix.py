@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 from tqdm import tqdm
 
-from data import IGNORE, Help, InputError, check_output, length_grouped_batches, pack, shard, write_json
+from data import IGNORE, Help, InputError, check_output, length_grouped_batches, pack, shard, to_device, write_json
 
 
 # ----------------------------------------------------------------------------- stage 1: training dynamics
@@ -49,22 +49,19 @@ def response_nll(model, samples, batch_size, device, amp_dtype=None, desc="dynam
     batches = length_grouped_batches([len(s.input_ids) for s in samples], batch_size)
     mine = shard(batches, rank, world)
     rounds = -(-len(batches) // world)  # every rank runs as many forwards: FSDP gathers weights collectively
-    result = {}
+    per_batch = []  # (samples, summed NLL of each on the device), read back once at the end: no sync per batch
     for r in tqdm(range(rounds), desc=desc, disable=rank != 0, leave=False):
-        b = pack([samples[i] for i in (mine[r] if r < len(mine) else batches[0])])
-        input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (1, S) each
-        trained = labels != IGNORE  # (1, S)
+        batch = [samples[i] for i in (mine[r] if r < len(mine) else batches[0])]
+        b = to_device(pack(batch), device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            nll, _ = model(input_ids, seq_lens=b["seq_lens"], logits_at=trained,
-                           head=partial(head_losses, targets=labels[trained]))  # (N,)
-        if r >= len(mine):
-            continue  # a filler forward on a rank with one batch fewer: nothing to record
-        row = torch.repeat_interleave(torch.arange(len(b["ids"]), device=device),
-                                      torch.tensor(b["seq_lens"], device=device))[trained[0]]  # (N,) sample of each
-        sample_nll = torch.zeros(len(b["ids"]), dtype=nll.dtype, device=device).index_add_(0, row, nll)
-        counts = torch.bincount(row, minlength=len(b["ids"]))
-        for sample_id, s_nll, n in zip(b["ids"], sample_nll.tolist(), counts.tolist()):
-            result[sample_id] = (s_nll, n)
+            nll = model(b["input_ids"], positions=b["positions"], logits_at=b["trained"],
+                        head=partial(head_losses, targets=b["targets"]))[0]  # (N,)
+        if r < len(mine):  # else a filler forward on a rank with one batch fewer: nothing to record
+            per_batch.append((batch, nll.new_zeros(len(batch)).index_add_(0, b["sample"], nll)))  # (n,)
+    result = {}
+    for batch, sample_nll in per_batch:
+        for s, s_nll in zip(batch, sample_nll.tolist()):
+            result[s.id] = (s_nll, sum(t != IGNORE for t in s.labels))
     model.train(was_training)
     if world > 1:
         parts = [None] * world
@@ -210,20 +207,28 @@ def mixup_loss(hidden_c, labels_c, hidden_u, labels_u, lam, lm_head_weight, redu
 
 @dataclass
 class MicroBatch:
-    """One forward pass of training: the examples it packs, and where its Mixup pairs sit.
+    """One forward pass of training: the examples it packs, and where its Mixup pairs sit (host tensors).
 
     Its N trained positions are numbered 0..N-1 in row order (rows one after another, each row's trained
     positions left to right), which is the order in which the model returns states with `logits_at`.
         rows    sample indices; with pairs: the p confident examples, then their p partners in the same order
         mix_c   (M,) the number of each mixed position's confident token among the N
         mix_u   (M,) the number of the aligned unconfident token (the k-th response token of each, k < n)
-        lam     (M,) the pair's lambda at each mixed position
+        lam     (M,) the pair's lambda at each mixed position (fp32)
+        rest    (N - 2M,) the positions trained by NTP alone (a longer partner's tail; every position in NTP)
     Plain NTP has no pairs: mix_c, mix_u and lam are empty.
     """
     rows: list
     mix_c: torch.Tensor
     mix_u: torch.Tensor
     lam: torch.Tensor
+    rest: torch.Tensor
+
+
+def snake_rank(k, world):
+    """The rank that gets the k-th unit dealt in snake order: 0, 1, .., W-1, then W-1, .., 1, 0, then 0, 1, .."""
+    lap, place = divmod(k, world)
+    return place if lap % 2 == 0 else world - 1 - place
 
 
 def micro_batches(batch, samples, rank, world, micro_batch, lam=None):
@@ -232,18 +237,21 @@ def micro_batches(batch, samples, rank, world, micro_batch, lam=None):
     batch: G sample indices. With lam (P = G/2 lambdas) the batch holds pairs, as paired_batches lays them
     out: pair i is (batch[i], batch[P + i]) with lambda lam[i]; without it, G single examples (plain NTP).
     A unit (one example, or a pair kept together) goes to one rank: units are dealt longest first in snake
-    order (0, 1, .., W-1, W-1, .., 0), so every rank gets as many units (FSDP gathers weights in every
-    forward, on all ranks alike) and a similar number of tokens; each rank cuts its units into micro-batches
-    of `micro_batch` examples. Returns (micro-batches, n_tokens, n_mixed), the global normalisers:
+    order (snake_rank), so every rank gets as many units (FSDP gathers weights in every forward, on all ranks
+    alike) and a similar number of tokens; each rank cuts its units into micro-batches of `micro_batch`
+    examples. Everything is computed here, on the host, so training needs no device-to-host read to find
+    its positions. Returns (micro-batches, n_tokens, n_mixed), the global normalisers:
         n_tokens = sum over the G examples of |y|            (trained tokens)
         n_mixed  = sum over the P pairs of min(|y^c|, |y^u|)  (mixed positions; 0 without pairs)
     """
     n = {i: sum(t != IGNORE for t in samples[i].labels) for i in batch}  # trained tokens per example
     P = len(batch) // 2
-    units = [(i, (batch[i], batch[P + i])) for i in range(P)] if lam is not None else \
-        [(i, (j,)) for i, j in enumerate(batch)]  # (pair or example index, its sample indices)
-    units.sort(key=lambda u: (-sum(len(samples[j].input_ids) for j in u[1]), u[0]))
-    mine = [u for k, u in enumerate(units) if (k % world if (k // world) % 2 == 0 else world - 1 - k % world) == rank]
+    if lam is not None:  # (pair index, its two sample indices)
+        units = [(i, (batch[i], batch[P + i])) for i in range(P)]
+    else:  # (example index, its sample index)
+        units = [(i, (j,)) for i, j in enumerate(batch)]
+    units.sort(key=lambda u: (-sum(len(samples[j].input_ids) for j in u[1]), u[0]))  # longest first
+    mine = [u for k, u in enumerate(units) if snake_rank(k, world) == rank]
     per_micro = micro_batch // len(units[0][1])
     result = []
     for first in range(0, len(mine), per_micro):
@@ -256,8 +264,9 @@ def micro_batches(batch, samples, rank, world, micro_batch, lam=None):
             mix_c += range(offset[j], offset[j] + m)
             mix_u += range(offset[len(group) + j], offset[len(group) + j] + m)
             lam_pos += [float(lam[pair])] * m
-        result.append(MicroBatch(rows, torch.tensor(mix_c, dtype=torch.long), torch.tensor(mix_u, dtype=torch.long),
-                                 torch.tensor(lam_pos, dtype=torch.float32)))
+        rest = sorted(set(range(offset[-1])) - set(mix_c) - set(mix_u))
+        result.append(MicroBatch(rows, *(torch.tensor(x, dtype=torch.long) for x in (mix_c, mix_u)),
+                                 torch.tensor(lam_pos, dtype=torch.float32), torch.tensor(rest, dtype=torch.long)))
     n_mixed = sum(min(n[batch[i]], n[batch[P + i]]) for i in range(P)) if lam is not None else 0
     return result, sum(n.values()), n_mixed
 
@@ -265,26 +274,25 @@ def micro_batches(batch, samples, rank, world, micro_batch, lam=None):
 CHUNK = 1024  # positions per LM-head chunk by default: (CHUNK, V) fp32 logits at a time, whatever N
 
 
-def head_losses(hidden, weight, targets, mix_c=None, mix_u=None, lam=None, softcap=None, chunk=None):
+def head_losses(hidden, weight, targets, mix_c=None, mix_u=None, lam=None, rest=None, softcap=None, chunk=CHUNK):
     """NTP NLL at each of N positions (N,), and the Mixup CE at each of M mixed positions (M,), from final states.
 
     hidden (N, D) final-norm states, targets (N,) next tokens, weight W (V, D) the LM head; mix_c, mix_u,
-    lam (M,) as in MicroBatch. Logits z = W h, capped as c tanh(z / c) when the model soft-caps (Gemma 2).
+    lam, rest as in MicroBatch (None: no pairs, every position is NTP's alone). Logits z = W h, capped as
+    c tanh(z / c) when the model soft-caps (Gemma 2).
         nll_t   = -log softmax(cap(z_t))[y_t]
         mix_k   = -[lam log softmax(cap(z~))[y^c] + (1 - lam) log softmax(cap(z~))[y^u]],  z~ = lam z^c + (1 - lam) z^u
     This is mixup_loss's CE of W Z~: W is linear with no bias, so W (lam Z^c + (1 - lam) Z^u) = lam z^c
     + (1 - lam) z^u, and the logits NTP needs anyway give the mixed ones (no second LM-head matmul; a
-    cap is applied after mixing, as it would be to W Z~). The head runs on `chunk` positions at a time, each
-    chunk recomputed in backward when N > chunk, so no (N, V) tensor is ever held: a mixed pair's positions
-    share one chunk, the other positions follow.
+    cap is applied after mixing, as it would be to W Z~). Logits are mixed in fp32 with lam in fp32,
+    whatever the autocast dtype. The head runs on `chunk` positions at a time, each chunk recomputed in
+    backward when N > chunk, so no (N, V) tensor is ever held: a mixed pair's positions share one chunk,
+    the other positions follow. Every index comes from the host: nothing here waits for the device.
     """
-    N, chunk = len(targets), chunk or CHUNK
-    if mix_c is None or len(mix_c) == 0:
+    N = len(targets)
+    if mix_c is None:  # no pairs: every position is NTP's alone
         mix_c = mix_u = torch.zeros(0, dtype=torch.long, device=hidden.device)
-        lam = torch.zeros(0, device=hidden.device)
-    mixed = torch.zeros(N, dtype=torch.bool, device=hidden.device)
-    mixed[mix_c], mixed[mix_u] = True, True
-    rest = (~mixed).nonzero()[:, 0]  # positions trained by NTP alone (the longer example's tail, unpaired rows)
+        lam, rest = hidden.new_zeros(0, dtype=torch.float32), torch.arange(N, device=hidden.device)
     half = chunk // 2  # pairs per chunk: their confident and unconfident positions together
     parts = [(mix_c[k:k + half], mix_u[k:k + half], lam[k:k + half]) for k in range(0, len(mix_c), half)]
     parts += [(rest[k:k + chunk], None, None) for k in range(0, len(rest), chunk)]
@@ -293,7 +301,7 @@ def head_losses(hidden, weight, targets, mix_c=None, mix_u=None, lam=None, softc
     nll, mix = hidden.new_zeros(N, dtype=dtype), []
     for idx_c, idx_u, lam_k in parts:
         idx = idx_c if idx_u is None else torch.cat([idx_c, idx_u])
-        args = (hidden[idx], weight, targets[idx], lam_k, softcap)
+        args = (hidden.index_select(0, idx), weight, targets.index_select(0, idx), lam_k, softcap)
         nll_k, mix_k = torch.utils.checkpoint.checkpoint(_head_chunk, *args, use_reentrant=False) if recompute \
             else _head_chunk(*args)
         nll = nll.index_add(0, idx, nll_k)
@@ -303,15 +311,14 @@ def head_losses(hidden, weight, targets, mix_c=None, mix_u=None, lam=None, softc
 
 def _head_chunk(h, weight, y, lam, softcap):
     """head_losses on one chunk: h (n, D), y (n,); with lam (m,), rows [0, m) are confident, [m, 2m) their partners."""
-    def logp(z):  # log softmax of capped logits, in at least fp32
-        z = z.to(torch.promote_types(z.dtype, torch.float32))
+    def logp(z):  # log softmax of capped logits
         return torch.log_softmax(z if softcap is None else softcap * torch.tanh(z / softcap), dim=-1)
-    z = h @ weight.T  # (n, V)
+    z = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # (n, V) in at least fp32
     nll = -logp(z).gather(1, y[:, None])[:, 0]  # (n,)
     if lam is None:
-        return nll, z.new_zeros(0, dtype=nll.dtype)
+        return nll, z.new_zeros(0)
     m = len(lam)
-    lp = logp(torch.lerp(z[m:], z[:m], lam[:, None].to(z.dtype)))  # (m, V): lam z^c + (1 - lam) z^u
+    lp = logp(torch.lerp(z[m:], z[:m], lam[:, None].to(z.dtype)))  # (m, V): lam z^c + (1 - lam) z^u, fp32 lam
     return nll, -(lam * lp.gather(1, y[:m, None])[:, 0] + (1 - lam) * lp.gather(1, y[m:, None])[:, 0])
 
 
@@ -332,8 +339,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         run_split(args)
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    except InputError as e:  # bad input: one line and exit 2; anything else is a bug and keeps its traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_split(args):

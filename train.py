@@ -43,11 +43,19 @@ from tqdm import tqdm
 import data
 import sftmix
 from data import IGNORE, InputError
-from model import LORA_TARGETS, add_lora, load_pretrained, merge_lora, model_dir, save_pretrained
+from model import LORA_TARGETS, ModelArgs, add_lora, load_pretrained, merge_lora, model_dir, save_pretrained
 
-# Flags that may change between a run and its resumption; every other flag, and the data, must match the saved
-# state. --lr and --grad-clip may change to rescue a run that diverged (the schedule is lr_at with the new --lr).
-RESUMABLE_FLAGS = {"resume", "stop_at_step", "save_every", "eval_batch", "keep_state", "lr", "grad_clip"}
+# Flags that may change between a run and its resumption; every other flag, and what the inputs hold, must match
+# the saved state. --lr and --grad-clip may change to rescue a run that diverged (the schedule is lr_at with the new
+# --lr); --out, so that a run directory moved elsewhere resumes.
+RESUMABLE_FLAGS = {"resume", "stop_at_step", "save_every", "eval_batch", "keep_state", "lr", "grad_clip", "out",
+                   "compile", "deterministic"}
+# The inputs' paths may change too (moved with the run or not): what each holds must match instead, through a
+# fingerprint in run_config (model: its config.json as ModelArgs reads it; data, heldout: token ids; split: halves).
+FINGERPRINTS = {"model": "its config.json is not that of the run's model",
+                "data": "the data changed since the run started",
+                "heldout": "the held-out data changed since the run started",
+                "split": "the split changed since the run started"}
 
 
 def parse_args(argv=None):
@@ -81,10 +89,18 @@ def parse_args(argv=None):
     p.add_argument("--prompt-format", choices=data.PROMPT_FORMATS, help="(detected from the tokenizer if not given)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="compute precision: auto = bf16 on CUDA, fp32 on CPU; weights and optimizer stay fp32")
+    p.add_argument("--save-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="dtype of the weights in final/: auto = the base checkpoint's (its config.json's torch_dtype "
+                        "or dtype; fp32 when it names none): bf16 for the paper's models, fp32 for the demo's")
     p.add_argument("--shard", choices=["ddp", "fsdp"], default="ddp",
                    help="ddp: every rank holds the whole model; fsdp: FSDP2, weights/grads/optimizer sharded")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="keep only each block's input, recompute the block in backward")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (whole graph, lengths dynamic after the first)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels on CUDA (slower), so a resumed run repeats bitwise there too; on the "
+                        "CPU every run is deterministic already")
     p.add_argument("--seed", type=int, default=0, help="data order and lambda draws")
     p.add_argument("--eval-batch", type=int, default=16, help="examples per forward in the dynamics pass")
     p.add_argument("--save-every", type=int, default=100, help="steps between resumable states (and at the end)")
@@ -116,7 +132,7 @@ def check_args(args, world):
             ("grad_clip", 0 <= args.grad_clip < math.inf, ">= 0 and finite (0 = off)"),
             ("betas", all(0 <= b < 1 for b in args.betas), "two numbers in [0, 1)"),
             ("lora_rank", args.lora_rank >= 0, ">= 0 (0 = off)"),
-            ("lora_alpha", 0 < args.lora_alpha < math.inf, "> 0 and finite")]:
+            ("lora_alpha", 0 < args.lora_alpha < math.inf, "> 0 and finite"), ("seed", args.seed >= 0, ">= 0")]:
         if not ok:
             raise InputError(f"--{flag.replace('_', '-')}: expected {expected}, got {getattr(args, flag)}")
     if args.mixup_only and args.mode != "sftmix":
@@ -195,11 +211,45 @@ def dynamics_points(total, C):
     return points
 
 
-def run_config(args, samples):
-    """The settings a resumed run must share, as they read back from JSON, and a fingerprint of the data."""
+def run_config(args, model_args, samples, heldout, halves):
+    """The settings a resumed run must share, as they read back from JSON: every flag but RESUMABLE_FLAGS, and
+    INPUT_sha256, a fingerprint of what each input of FINGERPRINTS holds (None when not given). Their paths are
+    kept to name an input in a message, and what_changed does not compare them."""
+    held = heldout and [(s.id, s.input_ids, s.labels) for s in heldout]
+    content = {"model": vars(model_args), "data": [(s.id, s.input_ids, s.labels) for s in samples],
+               "heldout": held, "split": halves and [[samples[i].id for i in half] for half in halves]}
     config = {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}
-    tokens = json.dumps([(s.id, s.input_ids, s.labels) for s in samples]).encode()
-    return json.loads(json.dumps(config | {"data_sha256": hashlib.sha256(tokens).hexdigest()}))
+    config |= {f"{k}_sha256": v and hashlib.sha256(json.dumps(v).encode()).hexdigest() for k, v in content.items()}
+    return json.loads(json.dumps(config))
+
+
+def what_changed(saved, config):
+    """Each setting of config (run_config) that differs from the saved run's, in words; a path alone never does."""
+    changed = []
+    for k, v in config.items():
+        flag = k.removesuffix("_sha256")
+        if k in FINGERPRINTS or saved.get(k) == v:
+            continue
+        if flag in FINGERPRINTS and v and saved.get(k):
+            changed.append(f"{config[flag]}: {FINGERPRINTS[flag]}")
+        else:  # a flag, or an input given now and not then (or the reverse)
+            changed.append(f"--{flag.replace('_', '-')}: saved {saved.get(flag)!r}, now {config[flag]!r}")
+    return changed
+
+
+def check_settings(out, config):
+    """Before the model loads: the state in OUT/state/ was written with the settings of config (run_config), or
+    one line names each that differs (what_changed)."""
+    path = out / "state" / "latest.json"
+    try:
+        saved = json.loads(path.read_text())["config"]
+        if not isinstance(saved, dict):
+            raise TypeError(f"config is {type(saved).__name__}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: unreadable ({e}); expected the latest.json of a run's state") from None
+    changed = what_changed(saved, config)
+    if changed:
+        raise InputError(f"{out / 'state'}: was written by a run with other settings: {'; '.join(changed)}")
 
 
 def writable_dir(out):
@@ -214,19 +264,26 @@ def writable_dir(out):
                          f"and written") from None
 
 
-def shard_model(model, args, device, world, bf16):
-    """The module to call in training: the model itself, DDP around it, or the model sharded in place by
-    FSDP2 (each transformer block one unit, the root holding embeddings, final norm and LM head)."""
+def prepare_model(model, args, bf16):
+    """What train.py does to the model on the meta device, before any weight has memory: LoRA adapters,
+    activation checkpointing, `torch.compile` of each block, and FSDP2's units, as torchtitan lays them out:
+    each block, the embedding, and the final norm with the LM head (kept gathered after forward: backward
+    needs them first). A tied LM head is the embedding's weight, so both stay in the root unit then.
+    FSDP2 computes in bf16 under bf16 (its policy casts the gathered weights), reducing gradients in fp32."""
+    if args.lora_rank:
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+    model.checkpoint_activations = args.activation_checkpointing
+    for block in model.model.layers if args.compile else []:
+        block.compile(fullgraph=True)  # lengths vary: the second length makes the graph dynamic, no more
     if args.shard == "fsdp":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
             MixedPrecisionPolicy()
         for block in model.model.layers:
             fully_shard(block, mp_policy=mp)
+        if not model.args.tie_word_embeddings:
+            fully_shard(model.model.embed_tokens, mp_policy=mp)
+            fully_shard([model.model.norm, model.lm_head], mp_policy=mp, reshard_after_forward=False)
         fully_shard(model, mp_policy=mp)
-        return model
-    if world > 1:
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-    return model
 
 
 def _local(t):
@@ -264,48 +321,42 @@ def save_state(out, model, optimizer, step, dynamics, config, rank):
                 shutil.rmtree(old)
 
 
-def load_state(out, model, optimizer, config, rank, world):
-    """Restore what save_state wrote; any unreadable or mismatching file is one line naming it."""
+def load_state(out, model, optimizer, rank, world):
+    """Restore what save_state wrote (its settings already checked: check_settings); any unreadable or
+    mismatching file is one line naming it."""
     path = out / "state" / "latest.json"
     try:
         latest = json.loads(path.read_text())
         step, name, ranks = int(latest["step"]), str(latest["checkpoint"]), int(latest["ranks"])
-        saved = latest["config"]
         dynamics = {int(k): {str(i): float(x) for i, x in v.items()} for k, v in latest["dynamics"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{path}: unreadable ({e}); expected the latest.json of a run's state") from None
-    changed = [f"{config['data']}: the data changed since the run started" if k == "data_sha256" else
-               f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, now {v!r}"
-               for k, v in config.items() if saved.get(k) != v]
-    if changed:
-        raise InputError(f"{out / 'state'}: was written by a run with other settings: {'; '.join(changed)}")
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     if sharded and ranks != world:
         raise InputError(f"{path}: written by {ranks} FSDP ranks, resumed on {world}: each rank holds its own shards, "
                          f"so resume on {ranks} ranks")
     file = out / "state" / name / f"rank-{rank if sharded else 0:05d}.safetensors"
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:  # one tensor at a time, straight into its place (this rank's shard under FSDP)
+        with safe_open(str(file), framework="pt", device="cpu") as f, torch.no_grad():
+            stored = set(f.keys())
+            for n, p in model.named_parameters():
+                keys = {"param": f"model.{n}", "exp_avg": f"optimizer.{n}.exp_avg",
+                        "exp_avg_sq": f"optimizer.{n}.exp_avg_sq",
+                        "step": f"optimizer.{n}.step"} if p.requires_grad else {"param": f"model.{n}"}
+                if not set(keys.values()) <= stored or f.get_slice(keys["param"]).get_shape() != list(_local(p).shape):
+                    raise InputError(f"{file}: {n}: missing or of another shape than the model's; expected the state "
+                                     f"of this run's model")
+                _local(p).copy_(f.get_tensor(keys["param"]))
+                if not p.requires_grad:  # a frozen weight (the base under LoRA) has no AdamW moments
+                    continue
+                state = {"step": f.get_tensor(keys["step"]).to(_local(p).device),
+                         "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                _local(state["exp_avg"]).copy_(f.get_tensor(keys["exp_avg"]))
+                _local(state["exp_avg_sq"]).copy_(f.get_tensor(keys["exp_avg_sq"]))
+                optimizer.state[p] = state
+            torch.set_rng_state(f.get_tensor("rng"))
     except (OSError, SafetensorError) as e:
         raise InputError(f"{file}: unreadable ({e}); expected a state written by train.py") from None
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            keys = {"param": f"model.{n}", "exp_avg": f"optimizer.{n}.exp_avg",
-                    "exp_avg_sq": f"optimizer.{n}.exp_avg_sq",
-                    "step": f"optimizer.{n}.step"} if p.requires_grad else {"param": f"model.{n}"}
-            if any(k not in tensors for k in keys.values()) or tensors[keys["param"]].shape != _local(p).shape:
-                raise InputError(f"{file}: {n}: missing or of another shape than the model's; expected the state of "
-                                 f"this run's model")
-            _local(p).copy_(tensors[keys["param"]])
-            if not p.requires_grad:  # a frozen weight (the base under LoRA) has no AdamW moments
-                continue
-            state = {"step": tensors[keys["step"]].to(_local(p).device),
-                     "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-            _local(state["exp_avg"]).copy_(tensors[keys["exp_avg"]])
-            _local(state["exp_avg_sq"]).copy_(tensors[keys["exp_avg_sq"]])
-            optimizer.state[p] = state
-    torch.set_rng_state(tensors["rng"])
     return step, dynamics
 
 
@@ -318,11 +369,13 @@ def last_state(out, saved):
 
 
 def weights_finite(model, world):
-    """True on every rank when no weight is inf or NaN (a sum per tensor: one value each, no copy)."""
-    finite = torch.stack([_local(p).detach().sum() for p in model.parameters()]).isfinite().all().float()
+    """(1,) 1.0 on every rank when no weight is inf or NaN, else 0.0, left on the device (no host sync): one
+    fused max-abs over all of this rank's tensors, then the minimum over ranks."""
+    max_abs = torch._foreach_norm([_local(p).detach() for p in model.parameters()], ord=math.inf)
+    finite = torch.stack(max_abs).isfinite().all().float()[None]
     if world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite)
+    return finite
 
 
 def write_dynamics(path, samples, points, dynamics):
@@ -364,16 +417,18 @@ def train(args, rank, local_rank, world):
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if args.deterministic:  # cuBLAS needs this before its first call to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     amp_dtype = torch.bfloat16 if bf16 and args.shard == "ddp" else None  # FSDP2 casts through its policy
     out = Path(args.out)
-    if rank == 0:
-        writable_dir(out)
     base = model_dir(args.model)  # an HF directory, or a run directory's final/
+    model_args = ModelArgs.from_model_dir(base)  # a config.json we cannot run exactly fails here, not after loading
     tok = data.load_tokenizer(base)
-    samples, _ = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, args.format, verbose=rank == 0)
-    heldout = data.load_dataset(args.heldout, tok, args.prompt_format, args.max_len, verbose=rank == 0)[0] \
-        if args.heldout else None
+    samples, stats = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, args.format, verbose=False)
+    heldout, heldout_stats = data.load_dataset(args.heldout, tok, args.prompt_format, args.max_len, verbose=False) \
+        if args.heldout else (None, None)
     halves = split_indices(args.split, samples) if args.mode == "sftmix" else None
     steps_per_epoch = len(epoch_batches(args, samples, halves, 0))
     total = steps_per_epoch * args.epochs
@@ -383,17 +438,22 @@ def train(args, rank, local_rank, world):
     if total == 0:
         raise InputError(f"{args.data}: {len(samples)} samples fill no global batch of {args.global_batch}")
     points = dynamics_points(total, args.dynamics) if args.dynamics else []
-
-    torch.manual_seed(args.seed)
-    model = load_pretrained(base, device=device)
-    if args.lora_rank:
-        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
-    model.checkpoint_activations = args.activation_checkpointing
-    wrapped = shard_model(model, args, device, world, bf16)  # what forward and backward go through
-    optimizer = adamw(model, args.lr, args.weight_decay, args.betas)
-    config, step, dynamics = run_config(args, samples), 0, {}
+    config = run_config(args, model_args, samples, heldout, halves)
     if args.resume and (out / "state" / "latest.json").exists():
-        step, dynamics = load_state(out, model, optimizer, config, rank, world)
+        check_settings(out, config)
+    if rank == 0:  # every input checked: now the run directory, then what was read
+        writable_dir(out)
+        print("\n".join(data.summary(s) for s in (stats, heldout_stats) if s))
+
+    torch.manual_seed(args.seed)  # LoRA's initial A
+    model = load_pretrained(base, device=device, prepare=partial(prepare_model, args=args, bf16=bf16))
+    wrapped = model  # what forward and backward go through: the model itself, FSDP2's in place, or DDP around it
+    if args.shard == "ddp" and world > 1:
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    optimizer = adamw(model, args.lr, args.weight_decay, args.betas)
+    step, dynamics = 0, {}
+    if args.resume and (out / "state" / "latest.json").exists():
+        step, dynamics = load_state(out, model, optimizer, rank, world)
     saved = step  # the step of the last complete state on disk
     if rank == 0:
         print(f"train: {args.mode}, {len(samples)} samples, {total} steps of {args.global_batch} examples "
@@ -411,14 +471,15 @@ def train(args, rank, local_rank, world):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, args.lr, args.warmup_ratio)
             t0 = time.perf_counter()
-            loss, ntp_loss, mix_loss, grad_norm, n_input = forward_backward(args, wrapped, samples, batch, lam,
-                                                                            device, amp_dtype, rank, world)
+            stats, n_input = forward_backward(args, wrapped, samples, batch, lam, device, amp_dtype, rank, world)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # the step's one read from the device: the losses, the grad norm, and whether the weights are finite
+            loss, ntp_loss, mix_loss, grad_norm, finite = torch.cat([stats, weights_finite(model, world)]).tolist()
             if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm)):
                 raise InputError(f"step {step + 1}: loss is not finite (ntp {ntp_loss}, mixup {mix_loss}, grad norm "
                                  f"{grad_norm}); stopped. {last_state(out, saved)}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if not weights_finite(model, world):
+            if not finite:
                 raise InputError(f"step {step + 1}: the update made weights inf or NaN "
                                  f"(lr {lr_at(step, total, args.lr, args.warmup_ratio):.3g})"
                                  f"; stopped. {last_state(out, saved)}")
@@ -459,6 +520,12 @@ def train(args, rank, local_rank, world):
     if rank == 0:
         if points:
             write_dynamics(out / "dynamics.jsonl", samples, points, dynamics)
+        base_config = json.loads((base / "config.json").read_text())
+        named = base_config.get("dtype") or base_config.get("torch_dtype")  # transformers 5 writes "dtype"
+        save_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.save_dtype) or {
+            "bfloat16": torch.bfloat16, "float16": torch.float16}.get(named, torch.float32)
+        for name in full:  # cast one tensor at a time, each fp32 tensor freed as its cast replaces it
+            full[name] = full[name].to(save_dtype)
         save_pretrained(model, out / "final", tokenizer_dir=base, state_dict=full)
         if not args.keep_state:
             shutil.rmtree(out / "state")
@@ -471,34 +538,34 @@ def forward_backward(args, wrapped, samples, batch, lam, device, amp_dtype, rank
     L = L_NTP + mu L_Mixup, or L_Mixup alone with --mixup-only; each term normalised over the whole global batch
     (sftmix.micro_batches gives the normalisers), so micro-batch and rank boundaries do not change the gradient.
     batch holds G sample indices, and lam (G/2,) makes it G/2 pairs (epoch_batches), or is None (plain NTP).
-    Returns (L, L_NTP, L_Mixup, grad norm before clipping, input tokens on all ranks) of the global batch.
+    Nothing here waits for the device: every index is laid out on the host (data.pack, sftmix.micro_batches)
+    and copied asynchronously, and the sums stay on the device. Returns (stats, input tokens of the global
+    batch): stats (4,) on the device = (L, L_NTP, L_Mixup, grad norm before clipping), for the caller to read.
     """
     micro, n_tokens, n_mixed = sftmix.micro_batches(batch, samples, rank, world, args.micro_batch, lam)
     ntp_weight, mix_weight = (0.0, 1.0) if args.mixup_only else (1.0, args.mu)
-    sums = torch.zeros(3, device=device)  # NTP NLL sum, Mixup CE sum, input tokens
+    sums = torch.zeros(2, device=device)  # NTP NLL sum, Mixup CE sum
     for j, mb in enumerate(micro):
-        b = data.pack([samples[i] for i in mb.rows])
-        input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (1, S) each
-        trained = labels != IGNORE  # (1, S)
-        head = partial(sftmix.head_losses, targets=labels[trained], mix_c=mb.mix_c.to(device),
-                       mix_u=mb.mix_u.to(device), lam=mb.lam.to(device))
-        last = j == len(micro) - 1  # gradients cross ranks after the last micro-batch only
-        if args.shard == "fsdp":
-            wrapped.set_requires_gradient_sync(last)
+        b = data.to_device(data.pack([samples[i] for i in mb.rows]), device)
+        pairs = data.to_device({"mix_c": mb.mix_c, "mix_u": mb.mix_u, "lam": mb.lam, "rest": mb.rest}, device)
+        head = partial(sftmix.head_losses, targets=b["targets"], **pairs)
+        # DDP all-reduces gradients after the last micro-batch only; FSDP2 reduce-scatters after every one, so
+        # no rank holds an unsharded gradient between micro-batches (4 bytes a parameter at fp32 reduction)
+        last = j == len(micro) - 1
         with wrapped.no_sync() if isinstance(wrapped, DDP) and not last else nullcontext():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                nll, mix = wrapped(input_ids, seq_lens=b["seq_lens"], logits_at=trained, head=head)  # (N,), (M,)
-            loss = ntp_weight * nll.sum() / n_tokens + mix_weight * mix.sum() / max(n_mixed, 1)
+                nll, mix = wrapped(b["input_ids"], positions=b["positions"], logits_at=b["trained"], head=head)
+            loss = ntp_weight * nll.sum() / n_tokens + mix_weight * mix.sum() / max(n_mixed, 1)  # (N,), (M,) summed
             (loss * world).backward()  # ranks average gradients; * world makes it the sum over the global batch
-        sums += torch.stack([nll.detach().sum(), mix.detach().sum(),
-                             torch.tensor(float(input_ids.numel()), device=device)])
+        sums += torch.stack([nll.detach().sum(), mix.detach().sum()])
     if world > 1:
         dist.all_reduce(sums)
     grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), args.grad_clip or float("inf"))
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
-    ntp, mixup = sums[0].item() / n_tokens, sums[1].item() / max(n_mixed, 1)
-    return ntp_weight * ntp + mix_weight * mixup, ntp, mixup, grad_norm.item(), sums[2].item()
+    ntp, mixup = sums[0] / n_tokens, sums[1] / max(n_mixed, 1)
+    stats = torch.stack([ntp_weight * ntp + mix_weight * mixup, ntp, mixup, grad_norm.to(ntp.dtype)])
+    return stats, sum(len(samples[i].input_ids) for i in batch)
 
 
 if __name__ == "__main__":

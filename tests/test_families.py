@@ -1,14 +1,19 @@
 """The paper's other families against transformers' own classes: Qwen2 (Qwen2.5), Mistral with its sliding window,
 Gemma and Gemma 2 give the same logits, gradients, checkpoints and generations; weak-to-strong crosses families."""
+import dataclasses
 import json
+import typing
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config, GemmaConfig, MistralConfig, Qwen2Config
+from transformers import (AutoConfig, AutoModelForCausalLM, Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig,
+                          Qwen2Config)
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 import model as M
 import sftmix
+from data import InputError
 from test_data import family_tokenizer_dir
 from test_model import hf_greedy, randomize
 from test_train import COMMON, run_train
@@ -56,7 +61,7 @@ def test_logits_and_gradients_equal_transformers(name, tmp_path):
     our_logits = ours(ids)
     assert (our_logits - hf_logits).abs().max().item() <= 1e-5
     at = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.5
-    assert (ours(ids, logits_at=at) - hf_logits[at]).abs().max().item() <= 1e-5
+    assert (ours(ids, logits_at=at.flatten().nonzero()[:, 0]) - hf_logits[at]).abs().max().item() <= 1e-5
 
     F.cross_entropy(hf_logits.flatten(0, 1), targets.flatten()).backward()
     F.cross_entropy(our_logits.flatten(0, 1), targets.flatten()).backward()
@@ -103,7 +108,8 @@ def test_packed_sequences_with_a_sliding_window_each_compute_as_alone(name, tmp_
     hf_model(name).save_pretrained(tmp_path)
     ours = M.load_pretrained(tmp_path)
     seqs = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n)) for n in (13, 4, 20)]
-    packed = ours(torch.cat(seqs)[None], seq_lens=[13, 4, 20])[0]
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])[None]  # restarting at each sequence
+    packed = ours(torch.cat(seqs)[None], positions=positions)[0]
     alone = torch.cat([ours(s[None])[0] for s in seqs])
     assert (packed - alone).abs().max().item() <= 1e-5
 
@@ -155,11 +161,13 @@ def test_mixup_with_a_soft_capped_head_mixes_logits_before_the_cap(tmp_path):
     trained = labels != sftmix.IGNORE  # (4, 20): the model's N trained positions, row by row
     number = torch.full(labels.shape, -1).masked_scatter(trained, torch.arange(int(trained.sum())))  # (4, 20)
     mix_c, mix_u = number[:2][mask_c], number[2:][mask_u]  # (M,) each: the aligned positions among the N
-    _, mixed = ours(ids, logits_at=trained, head=lambda h, w, softcap: sftmix.head_losses(
-        h, w, labels[trained], mix_c, mix_u, lam_pos, softcap=softcap))
+    rest = torch.tensor(sorted(set(range(len(number[trained]))) - set(mix_c.tolist()) - set(mix_u.tolist())))
+    at = trained.flatten().nonzero()[:, 0]
+    _, mixed = ours(ids, logits_at=at, head=lambda h, w, softcap: sftmix.head_losses(
+        h, w, labels[trained], mix_c, mix_u, lam_pos, rest, softcap=softcap))
     assert (mixed - hidden_form).abs().max().item() <= 1e-5
 
-    z = ours(ids, logits_at=trained, head=lambda h, w, softcap: h @ w.T)  # the head's outputs before the cap
+    z = ours(ids, logits_at=at, head=lambda h, w, softcap: h @ w.T)  # the head's outputs before the cap
     capped_then_mixed = torch.lerp(ours.softcap(z[mix_u]), ours.softcap(z[mix_c]), lam_pos[:, None])
     assert (soft_ce(capped_then_mixed) - hidden_form).abs().max().item() > 1e-3
 
@@ -244,3 +252,123 @@ def test_weak_to_strong_dynamics_of_a_gemma2_reference_train_sftmix_on_llama(smo
     assert metrics and all(m["mixup_loss"] > 0 for m in metrics)
     assert json.loads((tmp_path / "strong" / "final" / "config.json").read_text())["architectures"] == \
         ["LlamaForCausalLM"]
+
+
+# ----------------------------------------------------------------------------- every config field, every RoPE type
+
+CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "gemma": GemmaConfig,
+           "gemma2": Gemma2Config}
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, vocab_size=V, max_position_embeddings=256)
+TOP_LEVEL_ROPE = ("rope_scaling", "rope_theta", "partial_rotary_factor")  # read by transformers outside the fields
+READ = {f.name for f in dataclasses.fields(M.ModelArgs)} - set(M.FIXED) | {"hidden_activation", "rope_parameters",
+                                                                          "rope_scaling"}
+NOT_READ = {  # fields that do not change the logits or gradients, and why ("family.field": that family's alone)
+    "transformers_version": "provenance",
+    "architectures": "the class, which model_type also names",
+    "output_hidden_states": "what a call returns, not what it computes",
+    "output_attentions": "what a call returns, not what it computes",
+    "return_dict": "what a call returns, not what it computes",
+    "dtype": "the dtype the weights were saved in; the compute dtype is --dtype's",
+    "chunk_size_feed_forward": "not read by these five classes",
+    "is_encoder_decoder": "not read by these decoder-only classes",
+    "id2label": "sequence-classification heads only",
+    "label2id": "sequence-classification heads only",
+    "problem_type": "sequence-classification heads only",
+    "initializer_range": "initialisation only: the weights are loaded",
+    "use_cache": "generation computes the same with or without a KV cache",
+    "pretraining_tp": "not read by transformers 5 (4 cut the projections into this many matmuls: the same products)",
+    "pad_token_id": "the embedding's padding_idx only keeps that row's gradient at 0 in transformers; here it trains "
+                    "([ours]: README, test_the_pad_tokens_embedding_row_is_trained_unlike_transformers_padding_idx)",
+    "qwen2.sliding_window": "Qwen2 reads it only with use_sliding_window, which is refused",
+    "qwen2.max_window_layers": "Qwen2 reads it only with use_sliding_window, which is refused",
+}
+ROPE_NOT_READ = {  # keys of transformers' RopeParameters that the RoPE types computed here do not read
+    **dict.fromkeys(["attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate",
+                     "short_factor", "long_factor"], "yarn's and longrope's, which are refused"),
+    "mrope_section": "multimodal RoPE (Qwen2-VL), not read by these five classes",
+}
+
+
+@pytest.mark.parametrize("family", CLASSES)
+def test_every_config_field_is_read_refused_or_known_not_to_change_the_computation(family):
+    """A field transformers adds to one of these classes fails here until it is implemented, refused (model.REFUSED)
+    or listed in NOT_READ with the reason it changes nothing."""
+    names = [f.name for f in dataclasses.fields(CLASSES[family])] + list(TOP_LEVEL_ROPE)
+    unplaced = [n for n in names if n not in READ and n not in M.REFUSED and n not in NOT_READ
+                and f"{family}.{n}" not in NOT_READ]
+    assert unplaced == []
+    keys = typing.get_type_hints(RopeParameters)
+    unplaced = [k for k in keys if k not in ("rope_type", "rope_theta", *M.LLAMA3_ROPE, *M.REFUSED, *ROPE_NOT_READ)]
+    assert unplaced == []
+
+
+REFUSED_VALUES = {"attention_dropout": 0.1, "partial_rotary_factor": 0.5, "use_bidirectional_attention": True,
+                  "use_sliding_window": True}
+
+
+@pytest.mark.parametrize("family", CLASSES)
+def test_a_refused_field_with_another_value_is_one_error_naming_it(family):
+    cfg = CLASSES[family](**SMALL).to_dict()
+    M.ModelArgs.from_hf_config(cfg)  # the class's defaults are accepted
+    fields = [n for n in [f.name for f in dataclasses.fields(CLASSES[family])] + list(TOP_LEVEL_ROPE) if n in M.REFUSED]
+    assert set(REFUSED_VALUES) == set(M.REFUSED) and "partial_rotary_factor" in fields
+    for field in fields:
+        with pytest.raises(InputError) as e:
+            M.ModelArgs.from_hf_config({**cfg, field: REFUSED_VALUES[field]}, "cfg")
+        assert str(e.value).startswith(f"cfg: {field}: expected ") and "not implemented" in str(e.value)
+    rope = {**cfg["rope_parameters"], "partial_rotary_factor": 0.5}  # where transformers 5 keeps it
+    with pytest.raises(InputError, match=r"^cfg: rope_parameters.partial_rotary_factor: expected 1.0"):
+        M.ModelArgs.from_hf_config({**cfg, "rope_parameters": rope}, "cfg")
+    if family == "qwen2":  # sliding layers listed without use_sliding_window: transformers itself fails on them
+        with pytest.raises(InputError, match=r'^cfg: layer_types: expected only "full_attention"'):
+            M.ModelArgs.from_hf_config({**cfg, "layer_types": ["sliding_attention", "full_attention"]}, "cfg")
+
+
+ROPE_EXAMPLES = {  # parameters transformers accepts for each of its RoPE types (head_dim 16: 8 frequencies)
+    "linear": dict(factor=2.0),
+    "dynamic": dict(factor=2.0),
+    "yarn": dict(factor=4.0, original_max_position_embeddings=64),
+    "longrope": dict(short_factor=[1.5] * 8, long_factor=[4.0] * 8, original_max_position_embeddings=64),  # Phi-3's
+    "llama3": dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16),
+}
+LLAMA3 = ROPE_EXAMPLES["llama3"]
+ROPE_LAYOUTS = {  # config.json's RoPE as checkpoints hold it: transformers 5's rope_parameters, 4's keys, mixtures
+    "none": {},
+    "theta at the top": dict(rope_theta=5e5),
+    "rope_parameters default": dict(rope_parameters=dict(rope_type="default", rope_theta=7e4)),
+    "rope_parameters' theta wins": dict(rope_theta=1.0, rope_parameters=dict(rope_type="default", rope_theta=7e4)),
+    "rope_parameters llama3": dict(rope_parameters=dict(rope_type="llama3", rope_theta=5e5, **LLAMA3)),
+    "rope_scaling llama3": dict(rope_theta=5e5, rope_scaling=dict(rope_type="llama3", **LLAMA3)),
+    "rope_scaling with the old key type": dict(rope_theta=5e5, rope_scaling=dict(type="llama3", **LLAMA3)),
+    "rope_scaling wins": dict(rope_theta=5e5, rope_scaling=dict(rope_type="llama3", **LLAMA3),
+                              rope_parameters=dict(rope_type="default", rope_theta=123.0)),
+}
+
+
+@pytest.mark.parametrize("layout", ROPE_LAYOUTS)
+@pytest.mark.parametrize("family", CLASSES)
+def test_rope_types_computed_here_give_transformers_frequencies(family, layout):
+    """Every layout of the RoPE types implemented (model.ROPE_TYPES) gives the inverse frequencies of transformers'
+    rotary embedding for the same config.json, which scales no attention (attention_scaling 1)."""
+    raw = {**SMALL, "model_type": family, **ROPE_LAYOUTS[layout]}
+    hf = AutoModelForCausalLM.from_config(CLASSES[family].from_dict(json.loads(json.dumps(raw)))).model.rotary_emb
+    ours = M.rope_inv_freq(M.ModelArgs.from_hf_config(raw))
+    assert hf.attention_scaling == 1.0
+    assert torch.equal(ours, hf.inv_freq)
+
+
+@pytest.mark.parametrize("rope_type", ["default", *ROPE_INIT_FUNCTIONS])
+def test_every_rope_type_of_transformers_is_computed_here_or_refused_naming_it(rope_type):
+    """A type not in model.ROPE_TYPES is one error naming rope_parameters.rope_type, whatever keys it has (longrope
+    has no "factor": it was once read as plain RoPE); a type that is in it has a layout in ROPE_LAYOUTS."""
+    cfg = {**LlamaConfig(**SMALL).to_dict(), "rope_parameters": dict(rope_type=rope_type, rope_theta=1e4,
+                                                                    **ROPE_EXAMPLES.get(rope_type, {}))}
+    if rope_type in M.ROPE_TYPES:
+        rope = [layout.get("rope_scaling") or layout.get("rope_parameters") or {} for layout in ROPE_LAYOUTS.values()]
+        assert rope_type in {r.get("rope_type", r.get("type")) for r in rope}
+        return
+    with pytest.raises(InputError) as e:
+        M.ModelArgs.from_hf_config(cfg, "cfg")
+    assert str(e.value) == f'cfg: rope_parameters.rope_type: expected "default" or "llama3" (the RoPE implemented ' \
+                           f'here), got "{rope_type}"'

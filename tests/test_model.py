@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import model as M
 from data import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
+aten = torch.ops.aten
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=101, max_position_embeddings=256, rms_norm_eps=1e-5)
@@ -77,7 +79,8 @@ def test_logits_at_positions_are_those_rows_of_the_full_logits(tmp_path):
     ours = M.load_pretrained(tmp_path)
     ids = torch.randint(0, SMALL["vocab_size"], (3, 20))
     at = torch.rand(3, 20, generator=torch.Generator().manual_seed(0)) < 0.5
-    assert torch.allclose(ours(ids, logits_at=at), ours(ids)[at], atol=1e-6)
+    index = at.flatten().nonzero()[:, 0]  # the same positions as indices into the flattened rows
+    assert torch.allclose(ours(ids, logits_at=index), ours(ids)[at], atol=1e-6)
 
 
 def test_tied_checkpoint_loads_tied_and_is_saved_once(tmp_path):
@@ -192,6 +195,65 @@ def test_top_p_sampling_only_draws_from_the_nucleus():
     gen = torch.Generator().manual_seed(0)
     draws = {M._sample(logits, 1.0, 0.7, gen).item() for _ in range(300)}
     assert draws == {0, 1}  # 0.5 + 0.3 >= 0.7: tokens 2 and 3 are outside
+
+
+def test_top_p_sampling_draws_each_token_of_the_nucleus_in_proportion():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(20000, 4)
+    draws = M._sample(logits, 1.0, 0.9, torch.Generator().manual_seed(0))  # nucleus 0, 1, 2: 0.95 of the mass
+    share = torch.bincount(draws, minlength=4) / len(draws)
+    assert torch.allclose(share, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.015)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the ops after which the host waits for the device: reading values back (aten._local_scalar_dense:
+    .item(), bool(), int()), and ops whose output size or validity depends on values (nonzero, masked_select,
+    boolean-mask indexing, unique, repeat_interleave without output_size; torch.multinomial, which checks its
+    input's range on the host). `.tolist()` of a CPU tensor dispatches no op: `spy_tolist` counts it."""
+    VALUE_SIZED = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.multinomial, aten._unique2,
+                   aten.unique_consecutive, aten.repeat_interleave}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        masked = func.overloadpacket in (aten.index, aten.index_put, aten.index_put_) and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        self.count += masked or func.overloadpacket in self.VALUE_SIZED
+        return func(*args, **(kwargs or {}))
+
+    def spy_tolist(self, monkeypatch):
+        real = torch.Tensor.tolist
+
+        def tolist(t):
+            self.count += 1
+            return real(t)
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+
+
+@pytest.mark.parametrize("prompts", [[[5, 9, 2, 7]], [[5, 9, 2, 7], [1, 4, 4, 8]], [[5, 9, 2], [7, 1, 4, 4, 8]]],
+                         ids=["one", "same-length", "padded"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_generation_syncs_with_the_host_once_per_new_token_and_masks_only_padding(
+        prompts, temperature, monkeypatch, tmp_path):
+    hf_random_model(CONFIGS["gqa"]).save_pretrained(tmp_path)
+    ours = M.load_pretrained(tmp_path)
+    masks, sdpa = [], F.scaled_dot_product_attention  # the mask of every attention call (2 layers a step)
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, attn_mask=None, **k: masks.append(attn_mask) or sdpa(*a, attn_mask=attn_mask, **k))
+    syncs = HostSyncs()
+    syncs.spy_tolist(monkeypatch)
+    with syncs:
+        new = M.generate(ours, prompts, max_new_tokens=6, temperature=temperature, top_p=0.9, seed=0)
+    assert [len(n) for n in new] == [6] * len(prompts)  # no EOS given: 6 decoding steps
+    assert syncs.count == 6
+    if len({len(p) for p in prompts}) == 1:
+        assert masks == [None] * 12
+    else:  # (B, 1, T, S) bool: the prompts, then one new token a step over the cache
+        shapes = [(2, 1, 5, 5)] + [(2, 1, 1, 6 + k) for k in range(5)]
+        assert [tuple(m.shape) for m in masks] == [s for s in shapes for _ in range(2)]
+        assert masks[0][0, 0].tolist() == [[True] + [False] * 4, [False, True, False, False, False]] + [
+            [False, False] + [j <= i for j in range(3)] for i in range(3)]  # 2 padding tokens, each sees itself
 
 
 def test_smollm2_logits_match_transformers(smollm2_dir):

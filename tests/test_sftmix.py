@@ -80,7 +80,8 @@ def test_head_losses_logit_form_equals_hidden_state_form_and_per_position_ntp(ch
     mix_c = torch.tensor([off_c[p] + k for p in range(3) for k in range(n[p])])
     mix_u = torch.tensor([off_u[p] + k for p in range(3) for k in range(n[p])])
     lam_pos = torch.cat([lam[p].repeat(n[p]) for p in range(3)])
-    nll, mix = sftmix.head_losses(hidden, W, targets, mix_c, mix_u, lam_pos, chunk=chunk)
+    rest = torch.tensor(sorted(set(range(len(targets))) - set(mix_c.tolist()) - set(mix_u.tolist())))
+    nll, mix = sftmix.head_losses(hidden, W, targets, mix_c, mix_u, lam_pos, rest, chunk=chunk)
     torch.testing.assert_close(nll, F.cross_entropy(hidden @ W.T, targets, reduction="none"))
     torch.testing.assert_close(mix, per_position_mixup(hidden_c, labels_c, hidden_u, labels_u, lam, W))
     grad, = torch.autograd.grad(nll.sum() + mix.sum(), hidden)
@@ -96,7 +97,8 @@ def test_head_losses_soft_caps_the_mixed_logits_after_mixing():
     hidden_c, labels_c, hidden_u, labels_u, lam, W = random_pairs(P=1)
     h = torch.stack([hidden_c[0, 2], hidden_u[0, 3]])  # one confident and one unconfident position
     y = torch.stack([labels_c[0, 2], labels_u[0, 3]])
-    nll, mix = sftmix.head_losses(h, W, y, torch.tensor([0]), torch.tensor([1]), lam[:1], softcap=2.0)
+    nll, mix = sftmix.head_losses(h, W, y, torch.tensor([0]), torch.tensor([1]), lam[:1], torch.tensor([], dtype=torch.long),
+                                  softcap=2.0)
     z = lam[0] * h[0] + (1 - lam[0]) * h[1]
     logp = torch.log_softmax(2.0 * torch.tanh(W @ z / 2.0), dim=0)
     torch.testing.assert_close(mix[0], -(lam[0] * logp[y[0]] + (1 - lam[0]) * logp[y[1]]))
@@ -159,5 +161,5 @@ def test_split_command_rejects_a_malformed_line_in_one_line(tmp_path):
     dyn.write_text('{"id": "a", "perplexities": [1.0]}\n{"id": "b"}\n')
     r = subprocess.run([sys.executable, ROOT / "sftmix.py", "split", "--dynamics", dyn, "--out", tmp_path / "s.json"],
                        capture_output=True, text=True)
-    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "dynamics.jsonl:2:" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "dynamics.jsonl:2:" in r.stderr
     assert not (tmp_path / "s.json").exists()
