@@ -42,6 +42,8 @@ curves    NTP loss, Mixup loss, learning rate and held-out perplexity against st
 dynamics  Confidence mean and spread (std over examples) of dynamics files side by side, as the paper compares
           the confidence spread after NTP and after SFTMix.
 
+ppl, mc, generate and compare load the weights in --dtype (auto: bf16 on CUDA, fp32 on CPU) and compute in it with
+no autocast, so a GPU holds one copy of the weights (a 14B model: 29.5 GB in bf16) and a KV cache of that dtype.
 Under `torchrun --nproc_per_node N eval.py ...` the passes over data are sharded over ranks; rank 0 writes.
 Every --out is checked before any work: its directory is made if missing; a directory, or a place that cannot
 be written, is refused.
@@ -82,24 +84,26 @@ MAX_NEW_TOKENS = {"mt_bench": 1024, "alpaca_eval": 2048}
 @dataclass
 class Runtime:
     device: torch.device
-    amp_dtype: torch.dtype | None  # bf16 autocast on CUDA, plain fp32 on CPU
+    dtype: torch.dtype  # the weights', the compute's and the KV cache's: no autocast, no second copy of the weights
     rank: int
     world: int
 
 
-def setup() -> Runtime:
-    """One process, or one per GPU under torchrun (WORLD_SIZE > 1: nccl on CUDA, gloo on CPU)."""
+def setup(dtype="auto") -> Runtime:
+    """One process, or one per GPU under torchrun (WORLD_SIZE > 1: nccl on CUDA, gloo on CPU); dtype as --dtype."""
     world, cuda = int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    return Runtime(device, torch.bfloat16 if cuda else None, dist.get_rank() if world > 1 else 0, world)
+    bf16 = dtype == "bf16" or (dtype == "auto" and cuda)
+    return Runtime(device, torch.bfloat16 if bf16 else torch.float32, dist.get_rank() if world > 1 else 0, world)
 
 
 def load_model(path, rt: Runtime) -> M.Transformer:
-    return M.load_pretrained(path, device=rt.device).eval()
+    """The model in rt.dtype on rt.device: the one copy of its weights that scoring and generation compute with."""
+    return M.load_pretrained(path, dtype=rt.dtype, device=rt.device).eval()
 
 
 def read_split(path) -> dict:
@@ -146,13 +150,20 @@ def token_weighted(results: dict, ids) -> dict:
     return {"examples": len(ids), "tokens": n, "nll_per_token": nll / n, "ppl": math.exp(nll / n)}
 
 
-def evaluate_ppl(model, samples, rt, batch_size=8, split=None):
-    """(summary {"all": ..., and per half with a split}, per-example rows {id, nll, tokens, ppl[, half]})."""
+def split_members(split, samples) -> dict:
+    """{half: the ids of the samples in it, in data order} (empty without a split); a half that holds none of the
+    samples is an InputError, raised before any model loads."""
     members = {half: [s.id for s in samples if s.id in ids] for half, ids in (split or {}).items()}
     for half, ids in members.items():
         if not ids:
             raise InputError(f'--split: "{half}": none of its ids is an example of --data')
-    results = sftmix.response_nll(model, samples, batch_size, rt.device, rt.amp_dtype, desc="ppl")  # {id: (nll, n)}
+    return members
+
+
+def evaluate_ppl(model, samples, rt, batch_size=8, split=None):
+    """(summary {"all": ..., and per half with a split}, per-example rows {id, nll, tokens, ppl[, half]})."""
+    members = split_members(split, samples)
+    results = sftmix.response_nll(model, samples, batch_size, rt.device, None, desc="ppl")  # {id: (nll, n)}
     summary = {"all": token_weighted(results, list(results))}
     summary |= {half: token_weighted(results, ids) for half, ids in members.items()}
     half_of = {i: half for half, ids in members.items() for i in ids}
@@ -271,7 +282,7 @@ def mc_samples(questions, tok, prompt_format=None) -> list:
 def option_logliks(model, tok, questions, rt, prompt_format=None, batch_size=8) -> list:
     """Per question, per option: (log p(y | prompt) = sum_t log p(y_t | prompt, y_<t), |y|)."""
     results = sftmix.response_nll(model, mc_samples(questions, tok, prompt_format), batch_size,
-                                  rt.device, rt.amp_dtype, desc="mc")  # {"i:k": (nll, n)}
+                                  rt.device, None, desc="mc")  # {"i:k": (nll, n)}
     return [[(-results[f"{i}:{k}"][0], results[f"{i}:{k}"][1]) for k in range(len(q.options))]
             for i, q in enumerate(questions)]
 
@@ -356,6 +367,9 @@ def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_toke
     answers. The end-of-turn token is dropped and the text stripped, as FastChat does.
     """
     stops = data.stop_ids(tok, prompt_format)
+    for i, q in enumerate(questions):  # every last turn renders (alpaca's format holds one) before any is answered
+        data.encode_prompt(conversation(q["turns"], [""] * (len(q["turns"]) - 1)), tok, prompt_format,
+                           f"question {q.get('question_id', i)}")
     temperatures = [temperature_of(q, temperature) for q in questions]
     answers = {i: [] for i in data.shard(list(range(len(questions))), rt.rank, rt.world)}
     turns = max(len(q["turns"]) for q in questions)
@@ -369,9 +383,8 @@ def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_toke
         batches = [g[k:k + batch_size] for g in same_temperature.values() for k in range(0, len(g), batch_size)]
         for j, batch in enumerate(batches):
             progress.set_postfix_str(f"turn {turn + 1}/{turns}, batch {j + 1}/{len(batches)}")
-            with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-                new = M.generate(model, [prompts[i] for i in batch], max_new_tokens, temperatures[batch[0]], top_p,
-                                 eos_ids=stops, seed=seed + 1000 * turn + j)
+            new = M.generate(model, [prompts[i] for i in batch], max_new_tokens, temperatures[batch[0]], top_p,
+                             eos_ids=stops, seed=seed + 1000 * turn + j)
             for i, ids in zip(batch, new):
                 answers[i].append(tok.decode(ids[:-1] if ids and ids[-1] in stops else ids).strip())
             progress.update(sum(map(len, new)))
@@ -421,12 +434,21 @@ def compare(args, rt) -> str:
         raise InputError("compare: expected --data, --mc or both")
     split = read_split(args.split) if args.split else None
     benchmarks = {name: read_mc(file, args.cop_base) for name, file in named_files(args.mc).items()}
-    metrics = {}
+    runs = []  # each run's config.json, tokenizer and data read and checked before any model loads
     for d in dirs:
+        M.ModelArgs.from_model_dir(d)
         tok = data.load_tokenizer(d)
-        samples = data.load_dataset(args.data, tok, args.prompt_format, args.max_len)[0] if args.data else None
+        samples, stats = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, verbose=False) \
+            if args.data else (None, None)
+        if samples:
+            split_members(split, samples)
+        runs.append((d, tok, samples, stats))
+    metrics = {}
+    for d, tok, samples, stats in runs:
         model = load_model(d, rt)
         if samples:
+            if rt.rank == 0:
+                print(data.summary(stats))
             summary, _ = evaluate_ppl(model, samples, rt, args.batch_size, split)
             for part, s in summary.items():
                 suffix = "" if part == "all" else f" ({part})"
@@ -575,9 +597,12 @@ def write_out(args, rt, say, obj, lines=True) -> None:
 def cmd_ppl(args, rt, say):
     path = M.model_dir(args.model)
     tok = data.load_tokenizer(path)
-    samples, _ = data.load_dataset(args.data, tok, args.prompt_format, args.max_len)
+    samples, stats = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, verbose=False)
     split = read_split(args.split) if args.split else None
-    summary, rows = evaluate_ppl(load_model(path, rt), samples, rt, args.batch_size, split)
+    split_members(split, samples)  # checked before the model loads; the data's line follows once all is read
+    model = load_model(path, rt)
+    say(data.summary(stats))
+    summary, rows = evaluate_ppl(model, samples, rt, args.batch_size, split)
     for part, s in summary.items():
         say(f"{part:>11}: ppl {s['ppl']:.4f}  NLL/token {s['nll_per_token']:.4f}  "
             f"({s['examples']} examples, {s['tokens']} response tokens)")
@@ -679,6 +704,9 @@ def parser() -> argparse.ArgumentParser:
     for s in (ppl, mc, gen, cmp):
         s.add_argument("--prompt-format", choices=data.PROMPT_FORMATS, help="(default: from the chat template)")
         s.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
+        s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                       help="the model's weights, compute and KV cache, loaded so (no autocast, no fp32 copy): "
+                            "auto = bf16 on CUDA, fp32 on CPU")
     for s, what in ((ppl, "per-example JSONL"), (mc, "per-question JSONL"), (cmp, "Markdown file for the table"),
                     (dyn, "Markdown file for the table")):
         s.add_argument("--out", help=what)
@@ -707,7 +735,7 @@ def main(argv=None):
         check_flags(args)
         if args.out:
             data.check_output(args.out)
-        rt = setup()
+        rt = setup(getattr(args, "dtype", "auto"))
         say = print if rt.rank == 0 else (lambda *a, **k: None)
         args.run(args, rt, say)
     except InputError as e:

@@ -111,16 +111,16 @@ class ModelArgs:
         if cfg.get(act_key, "silu") not in acts:  # Gemma's "gelu" is the tanh approximation, as in transformers
             raise InputError(f"{source}: {act_key}: expected {' or '.join(map(json.dumps, acts))}, "
                              f"got {cfg[act_key]!r}")
-        key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"  # the old key wins, as in transformers
-        rope = cfg.get(key) or {}
+        rope_key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"  # the old key wins, as in HF
+        rope = cfg.get(rope_key) or {}
         if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
-            raise InputError(f"{source}: {key}: expected one object of RoPE parameters for every layer")
+            raise InputError(f"{source}: {rope_key}: expected one object of RoPE parameters for every layer")
         for field, (ok, what) in REFUSED.items():  # partial_rotary_factor may stand at the top level or in rope
-            for name, value in ((field, cfg.get(field)), (f"{key}.{field}", rope.get(field))):
+            for name, value in ((field, cfg.get(field)), (f"{rope_key}.{field}", rope.get(field))):
                 if value not in ok:
                     raise InputError(f"{source}: {name}: expected {json.dumps(ok[-1])} ({what} is not implemented),"
                                      f" got {json.dumps(value)}")
-        theta, scaling = rope_scaling(rope, key, cfg.get("rope_theta", 10000.0), source)
+        theta, scaling = rope_scaling(rope, rope_key, cfg.get("rope_theta", 10000.0), source)
         if family == "qwen2" and "sliding_attention" in (cfg.get("layer_types") or []):
             raise InputError(f'{source}: layer_types: expected only "full_attention" (Qwen2\'s sliding window is not '
                              f'implemented)')

@@ -246,6 +246,7 @@ def micro_batches(batch, samples, rank, world, micro_batch, lam=None):
     """
     n = {i: sum(t != IGNORE for t in samples[i].labels) for i in batch}  # trained tokens per example
     P = len(batch) // 2
+    lam = None if lam is None else lam.tolist()  # a host tensor: plain numbers for the layout
     if lam is not None:  # (pair index, its two sample indices)
         units = [(i, (batch[i], batch[P + i])) for i in range(P)]
     else:  # (example index, its sample index)
@@ -263,7 +264,7 @@ def micro_batches(batch, samples, rank, world, micro_batch, lam=None):
             m = min(n[members[0]], n[members[1]])
             mix_c += range(offset[j], offset[j] + m)
             mix_u += range(offset[len(group) + j], offset[len(group) + j] + m)
-            lam_pos += [float(lam[pair])] * m
+            lam_pos += [lam[pair]] * m
         rest = sorted(set(range(offset[-1])) - set(mix_c) - set(mix_u))
         result.append(MicroBatch(rows, *(torch.tensor(x, dtype=torch.long) for x in (mix_c, mix_u)),
                                  torch.tensor(lam_pos, dtype=torch.float32), torch.tensor(rest, dtype=torch.long)))

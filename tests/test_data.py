@@ -524,3 +524,51 @@ def test_inspect_marks_the_trained_spans_and_reports_stats(smol, tmp_path, capsy
     assert "format: sharegpt (detected from the keys)" in out
     assert f"prompt format: chatml (detected from {smol.dir})" in out
     assert "examples: 1, samples: 1, truncated to max_len 2048: 0, dropped (no trained token left): 0" in out
+
+
+# --- parquet -------------------------------------------------------------------------------------------------
+
+LAYOUTS = {  # the columns of the paper's parquet sets; messages a list of {content, role} structs, as published
+    "UltraChat-200K": lambda i, m: {"prompt": m[0]["content"], "prompt_id": f"p{i}", "messages": m},
+    "Tulu 3 SFT mixture": lambda i, m: {"id": f"tulu-{i}", "messages": m, "source": "oasst"},
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parquet_of_messages_reads_to_the_token_ids_of_the_same_records_in_json_lines(layout, smol, hf_smol,
+                                                                                      tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    system = [{"content": "Be brief.", "role": "system"}]
+    turns = [{"content": m["content"], "role": m["role"]} for m in CONVERSATION]
+    records = [LAYOUTS[layout](i, m) for i, m in enumerate([turns, system + turns[:2], turns[2:]])]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
+    assert pq.read_schema(tmp_path / "d.parquet").field("messages").type == pa.list_(
+        pa.struct([("content", pa.string()), ("role", pa.string())]))
+    from_parquet, stats = D.load_dataset(tmp_path / "d.parquet", smol, verbose=False)
+    from_json, _ = D.load_dataset(jsonl(tmp_path / "d.jsonl", records), smol, verbose=False)
+    assert stats["format"] == "messages" and len(from_parquet) == 3
+    assert [(s.input_ids, s.labels) for s in from_parquet] == [(s.input_ids, s.labels) for s in from_json]
+    assert [s.id.replace("d.jsonl", "d.parquet") for s in from_json] == [s.id for s in from_parquet]
+    for sample, r in zip(from_parquet, records):  # and both are transformers' tokens of the conversation
+        messages = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
+        assert sample.input_ids == hf_ids(hf_smol, messages)[:-1]  # input_ids end one token before the text
+
+
+@pytest.mark.parametrize("fault", ["pyarrow missing", "truncated"])
+def test_a_parquet_file_that_cannot_be_read_is_one_line(fault, smol, tmp_path, capsys, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": [{"content": "Hi", "role": "user"},
+                                                       {"content": "Hello", "role": "assistant"}]}]), path)
+    if fault == "pyarrow missing":
+        monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
+        expected = f"error: {path}: a parquet file; reading it needs pyarrow: pip install pyarrow"
+    else:
+        path.write_bytes(path.read_bytes()[:-20])
+        expected = f"error: {path}: not a readable parquet file ("
+    with pytest.raises(SystemExit) as e:
+        D.main(["inspect", "--data", str(path), "--tokenizer", str(smol.dir)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and len(err.splitlines()) == 1 and err.startswith(expected), err

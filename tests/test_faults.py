@@ -3,14 +3,17 @@ file, and a run killed at any moment (also while a diverging run saves) resumes;
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 import sftmix
+import train as T
 from test_train import COMMON, ROOT, one_line_error, run_train, weights
 
 
@@ -158,12 +161,12 @@ def test_split_command_rejects_bad_dynamics_in_one_line(tmp_path):
                           ({"id": "c", "perplexities": "12"}, ':3: "perplexities": expected a list'),
                           ({"id": "a", "perplexities": [1.0, 1.0]}, ':3: "id": "a" already on line 1')]:
         code, err, out = split(good + [bad])
-        assert code != 0 and len(err) == 1 and expected in err[0], err
+        assert code == 2 and len(err) == 1 and expected in err[0], err
         assert not out.exists() and not list(tmp_path.glob("*.tmp"))
     code, err, out = split(good[:1])
-    assert code != 0 and len(err) == 1 and "expected at least 2" in err[0] and not out.exists()
+    assert code == 2 and len(err) == 1 and "expected at least 2" in err[0] and not out.exists()
     code, err, out = split(good, out=tmp_path)
-    assert code != 0 and len(err) == 1 and "is a directory" in err[0] and not list(tmp_path.glob("*.tmp"))
+    assert code == 2 and len(err) == 1 and "is a directory" in err[0] and not list(tmp_path.glob("*.tmp"))
     code, err, out = split(good, out=tmp_path / "new" / "dir" / "split.json")
     assert code == 0 and json.loads(out.read_text()) == {"confident": ["a"], "unconfident": ["b"]}
 
@@ -199,3 +202,148 @@ def test_a_split_with_every_id_in_one_half_says_so(tiny_model_dir, chat_data, tm
     line = one_line_error(capsys, "--mode", "sftmix", "--split", split, "--model", tiny_model_dir, "--data", chat_data,
                           *COMMON, "--out", tmp_path / "run")
     assert line == f"error: {split}: 40 confident and 0 unconfident examples make 0 pairs, fewer than the 4 of one global batch"
+
+
+# ----------------------------------------------------------------------------- found before anything is printed
+
+def fails_with_one_line(capsys, main, *argv):
+    """main(argv) in this process exits 2 with one line on stderr, no traceback, and nothing on stdout: no progress
+    line came before the error. Returns the line."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and len(err.splitlines()) == 1 and "Traceback" not in err, (out, err)
+    return err.strip()
+
+
+def longrope_model(tiny_model_dir, path):
+    """The tiny model's config.json with Phi-3's longrope parameters (no "factor"), nothing else: it is refused
+    before any weight is read."""
+    path.mkdir()
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                              "long_factor": [2.0] * 4, "original_max_position_embeddings": 64}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("case", ["--seed -1", "--heldout missing", "--heldout malformed", "--dynamics 9 of 5 steps",
+                                  "rope_parameters.rope_type longrope"])
+def test_bad_input_found_after_reading_is_one_line_before_any_progress_and_writes_nothing(
+        case, tiny_model_dir, chat_data, tmp_path, capsys):
+    model, heldout = tiny_model_dir, tmp_path / "heldout.jsonl"
+    flags, expected = {
+        "--seed -1": (["--seed", "-1"], "error: --seed: expected >= 0, got -1"),
+        "--heldout missing": (["--heldout", heldout], f"error: {heldout}: cannot read: No such file or directory"),
+        "--heldout malformed": (["--heldout", heldout], f"error: {heldout}:1: invalid JSON: "),
+        "--dynamics 9 of 5 steps": (["--dynamics", "9"], "error: --dynamics 9: the run has only 5 steps; expected at "
+                                                         "least 9"),
+        "rope_parameters.rope_type longrope": ([], "error: {model}/config.json: rope_parameters.rope_type: expected "
+                                                   '"default" or "llama3" (the RoPE implemented here), got "longrope"'),
+    }[case]
+    if case == "--heldout malformed":
+        heldout.write_text('{"messages": [{"role": "user", "content": "Hi"},\n')
+    if case.startswith("rope"):
+        model = longrope_model(tiny_model_dir, tmp_path / "longrope")
+    line = fails_with_one_line(capsys, T.main, "--model", model, "--data", chat_data, *COMMON,
+                               "--out", tmp_path / "run", *flags)
+    assert line.startswith(expected.format(model=model)), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_split_naming_no_example_fails_before_the_model_loads(tiny_model_dir, chat_data, tmp_path, capsys):
+    import eval as E
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"confident": ["ex0"], "unconfident": ["ghost"]}))
+    expected = 'error: --split: "unconfident": none of its ids is an example of --data'
+    out = tmp_path / "ppl.jsonl"
+    assert fails_with_one_line(capsys, E.main, "ppl", "--model", tiny_model_dir, "--data", chat_data,
+                               "--split", split, "--out", out) == expected
+    assert fails_with_one_line(capsys, E.main, "compare", tiny_model_dir, tiny_model_dir, "--data", chat_data,
+                               "--split", split, "--out", tmp_path / "table.md") == expected
+    assert not out.exists() and not (tmp_path / "table.md").exists()
+
+
+def test_eval_refuses_a_model_it_cannot_run_exactly_and_a_second_turn_alpaca_cannot_hold_up_front(
+        tiny_model_dir, chat_data, tmp_path, capsys):
+    import eval as E
+    model = longrope_model(tiny_model_dir, tmp_path / "longrope")
+    line = fails_with_one_line(capsys, E.main, "compare", tiny_model_dir, model, "--data", chat_data)
+    assert line.startswith(f"error: {model / 'config.json'}: rope_parameters.rope_type: expected ")
+    questions = tmp_path / "question.jsonl"
+    questions.write_text(json.dumps({"question_id": 81, "category": "writing", "turns": ["Hi.", "Again."]}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    line = fails_with_one_line(capsys, E.main, "generate", "--model", tiny_model_dir, "--questions", questions,
+                               "--prompt-format", "alpaca", "--max-new-tokens", "2", "--out", out)
+    assert line.startswith("error: question 81: messages: the alpaca prompt format holds one instruction") and \
+        not out.exists()
+
+
+@pytest.mark.parametrize("case", ['ids 1 and "1"', "--out under a file"])
+def test_split_command_bad_input_exits_2_with_one_line(case, tmp_path, capsys):
+    dynamics, blocker = tmp_path / "dynamics.jsonl", tmp_path / "f"
+    blocker.write_text("x")
+    second = "1" if case.startswith("ids") else 2
+    dynamics.write_text(json.dumps({"id": 1, "perplexities": [2.0]}) + "\n" +
+                        json.dumps({"id": second, "perplexities": [3.0]}) + "\n")
+    out = blocker / "split.json" if case.startswith("--out") else tmp_path / "split.json"
+    line = fails_with_one_line(capsys, sftmix.main, "split", "--dynamics", dynamics, "--out", out)
+    assert line == (f'error: {dynamics}:2: "id": "1" already on line 1' if case.startswith("ids") else
+                    f"error: --out {out}: cannot make its directory {blocker}: File exists")
+    assert not out.exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- a moved run directory
+
+def run_inputs(directory, chat_data):
+    """train.jsonl, heldout.jsonl and split.json in directory; the flags of an SFTMix run on them into directory/run."""
+    directory.mkdir()
+    (directory / "train.jsonl").write_text(chat_data.read_text())
+    (directory / "heldout.jsonl").write_text("".join(chat_data.read_text().splitlines(keepends=True)[:8]))
+    (directory / "split.json").write_text(json.dumps({"confident": [f"ex{i}" for i in range(0, 40, 2)],
+                                                      "unconfident": [f"ex{i}" for i in range(1, 40, 2)]}))
+    return run_flags(directory)
+
+
+def run_flags(directory):
+    return ["--mode", "sftmix", "--data", directory / "train.jsonl", "--heldout", directory / "heldout.jsonl",
+            "--split", directory / "split.json", *COMMON, "--epochs", "2", "--micro-batch", "2",
+            "--out", directory / "run"]
+
+
+def test_a_run_directory_moved_with_its_inputs_resumes_bitwise(tiny_model_dir, chat_data, tmp_path):
+    """paths are not settings: a run stopped on scratch and moved home, its data, held-out data and split with it,
+    continues there and ends bitwise equal to an uninterrupted run (weights and every metric but the speed)"""
+    model = ["--model", tiny_model_dir]
+    run_train(*model, *run_inputs(tmp_path / "whole", chat_data))
+    run_train(*model, *run_inputs(tmp_path / "scratch", chat_data), "--stop-at-step", "3")  # mid-epoch 0 of 5 steps
+    (tmp_path / "scratch").rename(tmp_path / "home")
+    run_train(*model, *run_flags(tmp_path / "home"), "--resume")
+    whole, moved = weights(tmp_path / "whole" / "run"), weights(tmp_path / "home" / "run")
+    assert whole.keys() == moved.keys() and all(torch.equal(whole[n], moved[n]) for n in whole)
+
+    def metrics(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics(tmp_path / "home" / "run") == metrics(tmp_path / "whole" / "run")
+    assert sum("heldout_ppl" in m for m in metrics(tmp_path / "whole" / "run")) == 2
+
+
+@pytest.mark.parametrize("changed", ["split", "heldout", "model"])
+def test_resume_after_an_input_changed_in_place_names_it(changed, tiny_model_dir, chat_data, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    base = ["--model", model, *run_inputs(tmp_path / "in", chat_data)]
+    run_train(*base, "--stop-at-step", "2")
+    path = {"split": tmp_path / "in" / "split.json", "heldout": tmp_path / "in" / "heldout.jsonl",
+            "model": model / "config.json"}[changed]
+    text = path.read_text()
+    path.write_text({"split": text.replace('"ex0"', '"tmp"').replace('"ex1"', '"ex0"').replace('"tmp"', '"ex1"'),
+                     "heldout": text.replace('"assistant", "content": "', '"assistant", "content": "a ', 1),
+                     "model": text.replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 1e-06')}[changed])
+    assert path.read_text() != text
+    what = {"split": f"{path}: the split changed since the run started",
+            "heldout": f"{path}: the held-out data changed since the run started",
+            "model": f"{model}: its config.json is not that of the run's model"}[changed]
+    line = fails_with_one_line(capsys, T.main, *base, "--resume")
+    assert line == f"error: {tmp_path / 'in' / 'run' / 'state'}: was written by a run with other settings: {what}"

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# 15 conversations of at most 96 tokens, 3 steps of 4 per run, perplexities at 2 checkpoints, 4 held out
+# 15 conversations of at most 96 tokens, 3 steps of 4 per epoch, 2 epochs of NTP and of SFTMix, perplexities at
+# 2 checkpoints, 4 held out
 DEMO_SIZE = {"TRAIN": "16", "HELDOUT": "4", "MAX_CHARS": "400", "MAX_LEN": "96", "BATCH": "4", "MICRO": "4",
-             "DYNAMICS": "2"}
+             "EPOCHS": "2", "DYNAMICS": "2"}
 NOT_COPIED = shutil.ignore_patterns(".git", ".venv", ".assets", "runs", ".ci", "__pycache__", ".pytest_cache")
 FENCE = re.compile(r"^([ \t]*)```(\S*)[ \t]*(\S*)[ \t]*\n(.*?)^\1```[ \t]*$", re.MULTILINE | re.DOTALL)
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import data
+import model as M
 import sftmix
 import train as T
 
@@ -206,6 +207,25 @@ def test_loss_that_turns_nan_stops_and_keeps_the_last_state_saved_on_schedule(ti
     _, after = saved_state(tmp_path)
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert not (tmp_path / "final").exists()
+
+
+def test_final_is_in_the_base_checkpoints_dtype_unless_told_and_loads_in_transformers_as_that(
+        tiny_model_dir, chat_data, tmp_path):
+    bf16_base = tmp_path / "bf16-base"  # the tiny fp32 model rounded to bf16, as the paper's models are released
+    M.save_pretrained(M.load_pretrained(tiny_model_dir, dtype=torch.bfloat16), bf16_base, tokenizer_dir=tiny_model_dir)
+    for base, out, flags in ((tiny_model_dir, "fp32", []), (tiny_model_dir, "told", ["--save-dtype", "bf16"]),
+                             (bf16_base, "bf16", [])):
+        run_train("--model", base, "--data", chat_data, *COMMON, "--out", tmp_path / out, *flags)
+    fp32, told, bf16 = (weights(tmp_path / out) for out in ("fp32", "told", "bf16"))
+    assert {t.dtype for t in fp32.values()} == {torch.float32}  # the demo's fp32 SmolLM2 stays fp32
+    assert all(torch.equal(told[n], fp32[n].to(torch.bfloat16)) for n in fp32)  # the same run, rounded once
+    assert {t.dtype for t in bf16.values()} == {torch.bfloat16}
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "final", dtype="auto").eval()
+    assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+    ours = M.load_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits)  # bf16's tolerance; measured: equal
 
 
 def test_weight_decay_shrinks_matrices_and_leaves_norm_weights_untouched():
