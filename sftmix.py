@@ -26,6 +26,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm import tqdm
 
@@ -171,37 +172,30 @@ def sample_lambda(alpha, n_pairs, seed, step):
     return torch.from_numpy(np.random.default_rng([seed, step]).beta(alpha, alpha, size=n_pairs)).float()
 
 
-def first_n_response_positions(labels_c, labels_u):
-    """Masks (P, T) of the first n = min(n^c, n^u) response positions of each example of each pair.
-
-    labels_* (P, T) are next-token targets, IGNORE where nothing is trained. Both masks hold exactly
-    n_p positions in row p, so taking them in row-major order aligns the k-th response position of c
-    with the k-th of u, counted from the first response position.
-    """
-    rank_c = (labels_c != IGNORE).cumsum(1)  # (P, T): 1-based rank among response positions
-    rank_u = (labels_u != IGNORE).cumsum(1)
-    n = torch.minimum(rank_c[:, -1], rank_u[:, -1])[:, None]  # (P, 1)
-    return (labels_c != IGNORE) & (rank_c <= n), (labels_u != IGNORE) & (rank_u <= n)
-
-
 def mixup_loss(hidden_c, labels_c, hidden_u, labels_u, lam, lm_head_weight, reduction="mean"):
-    """Mixup cross-entropy of interpolated last-layer hidden states.
+    """Mixup cross-entropy of interpolated last-layer hidden states, the paper's equation position by position.
 
-        Z~ = lam Z^c + (1 - lam) Z^u,   Y~ = lam Y^c + (1 - lam) Y^u
-        L_Mixup = CE(softmax(W Z~), Y~) = lam CE(W Z~, y^c) + (1 - lam) CE(W Z~, y^u)
+        Z~ = lam Z^c + (1 - lam) Z^u,   Y~ = lam Y^c + (1 - lam) Y^u   (Y: one-hot next tokens, so Y~ is soft)
+        L_Mixup = CE(softmax(W Z~), Y~) = -sum_v Y~_v log softmax(W Z~)_v
 
-    hidden_* (P, T, D) final-norm hidden states of P pairs; labels_* (P, T) next-token targets at those
-    positions (IGNORE elsewhere); lam (P,); lm_head_weight W (V, D). Each pair is cut to its first
-    n = min(n^c, n^u) response positions. "mean" averages over all mixed positions, "sum" sums them.
+    hidden_* (P, T, D) final-norm hidden states of P pairs; labels_* (P, T) next-token targets (IGNORE where
+    nothing is trained); lam (P,); lm_head_weight W (V, D). Pair p mixes the k-th response position of its
+    confident example with the k-th of its unconfident one, k < n = min(n^c, n^u): the longer one's tail is
+    not mixed. "mean" averages over all mixed positions, "sum" sums them. Training computes the same with
+    head_losses, from the logits (faster); tests check that both agree.
     """
-    mask_c, mask_u = first_n_response_positions(labels_c, labels_u)
-    lam_pos = lam[:, None].expand_as(labels_c)[mask_c][:, None].to(hidden_c.dtype)  # (M, 1)
-    mixed = lam_pos * hidden_c[mask_c] + (1 - lam_pos) * hidden_u[mask_u]  # (M, D)
-    logits = mixed @ lm_head_weight.T  # (M, V)
-    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    lam_pos = lam_pos[:, 0].to(logp.dtype)
-    nll = -(lam_pos * logp.gather(1, labels_c[mask_c][:, None])[:, 0]
-            + (1 - lam_pos) * logp.gather(1, labels_u[mask_u][:, None])[:, 0])  # (M,)
+    V = lm_head_weight.shape[0]
+    losses = []
+    for p in range(len(lam)):
+        at_c = (labels_c[p] != IGNORE).nonzero()[:, 0]  # the confident example's response positions
+        at_u = (labels_u[p] != IGNORE).nonzero()[:, 0]  # the unconfident example's
+        n = min(len(at_c), len(at_u))
+        at_c, at_u, l = at_c[:n], at_u[:n], lam[p].to(hidden_c.dtype)
+        z = l * hidden_c[p, at_c] + (1 - l) * hidden_u[p, at_u]  # (n, D)  Z~
+        logp = torch.log_softmax((z @ lm_head_weight.T).to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
+        y = l * F.one_hot(labels_c[p, at_c], V) + (1 - l) * F.one_hot(labels_u[p, at_u], V)  # (n, V)  Y~
+        losses.append(-(y.to(logp.dtype) * logp).sum(-1))  # (n,) the CE at each mixed position
+    nll = torch.cat(losses)
     return nll.sum() if reduction == "sum" else nll.sum() / max(nll.numel(), 1)
 
 

@@ -58,6 +58,191 @@ FINGERPRINTS = {"model": "its config.json is not that of the run's model",
                 "split": "the split changed since the run started"}
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    try:
+        train(args, rank, local_rank, world)
+    except InputError as e:  # bad input: one line; anything else is a bug and keeps its traceback
+        print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, rank, local_rank, world):
+    # every flag and input checked before anything is written: the device, the data, the split, the schedule
+    check_args(args, world)
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.deterministic:  # cuBLAS needs this before its first call to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+    amp_dtype = torch.bfloat16 if bf16 and args.shard == "ddp" else None  # FSDP2 casts through its policy
+    out = Path(args.out)
+    base = model_dir(args.model)  # an HF directory, or a run directory's final/
+    model_args = ModelArgs.from_model_dir(base)  # a config.json we cannot run exactly fails here, not after loading
+    tok = data.load_tokenizer(base)
+    samples, stats = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, args.format, verbose=False)
+    heldout, heldout_stats = data.load_dataset(args.heldout, tok, args.prompt_format, args.max_len, verbose=False) \
+        if args.heldout else (None, None)
+    halves = split_indices(args.split, samples) if args.mode == "sftmix" else None
+    batches_of = partial(epoch_batches, len(samples), halves, G=args.global_batch, seed=args.seed, alpha=args.alpha)
+    steps_per_epoch = len(batches_of(0))
+    total = steps_per_epoch * args.epochs
+    if total == 0 and halves:
+        raise InputError(f"{args.split}: {len(halves[0])} confident and {len(halves[1])} unconfident examples make "
+                         f"{min(map(len, halves))} pairs, fewer than the {args.global_batch // 2} of one global batch")
+    if total == 0:
+        raise InputError(f"{args.data}: {len(samples)} samples fill no global batch of {args.global_batch}")
+    points = dynamics_points(total, args.dynamics) if args.dynamics else []
+    config = run_config(args, model_args, samples, heldout, halves)
+    if args.resume and (out / "state" / "latest.json").exists():
+        check_settings(out, config)
+    if rank == 0:  # every input checked: now the run directory, then what was read
+        writable_dir(out)
+        print("\n".join(data.summary(s) for s in (stats, heldout_stats) if s))
+
+    # the model: built on meta, prepared (LoRA, compile, FSDP2 units), then filled; the optimizer; the state
+    torch.manual_seed(args.seed)  # LoRA's initial A
+    model = load_pretrained(base, device=device, prepare=partial(prepare_model, args=args, bf16=bf16))
+    wrapped = model  # what forward and backward go through: the model itself, FSDP2's in place, or DDP around it
+    if args.shard == "ddp" and world > 1:
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    optimizer = adamw(model, args.lr, args.weight_decay, args.betas)
+    step, dynamics = 0, {}
+    if args.resume and (out / "state" / "latest.json").exists():
+        step, dynamics = load_state(out, model, optimizer, rank, world)
+    saved = step  # the step of the last complete state on disk
+    if rank == 0:
+        print(f"train: {args.mode}, {len(samples)} samples, {total} steps of {args.global_batch} examples "
+              f"on {world} rank(s) ({args.shard}), {device.type}, {'bf16' if bf16 else 'fp32'}"
+              f"{f', resuming after step {step}' if step else ''}")
+        keep_metrics_until(out / "metrics.jsonl", step)
+
+    batches, batches_epoch = None, None
+    with tqdm(total=total, initial=step, desc=args.mode, disable=rank != 0) as progress:
+        while step < total:
+            # this step's global batch (and lambdas), and its learning rate: both fixed by the step alone
+            epoch = step // steps_per_epoch
+            if epoch != batches_epoch:
+                batches, batches_epoch = batches_of(epoch), epoch
+            batch, lam = batches[step % steps_per_epoch]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, args.lr, args.warmup_ratio)
+
+            # forward and backward over this rank's micro-batches, then the update
+            t0 = time.perf_counter()
+            stats, n_input = forward_backward(args, wrapped, samples, batch, lam, device, amp_dtype, rank, world)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # the step's one read from the device: the losses, the grad norm, and whether the weights are finite;
+            # a divergence stops the run and writes nothing
+            loss, ntp_loss, mix_loss, grad_norm, finite = torch.cat([stats, weights_finite(model, world)]).tolist()
+            if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm)):
+                raise InputError(f"step {step + 1}: loss is not finite (ntp {ntp_loss}, mixup {mix_loss}, grad norm "
+                                 f"{grad_norm}); stopped. {last_state(out, saved)}")
+            if not finite:
+                raise InputError(f"step {step + 1}: the update made weights inf or NaN "
+                                 f"(lr {lr_at(step, total, args.lr, args.warmup_ratio):.3g})"
+                                 f"; stopped. {last_state(out, saved)}")
+            step += 1
+            elapsed = time.perf_counter() - t0
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", ntp=f"{ntp_loss:.4f}", mixup=f"{mix_loss:.4f}")
+
+            # training dynamics (stage 1): every example's response perplexity at this checkpoint
+            if step in points:
+                nll = sftmix.response_nll(wrapped, samples, args.eval_batch, device, amp_dtype,
+                                          desc=f"dynamics {points.index(step) + 1}/{len(points)}")
+                dynamics[step] = {k: sftmix.perplexity(*v) for k, v in nll.items()}
+                if not all(map(math.isfinite, dynamics[step].values())):
+                    worst = max(nll, key=lambda k: nll[k][0] / nll[k][1])
+                    raise InputError(f"step {step}: example {worst}: mean response NLL "
+                                     f"{nll[worst][0] / nll[worst][1]:.1f} "
+                                     f"nats, its perplexity overflows a float: the model has diverged (lower --lr)")
+            # metrics (held-out perplexity at the end of each epoch), then the resumable state
+            record = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": loss,
+                      "ntp_loss": ntp_loss, "mixup_loss": mix_loss, "grad_norm": grad_norm,
+                      "tokens_per_s": n_input / elapsed}
+            if heldout and step % steps_per_epoch == 0:  # the end of an epoch
+                nll = sftmix.response_nll(wrapped, heldout, args.eval_batch, device, amp_dtype, desc="held-out")
+                nll_per_token = sum(v[0] for v in nll.values()) / sum(v[1] for v in nll.values())
+                record.update(heldout_nll=nll_per_token, heldout_ppl=sftmix.perplexity(nll_per_token, 1))
+            if rank == 0:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if step % args.save_every == 0 or step == total or step == args.stop_at_step:
+                save_state(out, model, optimizer, step, dynamics, config, rank)
+                saved = step
+            if step == args.stop_at_step and step < total:
+                if rank == 0:
+                    print(f"stopped after step {step}; continue with --resume")
+                return
+    # final/: all ranks take part in gathering the full weights, one tensor at a time, onto rank 0's CPU
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if args.lora_rank:  # final/ is plain HF weights: W + (alpha / r) B A, no adapter keys
+        full = merge_lora(full, args.lora_alpha / args.lora_rank)
+    if rank == 0:
+        if points:
+            write_dynamics(out / "dynamics.jsonl", samples, points, dynamics)
+        base_config = json.loads((base / "config.json").read_text())
+        named = base_config.get("dtype") or base_config.get("torch_dtype")  # transformers 5 writes "dtype"
+        save_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.save_dtype) or {
+            "bfloat16": torch.bfloat16, "float16": torch.float16}.get(named, torch.float32)
+        for name in full:  # cast one tensor at a time, each fp32 tensor freed as its cast replaces it
+            full[name] = full[name].to(save_dtype)
+        save_pretrained(model, out / "final", tokenizer_dir=base, state_dict=full)
+        if not args.keep_state:
+            shutil.rmtree(out / "state")
+        print(f"wrote {out / 'final'}" + (f" and {out / 'dynamics.jsonl'}" if points else ""))
+
+
+def forward_backward(args, wrapped, samples, batch, lam, device, amp_dtype, rank, world):
+    """Accumulate the gradient of L over this rank's micro-batches of one global batch, then clip it.
+
+    L = L_NTP + mu L_Mixup, or L_Mixup alone with --mixup-only; each term normalised over the whole global batch
+    (sftmix.micro_batches gives the normalisers), so micro-batch and rank boundaries do not change the gradient.
+    batch holds G sample indices, and lam (G/2,) makes it G/2 pairs (epoch_batches), or is None (plain NTP).
+    Nothing here waits for the device: every index is laid out on the host (data.pack, sftmix.micro_batches)
+    and copied asynchronously, and the sums stay on the device. Returns (stats, input tokens of the global
+    batch): stats (4,) on the device = (L, L_NTP, L_Mixup, grad norm before clipping), for the caller to read.
+    """
+    micro, n_tokens, n_mixed = sftmix.micro_batches(batch, samples, rank, world, args.micro_batch, lam)
+    ntp_weight, mix_weight = (0.0, 1.0) if args.mixup_only else (1.0, args.mu)
+    sums = torch.zeros(2, device=device)  # NTP NLL sum, Mixup CE sum
+    for j, mb in enumerate(micro):
+        b = data.to_device(data.pack([samples[i] for i in mb.rows]), device)
+        pairs = data.to_device({"mix_c": mb.mix_c, "mix_u": mb.mix_u, "lam": mb.lam, "rest": mb.rest}, device)
+        head = partial(sftmix.head_losses, targets=b["targets"], **pairs)
+        # DDP all-reduces gradients after the last micro-batch only; FSDP2 reduce-scatters after every one, so
+        # no rank holds an unsharded gradient between micro-batches (4 bytes a parameter at fp32 reduction)
+        last = j == len(micro) - 1
+        with wrapped.no_sync() if isinstance(wrapped, DDP) and not last else nullcontext():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                nll, mix = wrapped(b["input_ids"], positions=b["positions"], logits_at=b["trained"], head=head)
+            loss = ntp_weight * nll.sum() / n_tokens + mix_weight * mix.sum() / max(n_mixed, 1)  # (N,), (M,) summed
+            (loss * world).backward()  # ranks average gradients; * world makes it the sum over the global batch
+        sums += torch.stack([nll.detach().sum(), mix.detach().sum()])
+    if world > 1:
+        dist.all_reduce(sums)
+    grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), args.grad_clip or float("inf"))
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    ntp, mixup = sums[0] / n_tokens, sums[1] / max(n_mixed, 1)
+    stats = torch.stack([ntp_weight * ntp + mix_weight * mixup, ntp, mixup, grad_norm.to(ntp.dtype)])
+    return stats, sum(len(samples[i].input_ids) for i in batch)
+
+
+# ----------------------------------------------------------------------------- flags
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.Help)
     p.add_argument("--mode", choices=["ntp", "sftmix"], default="ntp", help="plain SFT, or SFTMix (needs --split)")
@@ -151,6 +336,8 @@ def check_args(args, world):
                          f"pairs, expected an even number")
 
 
+# ----------------------------------------------------------------------------- data, schedule, optimizer
+
 def split_indices(path, samples):
     """split.json -> (confident, unconfident) sample indices; every id of the data in exactly one half."""
     halves = sftmix.read_split(path)
@@ -166,29 +353,19 @@ def split_indices(path, samples):
     return [index[i] for i in halves[0]], [index[i] for i in halves[1]]
 
 
-def epoch_batches(args, samples, halves, epoch):
+def epoch_batches(n, halves, epoch, G, seed, alpha):
     """The global batches of one epoch as (sample indices, lambdas); an incomplete last batch is dropped.
 
-    ntp: a shuffled order cut into batches of G, no lambdas. sftmix: G/2 confident then G/2 unconfident
-    examples, pair i = (batch[i], batch[G/2 + i]) with lambda lam[i], drawn from (seed, step).
+    halves None (ntp): a shuffled order of the n samples cut into batches of G, no lambdas. halves =
+    (confident, unconfident) sample indices (sftmix): G/2 confident then G/2 unconfident examples, pair
+    i = (batch[i], batch[G/2 + i]) with lambda lam[i] ~ Beta(alpha, alpha), drawn from (seed, step).
     """
-    G = args.global_batch
-    if args.mode == "sftmix":
-        batches = sftmix.paired_batches(*halves, G, args.seed, epoch)
-        return [(b, sftmix.sample_lambda(args.alpha, G // 2, args.seed, epoch * len(batches) + i))
+    if halves is not None:
+        batches = sftmix.paired_batches(*halves, G, seed, epoch)
+        return [(b, sftmix.sample_lambda(alpha, G // 2, seed, epoch * len(batches) + i))
                 for i, b in enumerate(batches)]
-    order = data.shuffled_order(len(samples), args.seed, epoch)
+    order = data.shuffled_order(n, seed, epoch)
     return [(order[b * G:(b + 1) * G], None) for b in range(len(order) // G)]
-
-
-def adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
-    """AdamW with weight decay on the matrices only: RMSNorm weights and biases (1-D) are not decayed, as in
-    nanoGPT and HF's Trainer (decaying a norm weight pulls it towards 0, not towards the identity). Frozen
-    parameters (the base under LoRA) are left out."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
 
 
 def lr_at(step, total, lr, warmup_ratio):
@@ -203,12 +380,61 @@ def lr_at(step, total, lr, warmup_ratio):
     return lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
+    """AdamW with weight decay on the matrices only: RMSNorm weights and biases (1-D) are not decayed, as in
+    nanoGPT and HF's Trainer (decaying a norm weight pulls it towards 0, not towards the identity). Frozen
+    parameters (the base under LoRA) are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
+
+
 def dynamics_points(total, C):
     """The C optimizer steps after which perplexities are recorded: round(total * k / C), k = 1..C."""
     points = [round(total * k / C) for k in range(1, C + 1)]
     if len(set(points)) != C or points[0] == 0:
         raise InputError(f"--dynamics {C}: the run has only {total} steps; expected at least {C}")
     return points
+
+
+# ----------------------------------------------------------------------------- model, state and outputs
+
+def prepare_model(model, args, bf16):
+    """What train.py does to the model on the meta device, before any weight has memory: LoRA adapters,
+    activation checkpointing, `torch.compile` of each block, and FSDP2's units, as torchtitan lays them out:
+    each block, the embedding, and the final norm with the LM head (kept gathered after forward: backward
+    needs them first). A tied LM head is the embedding's weight, so both stay in the root unit then.
+    FSDP2 computes in bf16 under bf16 (its policy casts the gathered weights), reducing gradients in fp32."""
+    if args.lora_rank:
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+    model.checkpoint_activations = args.activation_checkpointing
+    for block in model.model.layers if args.compile else []:
+        block.compile(fullgraph=True)  # lengths vary: the second length makes the graph dynamic, no more
+    if args.shard == "fsdp":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
+        for block in model.model.layers:
+            fully_shard(block, mp_policy=mp)
+        if not model.args.tie_word_embeddings:
+            fully_shard(model.model.embed_tokens, mp_policy=mp)
+            fully_shard([model.model.norm, model.lm_head], mp_policy=mp, reshard_after_forward=False)
+        fully_shard(model, mp_policy=mp)
+
+
+def _local(t):
+    """The part of a tensor this rank holds: its shard under FSDP (a DTensor), else the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def weights_finite(model, world):
+    """(1,) 1.0 on every rank when no weight is inf or NaN, else 0.0, left on the device (no host sync): one
+    fused max-abs over all of this rank's tensors, then the minimum over ranks."""
+    max_abs = torch._foreach_norm([_local(p).detach() for p in model.parameters()], ord=math.inf)
+    finite = torch.stack(max_abs).isfinite().all().float()[None]
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return finite
 
 
 def run_config(args, model_args, samples, heldout, halves):
@@ -262,33 +488,6 @@ def writable_dir(out):
     except OSError as e:
         raise InputError(f"--out {out}: cannot write there ({e.strerror}); expected a directory that can be created "
                          f"and written") from None
-
-
-def prepare_model(model, args, bf16):
-    """What train.py does to the model on the meta device, before any weight has memory: LoRA adapters,
-    activation checkpointing, `torch.compile` of each block, and FSDP2's units, as torchtitan lays them out:
-    each block, the embedding, and the final norm with the LM head (kept gathered after forward: backward
-    needs them first). A tied LM head is the embedding's weight, so both stay in the root unit then.
-    FSDP2 computes in bf16 under bf16 (its policy casts the gathered weights), reducing gradients in fp32."""
-    if args.lora_rank:
-        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
-    model.checkpoint_activations = args.activation_checkpointing
-    for block in model.model.layers if args.compile else []:
-        block.compile(fullgraph=True)  # lengths vary: the second length makes the graph dynamic, no more
-    if args.shard == "fsdp":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-            MixedPrecisionPolicy()
-        for block in model.model.layers:
-            fully_shard(block, mp_policy=mp)
-        if not model.args.tie_word_embeddings:
-            fully_shard(model.model.embed_tokens, mp_policy=mp)
-            fully_shard([model.model.norm, model.lm_head], mp_policy=mp, reshard_after_forward=False)
-        fully_shard(model, mp_policy=mp)
-
-
-def _local(t):
-    """The part of a tensor this rank holds: its shard under FSDP (a DTensor), else the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def save_state(out, model, optimizer, step, dynamics, config, rank):
@@ -368,16 +567,6 @@ def last_state(out, saved):
     return f"The state after step {saved} is in {out / 'state'}: continue with --resume and a lower --lr"
 
 
-def weights_finite(model, world):
-    """(1,) 1.0 on every rank when no weight is inf or NaN, else 0.0, left on the device (no host sync): one
-    fused max-abs over all of this rank's tensors, then the minimum over ranks."""
-    max_abs = torch._foreach_norm([_local(p).detach() for p in model.parameters()], ord=math.inf)
-    finite = torch.stack(max_abs).isfinite().all().float()[None]
-    if world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return finite
-
-
 def write_dynamics(path, samples, points, dynamics):
     """dynamics.jsonl: {"id", "perplexities": [Perp at each point], "confidence", "variability"} per example."""
     perps = [[dynamics[s][sample.id] for s in points] for sample in samples]
@@ -394,178 +583,6 @@ def keep_metrics_until(path, step):
                  if l.endswith("\n") and json.loads(l)["step"] <= step]
         with data.atomic_path(path) as tmp:
             tmp.write_text("".join(lines))
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    try:
-        train(args, rank, local_rank, world)
-    except InputError as e:  # bad input: one line; anything else is a bug and keeps its traceback
-        print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def train(args, rank, local_rank, world):
-    check_args(args, world)
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if args.deterministic:  # cuBLAS needs this before its first call to be deterministic
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    amp_dtype = torch.bfloat16 if bf16 and args.shard == "ddp" else None  # FSDP2 casts through its policy
-    out = Path(args.out)
-    base = model_dir(args.model)  # an HF directory, or a run directory's final/
-    model_args = ModelArgs.from_model_dir(base)  # a config.json we cannot run exactly fails here, not after loading
-    tok = data.load_tokenizer(base)
-    samples, stats = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, args.format, verbose=False)
-    heldout, heldout_stats = data.load_dataset(args.heldout, tok, args.prompt_format, args.max_len, verbose=False) \
-        if args.heldout else (None, None)
-    halves = split_indices(args.split, samples) if args.mode == "sftmix" else None
-    steps_per_epoch = len(epoch_batches(args, samples, halves, 0))
-    total = steps_per_epoch * args.epochs
-    if total == 0 and halves:
-        raise InputError(f"{args.split}: {len(halves[0])} confident and {len(halves[1])} unconfident examples make "
-                         f"{min(map(len, halves))} pairs, fewer than the {args.global_batch // 2} of one global batch")
-    if total == 0:
-        raise InputError(f"{args.data}: {len(samples)} samples fill no global batch of {args.global_batch}")
-    points = dynamics_points(total, args.dynamics) if args.dynamics else []
-    config = run_config(args, model_args, samples, heldout, halves)
-    if args.resume and (out / "state" / "latest.json").exists():
-        check_settings(out, config)
-    if rank == 0:  # every input checked: now the run directory, then what was read
-        writable_dir(out)
-        print("\n".join(data.summary(s) for s in (stats, heldout_stats) if s))
-
-    torch.manual_seed(args.seed)  # LoRA's initial A
-    model = load_pretrained(base, device=device, prepare=partial(prepare_model, args=args, bf16=bf16))
-    wrapped = model  # what forward and backward go through: the model itself, FSDP2's in place, or DDP around it
-    if args.shard == "ddp" and world > 1:
-        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-    optimizer = adamw(model, args.lr, args.weight_decay, args.betas)
-    step, dynamics = 0, {}
-    if args.resume and (out / "state" / "latest.json").exists():
-        step, dynamics = load_state(out, model, optimizer, rank, world)
-    saved = step  # the step of the last complete state on disk
-    if rank == 0:
-        print(f"train: {args.mode}, {len(samples)} samples, {total} steps of {args.global_batch} examples "
-              f"on {world} rank(s) ({args.shard}), {device.type}, {'bf16' if bf16 else 'fp32'}"
-              f"{f', resuming after step {step}' if step else ''}")
-        keep_metrics_until(out / "metrics.jsonl", step)
-
-    batches, batches_epoch = None, None
-    with tqdm(total=total, initial=step, desc=args.mode, disable=rank != 0) as progress:
-        while step < total:
-            epoch = step // steps_per_epoch
-            if epoch != batches_epoch:
-                batches, batches_epoch = epoch_batches(args, samples, halves, epoch), epoch
-            batch, lam = batches[step % steps_per_epoch]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, args.lr, args.warmup_ratio)
-            t0 = time.perf_counter()
-            stats, n_input = forward_backward(args, wrapped, samples, batch, lam, device, amp_dtype, rank, world)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            # the step's one read from the device: the losses, the grad norm, and whether the weights are finite
-            loss, ntp_loss, mix_loss, grad_norm, finite = torch.cat([stats, weights_finite(model, world)]).tolist()
-            if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm)):
-                raise InputError(f"step {step + 1}: loss is not finite (ntp {ntp_loss}, mixup {mix_loss}, grad norm "
-                                 f"{grad_norm}); stopped. {last_state(out, saved)}")
-            if not finite:
-                raise InputError(f"step {step + 1}: the update made weights inf or NaN "
-                                 f"(lr {lr_at(step, total, args.lr, args.warmup_ratio):.3g})"
-                                 f"; stopped. {last_state(out, saved)}")
-            step += 1
-            elapsed = time.perf_counter() - t0
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", ntp=f"{ntp_loss:.4f}", mixup=f"{mix_loss:.4f}")
-            if step in points:
-                nll = sftmix.response_nll(wrapped, samples, args.eval_batch, device, amp_dtype,
-                                          desc=f"dynamics {points.index(step) + 1}/{len(points)}")
-                dynamics[step] = {k: sftmix.perplexity(*v) for k, v in nll.items()}
-                if not all(map(math.isfinite, dynamics[step].values())):
-                    worst = max(nll, key=lambda k: nll[k][0] / nll[k][1])
-                    raise InputError(f"step {step}: example {worst}: mean response NLL "
-                                     f"{nll[worst][0] / nll[worst][1]:.1f} "
-                                     f"nats, its perplexity overflows a float: the model has diverged (lower --lr)")
-            record = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": loss,
-                      "ntp_loss": ntp_loss, "mixup_loss": mix_loss, "grad_norm": grad_norm,
-                      "tokens_per_s": n_input / elapsed}
-            if heldout and step % steps_per_epoch == 0:  # the end of an epoch
-                nll = sftmix.response_nll(wrapped, heldout, args.eval_batch, device, amp_dtype, desc="held-out")
-                nll_per_token = sum(v[0] for v in nll.values()) / sum(v[1] for v in nll.values())
-                record.update(heldout_nll=nll_per_token, heldout_ppl=sftmix.perplexity(nll_per_token, 1))
-            if rank == 0:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if step % args.save_every == 0 or step == total or step == args.stop_at_step:
-                save_state(out, model, optimizer, step, dynamics, config, rank)
-                saved = step
-            if step == args.stop_at_step and step < total:
-                if rank == 0:
-                    print(f"stopped after step {step}; continue with --resume")
-                return
-    # all ranks take part in gathering the full weights, one tensor at a time, onto rank 0's CPU
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if args.lora_rank:  # final/ is plain HF weights: W + (alpha / r) B A, no adapter keys
-        full = merge_lora(full, args.lora_alpha / args.lora_rank)
-    if rank == 0:
-        if points:
-            write_dynamics(out / "dynamics.jsonl", samples, points, dynamics)
-        base_config = json.loads((base / "config.json").read_text())
-        named = base_config.get("dtype") or base_config.get("torch_dtype")  # transformers 5 writes "dtype"
-        save_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.save_dtype) or {
-            "bfloat16": torch.bfloat16, "float16": torch.float16}.get(named, torch.float32)
-        for name in full:  # cast one tensor at a time, each fp32 tensor freed as its cast replaces it
-            full[name] = full[name].to(save_dtype)
-        save_pretrained(model, out / "final", tokenizer_dir=base, state_dict=full)
-        if not args.keep_state:
-            shutil.rmtree(out / "state")
-        print(f"wrote {out / 'final'}" + (f" and {out / 'dynamics.jsonl'}" if points else ""))
-
-
-def forward_backward(args, wrapped, samples, batch, lam, device, amp_dtype, rank, world):
-    """Accumulate the gradient of L over this rank's micro-batches of one global batch, then clip it.
-
-    L = L_NTP + mu L_Mixup, or L_Mixup alone with --mixup-only; each term normalised over the whole global batch
-    (sftmix.micro_batches gives the normalisers), so micro-batch and rank boundaries do not change the gradient.
-    batch holds G sample indices, and lam (G/2,) makes it G/2 pairs (epoch_batches), or is None (plain NTP).
-    Nothing here waits for the device: every index is laid out on the host (data.pack, sftmix.micro_batches)
-    and copied asynchronously, and the sums stay on the device. Returns (stats, input tokens of the global
-    batch): stats (4,) on the device = (L, L_NTP, L_Mixup, grad norm before clipping), for the caller to read.
-    """
-    micro, n_tokens, n_mixed = sftmix.micro_batches(batch, samples, rank, world, args.micro_batch, lam)
-    ntp_weight, mix_weight = (0.0, 1.0) if args.mixup_only else (1.0, args.mu)
-    sums = torch.zeros(2, device=device)  # NTP NLL sum, Mixup CE sum
-    for j, mb in enumerate(micro):
-        b = data.to_device(data.pack([samples[i] for i in mb.rows]), device)
-        pairs = data.to_device({"mix_c": mb.mix_c, "mix_u": mb.mix_u, "lam": mb.lam, "rest": mb.rest}, device)
-        head = partial(sftmix.head_losses, targets=b["targets"], **pairs)
-        # DDP all-reduces gradients after the last micro-batch only; FSDP2 reduce-scatters after every one, so
-        # no rank holds an unsharded gradient between micro-batches (4 bytes a parameter at fp32 reduction)
-        last = j == len(micro) - 1
-        with wrapped.no_sync() if isinstance(wrapped, DDP) and not last else nullcontext():
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                nll, mix = wrapped(b["input_ids"], positions=b["positions"], logits_at=b["trained"], head=head)
-            loss = ntp_weight * nll.sum() / n_tokens + mix_weight * mix.sum() / max(n_mixed, 1)  # (N,), (M,) summed
-            (loss * world).backward()  # ranks average gradients; * world makes it the sum over the global batch
-        sums += torch.stack([nll.detach().sum(), mix.detach().sum()])
-    if world > 1:
-        dist.all_reduce(sums)
-    grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), args.grad_clip or float("inf"))
-    if isinstance(grad_norm, DTensor):
-        grad_norm = grad_norm.full_tensor()
-    ntp, mixup = sums[0] / n_tokens, sums[1] / max(n_mixed, 1)
-    stats = torch.stack([ntp_weight * ntp + mix_weight * mixup, ntp, mixup, grad_norm.to(ntp.dtype)])
-    return stats, sum(len(samples[i].input_ids) for i in batch)
 
 
 if __name__ == "__main__":

@@ -258,14 +258,15 @@ def check_data(study: Study, plan) -> None:
     if E.read_questions(study.questions)[0] != "mt_bench":
         raise InputError(f"{study.questions}: expected MT-Bench's question.jsonl (question_id, turns)")
     reference = train.parse_args(study.reference_flags())
-    steps = len(train.epoch_batches(reference, samples, None, 0))
+    steps = len(train.epoch_batches(len(samples), None, 0, reference.global_batch, reference.seed, reference.alpha))
     if steps == 0:
         raise InputError(f"--global-batch {s['global_batch']}: the {len(samples)} training examples fill none")
     train.dynamics_points(steps, reference.dynamics)
     half = len(samples) // 2  # the confidence split's sizes
     for arm, seed in plan:
         args = train.parse_args(study.arm_flags(arm, seed))
-        if args.mode == "sftmix" and not train.epoch_batches(args, samples, (range(half), range(half, 2 * half)), 0):
+        if args.mode == "sftmix" and not train.epoch_batches(len(samples), (range(half), range(half, 2 * half)), 0,
+                                                               args.global_batch, args.seed, args.alpha):
             raise InputError(f"--global-batch {s['global_batch']}: the {len(samples)} training examples make {half} "
                              f"confident/unconfident pairs, fewer than the {s['global_batch'] // 2} of one batch")
 
