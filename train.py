@@ -49,7 +49,7 @@ from model import LORA_TARGETS, ModelArgs, add_lora, load_pretrained, merge_lora
 # the saved state. --lr and --grad-clip may change to rescue a run that diverged (the schedule is lr_at with the new
 # --lr); --out, so that a run directory moved elsewhere resumes.
 RESUMABLE_FLAGS = {"resume", "stop_at_step", "save_every", "eval_batch", "keep_state", "lr", "grad_clip", "out",
-                   "compile", "deterministic"}
+                   "compile", "deterministic", "save_dtype"}
 # The inputs' paths may change too (moved with the run or not): what each holds must match instead, through a
 # fingerprint in run_config (model: its config.json as ModelArgs reads it; data, heldout: token ids; split: halves).
 FINGERPRINTS = {"model": "its config.json is not that of the run's model",

@@ -1,10 +1,8 @@
-"""Training at scale: FSDP2 equals DDP, resumes exactly, and the memory estimate matches what autograd keeps."""
+"""Training at scale: FSDP2 equals DDP and resumes exactly (its memory: tests/test_memory.py)."""
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import model as M
-from scripts.memory_table import memory_per_gpu
 from test_train import COMMON, run_train, weights
 
 
@@ -35,44 +33,3 @@ def test_fsdp_training_equals_ddp_training(runs, tiny_model_dir):
 def test_fsdp_resume_equals_an_uninterrupted_fsdp_run(runs):
     whole, parts = weights(runs / "fsdp"), weights(runs / "parts")
     assert all(torch.equal(whole[n], parts[n]) for n in whole)
-
-
-@pytest.mark.parametrize("tied", [False, True])
-def test_memory_estimate_counts_the_models_parameters(tied):
-    args = M.ModelArgs(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
-                       num_key_value_heads=2, head_dim=24, vocab_size=300, tie_word_embeddings=tied)
-    with torch.device("meta"):
-        n = sum(p.numel() for p in M.Transformer(args).parameters())  # shared tied weight counted once
-    est = memory_per_gpu(args, gpus=4, shard="fsdp", activation_checkpointing=False, tokens_per_gpu=1)
-    assert est["parameters"] == n
-    ddp = memory_per_gpu(args, gpus=4, shard="ddp", activation_checkpointing=False, tokens_per_gpu=1)
-    assert ddp["optimizer"] == 8 * n and est["optimizer"] == 8 * n / 4  # AdamW's two fp32 moments, sharded by 4
-
-
-def saved_activation_bytes(args, B, T, checkpoint):
-    """Bytes of the per-example tensors autograd keeps for the backward of a bf16 forward (FSDP's compute dtype)."""
-    torch.manual_seed(0)
-    model = M.Transformer(args).to(torch.bfloat16)
-    model.checkpoint_activations = checkpoint
-    kept = {}
-
-    def pack(t):
-        if t.dim() and t.shape[0] == B:  # activations lead with the batch; weights do not
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(torch.randint(0, args.vocab_size, (B, T)))
-    return sum(kept.values())
-
-
-@pytest.mark.parametrize("checkpoint", [False, True])
-def test_activation_estimate_per_block_matches_what_autograd_saves(checkpoint):
-    dims = dict(hidden_size=128, intermediate_size=352, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
-                vocab_size=500)
-    B, T = 2, 64
-    two, four = (M.ModelArgs(num_hidden_layers=L, **dims) for L in (2, 4))
-    measured = saved_activation_bytes(four, B, T, checkpoint) - saved_activation_bytes(two, B, T, checkpoint)
-    estimated = (memory_per_gpu(four, 1, "fsdp", checkpoint, B * T)["activations"]
-                 - memory_per_gpu(two, 1, "fsdp", checkpoint, B * T)["activations"])
-    assert estimated == pytest.approx(measured, rel=0.02)
