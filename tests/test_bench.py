@@ -11,7 +11,7 @@ ROWS = [  # the start of each row's measure, in the order bench.py prints them
     "one NTP epoch s", "one NTP epoch s: TRL SFTTrainer padding_free=True / train.py",
     "padding share of the positions computed, the epoch: train.py / TRL default",
     "padding share of the positions computed, the epoch: train.py / TRL padding_free=True",
-    "generation tokens/s", "train step tokens/s", "micro-batch s", "micro-batch peak tensor MiB",
+    "generation tokens/s", "train step tokens/s", "train step s, SFTMix", "compile s", "micro-batch s", "micro-batch peak tensor MiB",
     "SFTMix micro-batch peak tensor MiB",
     "s over 8 samples: dynamics pass", "padding share of the positions computed, the dynamics pass", "GFLOP/s",
 ]
