@@ -1,52 +1,27 @@
-"""Evaluate fine-tuned models the way the paper compares NTP and SFTMix, and draw the data map and training curves.
+"""Evaluate fine-tuned models the way the paper compares NTP and SFTMix; draw curves and the data map.
 
-    python eval.py ppl      --model DIR --data heldout.jsonl [--split split.json] [--out per_example.jsonl]
+    python eval.py ppl      --model DIR --data heldout.jsonl [--split split.json] [--out rows.jsonl]
     python eval.py mc       --model DIR --data medmcqa.json [--out per_question.jsonl]
     python eval.py generate --model DIR --questions question.jsonl --out model_answer/NAME.jsonl
     python eval.py generate --model DIR --questions alpaca_eval.json --out NAME/model_outputs.json
-    python eval.py compare  RUN_A RUN_B ... [--data heldout.jsonl] [--mc MedQA=medqa.jsonl ...] [--out table.md]
-    python eval.py datamap  --dynamics dynamics.jsonl --out datamap.png [--split split.json]
-    python eval.py curves   RUN_A RUN_B ... --out curves.png
+    python eval.py compare  RUN_A RUN_B ... [--data heldout.jsonl] [--mc MedQA=medqa.jsonl ...]
     python eval.py dynamics RUN_A/dynamics.jsonl RUN_B/dynamics.jsonl [--out table.md]
+    python eval.py curves   RUN_A RUN_B ... --out curves.png
+    python eval.py datamap  --dynamics dynamics.jsonl --out datamap.png [--split split.json]
 
-ppl       Response perplexity over data.py's trained tokens (every assistant turn and its end-of-turn token),
-          token-weighted over the file: PPL = exp(sum_i nll_i / sum_i |y_i|), nll_i = -sum_t log p(y_t | x, y_<t).
-mc        Multiple-choice accuracy by option log-likelihood, from a JSON-lines or JSON-array file as released:
-            MedQA      {"question", "options": {"A": ..., ...}, "answer_idx": "B"}
-            MedMCQA    {"question", "opa", "opb", "opc", "opd", "cop"}: cop counts from 1 in MedMCQA's release and
-                       from 0 in the HF copy; a file holding a 0 (and no 4) is 0-based, one holding a 4 (and no 0)
-                       1-based; any other file cannot tell and is refused unless --cop-base says it
-            PubMedQA   ori_pqal.json, {PMID: {"QUESTION", "CONTEXTS": [...], "final_decision"}}, or the HF layout
-                       {"question", "context": {"contexts": [...]}, "final_decision"}; options yes / no / maybe, the
-                       question is the contexts (one per line), a blank line, then the question
-            any other  {"question", "options": [...] or {"A": ..., ...}, "answer": "B" or 1 (0-based index)}
-          The user turn is the question, a blank line and one "A. text" line per option; option k's text y_k is
-          scored as the assistant's reply, LL_k = sum_t log p(y_t | prompt, y_<t), and the prediction is argmax_k
-          of a score: summed LL_k; per-token LL_k / |y_k| in tokens; per-character LL_k / (characters of y_k),
-          lm-eval's acc_norm.
-generate  Answers as the judges read them; the file's first record says which benchmark:
-            MT-Bench   question.jsonl {"question_id", "category", "turns"} -> FastChat's model answers, JSON lines
-                       {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns"}], "tstamp"};
-                       turn k sees the model's own answers to turns 1..k-1. Decoding as FastChat's gen_model_answer:
-                       the temperature of the question's category (MT_BENCH_TEMPERATURE), greedy below 1e-4, at most
-                       1024 new tokens per turn.
-            AlpacaEval its evaluation set, a JSON array of {"instruction", "dataset", ...} -> the JSON array of
-                       {"instruction", "output", "generator", "dataset"} that alpaca_eval reads; temperature 0.7
-                       and 2048 new tokens (the most common model config of alpaca_eval).
-          The generator / model_id is the run's name. Sampling draws from softmax(logits / T) within --top-p, with
-          no top-k cut (transformers' generate, which FastChat calls, also keeps only the 50 likeliest tokens).
-compare   One Markdown table of the above for several runs (model or run directories), side by side; with
-          several --mc benchmarks, also their mean (the paper's: MedQA, MedQA-5, PubMedQA, MedMCQA).
-datamap   Confidence vs variability of every training example, coloured by split (needs matplotlib).
-curves    NTP loss, Mixup loss, learning rate and held-out perplexity against step from each run's metrics.jsonl.
-dynamics  Confidence mean and spread (std over examples) of dynamics files side by side, as the paper compares
-          the confidence spread after NTP and after SFTMix.
+ppl       Response perplexity over data.py's trained tokens, token-weighted over the file.
+mc        Multiple-choice accuracy by option log-likelihood: MedQA, MedMCQA, PubMedQA as released.
+generate  MT-Bench's model answers or AlpacaEval's model outputs, decoded as their judges expect.
+compare   One Markdown table of the above for several runs side by side; with several --mc, their mean.
+dynamics  Confidence mean and spread (std over examples) of dynamics files side by side.
+curves    NTP loss, Mixup loss, learning rate and held-out perplexity against step (metrics.jsonl).
+datamap   Confidence vs variability of every training example, coloured by split (matplotlib).
 
-ppl, mc, generate and compare load the weights in --dtype (auto: bf16 on CUDA, fp32 on CPU) and compute in it with
-no autocast, so a GPU holds one copy of the weights (a 14B model: 29.5 GB in bf16) and a KV cache of that dtype.
-Under `torchrun --nproc_per_node N eval.py ...` the passes over data are sharded over ranks; rank 0 writes.
-Every --out is checked before any work: its directory is made if missing; a directory, or a place that cannot
-be written, is refused.
+ppl, mc, generate and compare load the weights in --dtype (auto: bf16 on CUDA, fp32 on CPU) and
+compute in it with no autocast: one copy of the weights, and a KV cache of that dtype. Under
+`torchrun --nproc_per_node N eval.py ...` their passes over data are sharded over ranks; rank 0
+writes. Every --out is checked before any work: its directory is made if missing; a directory, or a
+place that cannot be written, is refused.
 """
 import argparse
 import contextlib
@@ -73,24 +48,38 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SCORES = ("summed", "per-token", "per-character")
 MEDMCQA_OPTIONS = ("opa", "opb", "opc", "opd")
 PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]
-# FastChat's temperature_config (fastchat/llm_judge/common.py): the temperature its gen_model_answer samples each
-# MT-Bench category at; any other category, and AlpacaEval, get DEFAULT_TEMPERATURE (FastChat's fallback).
-MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
-                        "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
+# FastChat's temperature_config (fastchat/llm_judge/common.py): the temperature its gen_model_answer
+# samples each MT-Bench category at; other categories, and AlpacaEval, get DEFAULT_TEMPERATURE.
+MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0,
+                        "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1,
+                        "arena-hard-200": 0.0}
 DEFAULT_TEMPERATURE = 0.7
 MAX_NEW_TOKENS = {"mt_bench": 1024, "alpaca_eval": 2048}
+MODEL_COMMANDS = ("ppl", "mc", "generate", "compare")  # the commands that load a model
+NUMERIC_FLAGS = {"batch_size": (lambda v: v >= 1, "an integer >= 1"),
+                 "max_len": (lambda v: v >= 2, "an integer >= 2"),
+                 "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+                 "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+                 "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]")}
 
+
+# ----------------------------------------------------------------------------- model commands
 
 @dataclass
 class Runtime:
     device: torch.device
-    dtype: torch.dtype  # the weights', the compute's and the KV cache's: no autocast, no second copy of the weights
+    dtype: torch.dtype  # the weights', the compute's and the KV cache's: no autocast, no second copy
     rank: int
     world: int
 
+    def say(self, *args, **kwargs):
+        """print, on rank 0 only."""
+        if self.rank == 0:
+            print(*args, **kwargs)
+
 
 def setup(dtype="auto") -> Runtime:
-    """One process, or one per GPU under torchrun (WORLD_SIZE > 1: nccl on CUDA, gloo on CPU); dtype as --dtype."""
+    """One process, or one per GPU under torchrun (WORLD_SIZE > 1: nccl on CUDA, gloo on CPU)."""
     world, cuda = int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -101,8 +90,15 @@ def setup(dtype="auto") -> Runtime:
 
 
 def load_model(path, rt: Runtime) -> M.Transformer:
-    """The model in rt.dtype on rt.device: the one copy of its weights that scoring and generation compute with."""
+    """The model in rt.dtype on rt.device: the one copy of its weights that eval computes with."""
     return M.load_pretrained(path, dtype=rt.dtype, device=rt.device).eval()
+
+
+def write_out(args, rt, obj, lines=True) -> None:
+    """--out, when given, on rank 0: JSON lines of a list, or (lines=False) one JSON document."""
+    if rt.rank == 0 and args.out:
+        data.write_json(args.out, obj, lines=lines)
+        rt.say(f"wrote {args.out}")
 
 
 def read_split(path) -> dict:
@@ -110,48 +106,11 @@ def read_split(path) -> dict:
     return {half: set(ids) for half, ids in sftmix.read_split(path).items()}
 
 
-NUMERIC_FLAGS = {"batch_size": (lambda v: v >= 1, "an integer >= 1"), "max_len": (lambda v: v >= 2, "an integer >= 2"),
-                 "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-                 "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
-                 "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]")}
-
-
-def check_flags(args) -> None:
-    """The numeric flags a command has, before any work: one line naming the flag and what was expected."""
-    for flag, (ok, expected) in NUMERIC_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None and not ok(value):
-            raise InputError(f"--{flag.replace('_', '-')}: expected {expected}, got {value}")
-
-
-def run_file(path, name) -> tuple:
-    """(file, display name) of a run directory's file name, or of a file given directly (named after its folder)."""
-    path = Path(path)
-    return (path / name, path.resolve().name) if path.is_dir() else (path, path.resolve().parent.name)
-
-
-def pyplot(command):
-    """matplotlib's pyplot on the Agg backend (files, no display), imported only by the commands that draw."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError(f"{command} needs matplotlib: pip install matplotlib") from None
-    return plt
-
-
 # ----------------------------------------------------------------------------- ppl
 
-def token_weighted(results: dict, ids) -> dict:
-    """NLL per token = sum_i nll_i / sum_i |y_i| over ids, and PPL = exp(NLL per token)."""
-    nll, n = sum(results[i][0] for i in ids), sum(results[i][1] for i in ids)
-    return {"examples": len(ids), "tokens": n, "nll_per_token": nll / n, "ppl": math.exp(nll / n)}
-
-
 def split_members(split, samples) -> dict:
-    """{half: the ids of the samples in it, in data order} (empty without a split); a half that holds none of the
-    samples is an InputError, raised before any model loads."""
+    """{half: the ids of the samples in it, in data order} (empty without a split); a half that holds
+    none of the samples is an InputError, raised before any model loads."""
     members = {half: [s.id for s in samples if s.id in ids] for half, ids in (split or {}).items()}
     for half, ids in members.items():
         if not ids:
@@ -163,16 +122,33 @@ def evaluate_ppl(model, samples, rt, batch_size=8, split=None):
     """(summary {"all": ..., and per half with a split}, per-example rows {id, nll, tokens, ppl[, half]})."""
     members = split_members(split, samples)
     results = sftmix.response_nll(model, samples, batch_size, rt.device, None, desc="ppl")  # {id: (nll, n)}
-    summary = {"all": token_weighted(results, list(results))}
-    summary |= {half: token_weighted(results, ids) for half, ids in members.items()}
+    summary = {"all": sftmix.token_weighted(results, list(results))}
+    summary |= {half: sftmix.token_weighted(results, ids) for half, ids in members.items()}
     half_of = {i: half for half, ids in members.items() for i in ids}
-    rows = [{"id": s.id, "nll": results[s.id][0], "tokens": results[s.id][1],
-             "ppl": sftmix.perplexity(*results[s.id])} | ({"half": half_of.get(s.id)} if split else {})
-            for s in samples]
+    rows = []
+    for s in samples:
+        nll, n = results[s.id]
+        rows.append({"id": s.id, "nll": nll, "tokens": n, "ppl": sftmix.perplexity(nll, n)}
+                    | ({"half": half_of.get(s.id)} if split else {}))
     return summary, rows
 
 
-# ----------------------------------------------------------------------------- multiple choice
+def cmd_ppl(args, rt):
+    path = M.model_dir(args.model)
+    tok = data.load_tokenizer(path)
+    samples, stats = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, verbose=False)
+    split = read_split(args.split) if args.split else None
+    split_members(split, samples)  # checked before the model loads; the data's line follows once all is read
+    model = load_model(path, rt)
+    rt.say(data.summary(stats))
+    summary, rows = evaluate_ppl(model, samples, rt, args.batch_size, split)
+    for part, s in summary.items():
+        rt.say(f"{part:>11}: ppl {s['ppl']:.4f}  NLL/token {s['nll_per_token']:.4f}  "
+               f"({s['examples']} examples, {s['tokens']} response tokens)")
+    write_out(args, rt, rows)
+
+
+# ----------------------------------------------------------------------------- mc (multiple choice)
 
 @dataclass
 class Question:
@@ -188,7 +164,8 @@ def mc_records(path) -> list:
         whole = json.loads(Path(path).read_bytes())
     except (OSError, ValueError):
         whole = None  # not one JSON document: read_records says what is wrong, if anything
-    if isinstance(whole, dict) and whole and all(isinstance(r, dict) and "QUESTION" in r for r in whole.values()):
+    if isinstance(whole, dict) and whole and all(isinstance(r, dict) and "QUESTION" in r
+                                                 for r in whole.values()):
         return [(f"{path}:{pmid}", r | {"id": pmid}) for pmid, r in whole.items()]
     return data.read_records(Path(path))
 
@@ -196,18 +173,26 @@ def mc_records(path) -> list:
 def medmcqa_base(path, records, base=None):
     """The number MedMCQA's "cop" gives the first option: 1 in its release (1..4), 0 in the HF copy (0..3).
     A file holding a 0 and no 4 is 0-based, a 4 and no 0 1-based; any other cannot tell (base must be given)."""
-    cops = {r.get("cop") for _, r in records if isinstance(r, dict) and "opa" in r and type(r.get("cop")) is int}
+    cops = {r.get("cop") for _, r in records
+            if isinstance(r, dict) and "opa" in r and type(r.get("cop")) is int}
     if base is not None or not cops:
         return base
     if (0 in cops) == (4 in cops):
-        raise InputError(f'{path}: "cop": {"both 0 and 4" if 0 in cops else "neither 0 nor 4"} among its values, so '
-                         f"the file cannot tell 1-based answers (MedMCQA's release) from 0-based ones (the HF copy); "
-                         f"pass --cop-base 1 or 0")
+        raise InputError(f'{path}: "cop": {"both 0 and 4" if 0 in cops else "neither 0 nor 4"} among '
+                         f"its values, so the file cannot tell 1-based answers (MedMCQA's release) "
+                         f"from 0-based ones (the HF copy); pass --cop-base 1 or 0")
     return 0 if 0 in cops else 1
 
 
 def mc_question(where, r, default_id, base) -> Question:
-    """One question of any layout in the module docstring, its answer as a 0-based index."""
+    """One question, its answer as a 0-based index, of any of these layouts:
+        MedQA     {"question", "options": {"A": text, ...}, "answer_idx": "B"}
+        MedMCQA   {"question", "opa", "opb", "opc", "opd", "cop"}, cop counting from base (medmcqa_base)
+        PubMedQA  ori_pqal.json's {"QUESTION", "CONTEXTS", "final_decision"}, or the HF layout
+                  {"question", "context": {"contexts"}, "final_decision"}: options yes / no / maybe,
+                  the question asked as the contexts (one per line), a blank line, the question
+        ours      {"question", "options": [...] or {"A": text, ...}, "answer": "B" or a 0-based index}
+    """
     if not isinstance(r, dict):
         raise InputError(f"{where}: expected an object with a question")
     if "opa" in r:  # MedMCQA
@@ -226,14 +211,16 @@ def mc_question(where, r, default_id, base) -> Question:
         if not (isinstance(contexts, list) and all(isinstance(c, str) for c in contexts)):
             raise InputError(f'{where}: {"context.contexts" if hf else "CONTEXTS"}: expected a list of strings')
         question = r.get("question" if hf else "QUESTION")
-        question = "\n".join(contexts) + "\n\n" + question if isinstance(question, str) and question.strip() else None
+        if isinstance(question, str) and question.strip():
+            question = "\n".join(contexts) + "\n\n" + question
         options, answer = PUBMEDQA_OPTIONS, r["final_decision"]
         if answer not in options:
             raise InputError(f'{where}: "final_decision": expected yes, no or maybe, got {json.dumps(answer)}')
         answer = options.index(answer)
-    else:  # MedQA, or our own {"question", "options", "answer"}
+    else:  # MedQA, or ours
         key, question, options, id_ = '"question"', r.get("question"), r.get("options"), r.get("id", default_id)
-        options = dict(zip(LETTERS, options)) if isinstance(options, list) and len(options) <= len(LETTERS) else options
+        if isinstance(options, list) and len(options) <= len(LETTERS):
+            options = dict(zip(LETTERS, options))
         if not (isinstance(options, dict) and len(options) >= 2 and list(options) == list(LETTERS[:len(options)])):
             raise InputError(f'{where}: "options": expected 2 or more non-empty strings, as a list or as '
                              f'{{"A": text, "B": text, ...}} with keys A, B, C, ... in order')
@@ -242,8 +229,8 @@ def mc_question(where, r, default_id, base) -> Question:
         if isinstance(answer, str) and answer.strip() in LETTERS[:n]:
             answer = LETTERS.index(answer.strip())
         elif not (type(answer) is int and 0 <= answer < n):
-            raise InputError(f'{where}: "{field}": expected one of {", ".join(LETTERS[:n])} or an index 0..{n - 1}, '
-                             f"got {json.dumps(answer)}")
+            raise InputError(f'{where}: "{field}": expected one of {", ".join(LETTERS[:n])} or an index '
+                             f"0..{n - 1}, got {json.dumps(answer)}")
     if not isinstance(question, str) or not question.strip():
         raise InputError(f"{where}: {key}: expected a non-empty string")
     if not all(isinstance(t, str) and t.strip() for t in options):
@@ -252,7 +239,7 @@ def mc_question(where, r, default_id, base) -> Question:
 
 
 def read_mc(path, cop_base=None) -> list:
-    """Multiple-choice questions of a file in any layout of the module docstring."""
+    """Multiple-choice questions of a file in any layout of mc_question."""
     records = mc_records(path)
     base = medmcqa_base(path, records, cop_base)
     return [mc_question(where, r, f"{Path(path).name}:{i}", base) for i, (where, r) in enumerate(records)]
@@ -264,7 +251,7 @@ def mc_prompt(q: Question) -> str:
 
 
 def mc_samples(questions, tok, prompt_format=None) -> list:
-    """One Sample per (question i, option k), id "i:k": prompt + option ids, trained on the option tokens only.
+    """One Sample per (question i, option k), id "i:k": prompt + option ids, trained on the option only.
 
     ids = prompt (P tokens, ending with the assistant header) + y (the option text's tokens);
     labels are pre-shifted: labels[t] = ids[t + 1] for t >= P - 1, IGNORE before.
@@ -274,14 +261,15 @@ def mc_samples(questions, tok, prompt_format=None) -> list:
         prompt = data.encode_prompt([{"role": "user", "content": mc_prompt(q)}], tok, prompt_format)
         for k, text in enumerate(q.options):
             ids = prompt + tok.encode(text)
-            samples.append(data.Sample(f"{i}:{k}", ids[:-1], [IGNORE] * (len(prompt) - 1) + ids[len(prompt):]))
+            labels = [IGNORE] * (len(prompt) - 1) + ids[len(prompt):]
+            samples.append(data.Sample(f"{i}:{k}", ids[:-1], labels))
     return samples
 
 
 def option_logliks(model, tok, questions, rt, prompt_format=None, batch_size=8) -> list:
     """Per question, per option: (log p(y | prompt) = sum_t log p(y_t | prompt, y_<t), |y|)."""
-    results = sftmix.response_nll(model, mc_samples(questions, tok, prompt_format), batch_size,
-                                  rt.device, None, desc="mc")  # {"i:k": (nll, n)}
+    samples = mc_samples(questions, tok, prompt_format)
+    results = sftmix.response_nll(model, samples, batch_size, rt.device, None, desc="mc")  # {"i:k": (nll, n)}
     return [[(-results[f"{i}:{k}"][0], results[f"{i}:{k}"][1]) for k in range(len(q.options))]
             for i, q in enumerate(questions)]
 
@@ -293,45 +281,47 @@ def mc_accuracy(questions, logliks) -> tuple:
     for q, scores in zip(questions, logliks):
         ll, tokens, chars = [ll for ll, _ in scores], [n for _, n in scores], [len(t) for t in q.options]
         by = {"summed": ll, "per-token": np.divide(ll, tokens), "per-character": np.divide(ll, chars)}
-        rows.append({"id": q.id, "answer": LETTERS[q.answer]}
-                    | {f"pred_{kind.replace('-', '_')}": LETTERS[int(np.argmax(s))] for kind, s in by.items()}
+        preds = {f"pred_{kind.replace('-', '_')}": LETTERS[int(np.argmax(s))] for kind, s in by.items()}
+        rows.append({"id": q.id, "answer": LETTERS[q.answer]} | preds
                     | {"loglik": ll, "tokens": tokens, "chars": chars})
     accuracy = {kind: sum(r[f"pred_{kind.replace('-', '_')}"] == r["answer"] for r in rows) / len(rows)
                 for kind in SCORES}
     return {"questions": len(rows), "accuracy": accuracy}, rows
 
 
-def named_files(values) -> dict:
-    """--mc [NAME=]FILE, repeated -> {NAME: FILE}; NAME defaults to the file's name without its suffix."""
-    named = {}
-    for v in values or []:
-        name, file = v.split("=", 1) if "=" in v else (Path(v).stem, v)
-        if not name or name in named:
-            raise InputError(f"--mc {v}: expected NAME=FILE with a name no other --mc has")
-        named[name] = file
-    return named
+def cmd_mc(args, rt):
+    questions = read_mc(args.data, args.cop_base)  # bad input fails before the model loads
+    path = M.model_dir(args.model)
+    tok = data.load_tokenizer(path)
+    logliks = option_logliks(load_model(path, rt), tok, questions, rt, args.prompt_format, args.batch_size)
+    summary, rows = mc_accuracy(questions, logliks)
+    accuracy = ", ".join(f"{a:.4f} ({kind})" for kind, a in summary["accuracy"].items())
+    rt.say(f"{summary['questions']} questions: accuracy {accuracy}")
+    write_out(args, rt, rows)
 
 
 # ----------------------------------------------------------------------------- generate (MT-Bench, AlpacaEval)
 
 def read_questions(path) -> tuple:
-    """(benchmark, questions): "mt_bench" for MT-Bench's question.jsonl ({"question_id", "category", "turns"}),
-    "alpaca_eval" for AlpacaEval's set ({"instruction", ...}, given "turns": [instruction]); the first record
-    decides."""
+    """(benchmark, questions): "mt_bench" for MT-Bench's question.jsonl ({"question_id", "category",
+    "turns"}), "alpaca_eval" for AlpacaEval's set ({"instruction", ...}, given "turns": [instruction]);
+    the first record decides."""
     records = data.read_records(Path(path))
     if not records:
         raise InputError(f"{path}: no questions")
-    benchmark = "alpaca_eval" if isinstance(records[0][1], dict) and "instruction" in records[0][1] else "mt_bench"
+    first = records[0][1]
+    benchmark = "alpaca_eval" if isinstance(first, dict) and "instruction" in first else "mt_bench"
     questions, seen = [], set()
     for where, r in records:
         if benchmark == "alpaca_eval":
             if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not r["instruction"].strip():
-                raise InputError(f'{where}: "instruction": expected a non-empty string (AlpacaEval\'s layout, '
-                                 f"as the first record)")
+                raise InputError(f'{where}: "instruction": expected a non-empty string (AlpacaEval\'s '
+                                 f"layout, as the first record)")
             questions.append(r | {"turns": [r["instruction"]]})
             continue
         if not isinstance(r, dict) or "question_id" not in r:
-            raise InputError(f'{where}: "question_id": missing; expected an object with "question_id" and "turns"')
+            raise InputError(f'{where}: "question_id": missing; expected an object with "question_id" '
+                             f'and "turns"')
         turns = r.get("turns")
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
             raise InputError(f'{where}: "turns": expected a non-empty list of non-empty strings')
@@ -344,8 +334,9 @@ def read_questions(path) -> tuple:
 
 def temperature_of(question, temperature=None) -> float:
     """temperature, or FastChat's for the question's MT-Bench category; below 1e-4 it is 0 (greedy), as in FastChat."""
-    t = MT_BENCH_TEMPERATURE.get(question.get("category"), DEFAULT_TEMPERATURE) if temperature is None else temperature
-    return t if t >= 1e-4 else 0.0
+    if temperature is None:
+        temperature = MT_BENCH_TEMPERATURE.get(question.get("category"), DEFAULT_TEMPERATURE)
+    return temperature if temperature >= 1e-4 else 0.0
 
 
 def conversation(turns, answers) -> list:
@@ -356,23 +347,24 @@ def conversation(turns, answers) -> list:
     return messages + [{"role": "user", "content": turns[len(answers)]}]
 
 
-def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_tokens=1024, temperature=None,
-                     top_p=1.0, batch_size=8, seed=0) -> list:
-    """The model's answers, a list of turn texts per question, on every rank (questions sharded over ranks).
+def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_tokens=1024,
+                     temperature=None, top_p=1.0, batch_size=8, seed=0) -> list:
+    """The model's answers, a list of turn texts per question, on every rank (questions sharded).
 
-    Turn by turn: all first turns, then all second turns with each conversation holding the model's own first
-    answer, and so on; each turn in batches of one temperature (temperature_of), sorted by prompt length so little
-    is padding. KV-cached; batch j of turn k samples with seed + 1000 k + j, so the same flags give the same
-    answers. The end-of-turn token is dropped and the text stripped, as FastChat does.
+    Turn by turn: all first turns, then all second turns with each conversation holding the model's
+    own first answer, and so on; each turn in batches of one temperature (temperature_of), sorted by
+    prompt length so little is padding. KV-cached; batch j of turn k samples with seed + 1000 k + j,
+    so the same flags give the same answers. The end-of-turn token is dropped and the text stripped,
+    as FastChat does. Sampling draws from softmax(logits / T) within top_p, with no top-k cut.
     """
     stops = data.stop_ids(tok, prompt_format)
-    for i, q in enumerate(questions):  # every last turn renders (alpaca's format holds one) before any is answered
+    for i, q in enumerate(questions):  # every last turn renders (alpaca's holds one) before any is answered
         data.encode_prompt(conversation(q["turns"], [""] * (len(q["turns"]) - 1)), tok, prompt_format,
                            f"question {q.get('question_id', i)}")
     temperatures = [temperature_of(q, temperature) for q in questions]
     answers = {i: [] for i in data.shard(list(range(len(questions))), rt.rank, rt.world)}
     turns = max(len(q["turns"]) for q in questions)
-    progress = tqdm(desc="generate", unit=" tokens", disable=rt.rank != 0)  # generated tokens and their rate
+    progress = tqdm(desc="generate", unit=" tokens", disable=rt.rank != 0)  # generated tokens, their rate
     for turn in range(turns):
         prompts = {i: data.encode_prompt(conversation(questions[i]["turns"][:turn + 1], a), tok, prompt_format)
                    for i, a in answers.items() if turn < len(questions[i]["turns"])}
@@ -382,8 +374,8 @@ def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_toke
         batches = [g[k:k + batch_size] for g in same_temperature.values() for k in range(0, len(g), batch_size)]
         for j, batch in enumerate(batches):
             progress.set_postfix_str(f"turn {turn + 1}/{turns}, batch {j + 1}/{len(batches)}")
-            new = M.generate(model, [prompts[i] for i in batch], max_new_tokens, temperatures[batch[0]], top_p,
-                             eos_ids=stops, seed=seed + 1000 * turn + j)
+            new = M.generate(model, [prompts[i] for i in batch], max_new_tokens, temperatures[batch[0]],
+                             top_p, eos_ids=stops, seed=seed + 1000 * turn + j)
             for i, ids in zip(batch, new):
                 answers[i].append(tok.decode(ids[:-1] if ids and ids[-1] in stops else ids).strip())
             progress.update(sum(map(len, new)))
@@ -404,6 +396,21 @@ def answer_records(benchmark, questions, answers, name) -> list:
              "choices": [{"index": 0, "turns": a}], "tstamp": time.time()} for q, a in zip(questions, answers)]
 
 
+def cmd_generate(args, rt):
+    benchmark, questions = read_questions(args.questions)  # bad input fails before the model loads
+    suffix = {"mt_bench": ".jsonl", "alpaca_eval": ".json"}[benchmark]  # what FastChat / alpaca_eval read
+    if Path(args.out).suffix != suffix:
+        raise InputError(f"--out {args.out}: expected a {suffix} file for {benchmark} (what its judge reads)")
+    path = M.model_dir(args.model)
+    max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS[benchmark]
+    answers = answer_questions(load_model(path, rt), data.load_tokenizer(path), questions, rt,
+                               args.prompt_format, max_new_tokens, args.temperature, args.top_p,
+                               args.batch_size, args.seed)
+    name = args.model_id or Path(args.model).resolve().name
+    records = answer_records(benchmark, questions, answers, name)
+    write_out(args, rt, records, lines=benchmark == "mt_bench")
+
+
 # ----------------------------------------------------------------------------- compare
 
 def markdown_table(names, metrics) -> str:
@@ -417,6 +424,14 @@ def markdown_table(names, metrics) -> str:
     return "\n".join(lines) + "\n"
 
 
+def show_table(out, table) -> None:
+    """The table on stdout alone (so `> table.md` works), and in out when given."""
+    if out:
+        with data.atomic_path(out) as tmp:
+            tmp.write_text(table, "utf-8")
+    print(table, end="")
+
+
 def run_names(args, defaults) -> list:
     names = args.names or defaults
     if len(names) != len(defaults):
@@ -424,9 +439,20 @@ def run_names(args, defaults) -> list:
     return names
 
 
+def named_files(values) -> dict:
+    """--mc [NAME=]FILE, repeated -> {NAME: FILE}; NAME defaults to the file's name without its suffix."""
+    named = {}
+    for v in values or []:
+        name, file = v.split("=", 1) if "=" in v else (Path(v).stem, v)
+        if not name or name in named:
+            raise InputError(f"--mc {v}: expected NAME=FILE with a name no other --mc has")
+        named[name] = file
+    return named
+
+
 def compare(args, rt) -> str:
-    """Each run's ppl on --data (per half with --split) and accuracy on each --mc benchmark, with the benchmarks'
-    mean when there are several, as one Markdown table."""
+    """Each run's ppl on --data (per half with --split) and accuracy on each --mc benchmark, with the
+    benchmarks' mean when there are several, as one Markdown table."""
     dirs = [M.model_dir(r) for r in args.runs]
     names = run_names(args, [Path(r).resolve().name for r in args.runs])
     if not args.data and not args.mc:
@@ -437,88 +463,85 @@ def compare(args, rt) -> str:
     for d in dirs:
         M.ModelArgs.from_model_dir(d)
         tok = data.load_tokenizer(d)
-        samples, stats = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, verbose=False) \
-            if args.data else (None, None)
-        if samples:
+        samples, stats = None, None
+        if args.data:
+            samples, stats = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, verbose=False)
             split_members(split, samples)
         runs.append((d, tok, samples, stats))
     metrics = {}
+
+    def add(metric, value):
+        metrics.setdefault(metric, []).append(value)
+
     for d, tok, samples, stats in runs:
         model = load_model(d, rt)
         if samples:
-            if rt.rank == 0:
-                print(data.summary(stats))
+            rt.say(data.summary(stats))
             summary, _ = evaluate_ppl(model, samples, rt, args.batch_size, split)
             for part, s in summary.items():
                 suffix = "" if part == "all" else f" ({part})"
-                metrics.setdefault(f"ppl{suffix} ↓", []).append(s["ppl"])
-                metrics.setdefault(f"NLL per token{suffix} ↓", []).append(s["nll_per_token"])
-        accuracy = {name: mc_accuracy(questions, option_logliks(model, tok, questions, rt, args.prompt_format,
-                                                                args.batch_size))[0]["accuracy"]
-                    for name, questions in benchmarks.items()}
+                add(f"ppl{suffix} ↓", s["ppl"])
+                add(f"NLL per token{suffix} ↓", s["nll_per_token"])
+        accuracy = {}
+        for name, questions in benchmarks.items():
+            logliks = option_logliks(model, tok, questions, rt, args.prompt_format, args.batch_size)
+            accuracy[name] = mc_accuracy(questions, logliks)[0]["accuracy"]
         for kind in args.mc_score:
             for name in benchmarks:
-                metrics.setdefault(f"{name} accuracy, {kind} ↑", []).append(accuracy[name][kind])
+                add(f"{name} accuracy, {kind} ↑", accuracy[name][kind])
             if len(benchmarks) > 1:
-                metrics.setdefault(f"mean of {', '.join(benchmarks)}, {kind} ↑", []).append(
-                    sum(accuracy[name][kind] for name in benchmarks) / len(benchmarks))
+                mean = sum(accuracy[name][kind] for name in benchmarks) / len(benchmarks)
+                add(f"mean of {', '.join(benchmarks)}, {kind} ↑", mean)
         del model
     return markdown_table(names, metrics)
 
 
+def cmd_compare(args, rt):
+    with contextlib.redirect_stdout(sys.stderr):  # progress and loading messages stay off stdout
+        table = compare(args, rt)
+    if rt.rank == 0:
+        show_table(args.out, table)
+
+
+# ----------------------------------------------------------------------------- dynamics, curves, datamap
+
+def run_file(path, name) -> tuple:
+    """(file, display name) of a run directory's file, or of a file given directly (named after its folder)."""
+    path = Path(path)
+    return (path / name, path.resolve().name) if path.is_dir() else (path, path.resolve().parent.name)
+
+
 def dynamics_table(paths, names) -> str:
-    """Per dynamics file: mean and spread (population std over the N examples) of Conf = -mean_c Perp_c, and the
-    mean variability, side by side; the spread's ratio B ÷ A is the paper's comparison of two runs."""
-    metrics = {}
+    """Per dynamics file: mean and spread (population std over the N examples) of Conf = -mean_c Perp_c,
+    and the mean variability, side by side; the spread's ratio B ÷ A is the paper's comparison."""
+    metrics = {"confidence mean": [], "confidence spread (std over examples)": [], "variability mean": []}
     for path in paths:
         _, perplexities = sftmix.read_dynamics(path)  # (N, C)
         conf = sftmix.confidence(perplexities)  # (N,)
-        metrics.setdefault("confidence mean", []).append(conf.mean())
-        metrics.setdefault("confidence spread (std over examples)", []).append(conf.std())
-        metrics.setdefault("variability mean", []).append(sftmix.variability(perplexities).mean())
+        metrics["confidence mean"].append(conf.mean())
+        metrics["confidence spread (std over examples)"].append(conf.std())
+        metrics["variability mean"].append(sftmix.variability(perplexities).mean())
     return markdown_table(names, metrics)
 
 
-# ----------------------------------------------------------------------------- pictures
+def cmd_dynamics(args):
+    files, defaults = zip(*(run_file(r, "dynamics.jsonl") for r in args.runs))
+    show_table(args.out, dynamics_table(files, run_names(args, list(defaults))))
 
-def datamap(dynamics, out, split_path=None):
-    """Scatter of confidence Conf = -mean_c Perp_c (y-axis) against variability std_c Perp_c (x-axis), coloured by
-    half, with the median confidence drawn: the split is the line through the cloud.
 
-    Perplexities span orders of magnitude, so both axes are logarithmic and every point lies inside the frame:
-    y is -Conf (the mean perplexity) on a log axis, drawn downwards and labelled with Conf's values, so that the
-    confident examples are on top; x is symlog, linear below the decade of the 1st percentile of the nonzero
-    variabilities, so that 0 is shown.
-    """
-    ids, perps = sftmix.read_dynamics(dynamics)
-    conf, var = sftmix.confidence(perps), sftmix.variability(perps)  # (N,), (N,)
-    if split_path:
-        halves = read_split(split_path)
-        missing = [i for i in ids if i not in halves["confident"] | halves["unconfident"]]
-        if missing:
-            raise InputError(f'{split_path}: id {json.dumps(missing[0])} of {dynamics} is in neither half')
-    else:
-        halves = dict(zip(("confident", "unconfident"), map(set, sftmix.split_by_confidence(ids, conf))))
-    plt = pyplot("datamap")
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-    fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
-    for half, colour in (("confident", "tab:blue"), ("unconfident", "tab:orange")):
-        mask = np.array([i in halves[half] for i in ids])
-        ax.scatter(var[mask], -conf[mask], s=10, alpha=0.6, color=colour, label=f"{half} ({mask.sum()})")
-    ax.axhline(-np.median(conf), color="black", linestyle="--", linewidth=1, label="median confidence")
-    low = np.percentile(var[var > 0], 1) if (var > 0).any() else 1.0  # below it, a linear stretch down to 0
-    ax.set_xscale("symlog", linthresh=10 ** np.floor(np.log10(low)))
-    ax.set_yscale("log")
-    ax.invert_yaxis()  # higher confidence (lower perplexity) on top
-    decades = np.log10(-conf.min() / -conf.max())
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0,) if decades > 3 else (1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"−{v:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.margins(0.05)
-    ax.set(xlabel="variability: std over checkpoints of Perp(y|x) (symlog scale)",
-           ylabel="confidence: −mean over checkpoints of Perp(y|x) (log scale)",
-           title=f"Data map: {len(ids)} examples, {perps.shape[1]} checkpoints")
-    ax.legend()
+def pyplot(command):
+    """matplotlib's pyplot on the Agg backend (files, no display), imported only by the commands that draw."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError(f"{command} needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def save_figure(plt, fig, out) -> None:
+    """The figure as a PNG at out, written atomically, then closed."""
     with data.atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
@@ -533,7 +556,8 @@ def read_metrics(path) -> list:
     records = data.read_records(Path(path))
     for where, r in records:
         if not isinstance(r, dict) or type(r.get("step")) is not int:
-            raise InputError(f'{where}: "step": expected an object with an integer "step" (train.py\'s metrics.jsonl)')
+            raise InputError(f'{where}: "step": expected an object with an integer "step" '
+                             f"(train.py's metrics.jsonl)")
         for key in CURVES:
             if not isinstance(r.get(key), (int, float, type(None))) or isinstance(r.get(key), bool):
                 raise InputError(f'{where}: "{key}": expected a number, got {json.dumps(r[key])}')
@@ -547,9 +571,9 @@ def smooth(values, window):
 
 
 def curves(runs, names, out):
-    """One panel per quantity of CURVES that some run recorded, against step; run k is colour C<k> and line style k.
-    A loss is drawn raw (faint) and as its moving average over 1/25 of the steps (the labelled line). An NTP run
-    records mixup_loss 0 at every step: it has no Mixup line."""
+    """One panel per quantity of CURVES that some run recorded, against step; run k is colour C<k> and
+    line style k. A loss is drawn raw (faint) and as its moving average over 1/25 of the steps (the
+    labelled line). An NTP run records mixup_loss 0 at every step: it has no Mixup line."""
     series = [read_metrics(run_file(run, "metrics.jsonl")[0]) for run in runs]
     lines = {key: [] for key in CURVES}  # key -> [(run k, steps, values)]
     for k, records in enumerate(series):
@@ -579,153 +603,157 @@ def curves(runs, names, out):
         ax.set_axis_off()
     handles = [plt.Line2D([], [], color=f"C{k}", linestyle=style[k % 4], label=n) for k, n in enumerate(names)]
     fig.legend(handles=handles, loc="outside upper center", ncols=min(len(names), 6))
-    with data.atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, out)
+
+
+def cmd_curves(args):
+    curves(args.runs, run_names(args, [run_file(r, "metrics.jsonl")[1] for r in args.runs]), args.out)
+    print(f"wrote {args.out}")
+
+
+def datamap(dynamics, out, split_path=None):
+    """Scatter of confidence Conf = -mean_c Perp_c (y-axis) against variability std_c Perp_c (x-axis),
+    coloured by half, with the median confidence drawn: the split is the line through the cloud.
+
+    Perplexities span orders of magnitude, so both axes are logarithmic and every point lies inside
+    the frame: y is -Conf (the mean perplexity) on a log axis, drawn downwards and labelled with Conf's
+    values, so that the confident examples are on top; x is symlog, linear below the decade of the 1st
+    percentile of the nonzero variabilities, so that 0 is shown.
+    """
+    ids, perps = sftmix.read_dynamics(dynamics)
+    conf, var = sftmix.confidence(perps), sftmix.variability(perps)  # (N,), (N,)
+    if split_path:
+        halves = read_split(split_path)
+        missing = [i for i in ids if i not in halves["confident"] | halves["unconfident"]]
+        if missing:
+            raise InputError(f'{split_path}: id {json.dumps(missing[0])} of {dynamics} is in neither half')
+    else:
+        confident, unconfident = sftmix.split_by_confidence(ids, conf)
+        halves = {"confident": set(confident), "unconfident": set(unconfident)}
+    plt = pyplot("datamap")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
+    for half, colour in (("confident", "tab:blue"), ("unconfident", "tab:orange")):
+        mask = np.array([i in halves[half] for i in ids])
+        ax.scatter(var[mask], -conf[mask], s=10, alpha=0.6, color=colour, label=f"{half} ({mask.sum()})")
+    ax.axhline(-np.median(conf), color="black", linestyle="--", linewidth=1, label="median confidence")
+    low = np.percentile(var[var > 0], 1) if (var > 0).any() else 1.0  # below it, linear down to 0
+    ax.set_xscale("symlog", linthresh=10 ** np.floor(np.log10(low)))
+    ax.set_yscale("log")
+    ax.invert_yaxis()  # higher confidence (lower perplexity) on top
+    decades = np.log10(-conf.min() / -conf.max())
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0,) if decades > 3 else (1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"−{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.margins(0.05)
+    ax.set(xlabel="variability: std over checkpoints of Perp(y|x) (symlog scale)",
+           ylabel="confidence: −mean over checkpoints of Perp(y|x) (log scale)",
+           title=f"Data map: {len(ids)} examples, {perps.shape[1]} checkpoints")
+    ax.legend()
+    save_figure(plt, fig, out)
+
+
+def cmd_datamap(args):
+    datamap(args.dynamics, args.out, args.split)
+    print(f"wrote {args.out}")
 
 
 # ----------------------------------------------------------------------------- command line
 
-def write_out(args, rt, say, obj, lines=True) -> None:
-    """--out, when given, on rank 0: JSON lines of a list, or (lines=False) one JSON document."""
-    if rt.rank == 0 and args.out:
-        data.write_json(args.out, obj, lines=lines)
-        say(f"wrote {args.out}")
+def model_flags(s) -> None:
+    """The flags of every command that runs a model: prompt format, batch size, dtype."""
+    s.add_argument("--prompt-format", choices=data.PROMPT_FORMATS, help="(default: from the chat template)")
+    s.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
+    s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the model's weights, compute and KV cache, loaded so (no autocast, no fp32 "
+                        "copy): auto = bf16 on CUDA, fp32 on CPU")
 
 
-def cmd_ppl(args, rt, say):
-    path = M.model_dir(args.model)
-    tok = data.load_tokenizer(path)
-    samples, stats = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, verbose=False)
-    split = read_split(args.split) if args.split else None
-    split_members(split, samples)  # checked before the model loads; the data's line follows once all is read
-    model = load_model(path, rt)
-    say(data.summary(stats))
-    summary, rows = evaluate_ppl(model, samples, rt, args.batch_size, split)
-    for part, s in summary.items():
-        say(f"{part:>11}: ppl {s['ppl']:.4f}  NLL/token {s['nll_per_token']:.4f}  "
-            f"({s['examples']} examples, {s['tokens']} response tokens)")
-    write_out(args, rt, say, rows)
-
-
-def cmd_mc(args, rt, say):
-    questions = read_mc(args.data, args.cop_base)  # bad input fails before the model loads
-    path = M.model_dir(args.model)
-    tok = data.load_tokenizer(path)
-    logliks = option_logliks(load_model(path, rt), tok, questions, rt, args.prompt_format, args.batch_size)
-    summary, rows = mc_accuracy(questions, logliks)
-    say(f"{summary['questions']} questions: accuracy " + ", ".join(f"{a:.4f} ({kind})"
-                                                                  for kind, a in summary["accuracy"].items()))
-    write_out(args, rt, say, rows)
-
-
-def cmd_generate(args, rt, say):
-    benchmark, questions = read_questions(args.questions)  # bad input fails before the model loads
-    suffix = {"mt_bench": ".jsonl", "alpaca_eval": ".json"}[benchmark]  # what FastChat / alpaca_eval read
-    if Path(args.out).suffix != suffix:
-        raise InputError(f"--out {args.out}: expected a {suffix} file for {benchmark} (what its judge reads)")
-    path = M.model_dir(args.model)
-    answers = answer_questions(load_model(path, rt), data.load_tokenizer(path), questions, rt, args.prompt_format,
-                               args.max_new_tokens or MAX_NEW_TOKENS[benchmark], args.temperature, args.top_p,
-                               args.batch_size, args.seed)
-    name = args.model_id or Path(args.model).resolve().name
-    write_out(args, rt, say, answer_records(benchmark, questions, answers, name), lines=benchmark == "mt_bench")
-
-
-def show_table(args, rt, say, table):
-    """The table on stdout alone (so `> table.md` works), and in --out when given."""
-    if rt.rank == 0 and args.out:
-        with data.atomic_path(args.out) as tmp:
-            tmp.write_text(table, "utf-8")
-    say(table, end="")
-
-
-def cmd_compare(args, rt, say):
-    with contextlib.redirect_stdout(sys.stderr):  # progress and loading messages stay off stdout
-        table = compare(args, rt)
-    show_table(args, rt, say, table)
-
-
-def cmd_dynamics(args, rt, say):
-    files, defaults = zip(*(run_file(r, "dynamics.jsonl") for r in args.runs))
-    show_table(args, rt, say, dynamics_table(files, run_names(args, list(defaults))))
-
-
-def cmd_datamap(args, rt, say):
-    if rt.rank == 0:
-        datamap(args.dynamics, args.out, args.split)
-    say(f"wrote {args.out}")
-
-
-def cmd_curves(args, rt, say):
-    if rt.rank == 0:
-        curves(args.runs, run_names(args, [run_file(r, "metrics.jsonl")[1] for r in args.runs]), args.out)
-    say(f"wrote {args.out}")
+MODEL_HELP = "HF model directory, or a run directory with final/"
+COP_BASE_HELP = ("MedMCQA's cop: 1 = its release (1..4), 0 = the HF copy (0..3) (default: decided from "
+                 "the file: a 0 is 0-based, a 4 is 1-based)")
+NAMES_HELP = "one name per run (default: the directories' names)"
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    ppl = sub.add_parser("ppl", formatter_class=data.Help, help="response perplexity, overall, per example, per half")
-    mc = sub.add_parser("mc", formatter_class=data.Help,
-                        help="multiple-choice accuracy (MedQA, MedMCQA, PubMedQA, ...)")
-    gen = sub.add_parser("generate", formatter_class=data.Help,
-                         help="MT-Bench or AlpacaEval answers, as judges read them")
-    cmp = sub.add_parser("compare", formatter_class=data.Help, help="Markdown table of several runs side by side")
-    dm = sub.add_parser("datamap", formatter_class=data.Help, help="confidence vs variability picture (matplotlib)")
-    cur = sub.add_parser("curves", formatter_class=data.Help, help="training curves of several runs (matplotlib)")
-    dyn = sub.add_parser("dynamics", formatter_class=data.Help, help="confidence mean and spread of dynamics files")
-    for s, run in ((ppl, cmd_ppl), (mc, cmd_mc), (gen, cmd_generate), (cmp, cmd_compare), (dm, cmd_datamap),
-                   (cur, cmd_curves), (dyn, cmd_dynamics)):
+
+    def command(name, run, help):
+        s = sub.add_parser(name, formatter_class=data.Help, help=help)
         s.set_defaults(run=run)
-    for s in (ppl, mc, gen):
-        s.add_argument("--model", required=True, help="HF model directory, or a run directory with final/")
-    cmp.add_argument("runs", nargs="+", help="model or run directories; the first is the baseline A")
-    cur.add_argument("runs", nargs="+", help="run directories (or their metrics.jsonl files)")
-    dyn.add_argument("runs", nargs="+", help="dynamics.jsonl files (or run directories holding one); the first is A")
-    for s in (cmp, cur, dyn):
-        s.add_argument("--names", nargs="+", help="one name per run (default: the directories' names)")
-    cmp.add_argument("--mc", action="append", metavar="[NAME=]FILE",
-                     help="multiple-choice benchmark, repeated for several (NAME defaults to the file's stem); adds "
-                          "accuracy rows, and their mean with several, e.g. --mc MedQA=medqa.jsonl --mc "
-                          "MedQA-5=medqa5.jsonl --mc PubMedQA=ori_pqal.json --mc MedMCQA=dev.json")
-    cmp.add_argument("--mc-score", nargs="+", choices=SCORES, default=list(SCORES), metavar="SCORE",
-                     help=f"accuracy by these scores, of {', '.join(SCORES)} (default: all three)")
-    ppl.add_argument("--data", required=True, help="conversations (alpaca / sharegpt / messages)")
-    mc.add_argument("--data", required=True, help="multiple-choice questions: MedQA, MedMCQA, PubMedQA or our layout")
-    cmp.add_argument("--data", help="held-out conversations; adds ppl rows")
-    for s in (mc, cmp):
-        s.add_argument("--cop-base", type=int, choices=(0, 1), help="MedMCQA's cop: 1 = its release (1..4), 0 = the "
-                       "HF copy (0..3) (default: decided from the file: a 0 is 0-based, a 4 is 1-based)")
-    for s in (ppl, cmp):
-        s.add_argument("--split", help="split.json; adds ppl per half")
-        s.add_argument("--max-len", type=int, default=data.MAX_LEN, help="tokens per example; longer cut on the right")
-    for s in (ppl, mc, gen, cmp):
-        s.add_argument("--prompt-format", choices=data.PROMPT_FORMATS, help="(default: from the chat template)")
-        s.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
-        s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                       help="the model's weights, compute and KV cache, loaded so (no autocast, no fp32 copy): "
-                            "auto = bf16 on CUDA, fp32 on CPU")
-    for s, what in ((ppl, "per-example JSONL"), (mc, "per-question JSONL"), (cmp, "Markdown file for the table"),
-                    (dyn, "Markdown file for the table")):
-        s.add_argument("--out", help=what)
-    gen.add_argument("--questions", required=True, help="MT-Bench's question.jsonl, or AlpacaEval's evaluation set "
-                                                        "(a JSON array of {instruction, dataset, ...})")
-    gen.add_argument("--out", required=True, help="MT-Bench: answers JSONL, e.g. model_answer/NAME.jsonl; "
-                                                  "AlpacaEval: model outputs JSON, e.g. NAME/model_outputs.json")
-    gen.add_argument("--model-id", help="model_id (MT-Bench) or generator (AlpacaEval) (default: the model "
-                                        "or run directory's name)")
-    gen.add_argument("--max-new-tokens", type=int, help="per turn (default: 1024 for MT-Bench, as FastChat; "
-                                                        "2048 for AlpacaEval)")
-    gen.add_argument("--temperature", type=float, help="for every question; below 1e-4 is greedy (default: FastChat's "
-                                                       "per MT-Bench category, 0.7 for AlpacaEval)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed: the same flags give the same answers")
-    dm.add_argument("--dynamics", required=True, help="dynamics.jsonl of the reference run")
-    dm.add_argument("--split", help="split.json to colour by (default: the median split of the dynamics)")
-    for s in (dm, cur):
-        s.add_argument("--out", required=True, help="PNG to write")
+        return s
+
+    s = command("ppl", cmd_ppl, "response perplexity, overall, per example, per half")
+    s.add_argument("--model", required=True, help=MODEL_HELP)
+    s.add_argument("--data", required=True, help="conversations (alpaca / sharegpt / messages)")
+    s.add_argument("--split", help="split.json; adds ppl per half")
+    s.add_argument("--max-len", type=int, default=data.MAX_LEN, help="tokens per example; longer cut on the right")
+    model_flags(s)
+    s.add_argument("--out", help="per-example JSONL")
+
+    s = command("mc", cmd_mc, "multiple-choice accuracy (MedQA, MedMCQA, PubMedQA, ...)")
+    s.add_argument("--model", required=True, help=MODEL_HELP)
+    s.add_argument("--data", required=True, help="multiple-choice questions: MedQA, MedMCQA, PubMedQA or our layout")
+    s.add_argument("--cop-base", type=int, choices=(0, 1), help=COP_BASE_HELP)
+    model_flags(s)
+    s.add_argument("--out", help="per-question JSONL")
+
+    s = command("generate", cmd_generate, "MT-Bench or AlpacaEval answers, as judges read them")
+    s.add_argument("--model", required=True, help=MODEL_HELP)
+    s.add_argument("--questions", required=True, help="MT-Bench's question.jsonl, or AlpacaEval's evaluation "
+                                                      "set (a JSON array of {instruction, dataset, ...})")
+    s.add_argument("--out", required=True, help="MT-Bench: answers JSONL, e.g. model_answer/NAME.jsonl; "
+                                                "AlpacaEval: model outputs JSON, e.g. NAME/model_outputs.json")
+    s.add_argument("--model-id", help="model_id (MT-Bench) or generator (AlpacaEval) (default: the model "
+                                      "or run directory's name)")
+    s.add_argument("--max-new-tokens", type=int, help="per turn (default: 1024 for MT-Bench, as FastChat; "
+                                                      "2048 for AlpacaEval)")
+    s.add_argument("--temperature", type=float, help="for every question; below 1e-4 is greedy (default: "
+                                                     "FastChat's per MT-Bench category, 0.7 for AlpacaEval)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed: the same flags give the same answers")
+    model_flags(s)
+
+    s = command("compare", cmd_compare, "Markdown table of several runs side by side")
+    s.add_argument("runs", nargs="+", help="model or run directories; the first is the baseline A")
+    s.add_argument("--names", nargs="+", help=NAMES_HELP)
+    s.add_argument("--data", help="held-out conversations; adds ppl rows")
+    s.add_argument("--split", help="split.json; adds ppl per half")
+    s.add_argument("--max-len", type=int, default=data.MAX_LEN, help="tokens per example; longer cut on the right")
+    s.add_argument("--mc", action="append", metavar="[NAME=]FILE",
+                   help="multiple-choice benchmark, repeated for several (NAME defaults to the file's stem); "
+                        "adds accuracy rows, and their mean with several, e.g. --mc MedQA=medqa.jsonl --mc "
+                        "MedQA-5=medqa5.jsonl --mc PubMedQA=ori_pqal.json --mc MedMCQA=dev.json")
+    s.add_argument("--mc-score", nargs="+", choices=SCORES, default=list(SCORES), metavar="SCORE",
+                   help=f"accuracy by these scores, of {', '.join(SCORES)} (default: all three)")
+    s.add_argument("--cop-base", type=int, choices=(0, 1), help=COP_BASE_HELP)
+    model_flags(s)
+    s.add_argument("--out", help="Markdown file for the table")
+
+    s = command("dynamics", cmd_dynamics, "confidence mean and spread of dynamics files")
+    s.add_argument("runs", nargs="+", help="dynamics.jsonl files (or run directories holding one); the first is A")
+    s.add_argument("--names", nargs="+", help=NAMES_HELP)
+    s.add_argument("--out", help="Markdown file for the table")
+
+    s = command("curves", cmd_curves, "training curves of several runs (matplotlib)")
+    s.add_argument("runs", nargs="+", help="run directories (or their metrics.jsonl files)")
+    s.add_argument("--names", nargs="+", help=NAMES_HELP)
+    s.add_argument("--out", required=True, help="PNG to write")
+
+    s = command("datamap", cmd_datamap, "confidence vs variability picture (matplotlib)")
+    s.add_argument("--dynamics", required=True, help="dynamics.jsonl of the reference run")
+    s.add_argument("--split", help="split.json to colour by (default: the median split of the dynamics)")
+    s.add_argument("--out", required=True, help="PNG to write")
     return p
+
+
+def check_flags(args) -> None:
+    """The numeric flags a command has, before any work: one line naming the flag and what was expected."""
+    for flag, (ok, expected) in NUMERIC_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None and not ok(value):
+            raise InputError(f"--{flag.replace('_', '-')}: expected {expected}, got {value}")
 
 
 def main(argv=None):
@@ -734,9 +762,10 @@ def main(argv=None):
         check_flags(args)
         if args.out:
             data.check_output(args.out)
-        rt = setup(getattr(args, "dtype", "auto"))
-        say = print if rt.rank == 0 else (lambda *a, **k: None)
-        args.run(args, rt, say)
+        if args.command in MODEL_COMMANDS:  # devices and process groups for these alone
+            args.run(args, setup(args.dtype))
+        elif int(os.environ.get("RANK", 0)) == 0:  # a table or a picture: one writer under torchrun
+            args.run(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

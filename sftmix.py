@@ -76,6 +76,13 @@ def perplexity(nll, n_tokens):
     return math.exp(nll / n_tokens) if nll / n_tokens < 709.78 else math.inf
 
 
+def token_weighted(results, ids):
+    """Over examples ids, with results {id: (nll, |y|)}: NLL per token = sum_i nll_i / sum_i |y_i|, and
+    PPL = exp(NLL per token), the held-out perplexity of train.py and eval.py (not a mean of per-example PPLs)."""
+    nll, n = sum(results[i][0] for i in ids), sum(results[i][1] for i in ids)
+    return {"examples": len(ids), "tokens": n, "nll_per_token": nll / n, "ppl": perplexity(nll, n)}
+
+
 def confidence(perplexities):
     """Conf(x, y) = -(1/C) sum_c Perp_c(y|x): (N, C) perplexities at C checkpoints -> (N,)."""
     return -np.asarray(perplexities, dtype=np.float64).mean(axis=1)

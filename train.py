@@ -175,8 +175,8 @@ def train(args, rank, local_rank, world):
                       "tokens_per_s": n_input / elapsed}
             if heldout and step % steps_per_epoch == 0:  # the end of an epoch
                 nll = sftmix.response_nll(wrapped, heldout, args.eval_batch, device, amp_dtype, desc="held-out")
-                nll_per_token = sum(v[0] for v in nll.values()) / sum(v[1] for v in nll.values())
-                record.update(heldout_nll=nll_per_token, heldout_ppl=sftmix.perplexity(nll_per_token, 1))
+                weighted = sftmix.token_weighted(nll, list(nll))
+                record.update(heldout_nll=weighted["nll_per_token"], heldout_ppl=weighted["ppl"])
             if rank == 0:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")

@@ -632,6 +632,18 @@ def test_dynamics_reports_confidence_mean_and_spread_as_computed_by_hand(tmp_pat
     assert spread[3] == pytest.approx(spread[1] / spread[0], abs=1e-3)  # the SFTMix ÷ NTP column
 
 
+def test_table_and_picture_commands_set_up_no_device_or_process_group(tmp_path, monkeypatch):
+    def no_setup(*args):
+        raise AssertionError("setup called by a command that runs no model")
+
+    monkeypatch.setattr(E, "setup", no_setup)
+    dynamics = write_dynamics(tmp_path / "dynamics.jsonl")
+    code, table, err = run_eval("dynamics", dynamics)
+    assert code == 0 and table.startswith("| metric |"), err
+    code, _, err = run_eval("datamap", "--dynamics", dynamics, "--out", tmp_path / "map.png")
+    assert code == 0, err
+
+
 COMMANDS = {  # every command with --out; its other inputs do not exist, so an error about --out came first
     "ppl": ["ppl", "--model", "nope", "--data", "nope.jsonl"],
     "mc": ["mc", "--model", "nope", "--data", "nope.jsonl"],
