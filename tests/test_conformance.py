@@ -1,8 +1,9 @@
-"""The conformance kit: deterministic, reachable from transformers alone, agreeing with train.py, and naming the
-stage of each usual mistake."""
+"""The conformance kit: deterministic, reachable from transformers alone and from TRL, agreeing
+with train.py, its schedule stage able to tell schedules apart, and naming the stage of each usual
+mistake."""
 import json
 import math
-import statistics
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 ROOT = Path(__file__).resolve().parent.parent
+KIT_TOOL = ROOT / "scripts" / "conformance.py"
 sys.path.insert(0, str(ROOT / "scripts"))
 import conformance as kit_tool  # noqa: E402
 import conformance_transformers as cx  # noqa: E402
+import conformance_trl as ctrl  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def expected(kit):
 
 @pytest.fixture(scope="module")
 def theirs(kit):
-    """The transformers-only worked example's submission (stages 1, 2, 4, 5)."""
+    """The transformers-only worked example's submission, every stage."""
     return cx.compute(kit)
 
 
@@ -40,7 +43,7 @@ def run_check(kit, submission, tmp_path):
     """(exit status, output lines) of `conformance.py check` on a submission."""
     path = tmp_path / "theirs.json"
     path.write_text(json.dumps(submission))
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "conformance.py"), "check", str(kit), str(path)],
+    r = subprocess.run([sys.executable, str(KIT_TOOL), "check", str(kit), str(path)],
                        capture_output=True, text=True)
     return r.returncode, (r.stdout + r.stderr).strip().splitlines()
 
@@ -50,18 +53,24 @@ def stage_lines(lines):
     return {int(line[0]): line for line in lines if line[:1].isdigit()}
 
 
-@pytest.mark.parametrize("tokenizer", ["smollm2", "kit tokenizer"])
-def test_two_makes_write_byte_identical_kits(tokenizer, smollm2_dir, tmp_path):
-    source = smollm2_dir if tokenizer == "smollm2" else tmp_path / "absent"
-    for name in ("a", "b"):
-        kit_tool.make(tmp_path / name, smollm2=source)
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert [str(f) for f in files] == ["data.jsonl", "expected.json", "model/config.json", "model/model.safetensors",
-                                       "model/tokenizer.json", "model/tokenizer_config.json"]
-    for f in files:
-        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
-    about = json.loads((tmp_path / "a" / "expected.json").read_text())["kit"]["tokenizer"]
-    assert about.startswith("SmolLM2" if tokenizer == "smollm2" else "a byte-level BPE")
+def conversation(kit, example_id):
+    lines = (kit / "data.jsonl").read_text().splitlines()
+    return next(json.loads(x)["messages"] for x in lines if json.loads(x)["id"] == example_id)
+
+
+def test_two_makes_write_byte_identical_kits(kit, smollm2_dir, tmp_path):
+    kit_tool.make(tmp_path / "b", smollm2=smollm2_dir)
+    for name in ("c", "d"):  # without SmolLM2: the kit's own tokenizer
+        kit_tool.make(tmp_path / name, smollm2=tmp_path / "absent")
+    for a, b in ((kit, tmp_path / "b"), (tmp_path / "c", tmp_path / "d")):
+        files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+        assert [str(f) for f in files] == ["data.jsonl", "expected.json", "model/config.json",
+                                           "model/model.safetensors", "model/tokenizer.json",
+                                           "model/tokenizer_config.json"]
+        for f in files:
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    about = json.loads((tmp_path / "c" / "expected.json").read_text())["kit"]["tokenizer"]
+    assert about.startswith("a byte-level BPE")
 
 
 def test_kit_holds_the_cases_it_promises(kit, expected):
@@ -80,68 +89,77 @@ def test_kit_holds_the_cases_it_promises(kit, expected):
         assert {"tolerance", "depends_on", "definition", "keys"} <= set(stage)
 
 
-def reference_run_with_transformers(kit, expected, examples):
-    """Stage 3 from what expected.json states about the reference run, in transformers: the two NTP steps on
-    the stated batches and lr with the stated AdamW and clipping, the perplexities after each, the split."""
-    s, run = expected["settings"], expected["inputs"]["reference_run"]
-    model = LlamaForCausalLM.from_pretrained(kit / "model", dtype=torch.float32)
-    pad_id = AutoTokenizer.from_pretrained(kit / "model").pad_token_id
-    optimizer = cx.adamw(model, s)
-    perplexities = {i: [] for i in examples}
-    for batch, lr in zip(run["batches"], run["lr"]):
-        input_ids, labels, attention_mask = cx.collate([examples[i] for i in batch], pad_id)
-        cx.ntp_loss(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad()
-        for i, (x, y) in examples.items():
-            nll, n = cx.response_nll(model, x, y)
-            perplexities[i].append(math.exp(nll / n))
-    confidence = {i: -statistics.fmean(p) for i, p in perplexities.items()}
-    ranked = sorted(examples, key=lambda i: (-confidence[i], i))
-    return {"perplexities": perplexities, "confidence": confidence,
-            "variability": {i: statistics.pstdev(p) for i, p in perplexities.items()},
-            "split": {"confident": ranked[:len(ranked) // 2], "unconfident": ranked[len(ranked) // 2:]}}
+def test_a_token_that_straddles_the_prompt_and_the_reply_is_trained(kit, expected):
+    tok = AutoTokenizer.from_pretrained(kit / "model")
+    messages = conversation(kit, "leading-space-and-newline")
+    reply_start = len(tok.apply_chat_template(messages[:1], tokenize=False,
+                                              add_generation_prompt=True))
+    enc = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False,
+              return_offsets_mapping=True)
+    straddling = [j for j, (a, b) in enumerate(enc["offset_mapping"]) if a < reply_start < b]
+    assert len(straddling) == 1  # SmolLM2's "\n ": the header's newline, the reply's first space
+    j = straddling[0]
+    assert expected["expected"]["labels"]["leading-space-and-newline"][j - 1] == enc["input_ids"][j]
+    assert "straddles the prompt and the reply" in expected["stages"][0]["definition"]
 
 
-def test_transformers_example_agrees_at_every_stage(kit, expected, theirs, tmp_path):
-    examples = {i: (theirs["input_ids"][i], theirs["labels"][i]) for i in theirs["input_ids"]}
-    stage3 = reference_run_with_transformers(kit, expected, examples)
-    status, lines = run_check(kit, theirs, tmp_path)
+def schedule(kind, step, total, lr, warmup_ratio):
+    """The lr of a step by the stated definition (cosine), or by one of two usual mistakes."""
+    W = math.ceil(warmup_ratio * total)
+    if kind == "warm-up from 0":  # transformers' (and so TRL's) cosine schedule
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+        return lr * get_cosine_schedule_with_warmup(optimizer, W, total).lr_lambdas[0](step)
+    if step < W:
+        return lr * (step + 1) / W
+    progress = (step - W) / (total - W)
+    return lr * (1 - progress) if kind == "linear" else lr * (1 + math.cos(math.pi * progress)) / 2
+
+
+def test_the_schedule_stage_tells_the_usual_schedules_apart_and_clips_every_step(expected):
+    run, s = expected["inputs"]["sftmix_run"], expected["settings"]
+    steps = expected["expected"]["sftmix_steps"]
+    assert len(steps) == run["steps"] == len(run["pairs"]) == len(run["lambda"]) >= 3
+    lrs = {kind: [schedule(kind, k, len(steps), s["lr"], run["warmup_ratio"])
+                  for k in range(len(steps))] for kind in ("cosine", "warm-up from 0", "linear")}
+    assert [step["lr"] for step in steps] == pytest.approx(lrs["cosine"], rel=1e-12)
+    for mistake in ("warm-up from 0", "linear"):
+        assert max(abs(a - b) / a for a, b in zip(lrs["cosine"], lrs[mistake])) > 0.2, mistake
+    factors = [s["grad_clip"] / step["grad_norm"] for step in steps]
+    assert max(factors) < 1  # every step clipped ...
+    assert max(factors) > 1.5 * min(factors)  # ... by factors that Adam does not cancel
+
+
+@pytest.mark.parametrize("example", ["transformers", "TRL"])
+def test_worked_example_agrees_at_every_stage(example, kit, theirs, tmp_path):
+    status, lines = run_check(kit, theirs if example == "transformers" else ctrl.compute(kit),
+                              tmp_path)
     assert status == 0, lines
-    assert "not given" in stage_lines(lines)[3]
-    status, lines = run_check(kit, {**theirs, **stage3}, tmp_path)
-    assert status == 0, lines
+    assert len(stage_lines(lines)) == 6, lines
     assert all(" agrees " in line for line in stage_lines(lines).values()), lines
     assert lines[-1] == "every given stage agrees"
 
 
-def test_stage_4_and_5_agree_with_train_py_sftmix_on_the_same_split_and_seed(kit, expected, tmp_path):
-    s = expected["settings"]
-    split = tmp_path / "split.json"
-    split.write_text(json.dumps(expected["expected"]["split"]))
-    flags = {"--global-batch": s["global_batch"], "--micro-batch": 2, "--lr": s["lr"],
-             "--warmup-ratio": s["warmup_ratio"], "--weight-decay": s["weight_decay"], "--grad-clip": s["grad_clip"], "--max-len": s["max_len"],
-             "--seed": s["seed"], "--alpha": s["alpha"], "--mu": s["mu"], "--dtype": "fp32"}
-    subprocess.run([sys.executable, str(ROOT / "train.py"), "--mode", "sftmix", "--split", str(split), "--model",
-                    str(kit / "model"), "--data", str(kit / "data.jsonl"), "--out", str(tmp_path / "run"),
-                    "--betas", *map(str, s["betas"]), *[str(x) for kv in flags.items() for x in kv]],
+def test_stages_4_to_6_agree_with_train_py_running_the_stated_command(kit, expected, tmp_path):
+    run = expected["inputs"]["sftmix_run"]
+    for name in ("model", "data.jsonl"):
+        (tmp_path / name).symlink_to(kit / name)
+    (tmp_path / "split.json").write_text(json.dumps(expected["expected"]["split"]))
+    flags = shlex.split(run["command"])[2:]  # after "python train.py"
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--out", "run"], cwd=tmp_path,
                    check=True, capture_output=True)
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps, tol = expected["expected"]["sftmix_steps"], expected["stages"][3]["tolerance"]
-    assert len(metrics) == len(steps) == 2
-    assert [m["lr"] for m in metrics] == expected["inputs"]["sftmix_steps"]["lr"]
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps, tol = expected["expected"]["sftmix_steps"], expected["stages"][4]["tolerance"]
+    assert len(metrics) == len(steps) == run["steps"]
     for m, step in zip(metrics, steps):
-        for key in ("ntp_loss", "mixup_loss", "grad_norm"):
+        for key in ("lr", "ntp_loss", "mixup_loss", "loss", "grad_norm"):
             assert m[key] == pytest.approx(step[key], rel=tol["rtol"], abs=tol["atol"]), key
-    final, tol = load_file(str(tmp_path / "run" / "final" / "model.safetensors")), expected["stages"][4]["tolerance"]
+    final = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    tol = expected["stages"][5]["tolerance"]
     for name, norm in expected["expected"]["weight_norms"].items():
-        assert final[name].norm().item() == pytest.approx(norm, rel=tol["rtol"], abs=tol["atol"]), name
+        assert final[name].norm().item() == pytest.approx(norm, rel=tol["rtol"], abs=tol["atol"])
 
 
-# ----------------------------------------------------------------------------- deliberately wrong submissions
+# ------------------------------------------------------------------ deliberately wrong submissions
 
 def extend_to_the_newline(trained_spans):
     def spans(tok, messages):
@@ -150,88 +168,177 @@ def extend_to_the_newline(trained_spans):
     return spans
 
 
+def starting_inside_the_reply(_):
+    """cx.tokens with another rule: a token is trained when it starts inside a trained span."""
+    def tokens(tok, messages, max_len):
+        text, spans = cx.trained_spans(tok, messages)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        x = enc["input_ids"][:max_len + 1]
+        y = [t if any(start <= a < end for start, end in spans) else cx.IGNORE
+             for t, (a, _) in zip(x, enc["offset_mapping"])]
+        return x[:-1], y[1:]
+    return tokens
+
+
 def mean_of_example_means(logits, labels):
-    per_example = [torch.nn.functional.cross_entropy(l, y, ignore_index=cx.IGNORE) for l, y in zip(logits, labels)]
+    per_example = [torch.nn.functional.cross_entropy(l, y, ignore_index=cx.IGNORE)
+                   for l, y in zip(logits, labels)]
     return torch.stack(per_example).mean()
 
 
 def wrong_mixup(kind):
-    """The Mixup loss written out per pair with one mistake: 'lambda' on the wrong member, or 'unaligned'
-    positions (position t of c with position t of u, where both are trained)."""
+    """The Mixup loss written out per pair with one mistake: 'lambda' on the wrong member, or
+    'unaligned' positions (position t of c with position t of u, where both are trained)."""
     def loss(hidden, labels, lam, lm_head):
         P, terms = len(lam), []
         for p in range(P):
+            trained_c, trained_u = labels[p] != cx.IGNORE, labels[P + p] != cx.IGNORE
             if kind == "lambda":
                 lam_c, lam_u = 1 - lam[p], lam[p]
-                pos_c, pos_u = (labels[p] != cx.IGNORE).nonzero()[:, 0], (labels[P + p] != cx.IGNORE).nonzero()[:, 0]
+                pos_c, pos_u = trained_c.nonzero()[:, 0], trained_u.nonzero()[:, 0]
                 n = min(len(pos_c), len(pos_u))
                 pos_c, pos_u = pos_c[:n], pos_u[:n]
             else:
                 lam_c, lam_u = lam[p], 1 - lam[p]
-                pos_c = pos_u = ((labels[p] != cx.IGNORE) & (labels[P + p] != cx.IGNORE)).nonzero()[:, 0]
-            logp = torch.log_softmax(lm_head(lam_c * hidden[p, pos_c] + lam_u * hidden[P + p, pos_u]), -1)
+                pos_c = pos_u = (trained_c & trained_u).nonzero()[:, 0]
+            z = lam_c * hidden[p, pos_c] + lam_u * hidden[P + p, pos_u]
+            logp = torch.log_softmax(lm_head(z), -1)
             for k in range(len(pos_c)):
-                terms.append(-(lam_c * logp[k, labels[p, pos_c[k]]] + lam_u * logp[k, labels[P + p, pos_u[k]]]))
+                terms.append(-(lam_c * logp[k, labels[p, pos_c[k]]]
+                               + lam_u * logp[k, labels[P + p, pos_u[k]]]))
         return torch.stack(terms).mean()
     return loss
 
 
-def whole_sequence_nll(kit, expected, monkeypatch):
-    """Stage 2 with every next token a target: the perplexity over the whole sequence, prompt included."""
+def whole_sequence_nll(kit, expected, theirs, monkeypatch):
+    """Stage 2 with every next token a target: the perplexity over the whole sequence."""
     def whole_text(tok, messages):
         text = tok.apply_chat_template(messages, tokenize=False)
         return text, [(0, len(text))]
     monkeypatch.setattr(cx, "trained_spans", whole_text)
     tok = AutoTokenizer.from_pretrained(kit / "model")
-    model = LlamaForCausalLM.from_pretrained(kit / "model", dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(kit / "model", dtype=torch.float32)
     conversations = [json.loads(line) for line in (kit / "data.jsonl").read_text().splitlines()]
-    nll = {c["id"]: cx.response_nll(model, *cx.tokens(tok, c["messages"], expected["settings"]["max_len"]))
+    max_len = expected["settings"]["max_len"]
+    nll = {c["id"]: cx.response_nll(model, *cx.tokens(tok, c["messages"], max_len))
            for c in conversations}
-    return {"response_nll": {i: v for i, (v, _) in nll.items()}, "n_tokens": {i: n for i, (_, n) in nll.items()}}
+    return {**theirs, "response_nll": {i: v for i, (v, _) in nll.items()},
+            "n_tokens": {i: n for i, (_, n) in nll.items()}}
 
 
-@pytest.mark.parametrize("mistake,patch,stage,names", [
-    ("newline after <|im_end|> trained", ("trained_spans", extend_to_the_newline), 1,
-     ["labels[", "the token after the end-of-turn token <|im_end|> (its newline) is trained"]),
-    ("perplexity over the whole sequence", None, 2, ["n_tokens[", "the perplexity is over the whole sequence"]),
-    ("mean of per-example means", ("ntp_loss", lambda _: mean_of_example_means), 4,
-     ["sftmix_steps[0].ntp_loss", "a mean of per-example means"]),
-    ("lambda on the wrong member", ("mixup_loss", lambda _: wrong_mixup("lambda")), 4,
-     ["sftmix_steps[0].mixup_loss", "lambda applied to the unconfident member"]),
-    ("unaligned Mixup positions", ("mixup_loss", lambda _: wrong_mixup("unaligned")), 4,
-     ["sftmix_steps[0].mixup_loss", "Mixup over unaligned positions"]),
-])
-def test_wrong_submission_fails_at_the_stage_of_its_mistake_and_is_named(mistake, patch, stage, names, kit, expected,
-                                                                          theirs, tmp_path, monkeypatch):
-    if patch is None:
-        wrong = {**theirs, **whole_sequence_nll(kit, expected, monkeypatch)}
-    else:
-        name, make_wrong = patch
+def halves_swapped(kit, expected, theirs, monkeypatch):
+    return {**theirs, "split": {"confident": theirs["split"]["unconfident"],
+                                "unconfident": theirs["split"]["confident"]}}
+
+
+def entries_after_clipping(kit, expected, theirs, monkeypatch):
+    clip = expected["settings"]["grad_clip"]
+    return {**theirs, "sftmix_steps": [
+        {**s, "grad_entries": [g * min(1, clip / (s["grad_norm"] + 1e-6))
+                               for g in s["grad_entries"]]} for s in theirs["sftmix_steps"]]}
+
+
+def clipping_off(kit, expected, theirs, monkeypatch):
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, _: clip(params, math.inf))
+    return cx.compute(kit)
+
+
+def patched(name, make_wrong):
+    def submission(kit, expected, theirs, monkeypatch):
         monkeypatch.setattr(cx, name, make_wrong(getattr(cx, name)))
-        wrong = cx.compute(kit)
-    status, lines = run_check(kit, wrong, tmp_path)
+        return cx.compute(kit)
+    return submission
+
+
+def scheduled(kind):
+    return patched("lr_at", lambda _: lambda *args: schedule(kind, *args))
+
+
+@pytest.mark.parametrize("mistake,submission,stage,also_differing,names", [
+    ("newline after <|im_end|> trained", patched("trained_spans", extend_to_the_newline), 1, [],
+     ["labels[", "the token after the end-of-turn token <|im_end|> (its newline) is trained"]),
+    ("a token straddling prompt and reply not trained",
+     patched("tokens", starting_inside_the_reply), 1, [],
+     ['labels["leading-space-and-newline"]', "one that straddles the prompt and the reply is"]),
+    ("perplexity over the whole sequence", whole_sequence_nll, 2, [],
+     ["n_tokens[", "the perplexity is over the whole sequence"]),
+    ("split halves swapped", halves_swapped, 3, [], ["split[", "halves swapped"]),
+    ("mean of per-example means", patched("ntp_loss", lambda _: mean_of_example_means), 4, [3],
+     ["sftmix_steps[0].ntp_loss", "a mean of per-example means"]),
+    ("lambda on the wrong member", patched("mixup_loss", lambda _: wrong_mixup("lambda")), 4, [],
+     ["sftmix_steps[0].mixup_loss", "lambda applied to the unconfident member"]),
+    ("unaligned Mixup positions", patched("mixup_loss", lambda _: wrong_mixup("unaligned")), 4, [],
+     ["sftmix_steps[0].mixup_loss", "Mixup over unaligned positions"]),
+    ("gradient entries read after clipping", entries_after_clipping, 4, [],
+     ["sftmix_steps[0].grad_entries[0]", "gradient entries read after clipping"]),
+    ("warm-up from lr 0 (transformers' cosine schedule)", scheduled("warm-up from 0"), 5, [],
+     ["sftmix_steps[0].lr", "warm-up from lr 0"]),
+    ("linear decay", scheduled("linear"), 5, [],
+     ["sftmix_steps[3].lr", "linear decay after the warm-up"]),
+    ("gradient clipping off", clipping_off, 5, [3], ["gradient clipping off"]),
+])
+def test_wrong_submission_fails_at_the_stage_of_its_mistake_and_is_named(
+        mistake, submission, stage, also_differing, names, kit, expected, theirs, tmp_path,
+        monkeypatch):
+    status, lines = run_check(kit, submission(kit, expected, theirs, monkeypatch), tmp_path)
     table = stage_lines(lines)
     assert status == 1, lines
-    assert all(" agrees " in table[n] for n in table if n < stage and n != 3), lines
+    for n in range(1, stage):
+        assert (" differs " if n in also_differing else " agrees ") in table[n], lines
     assert " differs " in table[stage], lines
     for name in names:
         assert name in table[stage], (name, table[stage])
-    assert lines[-1] == f"first difference at stage {stage}"
+    assert lines[-1] == f"first difference at stage {min([stage, *also_differing])}"
 
 
 @pytest.mark.parametrize("content,message", [
     ("{not json", "invalid JSON"),
     ('{"input_ids": {}, "perplexity": {}}', "unknown keys ['perplexity']"),
-    ('{"n_tokens": {"plain": 3}}', "n_tokens: expected one entry per example id of the kit; missing ["),
+    ('{"n_tokens": {"plain": 3}}',
+     "n_tokens: expected one entry per example id of the kit; missing"),
     ('{"sftmix_steps": [{"ntp_loss": 1.0, "grad_entries": [1.0]}]}',
      "sftmix_steps[0].grad_entries: expected a list of 5 numbers"),
+    ('{"sftmix_steps": [{"lr": "1e-2"}]}', "sftmix_steps[0].lr: expected a number"),
     ('[1, 2]', "expected a JSON object"),
     ('{}', "no key; expected one or more of ['input_ids', 'labels', "),
 ])
 def test_bad_submission_gets_one_line_and_exit_2(content, message, kit, tmp_path):
     path = tmp_path / "theirs.json"
     path.write_text(content)
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "conformance.py"), "check", str(kit), str(path)],
+    r = subprocess.run([sys.executable, str(KIT_TOOL), "check", str(kit), str(path)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {path}: ") and message in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {path}: "), r.stderr
+    assert message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("case", ["out is a file", "a file named model in out",
+                                  "expected.json is a directory"])
+def test_make_into_an_out_it_cannot_fill_gets_one_line_and_writes_nothing(case, tmp_path):
+    out = tmp_path / "kit"
+    if case == "out is a file":
+        out.write_text("x")
+        message = f"--out {out}: is a file; expected a directory to write the kit into"
+    elif case == "a file named model in out":
+        out.mkdir()
+        (out / "model").write_text("x")
+        message = f"--out {out}: {out / 'model'} is a file; expected the kit's model directory, " \
+                  f"or nothing"
+    else:
+        (out / "expected.json").mkdir(parents=True)
+        message = f"--out {out / 'expected.json'}: is a directory; expected a file to write"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    r = subprocess.run([sys.executable, str(KIT_TOOL), "make", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {message}\n")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("example", ["conformance_transformers.py", "conformance_trl.py"])
+def test_worked_example_without_a_kit_gets_one_line_and_exit_2(example, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / example), str(tmp_path), "--out",
+                        str(tmp_path / "theirs.json")], capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (2, "") and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {tmp_path}: no expected.json"), r.stderr
+    assert not list(tmp_path.iterdir())
