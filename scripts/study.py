@@ -13,7 +13,8 @@ arms of one seed are paired. The full study runs each arm over seeds 0 .. N-1 (-
   mu1      SFTMix with mu = 1 (NTP + Mixup at equal weight)          N = 3   the paper's role of the loss terms
   mixup    Mixup only (train.py --mixup-only)                        N = 3
 
-Stages, each skipped when its output exists (a killed training run continues from its state/ with --resume):
+Stages, each skipped when done (scripts/stages.py: its output exists and, for a training run, no state/ is left; a
+killed training run continues from its state/ with --resume):
   data       --train + --heldout ShareGPT conversations (scripts/get_sharegpt.py), unless --data and
              --heldout-data name files; the first turn of --questions MT-Bench questions (scripts/get_mtbench.py)
              unless --questions-file names one
@@ -38,7 +39,6 @@ import argparse
 import json
 import math
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -54,6 +54,7 @@ import model as M  # noqa: E402
 import sftmix  # noqa: E402
 import train  # noqa: E402
 from data import InputError  # noqa: E402
+import stages  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -112,11 +113,6 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- running the stages
 
-def finished(run: Path) -> bool:
-    """train.py has finished RUN: it writes dynamics.jsonl at its end, then final/, then deletes state/."""
-    return (run / "dynamics.jsonl").exists() and not (run / "state" / "latest.json").exists()
-
-
 def flags(settings: dict) -> list:
     """train.py's command line for settings named as train.parse_args' dests (True: a switch)."""
     argv = []
@@ -131,6 +127,7 @@ class Study:
         self.train_data = Path(settings["data"] or out / "data" / "train.jsonl")
         self.heldout_data = Path(settings["heldout_data"] or out / "data" / "heldout.jsonl")
         self.questions = Path(settings["questions_file"] or out / "questions.jsonl")
+        self.stages = stages.Stages(out / "times.tsv")
 
     def run_dir(self, arm, seed):
         return self.out / "runs" / f"{arm}-s{seed}"
@@ -150,49 +147,46 @@ class Study:
         return self.train_flags(self.run_dir(arm, seed), epochs=self.s["epochs"], seed=seed,
                                 heldout=self.heldout_data, dynamics=1, **ARMS[arm].flags, **split)
 
-    def stage(self, name, done, *command, ranks=1):
-        """Run a python script from the repository root (under torchrun with ranks > 1) unless done; log its time."""
-        start = time.perf_counter()
-        print(f"== {name}" + (": done before, skipped" if done else ""), flush=True)
-        if not done:
-            launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-                                         if ranks > 1 else [])
-            subprocess.run([*launch, *map(str, command)], cwd=ROOT, check=True)
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "times.tsv", "a") as f:
-            f.write(f"{name}\t{time.perf_counter() - start:.0f}\t{'skipped' if done else 'done'}\n")
+    def train(self, name, run, argv):
+        """A training stage: train.py ARGV (its --out is RUN, with --resume), done once RUN's records are complete
+        (dynamics.jsonl, the one the study keeps of what train.py writes at its end) and RUN holds no state/."""
+        self.stages.run(name, run / "dynamics.jsonl", "train.py", *argv, run=run, ranks=self.s["nproc"])
 
     def fetch(self, again: bool):
         """The data and questions the flags do not name; again: fetch even if present (a study not yet begun)."""
         s, out = self.s, self.out
         if not s["data"]:
-            self.stage("ShareGPT conversations", not again and self.heldout_data.exists(), "scripts/get_sharegpt.py",
-                       "--out", out / "data", "--train", s["train"], "--heldout", s["heldout"], "--seed", 0,
-                       "--max-chars", s["max_chars"])
+            if again:  # what an attempt that stopped before study.json was written fetched, maybe at other sizes
+                self.heldout_data.unlink(missing_ok=True)
+            self.stages.run("ShareGPT conversations", self.heldout_data, "scripts/get_sharegpt.py",
+                            "--out", out / "data", "--train", s["train"], "--heldout", s["heldout"], "--seed", 0,
+                            "--max-chars", s["max_chars"])
         if not s["questions_file"]:
-            done = not again and self.questions.exists()
-            self.stage("MT-Bench questions", done, "scripts/get_mtbench.py", "--out", out / "mt_bench.jsonl",
-                       "--limit", s["questions"])
-            if not done:  # first turns only: the answers are for reading, not for a judge
+            if again:
+                self.questions.unlink(missing_ok=True)
+            if self.stages.run("MT-Bench questions", self.questions, "scripts/get_mtbench.py",
+                               "--out", out / "mt_bench.jsonl", "--limit", s["questions"]):
+                # first turns only: the answers are for reading, not for a judge
                 rows = [r | {"turns": r["turns"][:1]} for _, r in data.read_records(out / "mt_bench.jsonl")]
                 data.write_json(self.questions, rows, lines=True)
 
     def per_example_and_answers(self, name, model):
         s, out = self.s, self.out
         heldout, answers = out / "heldout" / f"{name}.jsonl", out / "answers" / f"{name}.jsonl"
-        self.stage(f"{name}: held-out perplexity per example", heldout.exists(), "eval.py", "ppl", "--model", model,
-                   "--data", self.heldout_data, "--max-len", s["max_len"], "--out", heldout, ranks=s["nproc"])
-        self.stage(f"{name}: answers", answers.exists(), "eval.py", "generate", "--model", model,
-                   "--questions", self.questions, "--out", answers, "--model-id", name,
-                   "--max-new-tokens", s["max_new_tokens"], ranks=s["nproc"])
+        self.stages.run(f"{name}: held-out perplexity per example", heldout, "eval.py", "ppl", "--model", model,
+                        "--data", self.heldout_data, "--max-len", s["max_len"], "--out", heldout, ranks=s["nproc"])
+        self.stages.run(f"{name}: answers", answers, "eval.py", "generate", "--model", model,
+                        "--questions", self.questions, "--out", answers, "--model-id", name,
+                        "--max-new-tokens", s["max_new_tokens"], ranks=s["nproc"])
 
     def reference(self):
         """The reference NTP epoch with its training dynamics, and the confidence split; its weights then go."""
         out, ref = self.out, self.out / "reference"
-        self.stage("reference NTP run with training dynamics", finished(ref), "train.py", *self.reference_flags(),
-                   ranks=self.s["nproc"])
-        self.stage("confidence split", (out / "split.json").exists(), "sftmix.py", "split",
-                   "--dynamics", ref / "dynamics.jsonl", "--out", out / "split.json")
+        self.train("reference NTP run with training dynamics", ref, self.reference_flags())
+        # the splits name no input to be newer than (stages.done's after): study.json fixes what they are made from,
+        # and a fresh checkout of a committed study gives its files arbitrary times
+        self.stages.run("confidence split", out / "split.json", "sftmix.py", "split",
+                        "--dynamics", ref / "dynamics.jsonl", "--out", out / "split.json")
         shutil.rmtree(ref / "final", ignore_errors=True)
 
     def run(self, plan):
@@ -207,10 +201,9 @@ class Study:
                 reference = True
             if ARMS[arm].split == "random":
                 split = self.out / f"split-random-s{seed}.json"
-                self.stage(f"random split, seed {seed}", split.exists(), "sftmix.py", "split", "--dynamics",
-                           self.out / "reference" / "dynamics.jsonl", "--out", split, "--random", "--seed", seed)
-            self.stage(f"{ARMS[arm].title}, seed {seed}", finished(run), "train.py", *self.arm_flags(arm, seed),
-                       ranks=self.s["nproc"])
+                self.stages.run(f"random split, seed {seed}", split, "sftmix.py", "split", "--dynamics",
+                                self.out / "reference" / "dynamics.jsonl", "--out", split, "--random", "--seed", seed)
+            self.train(f"{ARMS[arm].title}, seed {seed}", run, self.arm_flags(arm, seed))
             if seed == READ_SEED and arm in ("ntp", "sftmix"):
                 self.per_example_and_answers(arm, run)
             shutil.rmtree(run / "final", ignore_errors=True)
@@ -321,13 +314,13 @@ def mean_interval(values, level=0.95):
 
 def bootstrap_ppl(rows_by_model, draws, seed=0):
     """Std over held-out examples resampled with replacement (the same resample for every model) of each
-    model's token-weighted ppl (eval.token_weighted), and of the difference of the last two models' ppl."""
+    model's token-weighted ppl (sftmix.token_weighted), and of the difference of the last two models' ppl."""
     ids = sorted(rows_by_model[next(iter(rows_by_model))])
     picks = np.random.default_rng(seed).integers(0, len(ids), size=(draws, len(ids)))
     ppl = {}
     for name, rows in rows_by_model.items():
         results = {i: (r["nll"], r["tokens"]) for i, r in rows.items()}
-        ppl[name] = np.array([E.token_weighted(results, [ids[j] for j in pick])["ppl"] for pick in picks])
+        ppl[name] = np.array([sftmix.token_weighted(results, [ids[j] for j in pick])["ppl"] for pick in picks])
     a, b = list(rows_by_model)[-2:]
     return {name: float(v.std(ddof=1)) for name, v in ppl.items()} | {f"{b} − {a}": float((ppl[b] - ppl[a]).std(ddof=1))}
 
@@ -349,7 +342,7 @@ def records(study: Study):
             continue
         curve = [r["heldout_ppl"] for r in E.read_metrics(run / "metrics.jsonl") if "heldout_ppl" in r] \
             if (run / "metrics.jsonl").exists() else []
-        if finished(run) and len(curve) == study.s["epochs"]:
+        if stages.done(run / "dynamics.jsonl", run) and len(curve) == study.s["epochs"]:
             curves[arm][int(seed)], spreads[arm][int(seed)] = curve, confidence_spread(run / "dynamics.jsonl")
         else:
             unfinished.append(f"{arm} seed {seed}")
@@ -385,7 +378,7 @@ def report(study: Study):
     rows = {name: {r["id"]: r for _, r in data.read_records(out / "heldout" / f"{name}.jsonl")}
             for name in ("base", "ntp", "sftmix") if (out / "heldout" / f"{name}.jsonl").exists()}
     base = rows.get("base")
-    base_ppl = E.token_weighted({i: (r["nll"], r["tokens"]) for i, r in base.items()}, list(base))["ppl"] \
+    base_ppl = sftmix.token_weighted({i: (r["nll"], r["tokens"]) for i, r in base.items()}, list(base))["ppl"] \
         if base else None
     missing = [f"{arm} seeds {seed_list(set(range(ARMS[arm].seeds)) - set(curves[arm]))}" for arm in ARMS
                if set(range(ARMS[arm].seeds)) - set(curves[arm])]
@@ -516,7 +509,7 @@ def side_by_side(study: Study, path):
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out).resolve()
-    try:
+    with stages.reported():
         if args.report_only:
             if not (out / "study.json").is_file():
                 raise InputError(f"{out / 'study.json'}: not found; --report-only needs a study directory")
@@ -527,15 +520,6 @@ def main(argv=None):
             study.run(plan)
             print(f"study: this invocation took {(time.perf_counter() - start) / 60:.1f} min")
         report(study)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except subprocess.CalledProcessError as e:
-        script = next(str(c) for c in e.cmd if str(c).endswith(".py"))
-        advice = ("running the same command again repeats it" if e.returncode == 2  # refused input, or diverged
-                  else "run the same command again to continue")
-        print(f"error: {script} failed (exit {e.returncode}); its message is above; {advice}.", file=sys.stderr)
-        sys.exit(e.returncode if e.returncode > 0 else 1)
 
 
 if __name__ == "__main__":
