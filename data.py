@@ -467,16 +467,15 @@ def collate(samples: list, pad_id: int) -> dict:
 
 def pack(samples: list) -> dict:
     """Samples end to end in one row, no padding, laid out on the host (no device work, so no sync):
-        input_ids, labels, positions  (1, S), S = sum of lengths; positions restart at 0 at each sample, which is
-                                      all the model needs to keep attention inside each sample (model.attention_mask)
-        trained                       (N,) flat indices of the positions with a label (the LM head runs there only)
-        targets, sample               (N,) those labels, and the sample each position belongs to
-        ids                           the samples' ids, in row order
+        input_ids, positions  (1, S), S = sum of lengths; positions restart at 0 at each sample, which is
+                              all the model needs to keep attention inside each sample (model.attention_mask)
+        trained               (N,) flat indices of the positions with a label (the LM head runs there only)
+        targets, sample       (N,) those labels, and the sample each position belongs to
+        ids                   the samples' ids, in row order
     """
     labels = [t for s in samples for t in s.labels]
     trained = [k for k, t in enumerate(labels) if t != IGNORE]
     return {"input_ids": torch.tensor([[t for s in samples for t in s.input_ids]]),  # (1, S)
-            "labels": torch.tensor([labels]),  # (1, S)
             "positions": torch.tensor([[p for s in samples for p in range(len(s.input_ids))]]),  # (1, S)
             "trained": torch.tensor(trained, dtype=torch.long),  # (N,)
             "targets": torch.tensor([labels[k] for k in trained], dtype=torch.long),  # (N,)
