@@ -467,16 +467,18 @@ def collate(samples: list, pad_id: int) -> dict:
 
 def pack(samples: list) -> dict:
     """Samples end to end in one row, no padding, laid out on the host (no device work, so no sync):
-        input_ids, positions  (1, S), S = sum of lengths; positions restart at 0 at each sample, which is
-                              all the model needs to keep attention inside each sample (model.attention_mask)
+        input_ids, positions  (1, S), S = sum of lengths; positions restart at 0 at each sample
+        seqs                  where each sample lies in the row (packing), for the model's attention
         trained               (N,) flat indices of the positions with a label (the LM head runs there only)
         targets, sample       (N,) those labels, and the sample each position belongs to
         ids                   the samples' ids, in row order
     """
     labels = [t for s in samples for t in s.labels]
     trained = [k for k, t in enumerate(labels) if t != IGNORE]
+    lengths = [len(s.input_ids) for s in samples]
     return {"input_ids": torch.tensor([[t for s in samples for t in s.input_ids]]),  # (1, S)
-            "positions": torch.tensor([[p for s in samples for p in range(len(s.input_ids))]]),  # (1, S)
+            "positions": torch.tensor([[p for n in lengths for p in range(n)]]),  # (1, S)
+            "seqs": packing(lengths),
             "trained": torch.tensor(trained, dtype=torch.long),  # (N,)
             "targets": torch.tensor([labels[k] for k in trained], dtype=torch.long),  # (N,)
             "sample": torch.tensor([j for j, s in enumerate(samples) for t in s.labels if t != IGNORE],
@@ -484,11 +486,30 @@ def pack(samples: list) -> dict:
             "ids": [s.id for s in samples]}
 
 
+def packing(lengths: list) -> tuple:
+    """Sequences of these lengths end to end in a row of S = sum(lengths) tokens, seen as n right-padded sequences
+    of the longest length L (model.unpack):
+        index    (n, L) long, the row position of sequence i's t-th token; 0 at the padding places
+        inverse  (S,) long, the place of each row position among the flattened (n * L) padded places
+    """
+    L, start = max(lengths), itertools.accumulate([0, *lengths])
+    index = torch.zeros(len(lengths), L, dtype=torch.long)  # (n, L)
+    for i, (first, n) in enumerate(zip(start, lengths)):
+        index[i, :n] = torch.arange(first, first + n)
+    inverse = torch.cat([torch.arange(i * L, i * L + n) for i, n in enumerate(lengths)])  # (S,)
+    return index, inverse
+
+
 def to_device(batch: dict, device) -> dict:
-    """The batch's tensors on the device, copied asynchronously from pinned memory on CUDA (no stream sync)."""
-    if device.type != "cuda":
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch's tensors (and tuples of them) on the device, copied asynchronously from pinned memory on CUDA
+    (no stream sync)."""
+    def move(v):
+        if isinstance(v, tuple):
+            return tuple(move(t) for t in v)
+        if not torch.is_tensor(v):
+            return v
+        return v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v.to(device)
+    return {k: move(v) for k, v in batch.items()}
 
 
 def shuffled_order(n: int, seed: int, epoch: int) -> list:

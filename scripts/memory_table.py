@@ -31,8 +31,9 @@ def memory_per_gpu(m, gpus, shard, activation_checkpointing, tokens_per_gpu, mix
     step, or NTP's with mixup=False.
 
     ModelArgs m (no biases); P parameters, P_b in one block, E = V D in the embedding (and in an untied LM
-    head); N = gpus under FSDP2, 1 under DDP; T tokens per micro-batch (one packed row, so attention gets a
-    (T, T) mask); n = min(T, chunk) positions per LM-head chunk (sftmix.CHUNK). Resident:
+    head); N = gpus under FSDP2, 1 under DDP; T tokens per micro-batch, one packed row of sequences of equal length
+    (attention sees them right-padded to the longest: unequal lengths add padding to its terms below); n =
+    min(T, chunk) positions per LM-head chunk (sftmix.CHUNK). Resident:
         weights    4P/N   fp32 (FSDP2: this rank's shards)
         optimizer  8P/N   AdamW's two fp32 moments
         grads      4P/N   fp32. FSDP2 reduce-scatters each unit after every micro-batch: no unsharded gradient
@@ -43,13 +44,13 @@ def memory_per_gpu(m, gpus, shard, activation_checkpointing, tokens_per_gpu, mix
         activations  kept for backward, per token and block (bf16, fp32 where the code computes in fp32):
                          a = 2 (8D + 4)         two RMSNorms: fp32 input and 1/rms, bf16 normalised input
                                                 (the weight's gradient needs it) and output
-                           + 4 (2 H hd) + 4 H   q, k and v expanded to H heads (SDPA takes a mask so), output;
-                                                fp32 logsumexp
-                           + 4 (2 I)            gate, up, silu(gate), silu(gate) * up
-                     plus SDPA's bf16 copy of the mask, 2T per token and layer; and 8D + 4 per token for the
-                     final norm and the hidden states the head reads. With --activation-checkpointing:
-                     each block's bf16 input (2D per token and block) and the (T, T) boolean mask, plus one
-                     block recomputed in backward, (a + 2T) per token.
+                           + 2 (3 H hd + 2 K hd)   q, k and v as padded sequences (K heads: SDPA's GQA), the
+                           + 4 H                   output, and in the row's order the output projection's input;
+                                                   fp32 logsumexp
+                           + 4 (2 I)               gate, up, silu(gate), silu(gate) * up
+                     and 8D + 4 per token for the final norm and the hidden states the head reads. With
+                     --activation-checkpointing: each block's bf16 input (2D per token and block), plus one
+                     block recomputed in backward, a per token.
         head         the backward of one chunk: its fp32 log-probabilities (kept), their gradient and the
                      logits' gradient, 12 n V; SFTMix's chunk of pairs holds one more (n, V) fp32 tensor, the
                      mixed logits' gradient returned to the two halves of the logits, 16 n V. And the LM head's
@@ -77,15 +78,16 @@ def memory_per_gpu(m, gpus, shard, activation_checkpointing, tokens_per_gpu, mix
     D, I, L, H, hd, V = (m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads,
                          m.head_dim, m.vocab_size)
     fsdp, tied, T, n = shard == "fsdp", m.tie_word_embeddings, tokens_per_gpu, min(tokens_per_gpu, chunk)
-    P_b = D * (H + 2 * m.num_key_value_heads) * hd + H * hd * D + 3 * D * I + 2 * D  # attention, MLP, two norms
+    K = m.num_key_value_heads
+    P_b = D * (H + 2 * K) * hd + H * hd * D + 3 * D * I + 2 * D  # attention, MLP, two norms
     E = V * D
     P = L * P_b + E * (1 if tied else 2) + D
     N = gpus if fsdp else 1
-    a = 2 * (8 * D + 4) + 4 * 2 * H * hd + 4 * H + 4 * 2 * I + 2 * T  # per token and block, the mask's copy too
+    a = 2 * (8 * D + 4) + 2 * (3 * H * hd + 2 * K * hd) + 4 * H + 4 * 2 * I  # per token and block
     final = (8 * D + 4) * T
-    if activation_checkpointing:  # every block's input and the mask kept, one block recomputed
-        kept = {"top": 2 * D * L * T + T * T + a * T, "bottom": 2 * D * T + T * T + a * T}
-        kept["head"] = 2 * D * L * T + T * T + final
+    if activation_checkpointing:  # every block's input kept, one block recomputed
+        kept = {"top": 2 * D * L * T + a * T, "bottom": 2 * D * T + a * T}
+        kept["head"] = 2 * D * L * T + final
     else:
         kept = {"head": L * a * T + final, "top": L * a * T, "bottom": a * T}
     head = (16 if mixup else 12) * n * V + (2 if fsdp else 6) * E

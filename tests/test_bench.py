@@ -60,3 +60,27 @@ def test_bench_data_not_filling_global_batches_is_one_line_and_exit_2(tiny_model
         f"error: {data_path}: 6 samples; expected a multiple of --global-batch 4, so that train.py and TRL train "
         f"on the same examples"]
     assert run.stdout == ""
+
+
+def test_bench_gpu_model_flops_are_what_torchs_flop_counter_counts():
+    """scripts/bench_gpu.py's MFU numerator against torch.utils.flop_counter over train.py's NTP micro-batch,
+    forward and backward: the blocks' and the LM head's matmuls exactly; attention, which the counter takes as the
+    full (n, n) square whatever the causal mask, at twice the causal half the formula counts"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_gpu
+    import data
+    import model as M
+    import torch
+    import train as T
+    args = M.ModelArgs(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, vocab_size=50)
+    g = torch.Generator().manual_seed(0)
+    samples = [data.Sample(str(i), torch.randint(0, 50, (12,), generator=g).tolist(),
+                           [data.IGNORE] * 5 + torch.randint(0, 50, (7,), generator=g).tolist()) for i in range(3)]
+    targs = T.parse_args(["--model", "-", "--data", "-", "--out", "-", "--micro-batch", "3", "--global-batch", "3"])
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # attention as matmuls
+        T.forward_backward(targs, M.Transformer(args), samples, [0, 1, 2], None, torch.device("cpu"), None, 0, 1)
+    causal_half = 6 * args.num_hidden_layers * args.num_attention_heads * args.head_dim * 3 * 12 * 12
+    assert counter.get_total_flops() == bench_gpu.step_flops(args, [samples])[0] + causal_half

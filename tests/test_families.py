@@ -11,6 +11,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, Gemma2Config, GemmaC
                           Qwen2Config)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
+import data
 import model as M
 import sftmix
 from data import InputError
@@ -109,9 +110,10 @@ def test_packed_sequences_with_a_sliding_window_each_compute_as_alone(name, tmp_
     ours = M.load_pretrained(tmp_path)
     seqs = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n)) for n in (13, 4, 20)]
     positions = torch.cat([torch.arange(len(s)) for s in seqs])[None]  # restarting at each sequence
-    packed = ours(torch.cat(seqs)[None], positions=positions)[0]
     alone = torch.cat([ours(s[None])[0] for s in seqs])
-    assert (packed - alone).abs().max().item() <= 1e-5
+    for layout in (data.packing([len(s) for s in seqs]), None):  # padded sequences, or the whole-row mask
+        packed = ours(torch.cat(seqs)[None], positions=positions, seqs=layout)[0]
+        assert (packed - alone).abs().max().item() <= 1e-5
 
 
 def test_pad_token_embedding_row_trains_here_but_not_in_transformers(tmp_path):

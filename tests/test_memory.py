@@ -105,7 +105,7 @@ def test_formula_counts_the_models_parameters(tied):
 
 def saved_bytes(args, T, checkpoint):
     """Bytes of the tensors autograd keeps for the backward of a bf16 forward of one packed row of T tokens
-    (two sequences, so attention takes a mask, as in training), the weights aside."""
+    (two sequences, attended as padded sequences, as in training), the weights aside."""
     torch.manual_seed(0)
     model = M.Transformer(args).to(torch.bfloat16)
     model.checkpoint_activations = checkpoint
@@ -118,7 +118,8 @@ def saved_bytes(args, T, checkpoint):
         return t
     positions = torch.cat([torch.arange(T // 2)] * 2)[None]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(torch.randint(0, args.vocab_size, (1, T)), positions=positions)
+        logits = model(torch.randint(0, args.vocab_size, (1, T)), positions=positions,
+                       seqs=data.packing([T // 2] * 2))
     del logits
     return sum(kept.values())
 

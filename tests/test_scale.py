@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import data
 import model as M
 import sftmix
 import train as T
@@ -88,12 +89,12 @@ def test_the_sync_counter_sees_the_syncs_it_claims_to():
 
 
 def packed_inputs(lengths, args=ARGS):
-    """A packed row of sequences of these lengths: x (1, T, D), cos, sin, and the document mask."""
+    """A packed row of sequences of these lengths: x (1, T, D), cos, sin, and its layout (data.packing)."""
     positions = torch.cat([torch.arange(n) for n in lengths])[None]  # (1, T)
     T_ = positions.shape[1]
     cos, sin = M.rope_cos_sin(args, positions, torch.float32)
     x = torch.randn(1, T_, args.hidden_size, generator=torch.Generator().manual_seed(T_))
-    return x, cos, sin, M.attention_mask(positions, T_)
+    return x, cos, sin, data.packing(lengths)
 
 
 def test_a_compiled_block_has_no_graph_break_and_compiles_at_most_twice():
@@ -104,14 +105,16 @@ def test_a_compiled_block_has_no_graph_break_and_compiles_at_most_twice():
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(block, fullgraph=True, backend=counter)  # fullgraph: a graph break is an error
     for lengths in ([5, 8], [7, 3, 11], [4, 4, 4, 9]):  # three micro-batches of different packed lengths
-        x, cos, sin, mask = packed_inputs(lengths)
-        ours = compiled(x.requires_grad_(), cos, sin, mask)
+        x, cos, sin, seqs = packed_inputs(lengths)
+        ours = compiled(x.requires_grad_(), cos, sin, None, None, seqs)
         ours.sum().backward()
-        torch.testing.assert_close(ours, block(x, cos, sin, mask))
+        torch.testing.assert_close(ours, block(x, cos, sin, None, None, seqs))
     assert counter.frame_count <= 2
 
 
 def test_a_packed_row_is_one_attention_call_per_layer_that_equals_each_sequence_alone():
+    """Both ways of attending a packed row, the padded sequences (seqs, what training runs) and the whole-row mask
+    from positions (attention_mask), equal each sequence computed on its own, in one SDPA call per layer"""
     torch.manual_seed(0)
     model = M.Transformer(ARGS)
     calls = []
@@ -119,12 +122,24 @@ def test_a_packed_row_is_one_attention_call_per_layer_that_equals_each_sequence_
     lengths = [5, 9, 3]
     ids = torch.randint(0, ARGS.vocab_size, (1, sum(lengths)))
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    with pytest.MonkeyPatch.context() as mp_:
-        mp_.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-        packed = model(ids, positions=positions)[0]
-    assert len(calls) == ARGS.num_hidden_layers
     alone = torch.cat([model(part)[0] for part in ids.split(lengths, dim=1)])
-    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+    for seqs in (data.packing(lengths), None):
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp_:
+            mp_.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+            packed = model(ids, positions=positions, seqs=seqs)[0]
+        assert len(calls) == ARGS.num_hidden_layers
+        assert all((k.get("attn_mask") is None) == (seqs is not None) for k in calls)  # padded: SDPA's causal mask
+        torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+
+
+def test_packing_lays_each_sequence_out_right_padded_and_back():
+    """index (n, L) holds each sequence's row positions then 0s; inverse sends every row position back"""
+    index, inverse = data.packing([2, 4, 1])
+    assert index.tolist() == [[0, 1, 0, 0], [2, 3, 4, 5], [6, 0, 0, 0]]
+    assert inverse.tolist() == [0, 1, 4, 5, 6, 7, 8]
+    row = torch.arange(7.0)
+    assert torch.equal(row[index].flatten()[inverse], row)
 
 
 def test_sdpa_gets_no_mask_inside_the_window_and_never_a_mask_with_enable_gqa():
@@ -144,6 +159,8 @@ def test_sdpa_gets_no_mask_inside_the_window_and_never_a_mask_with_enable_gqa():
         assert calls and not any(mask for mask, _ in calls)
         model(torch.randint(0, 37, (2, 24)))  # longer than the window: the band
         model(torch.randint(0, 37, (1, 20)), positions=torch.cat([torch.arange(8), torch.arange(12)])[None])
+        model(torch.randint(0, 37, (1, 30)), positions=torch.cat([torch.arange(20), torch.arange(10)])[None],
+              seqs=data.packing([20, 10]))  # padded sequences longer than the window: the band
     assert any(mask for mask, _ in calls)
     assert not any(mask and gqa for mask, gqa in calls)
 
