@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -42,7 +41,7 @@ from tqdm import tqdm
 
 import data
 import sftmix
-from data import IGNORE, InputError
+from data import InputError
 from model import (LORA_TARGETS, ModelArgs, add_lora, compute_dtype, load_pretrained, merge_lora, model_dir,
                    save_pretrained)
 

@@ -58,19 +58,21 @@ EPOCHS=$EPOCHS scripts/pipeline.sh "$MODEL" "$OUT/data/train.jsonl" "$OUT" --max
     --global-batch "$BATCH" --micro-batch "$MICRO" --heldout "$OUT/data/heldout.jsonl" $FLAGS
 while IFS= read -r row; do timing+=("$row"); done < "$OUT/times.tsv"
 step "data map" "$OUT/datamap.png" "$OUT/split.json" -- \
-    python eval.py datamap --dynamics "$OUT/reference/dynamics.jsonl" --split "$OUT/split.json" --out "$OUT/datamap.png"
+    python scripts/plots.py datamap --dynamics "$OUT/reference/dynamics.jsonl" --split "$OUT/split.json" --out "$OUT/datamap.png"
 step "training curves" "$OUT/curves.png" "$OUT/ntp/metrics.jsonl" "$OUT/sftmix/metrics.jsonl" -- \
-    python eval.py curves "$OUT/ntp" "$OUT/sftmix" --out "$OUT/curves.png"
+    python scripts/plots.py curves "$OUT/ntp" "$OUT/sftmix" --out "$OUT/curves.png"
 # The held-out perplexity each run recorded after every epoch, side by side, and what this one run shows.
 step "held-out perplexity after every epoch" "$OUT/compare.md" "$OUT/ntp/metrics.jsonl" "$OUT/sftmix/metrics.jsonl" \
     -- python - "$OUT" <<'PY'
 import sys
 from pathlib import Path
 
-import eval as E
+sys.path.insert(0, "scripts")
+from eval import markdown_table
+from plots import read_metrics
 
 out = Path(sys.argv[1])
-ppl = {run: [r["heldout_ppl"] for r in E.read_metrics(out / run / "metrics.jsonl") if "heldout_ppl" in r]
+ppl = {run: [r["heldout_ppl"] for r in read_metrics(out / run / "metrics.jsonl") if "heldout_ppl" in r]
        for run in ("ntp", "sftmix")}
 epochs = len(ppl["ntp"])
 best = {run: min(range(epochs), key=ppl[run].__getitem__) for run in ppl}
@@ -80,7 +82,7 @@ last = f"{ntp[-1]:.3f} after epoch {epochs}"
 overfits = f"NTP overfits after epoch {best['ntp'] + 1} ({ntp[best['ntp']]:.3f}, then {last})" \
     if best["ntp"] < epochs - 1 else f"NTP does not overfit here ({last})"
 (out / "compare.md").write_text(
-    E.markdown_table(["NTP", "SFTMix"], {f"held-out ppl, epoch {e + 1}": [ntp[e], mix[e]] for e in range(epochs)})
+    markdown_table(["NTP", "SFTMix"], {f"held-out ppl, epoch {e + 1}": [ntp[e], mix[e]] for e in range(epochs)})
     + f"\nWhat this run shows: {overfits}; SFTMix ends at {mix[-1]:.3f}, {mix[-1] - ntp[-1]:+.3f} against NTP. "
     f"What it does not: it is one seed of a 135M-parameter model on {trained} conversations, so not how large the "
     f"difference is against run-to-run noise (the README's study: seeds, a random-split control, the loss "

@@ -54,6 +54,7 @@ import model as M  # noqa: E402
 import sftmix  # noqa: E402
 import train  # noqa: E402
 from data import InputError  # noqa: E402
+import plots  # noqa: E402
 import stages  # noqa: E402
 
 
@@ -340,7 +341,7 @@ def records(study: Study):
         arm, seed = run.name.rsplit("-s", 1)
         if arm not in ARMS or not seed.isdigit():
             continue
-        curve = [r["heldout_ppl"] for r in E.read_metrics(run / "metrics.jsonl") if "heldout_ppl" in r] \
+        curve = [r["heldout_ppl"] for r in plots.read_metrics(run / "metrics.jsonl") if "heldout_ppl" in r] \
             if (run / "metrics.jsonl").exists() else []
         if stages.done(run / "dynamics.jsonl", run) and len(curve) == study.s["epochs"]:
             curves[arm][int(seed)], spreads[arm][int(seed)] = curve, confidence_spread(run / "dynamics.jsonl")
@@ -466,7 +467,7 @@ def spread_table(spreads, done) -> list:
 def plot(curves, base_ppl, path):
     """Held-out ppl against epoch in two panels (the split's role, the loss terms' role), one colour per arm:
     each seed a thin line, the mean over seeds thick."""
-    plt = E.pyplot("study.py")
+    plt = plots.pyplot("study.py")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True, layout="constrained")
     for ax, (title, arms) in zip(axes, PANELS):
         for arm in arms:

@@ -12,8 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import matplotlib.figure
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -146,18 +144,6 @@ def generate_calls(monkeypatch):
         return real(model, prompt_ids, min(max_new_tokens, 3), temperature, top_p, eos_ids, seed)
     monkeypatch.setattr(M, "generate", recording)
     return calls
-
-
-@pytest.fixture
-def saved_figures(monkeypatch):
-    """Every matplotlib figure saved during the test, kept for inspection after the code closes it."""
-    figures, real = [], matplotlib.figure.Figure.savefig
-
-    def recording(fig, *args, **kwargs):
-        figures.append(fig)
-        return real(fig, *args, **kwargs)
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording)
-    return figures
 
 
 @pytest.fixture(scope="module")
@@ -531,83 +517,6 @@ def write_dynamics(path, n=24):
     return write_jsonl(path, records)
 
 
-def test_datamap_writes_a_png(tmp_path):
-    dynamics = write_dynamics(tmp_path / "dynamics.jsonl")
-    code, _, err = run_eval("datamap", "--dynamics", dynamics, "--out", tmp_path / "map.png")
-    assert code == 0, err
-    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "map.png").stat().st_size > 1000
-    (tmp_path / "split.json").write_text(json.dumps({"confident": [f"ex{i}" for i in range(12)],
-                                                     "unconfident": [f"ex{i}" for i in range(12, 24)]}))
-    code, _, err = run_eval("datamap", "--dynamics", dynamics, "--split", tmp_path / "split.json",
-                            "--out", tmp_path / "split_map.png")
-    assert code == 0, err
-    assert (tmp_path / "split_map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_datamap_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    code, _, err = run_eval("datamap", "--dynamics", write_dynamics(tmp_path / "d.jsonl"), "--out", tmp_path / "m.png")
-    assert (code, err) == (2, "error: datamap needs matplotlib: pip install matplotlib\n")
-    assert not (tmp_path / "m.png").exists()
-
-
-def test_datamap_shows_every_point_inside_the_frame_and_spreads_the_bulk(tmp_path, saved_figures):
-    rng = np.random.default_rng(0)  # heavy-tailed: a log-normal bulk, a tail, two extreme outliers
-    perplexities = [list(1 + np.exp(rng.normal(1.2, 0.6)) * np.exp(rng.normal(0, 0.05, 4))) for _ in range(300)]
-    perplexities += [list(1 + np.exp(rng.uniform(3, 6)) * np.exp(rng.normal(0, 0.1, 4))) for _ in range(20)]
-    perplexities += [[6211.0, 5000.0, 7000.0, 8000.0], [1.0, 1.0, 1.0, 1.0]]
-    dynamics = write_jsonl(tmp_path / "dynamics.jsonl",
-                           [{"id": f"ex{i}", "perplexities": p} for i, p in enumerate(perplexities)])
-    code, _, err = run_eval("datamap", "--dynamics", dynamics, "--out", tmp_path / "maps" / "map.png")
-    assert code == 0, err
-    assert (tmp_path / "maps" / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    ax = saved_figures[0].axes[0]
-    drawn = np.concatenate([np.asarray(c.get_offsets()) for c in ax.collections])  # (N, 2) data coordinates
-    hand = [(statistics.pstdev(p), statistics.fmean(p)) for p in perplexities]  # (variability, -confidence)
-    np.testing.assert_allclose(np.sort(drawn, axis=0), np.sort(np.array(hand), axis=0), rtol=1e-9)
-    points, frame = ax.transData.transform(drawn), ax.get_window_extent()  # display pixels
-    assert ((points[:, 0] > frame.x0) & (points[:, 0] < frame.x1)).all()
-    assert ((points[:, 1] > frame.y0) & (points[:, 1] < frame.y1)).all()
-    for axis, size in ((0, frame.width), (1, frame.height)):  # linear axes would squeeze this into < 1%
-        low, high = np.percentile(points[:, axis], [10, 90])
-        assert high - low > 0.1 * size
-    assert "confidence" in ax.get_ylabel() and "variability" in ax.get_xlabel()
-    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
-    assert labels and all(t.startswith("−") for t in labels)  # confidences: minus the mean perplexity
-
-
-def write_metrics(run, mixup):
-    """A run's metrics.jsonl, 30 steps; a held-out perplexity at steps 15 and 30 (the ends of two epochs)."""
-    run.mkdir(parents=True)
-    records = [{"step": s, "epoch": (s - 1) // 15, "lr": 1e-5 * min(s / 3, 1) * (31 - s) / 30, "loss": 0.0,
-                "ntp_loss": 3 - s / 20 + (s % 3) / 10, "mixup_loss": (4 - s / 25) * mixup, "grad_norm": 1.0,
-                "tokens_per_s": 100.0} | ({"heldout_nll": 1 - s / 100, "heldout_ppl": math.exp(1 - s / 100) + mixup}
-                                          if s % 15 == 0 else {}) for s in range(1, 31)]
-    write_jsonl(run / "metrics.jsonl", records)
-    return records
-
-
-def test_curves_draws_one_line_per_run_in_each_panel_from_the_metrics(tmp_path, saved_figures):
-    records = {"ntp": write_metrics(tmp_path / "ntp", mixup=0), "sftmix": write_metrics(tmp_path / "sftmix", mixup=1)}
-    out = tmp_path / "plots" / "curves.png"
-    code, _, err = run_eval("curves", tmp_path / "ntp", tmp_path / "sftmix", "--out", out)
-    assert code == 0, err
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    panels = {ax.get_title(): ax for ax in saved_figures[0].axes if ax.get_title()}
-    assert set(panels) == {"NTP loss", "Mixup loss", "learning rate", "held-out perplexity (per epoch)"}
-    for title, key in (("NTP loss", "ntp_loss"), ("Mixup loss", "mixup_loss"), ("learning rate", "lr"),
-                       ("held-out perplexity (per epoch)", "heldout_ppl")):
-        runs = ["sftmix"] if key == "mixup_loss" else ["ntp", "sftmix"]  # an NTP run has no Mixup loss
-        lines = panels[title].get_lines()
-        labelled = [line for line in lines if not line.get_label().startswith("_")]
-        assert [line.get_label() for line in labelled] == runs, title
-        for run in runs:
-            steps, values = zip(*[(r["step"], r[key]) for r in records[run] if key in r])
-            assert any(list(line.get_xdata()) == list(steps) and list(line.get_ydata()) == list(values)
-                       for line in lines), (title, run)  # the raw values (a loss is also drawn smoothed)
-
-
 def test_dynamics_reports_confidence_mean_and_spread_as_computed_by_hand(tmp_path):
     runs = {"NTP": [[2.0, 3.0, 4.0], [5.0, 5.5, 6.0], [9.0, 12.0, 15.0], [1.5, 1.5, 1.8]],
             "SFTMix": [[2.0, 2.5, 3.0], [4.0, 4.5, 5.0], [7.0, 8.0, 10.0], [1.5, 1.6, 1.7]]}
@@ -632,7 +541,7 @@ def test_dynamics_reports_confidence_mean_and_spread_as_computed_by_hand(tmp_pat
     assert spread[3] == pytest.approx(spread[1] / spread[0], abs=1e-3)  # the SFTMix ÷ NTP column
 
 
-def test_table_and_picture_commands_set_up_no_device_or_process_group(tmp_path, monkeypatch):
+def test_the_table_command_sets_up_no_device_or_process_group(tmp_path, monkeypatch):
     def no_setup(*args):
         raise AssertionError("setup called by a command that runs no model")
 
@@ -640,8 +549,6 @@ def test_table_and_picture_commands_set_up_no_device_or_process_group(tmp_path, 
     dynamics = write_dynamics(tmp_path / "dynamics.jsonl")
     code, table, err = run_eval("dynamics", dynamics)
     assert code == 0 and table.startswith("| metric |"), err
-    code, _, err = run_eval("datamap", "--dynamics", dynamics, "--out", tmp_path / "map.png")
-    assert code == 0, err
 
 
 COMMANDS = {  # every command with --out; its other inputs do not exist, so an error about --out came first
@@ -649,8 +556,6 @@ COMMANDS = {  # every command with --out; its other inputs do not exist, so an e
     "mc": ["mc", "--model", "nope", "--data", "nope.jsonl"],
     "generate": ["generate", "--model", "nope", "--questions", "nope.jsonl"],
     "compare": ["compare", "nope", "--data", "nope.jsonl"],
-    "datamap": ["datamap", "--dynamics", "nope.jsonl"],
-    "curves": ["curves", "nope"],
     "dynamics": ["dynamics", "nope.jsonl"],
 }
 
