@@ -84,16 +84,21 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def run_eval(*argv):
-    """`python eval.py ARGV` in this process: (exit code, stdout, stderr)."""
+def run_main(main, *argv):
+    """A command's main(ARGV) in this process, as `python SCRIPT ARGV` runs it: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            E.main([str(a) for a in argv])
+            main([str(a) for a in argv])
             code = 0
         except SystemExit as e:
             code = e.code
     return code, out.getvalue(), err.getvalue()
+
+
+def run_eval(*argv):
+    """`python eval.py ARGV` in this process: (exit code, stdout, stderr)."""
+    return run_main(E.main, *argv)
 
 
 def medmcqa(first, questions=HAND_MC):
@@ -560,17 +565,22 @@ COMMANDS = {  # every command with --out; its other inputs do not exist, so an e
 }
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("where", ["a directory", "under a file"])
-def test_an_out_that_cannot_be_written_is_one_line_before_any_work(command, where, tmp_path):
+def check_unwritable_out(run, argv, where, tmp_path):
+    """run(*argv, "--out", OUT) with an OUT that is a directory, or under a file: one line, exit 2."""
     (tmp_path / "file").write_text("x")
-    out = tmp_path / "out.jsonl" if where == "a directory" else tmp_path / "file" / "out.jsonl"
+    out = tmp_path / "out" if where == "a directory" else tmp_path / "file" / "out"
     if where == "a directory":
         out.mkdir()
-    code, _, err = run_eval(*COMMANDS[command], "--out", out)
+    code, _, err = run(*argv, "--out", out)
     expected = f"error: --out {out}: " + ("is a directory; expected a file to write" if where == "a directory"
                                           else f"cannot make its directory {out.parent}:")
     assert code == 2 and err.startswith(expected) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("where", ["a directory", "under a file"])
+def test_an_out_that_cannot_be_written_is_one_line_before_any_work(command, where, tmp_path):
+    check_unwritable_out(run_eval, COMMANDS[command], where, tmp_path)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -1,7 +1,5 @@
 """scripts/plots.py: the data map and the training curves, read back from the figures matplotlib saved, against the
 numbers they were drawn from; an unwritable --out is one line before any work."""
-import contextlib
-import io
 import json
 import math
 import statistics
@@ -12,7 +10,7 @@ import matplotlib.figure
 import numpy as np
 import pytest
 
-from test_eval import write_dynamics, write_jsonl
+from test_eval import check_unwritable_out, run_main, write_dynamics, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import plots  # noqa: E402
@@ -20,14 +18,7 @@ import plots  # noqa: E402
 
 def run_plots(*argv):
     """`python scripts/plots.py ARGV` in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            plots.main([str(a) for a in argv])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
+    return run_main(plots.main, *argv)
 
 
 @pytest.fixture
@@ -123,11 +114,4 @@ def test_curves_draws_one_line_per_run_in_each_panel_from_the_metrics(tmp_path, 
 @pytest.mark.parametrize("command", [["datamap", "--dynamics", "nope.jsonl"], ["curves", "nope"]])
 @pytest.mark.parametrize("where", ["a directory", "under a file"])
 def test_an_out_that_cannot_be_written_is_one_line_before_any_work(command, where, tmp_path):
-    (tmp_path / "file").write_text("x")
-    out = tmp_path / "out.png" if where == "a directory" else tmp_path / "file" / "out.png"
-    if where == "a directory":
-        out.mkdir()
-    code, _, err = run_plots(*command, "--out", out)
-    expected = f"error: --out {out}: " + ("is a directory; expected a file to write" if where == "a directory"
-                                          else f"cannot make its directory {out.parent}:")
-    assert code == 2 and err.startswith(expected) and err.count("\n") == 1, err
+    check_unwritable_out(run_plots, command, where, tmp_path)
