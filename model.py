@@ -407,7 +407,8 @@ class Transformer(nn.Module):
         W = self.args.sliding_window
         if seqs is not None:  # the band of one padded sequence (1, 1, L, L), shared by all n
             L = seqs[0].shape[1]
-            band = attention_mask(torch.arange(L, device=input_ids.device)[None], L, W) if W and L > W else None
+            longer = W is not None and L > W
+            band = attention_mask(torch.arange(L, device=input_ids.device)[None], L, W) if longer else None
         else:
             band = attention_mask(positions, S, W) if W is not None and S > W else full
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
