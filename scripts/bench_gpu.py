@@ -15,10 +15,10 @@ row, forward + loss + backward + grad clip 1.0 + fused AdamW, fp32 weights under
                       loss is over every position (logits (S, V))
 Each variant runs --warmup steps (they hold the compilation) and --steps more, untimed, then after every variant
 has, the --steps again, timed, back to back (run_steps). tokens/s = the timed steps' tokens / their seconds; step
-memory = the most the step allocates above what is held before it. MFU = model FLOPs / seconds / the GPU's dense bf16 peak,
-the FLOPs being those the step needs, the same for every variant: 6 x (block parameters) per token, 6 V D per
-trained position (the LM head where a loss is), and causal attention, 6 H hd n^2 per sequence of n tokens and
-block (forward 2 H hd n^2, backward twice that).
+memory = the most the step allocates above what is held before it. MFU = model FLOPs / seconds / the GPU's dense
+bf16 peak, the FLOPs being those the step needs, the same for every variant: 6 x (block parameters) per token,
+6 V D per trained position (the LM head where a loss is), and causal attention, 6 H hd n^2 per sequence of n
+tokens and block (forward 2 H hd n^2, backward twice that).
 """
 import argparse
 import sys
@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=2048, help="tokens per sample")
     p.add_argument("--batch", type=int, nargs="+", default=[8], help="samples per step (one packed row); each")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant")
-    p.add_argument("--steps", type=int, default=10, help="timed steps of each variant (median)")
+    p.add_argument("--steps", type=int, default=10,
+                   help="timed steps of each variant (tokens/s: their tokens over their seconds)")
     return p.parse_args(argv)
 
 
@@ -75,6 +76,12 @@ def step_flops(margs, rows):
         trained = sum(t != data.IGNORE for s in row for t in s.labels)
         flops.append(6 * L * block * sum(n) + 6 * V * D * trained + 6 * L * H * hd * sum(k * k for k in n))
     return flops
+
+
+def trl_batch(collate, row, device) -> dict:
+    """The samples of a row as TRL's padding-free collator lays them out for SFTTrainer: one flattened row with
+    position_ids restarting at each sample, labels -100 at each sample's first position; tensors on device."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([trl_example(s) for s in row]).items()}
 
 
 def peer_step(peer, optimizer, batch):
@@ -141,7 +148,7 @@ def main(argv=None):
         peer = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     margs = M.ModelArgs.from_hf_config(config.to_dict())
     flags = ["--model", args.tokenizer, "--data", "-", "--out", "unused", "--split", "-", "--dtype", "bf16"]
-    variants = {}  # name: (model, train.py flags)
+    variants = {}  # name: model, prepared as train.py prepares it
     for name, extra in (("train.py", []), ("train.py --compile", ["--compile"])):
         with torch.device(device):
             ours = M.Transformer(margs)
@@ -155,12 +162,12 @@ def main(argv=None):
         b = data.to_device(data.pack(samples[:4]), device)
         ours = variants["train.py"](b["input_ids"], positions=b["positions"], seqs=b["seqs"], logits_at=b["trained"])
         ours = nn.functional.cross_entropy(ours.float(), b["targets"])
-        theirs = peer(**{k: v.to(device) if torch.is_tensor(v) else v
-                         for k, v in collate([trl_example(s) for s in samples[:4]]).items()}).loss
+        theirs = peer(**trl_batch(collate, samples[:4], device)).loss
     log(f"NTP loss of the first 4 samples: train.py's model {ours.item():.4f}, transformers + TRL {theirs.item():.4f}")
     peak = next((v for k, v in PEAK_BF16.items() if k in machine(device)), None)
-    mm = matmul_flops(8192 if device.type == "cuda" else 512, torch.bfloat16, device)
-    log(f"{machine(device)}: bf16 8192^3 matmul {mm / 1e12:.0f} TFLOP/s; data-sheet peak "
+    n = 8192 if device.type == "cuda" else 512
+    mm = matmul_flops(n, torch.bfloat16, device)
+    log(f"{machine(device)}: bf16 {n}^3 matmul {mm / 1e12:.0f} TFLOP/s; data-sheet peak "
         f"{peak / 1e12 if peak else float('nan'):.0f}")
     table = []
     for B in args.batch:
@@ -168,8 +175,7 @@ def main(argv=None):
         timed = [(args.warmup + i) % len(rows) for i in range(args.steps)]  # the rows of the timed steps
         flops = sum(step_flops(margs, [rows[k] for k in timed]))
         tokens = sum(len(s.input_ids) for k in timed for s in rows[k])
-        peer_batches = [{k: v.to(device) if torch.is_tensor(v) else v
-                         for k, v in collate([trl_example(s) for s in row]).items()} for row in rows]
+        peer_batches = [trl_batch(collate, row, device) for row in rows]
         steps = {}  # name: step(k) on row k
         for name, mode in (("train.py", "ntp"), ("train.py --compile", "ntp"), ("train.py --compile", "sftmix")):
             targs = train.parse_args(flags + ["--mode", mode, "--micro-batch", str(B), "--global-batch", str(B)])

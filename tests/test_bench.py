@@ -1,6 +1,7 @@
 """scripts/bench.py end to end at toy size, with its peers (transformers, TRL) installed: every row is printed, with
 finite positive ratios. A smoke test of the script, not of the timings, which it does not check."""
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,20 @@ def test_bench_gpu_model_flops_are_what_torchs_flop_counter_counts():
         T.forward_backward(targs, M.Transformer(args), samples, [0, 1, 2], None, torch.device("cpu"), None, 0, 1)
     causal_half = 6 * args.num_hidden_layers * args.num_attention_heads * args.head_dim * 3 * 12 * 12
     assert counter.get_total_flops() == bench_gpu.step_flops(args, [samples])[0] + causal_half
+
+
+def test_bench_gpu_runs_every_variant_at_toy_size_on_the_cpu(tiny_model_dir, chat_data, tmp_path):
+    """scripts/bench_gpu.py end to end on the CPU (a tiny shape, 2 steps of 2 samples): its four variants, each
+    with a positive tokens/s (the GPU figures need a GPU; this checks that the script runs)."""
+    data_path = tmp_path / "train.jsonl"
+    data_path.write_text("".join(chat_data.read_text().splitlines(keepends=True)[:8]))
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--shape", "tiny",
+                          "--tokenizer", str(tiny_model_dir), "--data", str(data_path),
+                          "--max-len", "48", "--batch", "2", "--warmup", "1", "--steps", "1"],
+                         capture_output=True, text=True, timeout=900, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in run.stdout.splitlines()
+            if l.startswith("| 2 |")]
+    assert [r[2] for r in rows] == ["train.py, NTP", "train.py --compile, NTP", "train.py --compile, SFTMix",
+                                    "transformers + TRL padding_free, NTP"]
+    assert all(float(r[4].replace(",", "")) > 0 for r in rows)
