@@ -467,8 +467,8 @@ def collate(samples: list, pad_id: int) -> dict:
 
 def pack(samples: list) -> dict:
     """Samples end to end in one row, no padding, laid out on the host (no device work, so no sync):
-        input_ids, positions  (1, S), S = sum of lengths; positions restart at 0 at each sample
-        seqs                  where each sample lies in the row (packing), for the model's attention
+        input_ids             (1, S), S = sum of lengths
+        seqs                  where each sample lies in the row (packing): the model's positions and attention
         trained               (N,) flat indices of the positions with a label (the LM head runs there only)
         targets, sample       (N,) those labels, and the sample each position belongs to
         ids                   the samples' ids, in row order
@@ -477,7 +477,6 @@ def pack(samples: list) -> dict:
     trained = [k for k, t in enumerate(labels) if t != IGNORE]
     lengths = [len(s.input_ids) for s in samples]
     return {"input_ids": torch.tensor([[t for s in samples for t in s.input_ids]]),  # (1, S)
-            "positions": torch.tensor([[p for n in lengths for p in range(n)]]),  # (1, S)
             "seqs": packing(lengths),
             "trained": torch.tensor(trained, dtype=torch.long),  # (N,)
             "targets": torch.tensor([labels[k] for k in trained], dtype=torch.long),  # (N,)

@@ -386,9 +386,9 @@ class Transformer(nn.Module):
         position 0 (after the cache's filled length), and attention is plain causal with no mask. Given, as
         for a left-padded row (generation) or a packed one (positions restart at each sequence), attention_mask
         keeps each query inside its own sequence: the boundaries are data, not a loop.
-        seqs (index (n, L), inverse (B*T,)), from data.packing, for packed rows: the same result by a faster
-        path, attention on the n sequences right-padded to L (unpack) with SDPA's own causal mask, so no score
-        crosses a sequence and none is masked out: n L^2 scores, not T^2.
+        seqs (index (n, L), inverse (B*T,)), from data.packing, for packed rows in place of positions: the
+        same result by a faster path, attention on the n sequences right-padded to L (unpack) with SDPA's own
+        causal mask, so no score crosses a sequence and none is masked out: n L^2 scores, not T^2.
         A sliding layer (window W) also limits query i to its last W keys; that band is built only when a
         sequence is longer than W, as no score changes otherwise.
         logits_at (N,) long: the LM head only at these positions of the flattened (B*T) rows, in that order,
@@ -399,17 +399,17 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         S = start + T  # keys: the cached positions, then these
-        if positions is None:
-            positions = torch.arange(start, S, device=input_ids.device).expand(B, T)
-            full = attention_mask(positions, S) if start > 0 and T > 1 else None  # else SDPA's own causal mask
-        else:
-            full = attention_mask(positions, S) if seqs is None else None  # (B, 1, T, S) or None
         W = self.args.sliding_window
-        if seqs is not None:  # the band of one padded sequence (1, 1, L, L), shared by all n
+        if seqs is not None:  # packed rows as n padded sequences of L: causal, and a (1, 1, L, L) band past W
             L = seqs[0].shape[1]
-            longer = W is not None and L > W
-            band = attention_mask(torch.arange(L, device=input_ids.device)[None], L, W) if longer else None
+            positions = (seqs[1] % L).view(B, T)  # a token's place in its sequence: its padded place mod L
+            full = None
+            band = attention_mask(torch.arange(L, device=input_ids.device)[None], L, W) if W and L > W else None
         else:
+            masked = positions is not None or (start > 0 and T > 1)  # else SDPA's own causal mask
+            if positions is None:
+                positions = torch.arange(start, S, device=input_ids.device).expand(B, T)
+            full = attention_mask(positions, S) if masked else None  # (B, 1, T, S) or None
             band = attention_mask(positions, S, W) if W is not None and S > W else full
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         if self.args.embed_scale:  # Gemma: times sqrt(D), rounded to the model's dtype as transformers does

@@ -55,7 +55,7 @@ def response_nll(model, samples, batch_size, device, amp_dtype=None, desc="dynam
         batch = [samples[i] for i in (mine[r] if r < len(mine) else batches[0])]
         b = to_device(pack(batch), device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            nll = model(b["input_ids"], positions=b["positions"], seqs=b["seqs"], logits_at=b["trained"],
+            nll = model(b["input_ids"], seqs=b["seqs"], logits_at=b["trained"],
                         head=partial(head_losses, targets=b["targets"]))[0]  # (N,)
         if r < len(mine):  # else a filler forward on a rank with one batch fewer: nothing to record
             per_batch.append((batch, nll.new_zeros(len(batch)).index_add_(0, b["sample"], nll)))  # (n,)

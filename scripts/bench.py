@@ -262,7 +262,7 @@ def head_step(model, samples, batch, lam, chunk, device):
     b = data.to_device(data.pack([samples[i] for i in mb.rows]), device)
     pairs = data.to_device({"mix_c": mb.mix_c, "mix_u": mb.mix_u, "lam": mb.lam, "rest": mb.rest}, device)
     with amp(device):
-        nll, mix = model(b["input_ids"], positions=b["positions"], seqs=b["seqs"], logits_at=b["trained"],
+        nll, mix = model(b["input_ids"], seqs=b["seqs"], logits_at=b["trained"],
                          head=functools.partial(sftmix.head_losses, targets=b["targets"], chunk=chunk, **pairs))
     (nll.sum() + mix.sum()).backward()
     model.zero_grad(set_to_none=True)

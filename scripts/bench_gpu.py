@@ -160,7 +160,7 @@ def main(argv=None):
     collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):  # the same loss, both ways
         b = data.to_device(data.pack(samples[:4]), device)
-        ours = variants["train.py"](b["input_ids"], positions=b["positions"], seqs=b["seqs"], logits_at=b["trained"])
+        ours = variants["train.py"](b["input_ids"], seqs=b["seqs"], logits_at=b["trained"])
         ours = nn.functional.cross_entropy(ours.float(), b["targets"])
         theirs = peer(**trl_batch(collate, samples[:4], device)).loss
     log(f"NTP loss of the first 4 samples: train.py's model {ours.item():.4f}, transformers + TRL {theirs.item():.4f}")
