@@ -1,26 +1,21 @@
-"""Evaluate fine-tuned models the way the paper compares NTP and SFTMix (the pictures: scripts/plots.py).
+"""Evaluate fine-tuned models the way the paper compares NTP and SFTMix (tables and pictures of several runs:
+scripts/report.py).
 
     python eval.py ppl      --model DIR --data heldout.jsonl [--split split.json] [--out rows.jsonl]
     python eval.py mc       --model DIR --data medmcqa.json [--out per_question.jsonl]
     python eval.py generate --model DIR --questions question.jsonl --out model_answer/NAME.jsonl
     python eval.py generate --model DIR --questions alpaca_eval.json --out NAME/model_outputs.json
-    python eval.py compare  RUN_A RUN_B ... [--data heldout.jsonl] [--mc MedQA=medqa.jsonl ...]
-    python eval.py dynamics RUN_A/dynamics.jsonl RUN_B/dynamics.jsonl [--out table.md]
 
 ppl       Response perplexity over data.py's trained tokens, token-weighted over the file.
 mc        Multiple-choice accuracy by option log-likelihood: MedQA, MedMCQA, PubMedQA as released.
 generate  MT-Bench's model answers or AlpacaEval's model outputs, decoded as their judges expect.
-compare   One Markdown table of the above for several runs side by side; with several --mc, their mean.
-dynamics  Confidence mean and spread (std over examples) of dynamics files side by side.
 
-ppl, mc, generate and compare load the weights in --dtype (auto: bf16 on CUDA, fp32 on CPU) and
-compute in it with no autocast: one copy of the weights, and a KV cache of that dtype. Under
-`torchrun --nproc_per_node N eval.py ...` their passes over data are sharded over ranks; rank 0
-writes. Every --out is checked before any work: its directory is made if missing; a directory, or a
+Each command loads the weights in --dtype (auto: bf16 on CUDA, fp32 on CPU) and computes in it with
+no autocast: one copy of the weights, and a KV cache of that dtype. Under `torchrun --nproc_per_node
+N eval.py ...` its passes over data are sharded over ranks; rank 0 writes. Every --out is checked before any work: its directory is made if missing; a directory, or a
 place that cannot be written, is refused.
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -51,7 +46,6 @@ MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "mat
                         "arena-hard-200": 0.0}
 DEFAULT_TEMPERATURE = 0.7
 MAX_NEW_TOKENS = {"mt_bench": 1024, "alpaca_eval": 2048}
-MODEL_COMMANDS = ("ppl", "mc", "generate", "compare")  # the commands that load a model
 NUMERIC_FLAGS = {"batch_size": (lambda v: v >= 1, "an integer >= 1"),
                  "max_len": (lambda v: v >= 2, "an integer >= 2"),
                  "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
@@ -407,124 +401,6 @@ def cmd_generate(args, rt):
     write_out(args, rt, records, lines=benchmark == "mt_bench")
 
 
-# ----------------------------------------------------------------------------- compare
-
-def markdown_table(names, metrics) -> str:
-    """| metric | A | B | B − A | B ÷ A |, and for each further run X: X − A, X ÷ A."""
-    head = ["metric", *names] + [h for n in names[1:] for h in (f"{n} − {names[0]}", f"{n} ÷ {names[0]}")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for metric, values in metrics.items():
-        a = values[0]
-        diffs = [c for v in values[1:] for c in (f"{v - a:+.4f}", f"{v / a:.4f}" if a else "—")]
-        lines.append("| " + " | ".join([metric, *(f"{v:.4f}" for v in values), *diffs]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def show_table(out, table) -> None:
-    """The table on stdout alone (so `> table.md` works), and in out when given."""
-    if out:
-        with data.atomic_path(out) as tmp:
-            tmp.write_text(table, "utf-8")
-    print(table, end="")
-
-
-def run_names(args, defaults) -> list:
-    names = args.names or defaults
-    if len(names) != len(defaults):
-        raise InputError(f"--names: expected {len(defaults)} names, one per run, got {len(names)}")
-    return names
-
-
-def named_files(values) -> dict:
-    """--mc [NAME=]FILE, repeated -> {NAME: FILE}; NAME defaults to the file's name without its suffix."""
-    named = {}
-    for v in values or []:
-        name, file = v.split("=", 1) if "=" in v else (Path(v).stem, v)
-        if not name or name in named:
-            raise InputError(f"--mc {v}: expected NAME=FILE with a name no other --mc has")
-        named[name] = file
-    return named
-
-
-def compare(args, rt) -> str:
-    """Each run's ppl on --data (per half with --split) and accuracy on each --mc benchmark, with the
-    benchmarks' mean when there are several, as one Markdown table."""
-    dirs = [M.model_dir(r) for r in args.runs]
-    names = run_names(args, [Path(r).resolve().name for r in args.runs])
-    if not args.data and not args.mc:
-        raise InputError("compare: expected --data, --mc or both")
-    split = read_split(args.split) if args.split else None
-    benchmarks = {name: read_mc(file, args.cop_base) for name, file in named_files(args.mc).items()}
-    runs = []  # each run's config.json, tokenizer and data read and checked before any model loads
-    for d in dirs:
-        M.ModelArgs.from_model_dir(d)
-        tok = data.load_tokenizer(d)
-        samples, stats = None, None
-        if args.data:
-            samples, stats = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, verbose=False)
-            split_members(split, samples)
-        runs.append((d, tok, samples, stats))
-    metrics = {}
-
-    def add(metric, value):
-        metrics.setdefault(metric, []).append(value)
-
-    for d, tok, samples, stats in runs:
-        model = load_model(d, rt)
-        if samples:
-            rt.say(data.summary(stats))
-            summary, _ = evaluate_ppl(model, samples, rt, args.batch_size, split)
-            for part, s in summary.items():
-                suffix = "" if part == "all" else f" ({part})"
-                add(f"ppl{suffix} ↓", s["ppl"])
-                add(f"NLL per token{suffix} ↓", s["nll_per_token"])
-        accuracy = {}
-        for name, questions in benchmarks.items():
-            logliks = option_logliks(model, tok, questions, rt, args.prompt_format, args.batch_size)
-            accuracy[name] = mc_accuracy(questions, logliks)[0]["accuracy"]
-        for kind in args.mc_score:
-            for name in benchmarks:
-                add(f"{name} accuracy, {kind} ↑", accuracy[name][kind])
-            if len(benchmarks) > 1:
-                mean = sum(accuracy[name][kind] for name in benchmarks) / len(benchmarks)
-                add(f"mean of {', '.join(benchmarks)}, {kind} ↑", mean)
-        del model
-    return markdown_table(names, metrics)
-
-
-def cmd_compare(args, rt):
-    with contextlib.redirect_stdout(sys.stderr):  # progress and loading messages stay off stdout
-        table = compare(args, rt)
-    if rt.rank == 0:
-        show_table(args.out, table)
-
-
-# ----------------------------------------------------------------------------- dynamics
-
-def run_file(path, name) -> tuple:
-    """(file, display name) of a run directory's file, or of a file given directly (named after its folder)."""
-    path = Path(path)
-    return (path / name, path.resolve().name) if path.is_dir() else (path, path.resolve().parent.name)
-
-
-def dynamics_table(paths, names) -> str:
-    """Per dynamics file: mean and spread (population std over the N examples) of Conf = -mean_c Perp_c,
-    and the mean variability, side by side; the spread's ratio B ÷ A is the paper's comparison."""
-    metrics = {"confidence mean": [], "confidence spread (std over examples)": [], "variability mean": []}
-    for path in paths:
-        _, perplexities = sftmix.read_dynamics(path)  # (N, C)
-        conf = sftmix.confidence(perplexities)  # (N,)
-        metrics["confidence mean"].append(conf.mean())
-        metrics["confidence spread (std over examples)"].append(conf.std())
-        metrics["variability mean"].append(sftmix.variability(perplexities).mean())
-    return markdown_table(names, metrics)
-
-
-def cmd_dynamics(args):
-    files, defaults = zip(*(run_file(r, "dynamics.jsonl") for r in args.runs))
-    show_table(args.out, dynamics_table(files, run_names(args, list(defaults))))
-
-
 # ----------------------------------------------------------------------------- command line
 
 def model_flags(s) -> None:
@@ -539,19 +415,20 @@ def model_flags(s) -> None:
 MODEL_HELP = "HF model directory, or a run directory with final/"
 COP_BASE_HELP = ("MedMCQA's cop: 1 = its release (1..4), 0 = the HF copy (0..3) (default: decided from "
                  "the file: a 0 is 0-based, a 4 is 1-based)")
-NAMES_HELP = "one name per run (default: the directories' names)"
+
+
+def command(sub, name, run, help) -> argparse.ArgumentParser:
+    """A subcommand whose parsed flags carry the function that runs it."""
+    s = sub.add_parser(name, formatter_class=data.Help, help=help)
+    s.set_defaults(run=run)
+    return s
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    def command(name, run, help):
-        s = sub.add_parser(name, formatter_class=data.Help, help=help)
-        s.set_defaults(run=run)
-        return s
-
-    s = command("ppl", cmd_ppl, "response perplexity, overall, per example, per half")
+    s = command(sub, "ppl", cmd_ppl, "response perplexity, overall, per example, per half")
     s.add_argument("--model", required=True, help=MODEL_HELP)
     s.add_argument("--data", required=True, help="conversations (alpaca / sharegpt / messages)")
     s.add_argument("--split", help="split.json; adds ppl per half")
@@ -559,14 +436,14 @@ def parser() -> argparse.ArgumentParser:
     model_flags(s)
     s.add_argument("--out", help="per-example JSONL")
 
-    s = command("mc", cmd_mc, "multiple-choice accuracy (MedQA, MedMCQA, PubMedQA, ...)")
+    s = command(sub, "mc", cmd_mc, "multiple-choice accuracy (MedQA, MedMCQA, PubMedQA, ...)")
     s.add_argument("--model", required=True, help=MODEL_HELP)
     s.add_argument("--data", required=True, help="multiple-choice questions: MedQA, MedMCQA, PubMedQA or our layout")
     s.add_argument("--cop-base", type=int, choices=(0, 1), help=COP_BASE_HELP)
     model_flags(s)
     s.add_argument("--out", help="per-question JSONL")
 
-    s = command("generate", cmd_generate, "MT-Bench or AlpacaEval answers, as judges read them")
+    s = command(sub, "generate", cmd_generate, "MT-Bench or AlpacaEval answers, as judges read them")
     s.add_argument("--model", required=True, help=MODEL_HELP)
     s.add_argument("--questions", required=True, help="MT-Bench's question.jsonl, or AlpacaEval's evaluation "
                                                       "set (a JSON array of {instruction, dataset, ...})")
@@ -582,27 +459,6 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampling seed: the same flags give the same answers")
     model_flags(s)
 
-    s = command("compare", cmd_compare, "Markdown table of several runs side by side")
-    s.add_argument("runs", nargs="+", help="model or run directories; the first is the baseline A")
-    s.add_argument("--names", nargs="+", help=NAMES_HELP)
-    s.add_argument("--data", help="held-out conversations; adds ppl rows")
-    s.add_argument("--split", help="split.json; adds ppl per half")
-    s.add_argument("--max-len", type=int, default=data.MAX_LEN, help="tokens per example; longer cut on the right")
-    s.add_argument("--mc", action="append", metavar="[NAME=]FILE",
-                   help="multiple-choice benchmark, repeated for several (NAME defaults to the file's stem); "
-                        "adds accuracy rows, and their mean with several, e.g. --mc MedQA=medqa.jsonl --mc "
-                        "MedQA-5=medqa5.jsonl --mc PubMedQA=ori_pqal.json --mc MedMCQA=dev.json")
-    s.add_argument("--mc-score", nargs="+", choices=SCORES, default=list(SCORES), metavar="SCORE",
-                   help=f"accuracy by these scores, of {', '.join(SCORES)} (default: all three)")
-    s.add_argument("--cop-base", type=int, choices=(0, 1), help=COP_BASE_HELP)
-    model_flags(s)
-    s.add_argument("--out", help="Markdown file for the table")
-
-    s = command("dynamics", cmd_dynamics, "confidence mean and spread of dynamics files")
-    s.add_argument("runs", nargs="+", help="dynamics.jsonl files (or run directories holding one); the first is A")
-    s.add_argument("--names", nargs="+", help=NAMES_HELP)
-    s.add_argument("--out", help="Markdown file for the table")
-
     return p
 
 
@@ -614,15 +470,18 @@ def check_flags(args) -> None:
             raise InputError(f"--{flag.replace('_', '-')}: expected {expected}, got {value}")
 
 
-def main(argv=None):
-    args = parser().parse_args(argv)
+def run(p, argv=None) -> None:
+    """Parse argv with p and run its command. Numeric flags and --out are checked before any work; a
+    command that loads a model (it has --dtype) gets devices and process groups, a table or picture
+    runs on rank 0 alone; bad input is one line and exit 2."""
+    args = p.parse_args(argv)
     try:
         check_flags(args)
         if args.out:
             data.check_output(args.out)
-        if args.command in MODEL_COMMANDS:  # devices and process groups for these alone
+        if hasattr(args, "dtype"):
             args.run(args, setup(args.dtype))
-        elif int(os.environ.get("RANK", 0)) == 0:  # a table: one writer under torchrun
+        elif int(os.environ.get("RANK", 0)) == 0:
             args.run(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -630,6 +489,10 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv=None):
+    run(parser(), argv)
 
 
 if __name__ == "__main__":

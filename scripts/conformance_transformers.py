@@ -6,11 +6,10 @@
 
 It reads only the kit's files (model/, data.jsonl, and the settings and inputs in expected.json) and
 uses only transformers and torch: apply_chat_template, the tokenizer's offsets, LlamaForCausalLM and
-hidden_states[-1]. Nothing of this project is imported, so it is the template to start from on any
-transformers stack: replace a function by the corresponding piece of your own code and check again
+hidden_states[-1]. Nothing of this project is imported but kit_example.py, its command line (standard
+library only), so it is the template to start from on any transformers stack: replace a function by the corresponding piece of your own code and check again
 (on TRL: scripts/conformance_trl.py).
 """
-import argparse
 import json
 import math
 import statistics
@@ -19,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
+
+import kit_example  # the command line: KIT --out FILE
 
 IGNORE = -100  # PyTorch's ignore_index: the label of a position that is not trained
 
@@ -206,18 +207,5 @@ def compute(kit):
             "weight_norms": {name: p.norm().item() for name, p in model.named_parameters()}}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("kit", help="kit directory written by `python scripts/conformance.py make`")
-    p.add_argument("--out", required=True, help="JSON file to write, for `conformance.py check`")
-    args = p.parse_args()
-    if not (Path(args.kit) / "expected.json").is_file():
-        p.exit(2, f"error: {args.kit}: no expected.json; expected a kit from conformance.py make\n")
-    if Path(args.out).is_dir() or not Path(args.out).parent.is_dir():
-        p.exit(2, f"error: --out {args.out}: expected a file in an existing directory\n")
-    Path(args.out).write_text(json.dumps(compute(args.kit), indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
-
-
 if __name__ == "__main__":
-    main()
+    kit_example.main(compute, __doc__.split("\n\n")[0])

@@ -11,9 +11,9 @@ learning-rate schedule (TRL's cosine warms up from lr 0). The conversations go i
 with assistant_only_loss=True and a chat template that marks what is trained with {% generation %}.
 The rest is the kit's: its pairs, lambdas and settings in, and what each stage asks back out (the
 gradient entries read as the backward leaves them, before TRL clips them). Nothing of this project
-is imported.
+is imported but the other worked example's mixup_loss (conformance_transformers.py: transformers and
+torch only) and kit_example.py, the command line both share (standard library only).
 """
-import argparse
 import json
 import math
 import statistics
@@ -27,6 +27,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+import kit_example  # the command line: KIT --out FILE
+from conformance_transformers import mixup_loss  # L_Mixup over (G, T) rows, pre-shifted labels
+
 # SmolLM2's chat template with {% generation %} around what is trained: each assistant turn's
 # content and its <|im_end|>, not the newline after it (TRL patches a few families' templates
 # itself; not SmolLM2's)
@@ -38,27 +41,6 @@ TRAINING_TEMPLATE = (
     "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
     "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-def mixup_loss(hidden, labels, lam, lm_head):
-    """L_Mixup of a batch whose rows [0, P) are confident examples and rows [P, 2P) their partners:
-    hidden (G, T, D) final-norm states, labels (G, T) as TRL makes them (unshifted, -100 where not
-    trained), lam (P,). The k-th trained position of c is mixed with the k-th of u, k < n =
-    min(n^c, n^u); the loss -(lam log q(y^c) + (1 - lam) log q(y^u)), q = softmax(lm_head(lam z^c
-    + (1 - lam) z^u)), is averaged over the mixed positions of the batch."""
-    hidden, labels = hidden[:, :-1], labels[:, 1:]  # the state at t predicts the token at t + 1
-    P, losses = len(lam), []
-    for p in range(P):
-        pos_c = (labels[p] != -100).nonzero()[:, 0]
-        pos_u = (labels[P + p] != -100).nonzero()[:, 0]
-        n = min(len(pos_c), len(pos_u))
-        pos_c, pos_u = pos_c[:n], pos_u[:n]
-        z = lam[p] * hidden[p, pos_c] + (1 - lam[p]) * hidden[P + p, pos_u]  # (n, D)
-        logp = torch.log_softmax(lm_head(z), dim=-1)  # (n, V)
-        y_c, y_u = labels[p, pos_c], labels[P + p, pos_u]
-        losses.append(-(lam[p] * logp[torch.arange(n), y_c]
-                        + (1 - lam[p]) * logp[torch.arange(n), y_u]))
-    return torch.cat(losses).mean()
 
 
 class SFTMixTrainer(SFTTrainer):
@@ -97,7 +79,9 @@ class SFTMixTrainer(SFTTrainer):
         with final_norm.register_forward_hook(lambda module, args, out: hidden.append(out)):
             ntp = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         lam = torch.tensor(self.lambdas[self.state.global_step], device=ntp.device)
-        mix = mixup_loss(hidden[0], inputs["labels"], lam, self.model.get_output_embeddings())
+        # TRL's labels are unshifted (-100 where not trained): the state at t predicts the token at t + 1
+        mix = mixup_loss(hidden[0][:, :-1], inputs["labels"][:, 1:], lam,
+                         self.model.get_output_embeddings())
         self._metrics["train"]["ntp_loss"].append(ntp.item())
         self._metrics["train"]["mixup_loss"].append(mix.item())
         return ntp + self.mu * mix
@@ -206,18 +190,5 @@ def compute(kit):
             "weight_norms": {name: p.norm().item() for name, p in trainer.model.named_parameters()}}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("kit", help="kit directory written by `python scripts/conformance.py make`")
-    p.add_argument("--out", required=True, help="JSON file to write, for `conformance.py check`")
-    args = p.parse_args()
-    if not (Path(args.kit) / "expected.json").is_file():
-        p.exit(2, f"error: {args.kit}: no expected.json; expected a kit from conformance.py make\n")
-    if Path(args.out).is_dir() or not Path(args.out).parent.is_dir():
-        p.exit(2, f"error: --out {args.out}: expected a file in an existing directory\n")
-    Path(args.out).write_text(json.dumps(compute(args.kit), indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
-
-
 if __name__ == "__main__":
-    main()
+    kit_example.main(compute, __doc__.split("\n\n")[0])

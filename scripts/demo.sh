@@ -58,9 +58,9 @@ EPOCHS=$EPOCHS scripts/pipeline.sh "$MODEL" "$OUT/data/train.jsonl" "$OUT" --max
     --global-batch "$BATCH" --micro-batch "$MICRO" --heldout "$OUT/data/heldout.jsonl" $FLAGS
 while IFS= read -r row; do timing+=("$row"); done < "$OUT/times.tsv"
 step "data map" "$OUT/datamap.png" "$OUT/split.json" -- \
-    python scripts/plots.py datamap --dynamics "$OUT/reference/dynamics.jsonl" --split "$OUT/split.json" --out "$OUT/datamap.png"
+    python scripts/report.py datamap --dynamics "$OUT/reference/dynamics.jsonl" --split "$OUT/split.json" --out "$OUT/datamap.png"
 step "training curves" "$OUT/curves.png" "$OUT/ntp/metrics.jsonl" "$OUT/sftmix/metrics.jsonl" -- \
-    python scripts/plots.py curves "$OUT/ntp" "$OUT/sftmix" --out "$OUT/curves.png"
+    python scripts/report.py curves "$OUT/ntp" "$OUT/sftmix" --out "$OUT/curves.png"
 # The held-out perplexity each run recorded after every epoch, side by side, and what this one run shows.
 step "held-out perplexity after every epoch" "$OUT/compare.md" "$OUT/ntp/metrics.jsonl" "$OUT/sftmix/metrics.jsonl" \
     -- python - "$OUT" <<'PY'
@@ -68,8 +68,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, "scripts")
-from eval import markdown_table
-from plots import read_metrics
+from report import markdown_table, read_metrics
 
 out = Path(sys.argv[1])
 ppl = {run: [r["heldout_ppl"] for r in read_metrics(out / run / "metrics.jsonl") if "heldout_ppl" in r]

@@ -24,7 +24,7 @@ killed training run continues from its state/ with --resume):
              --dynamics checkpoints, then the confidence split; before a random arm, its random split. Every run
              records its held-out response perplexity after every epoch (train.py --heldout) and its final model's
              response perplexity on every training example (train.py --dynamics 1: RUN/dynamics.jsonl), whose
-             confidence spread (std over examples of Conf = -Perp, eval.py dynamics) the paper compares with NTP's.
+             confidence spread (std over examples of Conf = -Perp, report.py dynamics) the paper compares with NTP's.
              Seed 0's NTP and SFTMix models also give per-example held-out NLLs (bootstrap over held-out examples)
              and answers to the questions. Then the run's weights (final/) are deleted.
   report     OUT/results.md (tables), OUT/heldout.png (held-out perplexity against epoch, seeds as thin lines,
@@ -54,7 +54,7 @@ import model as M  # noqa: E402
 import sftmix  # noqa: E402
 import train  # noqa: E402
 from data import InputError  # noqa: E402
-import plots  # noqa: E402
+import report  # noqa: E402
 import stages  # noqa: E402
 
 
@@ -327,7 +327,7 @@ def bootstrap_ppl(rows_by_model, draws, seed=0):
 
 
 def confidence_spread(dynamics) -> float:
-    """The paper's confidence spread: the std over examples of Conf = -(1/C) sum_c Perp_c (eval.py dynamics)."""
+    """The paper's confidence spread: the std over examples of Conf = -(1/C) sum_c Perp_c (report.py dynamics)."""
     return float(sftmix.confidence(sftmix.read_dynamics(dynamics)[1]).std())
 
 
@@ -341,7 +341,7 @@ def records(study: Study):
         arm, seed = run.name.rsplit("-s", 1)
         if arm not in ARMS or not seed.isdigit():
             continue
-        curve = [r["heldout_ppl"] for r in plots.read_metrics(run / "metrics.jsonl") if "heldout_ppl" in r] \
+        curve = [r["heldout_ppl"] for r in report.read_metrics(run / "metrics.jsonl") if "heldout_ppl" in r] \
             if (run / "metrics.jsonl").exists() else []
         if stages.done(run / "dynamics.jsonl", run) and len(curve) == study.s["epochs"]:
             curves[arm][int(seed)], spreads[arm][int(seed)] = curve, confidence_spread(run / "dynamics.jsonl")
@@ -372,7 +372,7 @@ def seed_list(seeds):
     return ", ".join(map(str, sorted(seeds))) or "none"
 
 
-def report(study: Study):
+def write_report(study: Study):
     s, out = study.s, study.out
     curves, spreads, unfinished = records(study)
     done = [arm for arm in ARMS if curves[arm]]
@@ -437,11 +437,11 @@ def held_out_tables(curves, done, base_ppl, epochs) -> list:
     names = [ARMS[arm].title for arm in done]
     at_epoch = {"0 (base model)": [base_ppl] * len(done)} if base_ppl else {}
     at_epoch |= {str(e + 1): [c[arm][:, e].mean() for arm in done] for e in range(epochs)}
-    lines += ["", "Held-out ppl after each epoch, mean over each arm's seeds:", "", E.markdown_table(names, at_epoch)]
+    lines += ["", "Held-out ppl after each epoch, mean over each arm's seeds:", "", report.markdown_table(names, at_epoch)]
     for seed in sorted({x for arm in done for x in curves[arm]}):
         arms = [arm for arm in done if seed in curves[arm]]
         lines += [f"Seed {seed}, held-out ppl after each epoch:", "",
-                  E.markdown_table([ARMS[arm].title for arm in arms],
+                  report.markdown_table([ARMS[arm].title for arm in arms],
                                    {str(e + 1): [curves[arm][seed][e] for arm in arms] for e in range(epochs)})]
     return lines
 
@@ -458,7 +458,7 @@ def spread_table(spreads, done) -> list:
                      ", ".join(f"{seed}: {100 * x:+.1f}%" for seed, x in zip(seeds, change))])
     return ["## Confidence spread on the training data", "",
             "The final model's response perplexity on every training example (train.py --dynamics 1); the spread is "
-            "the std over examples of Conf = −Perp (eval.py dynamics). The paper reports it ~7% lower after SFTMix "
+            "the std over examples of Conf = −Perp (report.py dynamics). The paper reports it ~7% lower after SFTMix "
             "than after NTP.", ""] \
         + table(["arm", "spread, mean ± std over seeds", "change against NTP, mean [95% interval]", "per seed"],
                 rows) + [""]
@@ -467,7 +467,7 @@ def spread_table(spreads, done) -> list:
 def plot(curves, base_ppl, path):
     """Held-out ppl against epoch in two panels (the split's role, the loss terms' role), one colour per arm:
     each seed a thin line, the mean over seeds thick."""
-    plt = plots.pyplot("study.py")
+    plt = report.pyplot("study.py")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True, layout="constrained")
     for ax, (title, arms) in zip(axes, PANELS):
         for arm in arms:
@@ -520,7 +520,7 @@ def main(argv=None):
             study, plan = prepare(args, out)
             study.run(plan)
             print(f"study: this invocation took {(time.perf_counter() - start) / 60:.1f} min")
-        report(study)
+        write_report(study)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,12 @@ import io
 import json
 import math
 import re
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -124,7 +122,7 @@ def accuracies(out):
 
 
 def table_cells(table):
-    """{metric: [cells as numbers]} of a Markdown table printed by compare or dynamics."""
+    """{metric: [cells as numbers]} of a Markdown table printed by scripts/report.py compare or dynamics."""
     return {line.split(" | ")[0][2:]: [float(c) for c in line.strip("| ").split(" | ")[1:]]
             for line in table.splitlines()[2:]}
 
@@ -470,98 +468,15 @@ def test_mc_accuracy_by_summed_per_token_and_per_character_score_equals_a_hand_c
     assert len(set(correct.values())) == 3  # the set tells the three scores apart
 
 
-def test_compare_reports_each_benchmark_and_their_mean_as_mc_does(tiny_model_dir, tmp_path):
-    files = {"MedMCQA": write_jsonl(tmp_path / "dev.json", medmcqa(1)),
-             "PubMedQA": write_ori_pqal(tmp_path / "ori_pqal.json")}
-    code, table, err = run_eval("compare", tiny_model_dir, tiny_model_dir, "--names", "A", "B",
-                                *(a for name, f in files.items() for a in ("--mc", f"{name}={f}")))
-    assert code == 0, err
-    cells = table_cells(table)
-    assert set(cells) == {f"{b} accuracy, {k} ↑" for b in files for k in E.SCORES} | {
-        f"mean of MedMCQA, PubMedQA, {k} ↑" for k in E.SCORES}
-    for name, file in files.items():  # the second code path: mc on each file alone
-        code, out, err = run_eval("mc", "--model", tiny_model_dir, "--data", file)
-        assert code == 0, err
-        for kind, accuracy in accuracies(out).items():
-            assert cells[f"{name} accuracy, {kind} ↑"][:2] == [accuracy, accuracy]
-    for kind in E.SCORES:
-        mean = (cells[f"MedMCQA accuracy, {kind} ↑"][0] + cells[f"PubMedQA accuracy, {kind} ↑"][0]) / 2
-        assert cells[f"mean of MedMCQA, PubMedQA, {kind} ↑"][0] == pytest.approx(mean, abs=1e-4)
-
-
-def test_compare_puts_runs_side_by_side_with_difference_and_ratio(smollm2_dir, hf_scored, tmp_path):
-    run_b = tmp_path / "sftmix_run" / "final"  # a run directory; its model's logits are 0.8 times the first's
-    run_b.mkdir(parents=True)
-    state = load_file(smollm2_dir / "model.safetensors")
-    state["model.norm.weight"] = state["model.norm.weight"] * 0.8  # logits = W (0.8 w * x / rms(x)), W linear
-    save_file(state, run_b / "model.safetensors")
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (run_b / name).write_bytes((smollm2_dir / name).read_bytes())
-    code, table, err = run_eval("compare", smollm2_dir, tmp_path / "sftmix_run", "--names", "ntp", "sftmix",
-                                "--data", write_jsonl(tmp_path / "heldout.jsonl", CONVERSATIONS),
-                                "--mc", write_jsonl(tmp_path / "mc.jsonl", MC[:2]), "--out", tmp_path / "table.md")
-    assert code == 0, err
-    assert (tmp_path / "table.md").read_text() == table  # stdout holds the table alone
-    lines = table.splitlines()
-    assert lines[0] == "| metric | ntp | sftmix | sftmix − ntp | sftmix ÷ ntp |"
-    cells = {line.split(" | ")[0][2:]: [float(c) for c in line.strip("| ").split(" | ")[1:]] for line in lines[2:]}
-    assert set(cells) == {"ppl ↓", "NLL per token ↓", "mc accuracy, summed ↑", "mc accuracy, per-token ↑",
-                          "mc accuracy, per-character ↑"}
-    for temperature, column in ((1.0, 0), (1 / 0.8, 1)):
-        expected = response_nll(hf_scored, temperature)
-        nll_per_token = sum(nll for nll, _ in expected.values()) / sum(n for _, n in expected.values())
-        assert cells["NLL per token ↓"][column] == pytest.approx(nll_per_token, abs=5e-4)
-        assert cells["ppl ↓"][column] == pytest.approx(math.exp(nll_per_token), rel=5e-4)
-    for a, b, diff, ratio in cells.values():  # from the rounded cells: within the rounding
-        assert diff == pytest.approx(b - a, abs=2e-4) and ratio == pytest.approx(b / a, abs=2e-4 * (1 + b / a))
-    assert cells["mc accuracy, summed ↑"][0] == 1.0
-
-
 def write_dynamics(path, n=24):
     records = [{"id": f"ex{i}", "perplexities": [2 + i % 7 + c * (i % 3) for c in range(4)]} for i in range(n)]
     return write_jsonl(path, records)
-
-
-def test_dynamics_reports_confidence_mean_and_spread_as_computed_by_hand(tmp_path):
-    runs = {"NTP": [[2.0, 3.0, 4.0], [5.0, 5.5, 6.0], [9.0, 12.0, 15.0], [1.5, 1.5, 1.8]],
-            "SFTMix": [[2.0, 2.5, 3.0], [4.0, 4.5, 5.0], [7.0, 8.0, 10.0], [1.5, 1.6, 1.7]]}
-    (tmp_path / "ntp").mkdir()
-    paths = [write_jsonl(tmp_path / "ntp" / "dynamics.jsonl",  # a run directory, and a file given directly
-                         [{"id": f"e{i}", "perplexities": p} for i, p in enumerate(runs["NTP"])]),
-             write_jsonl(tmp_path / "sftmix.jsonl", [{"id": f"e{i}", "perplexities": p}
-                                                    for i, p in enumerate(runs["SFTMix"])])]
-    code, table, err = run_eval("dynamics", tmp_path / "ntp", paths[1], "--names", "NTP", "SFTMix",
-                                "--out", tmp_path / "tables" / "dynamics.md")
-    assert code == 0, err
-    assert (tmp_path / "tables" / "dynamics.md").read_text() == table
-    cells = table_cells(table)
-    for column, name in enumerate(runs):
-        conf = [-statistics.fmean(p) for p in runs[name]]
-        assert cells["confidence mean"][column] == pytest.approx(statistics.fmean(conf), abs=1e-4)
-        value = cells["confidence spread (std over examples)"][column]
-        assert value == pytest.approx(statistics.pstdev(conf), abs=1e-4)
-        assert cells["variability mean"][column] == pytest.approx(
-            statistics.fmean(statistics.pstdev(p) for p in runs[name]), abs=1e-4)
-    spread = cells["confidence spread (std over examples)"]
-    assert spread[3] == pytest.approx(spread[1] / spread[0], abs=1e-3)  # the SFTMix ÷ NTP column
-
-
-def test_the_table_command_sets_up_no_device_or_process_group(tmp_path, monkeypatch):
-    def no_setup(*args):
-        raise AssertionError("setup called by a command that runs no model")
-
-    monkeypatch.setattr(E, "setup", no_setup)
-    dynamics = write_dynamics(tmp_path / "dynamics.jsonl")
-    code, table, err = run_eval("dynamics", dynamics)
-    assert code == 0 and table.startswith("| metric |"), err
 
 
 COMMANDS = {  # every command with --out; its other inputs do not exist, so an error about --out came first
     "ppl": ["ppl", "--model", "nope", "--data", "nope.jsonl"],
     "mc": ["mc", "--model", "nope", "--data", "nope.jsonl"],
     "generate": ["generate", "--model", "nope", "--questions", "nope.jsonl"],
-    "compare": ["compare", "nope", "--data", "nope.jsonl"],
-    "dynamics": ["dynamics", "nope.jsonl"],
 }
 
 
@@ -585,7 +500,7 @@ def test_an_out_that_cannot_be_written_is_one_line_before_any_work(command, wher
 
 @pytest.mark.parametrize("flags, message", [
     (["ppl", "--batch-size", 0], "--batch-size: expected an integer >= 1, got 0"),
-    (["compare", "--max-len", 1], "--max-len: expected an integer >= 2, got 1"),
+    (["ppl", "--max-len", 1], "--max-len: expected an integer >= 2, got 1"),
     (["generate", "--max-new-tokens", -5], "--max-new-tokens: expected an integer >= 1, got -5"),
     (["generate", "--temperature", -0.5], "--temperature: expected a finite number >= 0, got -0.5"),
     (["generate", "--temperature", "nan"], "--temperature: expected a finite number >= 0, got nan"),

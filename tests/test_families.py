@@ -141,7 +141,7 @@ def test_mixup_with_a_soft_capped_head_mixes_logits_before_the_cap(tmp_path):
     (sftmix.head_losses); mixing the capped logits instead would differ."""
     hf_model("gemma2-window6-mqa").save_pretrained(tmp_path)
     ours = M.load_pretrained(tmp_path)
-    cap, W = ours.args.final_logit_softcapping, ours.lm_head.weight
+    W = ours.lm_head.weight
     ids, targets = ids_and_targets(4, 20)
     labels = targets.clone()
     labels[:, :6], labels[1, 15:], labels[3, 9:] = sftmix.IGNORE, sftmix.IGNORE, sftmix.IGNORE  # responses of 14, 9, 14, 3

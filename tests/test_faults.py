@@ -185,7 +185,6 @@ def test_perplexity_that_overflows_is_inf_and_dynamics_name_the_example(tiny_mod
     blown.mkdir()
     for f in tiny_model_dir.iterdir():
         (blown / f.name).write_bytes(f.read_bytes())
-    import torch
     from safetensors.torch import load_file, save_file
     w = load_file(str(blown / "model.safetensors"))
     w["model.norm.weight"] *= 1e6  # logits in the millions: mean NLL far above 709 nats
@@ -259,7 +258,9 @@ def test_eval_split_naming_no_example_fails_before_the_model_loads(tiny_model_di
     out = tmp_path / "ppl.jsonl"
     assert fails_with_one_line(capsys, E.main, "ppl", "--model", tiny_model_dir, "--data", chat_data,
                                "--split", split, "--out", out) == expected
-    assert fails_with_one_line(capsys, E.main, "compare", tiny_model_dir, tiny_model_dir, "--data", chat_data,
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import report
+    assert fails_with_one_line(capsys, report.main, "compare", tiny_model_dir, tiny_model_dir, "--data", chat_data,
                                "--split", split, "--out", tmp_path / "table.md") == expected
     assert not out.exists() and not (tmp_path / "table.md").exists()
 
@@ -268,7 +269,9 @@ def test_eval_refuses_a_model_it_cannot_run_exactly_and_a_second_turn_alpaca_can
         tiny_model_dir, chat_data, tmp_path, capsys):
     import eval as E
     model = longrope_model(tiny_model_dir, tmp_path / "longrope")
-    line = fails_with_one_line(capsys, E.main, "compare", tiny_model_dir, model, "--data", chat_data)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import report
+    line = fails_with_one_line(capsys, report.main, "compare", tiny_model_dir, model, "--data", chat_data)
     assert line.startswith(f"error: {model / 'config.json'}: rope_parameters.rope_type: expected ")
     questions = tmp_path / "question.jsonl"
     questions.write_text(json.dumps({"question_id": 81, "category": "writing", "turns": ["Hi.", "Again."]}) + "\n")

@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import data
 import model as M
-import sftmix
 import train as T
 
 ROOT = Path(__file__).resolve().parent.parent
