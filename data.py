@@ -45,7 +45,6 @@ import itertools
 import json
 import os
 import re
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -522,12 +521,6 @@ def length_grouped_batches(lengths: list, batch_size: int) -> list:
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def padding_waste(lengths: list, batches: list) -> float:
-    """Share of the padded batches' positions that are padding: 1 - sum(lengths) / sum(B * T)."""
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return 1 - sum(lengths[i] for b in batches for i in b) / padded
-
-
 def shard(items: list, rank: int, world_size: int) -> list:
     """This rank's items: every world_size-th from rank on. Each item goes to exactly one rank (counts may
     differ by one: nothing is repeated to even them out), so a gathered per-example result has no duplicate."""
@@ -544,57 +537,3 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         if action.required or action.default is None or "(default:" in action.help:
             return action.help
         return super()._get_help_string(action)
-
-
-# --- inspect -----------------------------------------------------------------------------------------------
-
-def show(sample: Sample, tok: Tokenizer) -> str:
-    """The sample's text with each trained span between [[ and ]]."""
-    tokens = sample.input_ids + [x for x in sample.labels[-1:] if x != IGNORE]
-    trained = [False] + [x != IGNORE for x in sample.labels]  # token t + 1 is trained iff labels[t] is not -100
-    runs = [(t, [x for x, _ in run]) for t, run in itertools.groupby(zip(tokens, trained), key=lambda p: p[1])]
-    return "".join(f"[[{tok.decode(ids)}]]" if t else tok.decode(ids) for t, ids in runs)
-
-
-def inspect(args) -> None:
-    tok = load_tokenizer(args.tokenizer)
-    samples, stats = load_dataset(args.data, tok, args.prompt_format, args.max_len, args.format)
-    for s in samples[: args.n]:
-        trained = sum(x != IGNORE for x in s.labels)
-        print(f"\n--- {s.id}: {len(s.input_ids)} tokens, {trained} trained [[between brackets]] ---\n{show(s, tok)}")
-    lengths, B = [len(s.input_ids) for s in samples], args.batch_size
-    shuffled = shuffled_order(len(lengths), seed=0, epoch=0)
-    waste_random = padding_waste(lengths, [shuffled[i: i + B] for i in range(0, len(lengths), B)])
-    waste_grouped = padding_waste(lengths, length_grouped_batches(lengths, B))
-    p = stats["length_percentiles"]
-    print(f"\nformat: {stats['format']} ({stats['format_from']})\n"
-          f"prompt format: {stats['prompt_format']} ({stats['prompt_format_from']})\n"
-          f"examples: {stats['examples']}, samples: {stats['samples']}, truncated to max_len {args.max_len}: "
-          f"{stats['truncated']}, dropped (no trained token left): {stats['dropped']} {stats['dropped_ids'][:5]}\n"
-          f"tokens per sample: p50 {p[50]}, p90 {p[90]}, p99 {p[99]}, max {p[100]}; "
-          f"trained: {stats['trained_tokens'] / stats['tokens']:.1%} of {stats['tokens']}\n"
-          f"padding at batch size {B}: {waste_random:.1%} in random order, {waste_grouped:.1%} length-grouped")
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("inspect", help="rendered examples with trained spans marked, and statistics",
-                            formatter_class=Help)
-    p.add_argument("--data", required=True, help="data file: a JSON array, JSON lines or parquet")
-    p.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (and tokenizer_config.json)")
-    p.add_argument("--format", help=f"one of {', '.join(FORMATS)}; detected from the keys if not given")
-    p.add_argument("--prompt-format", help=f"one of {', '.join(PROMPT_FORMATS)}; from the tokenizer if not given")
-    p.add_argument("--max-len", type=int, default=MAX_LEN, help="tokens per sample; longer ones are cut on the right")
-    p.add_argument("-n", type=int, default=3, help="examples to show")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size for the padding figures")
-    args = parser.parse_args(argv)
-    try:
-        inspect(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

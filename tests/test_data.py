@@ -12,6 +12,9 @@ from transformers import AutoTokenizer
 import data as D
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import inspect_data  # noqa: E402
+
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 LLAMA3_TEMPLATE = "{{ bos_token }}{% for m in messages %}<|start_header_id|>...{% endfor %}"  # only its markers count
@@ -285,7 +288,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(name, tmp_path, base, capsys):
     file_name, content, extra, message = BAD_INPUT[name]
     path = write(tmp_path / file_name, content)
     with pytest.raises(SystemExit) as exit:
-        D.main(["inspect", "--data", str(path), "--tokenizer", str(base.dir), *extra])
+        inspect_data.main(["--data", str(path), "--tokenizer", str(base.dir), *extra])
     assert exit.value.code == 2
     prefix = "" if message.startswith(("--", "c1:")) else f"{tmp_path}/"
     assert capsys.readouterr().err == f"error: {prefix}{message.format(dir=tmp_path)}\n"
@@ -299,8 +302,8 @@ def test_tokenizer_directory_without_tokenizer_json_is_an_error(tmp_path):
 
 def test_command_line_error_has_no_traceback(tmp_path, base):
     path = write(tmp_path / "d.jsonl", '{"instruction": "a", "output": ""}\n')
-    run = subprocess.run([sys.executable, str(ROOT / "data.py"), "inspect", "--data", str(path), "--tokenizer",
-                          str(base.dir)], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "inspect_data.py"), "--data", str(path),
+                          "--tokenizer", str(base.dir)], capture_output=True, text=True)
     assert (run.returncode, run.stdout) == (2, "")
     assert run.stderr == f'error: {path}:1: "output": expected a non-empty response, got ""\n'
 
@@ -497,8 +500,8 @@ def test_length_grouped_batches_cover_each_index_once_and_cut_padding():
     lengths = [1, 9, 2, 8, 3]
     batches = D.length_grouped_batches(lengths, 2)
     assert batches == [[1, 3], [4, 2], [0]]
-    assert D.padding_waste(lengths, batches) == pytest.approx(1 - 23 / (2 * 9 + 2 * 3 + 1))
-    assert D.padding_waste(lengths, [[0, 1], [2, 3], [4]]) == pytest.approx(1 - 23 / (2 * 9 + 2 * 8 + 3))
+    assert inspect_data.padding_waste(lengths, batches) == pytest.approx(1 - 23 / (2 * 9 + 2 * 3 + 1))
+    assert inspect_data.padding_waste(lengths, [[0, 1], [2, 3], [4]]) == pytest.approx(1 - 23 / (2 * 9 + 2 * 8 + 3))
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -510,13 +513,13 @@ def test_shards_hold_every_example_once_with_its_id(world_size):
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
-# --- inspect -------------------------------------------------------------------------------------------------
+# --- scripts/inspect_data.py -------------------------------------------------------------------------------------------------
 
 def test_inspect_marks_the_trained_spans_and_reports_stats(smol, tmp_path, capsys):
     path = jsonl(tmp_path / "d.jsonl", [{"id": "q1", "conversations": [
         {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
         {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye."}]}])
-    D.main(["inspect", "--data", str(path), "--tokenizer", str(smol.dir), "-n", "1"])
+    inspect_data.main(["--data", str(path), "--tokenizer", str(smol.dir), "-n", "1"])
     out = capsys.readouterr().out
     assert (f"<|im_start|>system\n{SMOL_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
             "<|im_start|>assistant\n[[Hello!<|im_end|>]]\n<|im_start|>user\nBye<|im_end|>\n"
@@ -569,6 +572,6 @@ def test_a_parquet_file_that_cannot_be_read_is_one_line(fault, smol, tmp_path, c
         path.write_bytes(path.read_bytes()[:-20])
         expected = f"error: {path}: not a readable parquet file ("
     with pytest.raises(SystemExit) as e:
-        D.main(["inspect", "--data", str(path), "--tokenizer", str(smol.dir)])
+        inspect_data.main(["--data", str(path), "--tokenizer", str(smol.dir)])
     out, err = capsys.readouterr()
     assert e.value.code == 2 and out == "" and len(err.splitlines()) == 1 and err.startswith(expected), err
