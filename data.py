@@ -424,7 +424,8 @@ def load_dataset(path, tok: Tokenizer, prompt_format: str | None = None, max_len
     prompt_chosen = "given" if prompt_format else f"detected from {tok.dir}"
     prompt_format = _resolve(tok, prompt_format)
     rendered = [render(e.messages, tok, prompt_format, where=e.id) for e in examples]
-    encodings = tok.hf.encode_batch(["".join(text for text, _ in p) for p in rendered], add_special_tokens=False)
+    texts = ["".join(text for text, _ in pieces) for pieces in rendered]  # each example's whole rendered text
+    encodings = tok.hf.encode_batch(texts, add_special_tokens=False)
     samples = [_sample(e.id, enc, p, max_len) for e, p, enc in zip(examples, rendered, encodings)]
     dropped = [e.id for e, s in zip(examples, samples) if s is None]
     samples = [s for s in samples if s is not None]

@@ -12,8 +12,9 @@ generate  MT-Bench's model answers or AlpacaEval's model outputs, decoded as the
 
 Each command loads the weights in --dtype (auto: bf16 on CUDA, fp32 on CPU) and computes in it with
 no autocast: one copy of the weights, and a KV cache of that dtype. Under `torchrun --nproc_per_node
-N eval.py ...` its passes over data are sharded over ranks; rank 0 writes. Every --out is checked before any work: its directory is made if missing; a directory, or a
-place that cannot be written, is refused.
+N eval.py ...` its passes over data are sharded over ranks; rank 0 writes. Every --out is checked
+before any work: its directory is made if missing; a directory, or a place that cannot be written, is
+refused.
 """
 import argparse
 import json
@@ -211,7 +212,8 @@ def mc_question(where, r, default_id, base) -> Question:
         key, question, options, id_ = '"question"', r.get("question"), r.get("options"), r.get("id", default_id)
         if isinstance(options, list) and len(options) <= len(LETTERS):
             options = dict(zip(LETTERS, options))
-        if not (isinstance(options, dict) and len(options) >= 2 and list(options) == list(LETTERS[:len(options)])):
+        lettered = isinstance(options, dict) and list(options) == list(LETTERS[:len(options)])
+        if not (lettered and len(options) >= 2):
             raise InputError(f'{where}: "options": expected 2 or more non-empty strings, as a list or as '
                              f'{{"A": text, "B": text, ...}} with keys A, B, C, ... in order')
         field = "answer_idx" if "answer_idx" in r else "answer"
@@ -361,7 +363,8 @@ def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_toke
         same_temperature = {}
         for i in sorted(prompts, key=lambda i: len(prompts[i])):
             same_temperature.setdefault(temperatures[i], []).append(i)
-        batches = [g[k:k + batch_size] for g in same_temperature.values() for k in range(0, len(g), batch_size)]
+        batches = [group[k:k + batch_size] for group in same_temperature.values()
+                   for k in range(0, len(group), batch_size)]
         for j, batch in enumerate(batches):
             progress.set_postfix_str(f"turn {turn + 1}/{turns}, batch {j + 1}/{len(batches)}")
             new = M.generate(model, [prompts[i] for i in batch], max_new_tokens, temperatures[batch[0]],

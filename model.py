@@ -131,9 +131,10 @@ class ModelArgs:
                    hidden_act=acts[-1], **fixed)
         if family in ("mistral", "gemma2") and cfg.get("sliding_window") is not None:  # Mistral: in every layer
             L = args.num_hidden_layers  # Gemma 2: in layers 0, 2, 4, ... unless config.json lists layer_types
-            types = cfg.get("layer_types") or (
-                None if family == "mistral" else [("sliding_attention", "full_attention")[i % 2] for i in range(L)])
-            if types is not None and (len(types) != L or not set(types) <= {"sliding_attention", "full_attention"}):
+            alternating = [("sliding_attention", "full_attention")[i % 2] for i in range(L)]
+            types = cfg.get("layer_types") or (None if family == "mistral" else alternating)
+            known = {"sliding_attention", "full_attention"}
+            if types is not None and (len(types) != L or not set(types) <= known):
                 raise InputError(f"{source}: layer_types: expected {L} of \"sliding_attention\" or \"full_attention\"")
             args.sliding_window, args.layer_types = cfg["sliding_window"], types
         if "num_key_value_heads" not in cfg or cfg["num_key_value_heads"] is None:
@@ -622,7 +623,8 @@ def save_pretrained(model: Transformer, path, tokenizer_dir=None, state_dict=Non
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        write_json(path / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(path / "model.safetensors.index.json",
+                   {"metadata": {"total_size": total}, "weight_map": weight_map})
     dtype = next(iter(state.values())).dtype
     write_json(path / "config.json", model.args.to_hf_config(dtype))
     if tokenizer_dir is not None:

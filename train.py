@@ -114,7 +114,8 @@ def train(args, rank, local_rank, world):
     model = load_pretrained(base, device=device, prepare=partial(prepare_model, args=args, bf16=bf16))
     wrapped = model  # what forward and backward go through: the model itself, FSDP2's in place, or DDP around it
     if args.shard == "ddp" and world > 1:
-        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                      gradient_as_bucket_view=True)
     optimizer = adamw(model, args.lr, args.weight_decay, args.betas)
     step, dynamics = 0, {}
     if args.resume and (out / "state" / "latest.json").exists():
@@ -145,7 +146,8 @@ def train(args, rank, local_rank, world):
 
             # the step's one read from the device: the losses, the grad norm, and whether the weights are finite;
             # a divergence stops the run and writes nothing
-            loss, ntp_loss, mix_loss, grad_norm, finite = torch.cat([stats, weights_finite(model, world)]).tolist()
+            read = torch.cat([stats, weights_finite(model, world)])  # (5,)
+            loss, ntp_loss, mix_loss, grad_norm, finite = read.tolist()
             if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm)):
                 raise InputError(f"step {step + 1}: loss is not finite (ntp {ntp_loss}, mixup {mix_loss}, grad norm "
                                  f"{grad_norm}); stopped. {last_state(out, saved)}")
@@ -543,7 +545,8 @@ def load_state(out, model, optimizer, rank, world):
                 keys = {"param": f"model.{n}", "exp_avg": f"optimizer.{n}.exp_avg",
                         "exp_avg_sq": f"optimizer.{n}.exp_avg_sq",
                         "step": f"optimizer.{n}.step"} if p.requires_grad else {"param": f"model.{n}"}
-                if not set(keys.values()) <= stored or f.get_slice(keys["param"]).get_shape() != list(_local(p).shape):
+                shape = f.get_slice(keys["param"]).get_shape() if keys["param"] in stored else None
+                if not set(keys.values()) <= stored or shape != list(_local(p).shape):
                     raise InputError(f"{file}: {n}: missing or of another shape than the model's; expected the state "
                                      f"of this run's model")
                 _local(p).copy_(f.get_tensor(keys["param"]))
