@@ -65,15 +65,20 @@ def read_metrics(path) -> list:
 
 # ----------------------------------------------------------------------------- tables
 
+def markdown_lines(head, rows) -> list:
+    """The lines of a Markdown table of text cells: the head, the rule, one line per row."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def markdown_table(names, metrics) -> str:
     """| metric | A | B | B − A | B ÷ A |, and for each further run X: X − A, X ÷ A."""
     head = ["metric", *names] + [h for n in names[1:] for h in (f"{n} − {names[0]}", f"{n} ÷ {names[0]}")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for metric, values in metrics.items():
         a = values[0]
         diffs = [c for v in values[1:] for c in (f"{v - a:+.4f}", f"{v / a:.4f}" if a else "—")]
-        lines.append("| " + " | ".join([metric, *(f"{v:.4f}" for v in values), *diffs]) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([metric, *(f"{v:.4f}" for v in values), *diffs])
+    return "\n".join(markdown_lines(head, rows)) + "\n"
 
 
 def show_table(out, table) -> None:

@@ -363,11 +363,6 @@ def interval(values, scale=1.0, unit="", digits=3):
     return f(mean) + (f" [{f(mean - half)}, {f(mean + half)}]" if math.isfinite(half) else "")
 
 
-def table(head, rows) -> list:
-    """Markdown lines of a table of text cells (eval.markdown_table prints numbers against a first column)."""
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def seed_list(seeds):
     return ", ".join(map(str, sorted(seeds))) or "none"
 
@@ -421,9 +416,10 @@ def held_out_tables(curves, done, base_ppl, epochs) -> list:
     """Per arm the best and last epoch's ppl over seeds; the paired differences; the curves, mean and per seed."""
     c = {arm: np.array([curves[arm][seed] for seed in sorted(curves[arm])]) for arm in done}  # (seeds, epochs)
     lines = ["## Held-out response perplexity", "", "Mean ± std over seeds:", ""]
-    lines += table(["arm", "seeds", "best epoch (per seed)", "ppl at best epoch", f"ppl at last epoch ({epochs})"],
-                   [[ARMS[arm].title, seed_list(curves[arm]), ", ".join(str(e + 1) for e in c[arm].argmin(1)),
-                     fmt(c[arm].min(1)), fmt(c[arm][:, -1])] for arm in done])
+    head = ["arm", "seeds", "best epoch (per seed)", "ppl at best epoch", f"ppl at last epoch ({epochs})"]
+    lines += report.markdown_lines(head, [[ARMS[arm].title, seed_list(curves[arm]),
+                                           ", ".join(str(e + 1) for e in c[arm].argmin(1)),
+                                           fmt(c[arm].min(1)), fmt(c[arm][:, -1])] for arm in done])
     diffs = []
     for a, b in PAIRS:
         seeds = sorted(set(curves[a]) & set(curves[b]))
@@ -433,7 +429,7 @@ def held_out_tables(curves, done, base_ppl, epochs) -> list:
                 diffs.append([f"{ARMS[a].title} − {ARMS[b].title}", at, interval(d),
                               ", ".join(f"{seed}: {x:+.3f}" for seed, x in zip(seeds, d))])
     lines += ["", "Paired differences (same seed: same data order and λ draws), mean and 95% t interval over seeds:",
-              ""] + table(["difference", "at", "mean [95% interval]", "per seed"], diffs)
+              ""] + report.markdown_lines(["difference", "at", "mean [95% interval]", "per seed"], diffs)
     names = [ARMS[arm].title for arm in done]
     at_epoch = {"0 (base model)": [base_ppl] * len(done)} if base_ppl else {}
     at_epoch |= {str(e + 1): [c[arm][:, e].mean() for arm in done] for e in range(epochs)}
@@ -442,7 +438,7 @@ def held_out_tables(curves, done, base_ppl, epochs) -> list:
         arms = [arm for arm in done if seed in curves[arm]]
         lines += [f"Seed {seed}, held-out ppl after each epoch:", "",
                   report.markdown_table([ARMS[arm].title for arm in arms],
-                                   {str(e + 1): [curves[arm][seed][e] for arm in arms] for e in range(epochs)})]
+                                        {str(e + 1): [curves[arm][seed][e] for arm in arms] for e in range(epochs)})]
     return lines
 
 
@@ -460,8 +456,8 @@ def spread_table(spreads, done) -> list:
             "The final model's response perplexity on every training example (train.py --dynamics 1); the spread is "
             "the std over examples of Conf = −Perp (report.py dynamics). The paper reports it ~7% lower after SFTMix "
             "than after NTP.", ""] \
-        + table(["arm", "spread, mean ± std over seeds", "change against NTP, mean [95% interval]", "per seed"],
-                rows) + [""]
+        + report.markdown_lines(["arm", "spread, mean ± std over seeds", "change against NTP, mean [95% interval]",
+                                 "per seed"], rows) + [""]
 
 
 def plot(curves, base_ppl, path):
