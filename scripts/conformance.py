@@ -44,6 +44,7 @@ import model as M  # noqa: E402
 import sftmix  # noqa: E402
 import train  # noqa: E402
 from data import IGNORE, InputError  # noqa: E402
+import report  # noqa: E402  (scripts/, beside this file)
 
 SMOLLM2 = ROOT / ".assets" / "SmolLM2-135M-Instruct"
 # The kit's two runs as train.py command lines; the settings expected.json states are read back
@@ -177,7 +178,7 @@ def reference_run(kit, out, *flags):
     if r.returncode != 0:
         raise RuntimeError(f"the reference run failed:\n{r.stderr[-3000:]}")
     ids, perps = sftmix.read_dynamics(out / "dynamics.jsonl")
-    lr = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lr = [r["lr"] for r in report.read_metrics(out / "metrics.jsonl")]
     return {"perplexities": dict(zip(ids, perps.tolist())),
             "confidence": dict(zip(ids, sftmix.confidence(perps).tolist())),
             "variability": dict(zip(ids, sftmix.variability(perps).tolist()))}, lr
