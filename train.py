@@ -229,8 +229,7 @@ def forward_backward(args, wrapped, samples, batch, lam, device, amp_dtype, rank
         last = j == len(micro) - 1
         with wrapped.no_sync() if isinstance(wrapped, DDP) and not last else nullcontext():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                nll, mix = wrapped(b["input_ids"], seqs=b["seqs"], logits_at=b["trained"],
-                                   head=head)
+                nll, mix = wrapped(b["input_ids"], seqs=b["seqs"], logits_at=b["trained"], head=head)
             loss = ntp_weight * nll.sum() / n_tokens + mix_weight * mix.sum() / max(n_mixed, 1)  # (N,), (M,) summed
             (loss * world).backward()  # ranks average gradients; * world makes it the sum over the global batch
         sums += torch.stack([nll.detach().sum(), mix.detach().sum()])

@@ -92,7 +92,6 @@ def peer_step(peer, optimizer, batch):
     nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss
 
 
 def run_steps(steps: dict, warmup, timed, device):
