@@ -627,22 +627,23 @@ def point_name(curve, index):
     return f"{curve.epochs[index]:.3g}"
 
 
-def difference(rec, a, at_a, b, at_b, noise=None):
+def difference(rec, a, at_a, b, at_b):
     """The paired difference (arm a at point at_a) − (arm b at at_b) over their common seeds: (seeds, per-seed
-    differences, seeds-only interval, interval with the held-out noise or None). The held-out variance of the
-    seeds' mean comes from the shared bootstrap resamples, or, for records without them, from noise = (a std
-    measured otherwise, its number of conversations)."""
+    differences (S,), the seeds' mean difference on each bootstrap resample of the conversations (D,), or None
+    for records without per-conversation NLLs)."""
     seeds = sorted(set(rec.curves[a]) & set(rec.curves[b]))
     va = [rec.curves[a][s].at(at_a) for s in seeds]
     vb = [rec.curves[b][s].at(at_b) for s in seeds]
-    d = [x[1] - y[1] for x, y in zip(va, vb)]
-    both = None
-    if seeds and va[0][2] is not None:
-        mean_draws = np.mean([x[2] - y[2] for x, y in zip(va, vb)], axis=0)  # (D,) the seeds' mean on each resample
-        both = combined_interval(d, mean_draws.var(ddof=1), len(rec.heldout.test))
-    elif noise is not None and len(d) > 1:
-        both = combined_interval(d, noise[0] ** 2, noise[1])
-    return seeds, d, mean_interval(d), both
+    draws = np.mean([x[2] - y[2] for x, y in zip(va, vb)], axis=0) if seeds and va[0][2] is not None else None
+    return seeds, [x[1] - y[1] for x, y in zip(va, vb)], draws
+
+
+def intervals(d, draws, conversations, noise=None):
+    """(seeds-only t interval, interval with the held-out noise or None) of per-seed differences d: the
+    held-out variance from the resamples' draws, or, for records without them, noise = a std measured
+    otherwise."""
+    var = draws.var(ddof=1) if draws is not None else None if noise is None else noise ** 2
+    return mean_interval(d), (combined_interval(d, var, conversations) if var is not None and len(d) > 1 else None)
 
 
 def write_report(study: Study):
@@ -679,12 +680,12 @@ def write_report(study: Study):
         noise = None
         if s["design"] == 1 and all((out / "heldout" / f"{m}.jsonl").exists() for m in ("base", "ntp", "sftmix")):
             noise = bootstrap_ppl({m: read_base(out / "heldout" / f"{m}.jsonl") for m in ("base", "ntp", "sftmix")},
-                                  s["bootstrap"]) | {"conversations": n_heldout}
+                                  s["bootstrap"])
             lines += [f"Noise of the held-out set itself: std of the ppl over {s['bootstrap']} bootstrap resamples "
                       f"of its {n_heldout} conversations (seed {READ_SEED}, last epoch): base model "
                       f"{noise['base']:.3f}, NTP {noise['ntp']:.3f}, SFTMix {noise['sftmix']:.3f}; of the paired "
                       f"difference SFTMix − NTP {noise['sftmix − ntp']:.3f}.", ""]
-        lines += held_out_tables(rec, done, study, noise) + spread_tables(rec, done) + fit_table(rec, done)
+        lines += held_out_tables(rec, done, study, noise, len(rec.heldout.test) if rec.heldout else n_heldout) + spread_tables(rec, done) + fit_table(rec, done)
     lines += times_lines(out / "times.tsv", study)
     with data.atomic_path(out / "results.md") as tmp:
         tmp.write_text("\n".join(lines), "utf-8")
@@ -699,9 +700,10 @@ def write_report(study: Study):
     print("wrote " + ", ".join(map(str, wrote)))
 
 
-def held_out_tables(rec, done, study, noise) -> list:
-    """Per arm the best and last point's test ppl over seeds; the paired differences with both intervals; each
-    arm's rise after its best point; the curves, mean over seeds."""
+def held_out_tables(rec, done, study, noise, conversations) -> list:
+    """Per arm the best and last point's test ppl over seeds; the paired differences with both intervals (the
+    held-out noise over the test set's conversations); each arm's rise after its best point; the curves, mean
+    over seeds and per seed."""
     first = study.s["design"] == 1
     c = rec.curves
     lines = ["## Held-out response perplexity", "",
@@ -725,9 +727,9 @@ def held_out_tables(rec, done, study, noise) -> list:
         for at in ("best", "last"):
             if a not in done or b not in done:
                 continue
-            plug = (noise["sftmix − ntp"], noise["conversations"]) \
-                if noise and (a, b, at) == ("sftmix", "ntp", "last") else None
-            seeds, d, only, both = difference(rec, a, at, b, at, plug)
+            plug = noise["sftmix − ntp"] if noise and (a, b, at) == ("sftmix", "ntp", "last") else None
+            seeds, d, draws = difference(rec, a, at, b, at)
+            only, both = intervals(d, draws, conversations, plug)
             if d:
                 diffs.append([f"{ARMS[a].title} − {ARMS[b].title}", at, interval(only),
                               interval(both) if both else "—", f"{sum(x < 0 for x in d)} of {len(d)}",
@@ -739,7 +741,8 @@ def held_out_tables(rec, done, study, noise) -> list:
                                     "lower at", "per seed"], diffs)
     rises = []
     for arm in done:
-        seeds, d, only, both = difference(rec, arm, "last", arm, "best")
+        seeds, d, draws = difference(rec, arm, "last", arm, "best")
+        only, both = intervals(d, draws, conversations)
         rises.append([ARMS[arm].title, interval(only), interval(both) if both else "—",
                       f"{sum(x > 0 for x in d)} of {len(d)}"])
     lines += ["", "Rise after the best point: ppl at the last point − ppl at the best, same run:", ""]
