@@ -1,9 +1,9 @@
 """The reproduction study: NTP against SFTMix, its controls and its loss ablations, over seeds: held-out curves
 and the confidence spread.
 
-    python scripts/study.py --out results/study-2                     # the whole study; again to continue
-    python scripts/study.py --out results/study-2 --arms ntp,sftmix --seeds 0    # a part of it
-    python scripts/study.py --out results/study --report-only         # results.md, heldout.png, answers.md
+    python scripts/study.py                                 # the whole study into results/study-2/; again to continue
+    python scripts/study.py --arms ntp,sftmix --seeds 0     # a part of it; a later full run continues from it
+    python scripts/study.py --out results/study --report-only    # results.md, heldout.png, answers.md of a study
 
 Arms, each from the base model with the same flags and seed (what a pair of arms shares is in the docs page
 results/study/README.md); the full study runs each arm over seeds 0 .. N-1 (--seeds picks others):
@@ -105,7 +105,8 @@ OWN_FLAGS = {"mode", "model", "data", "out", "split", "mixup_only", "dynamics", 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.Help)
-    p.add_argument("--out", default="results/study", help="study directory")
+    p.add_argument("--out", default="results/study-2",
+                   help="study directory (results/study/ holds the first design's records)")
     p.add_argument("--report-only", action="store_true",
                    help="redraw the tables, plot and answers from OUT's records; no training (settings from "
                         "OUT/study.json)")
