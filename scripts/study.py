@@ -390,7 +390,7 @@ def prepare(args, out: Path):
                          f"remove {out} or choose another --out")
     study.fetch(again=saved is None)
     split = check_data(study, plan)
-    if (out / "heldout-split.json").exists() and json.loads((out / "heldout-split.json").read_text()) != split:
+    if (out / "heldout-split.json").exists() and read_split(out / "heldout-split.json") != split:
         raise InputError(f"{out / 'heldout-split.json'}: is not the split of {study.heldout_data} at --validation "
                          f"{settings['validation']}; the held-out data changed since the study began")
     data.write_json(out / "heldout-split.json", split)
@@ -540,8 +540,12 @@ def read_split(path: Path) -> dict:
 def read_heldout(path: Path, ids) -> tuple:
     """RUN/heldout.jsonl (train.py --heldout-every) -> (epochs (P,), {id: (summed NLL (P,), tokens)}), the points
     in step order (a point recorded twice, by a run resumed after it, counts once: the last)."""
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({e}); expected train.py --heldout-every's records") from None
     by_step = {}
-    for lineno, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         try:
             r = json.loads(line)
             by_step[int(r["step"])] = (float(r["epoch"]), {str(k): (float(v[0]), int(v[1])) for k, v in r["nll"].items()})
