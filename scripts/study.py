@@ -144,6 +144,11 @@ def parse_args(argv=None):
     p.add_argument("--train-flags", default="",
                    help="more train.py flags for every run, e.g. \"--compile --activation-checkpointing "
                         "--save-every 50\" (not those the study sets itself)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv[:-1]):  # its value starts with "--": argparse would take it for a flag
+        if arg == "--train-flags":
+            argv[i:i + 2] = [f"--train-flags={argv[i + 1]}"]
+            break
     return p.parse_args(argv)
 
 
