@@ -84,8 +84,8 @@ overfits = f"NTP overfits after epoch {best['ntp'] + 1} ({ntp[best['ntp']]:.3f},
     markdown_table(["NTP", "SFTMix"], {f"held-out ppl, epoch {e + 1}": [ntp[e], mix[e]] for e in range(epochs)})
     + f"\nWhat this run shows: {overfits}; SFTMix ends at {mix[-1]:.3f}, {mix[-1] - ntp[-1]:+.3f} against NTP. "
     f"What it does not: it is one seed of a 135M-parameter model on {trained} conversations, so not how large the "
-    f"difference is against run-to-run noise (the README's study: seeds, a random-split control, the loss "
-    f"ablations), nor the paper's gains at 7-14B parameters on tens of thousands of examples.\n")
+    f"difference is against run-to-run noise (the study, results/study/README.md: seeds, a random-split control, "
+    f"the loss ablations), nor the paper's gains at 7-14B parameters on tens of thousands of examples.\n")
 PY
 
 echo
