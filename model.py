@@ -604,7 +604,7 @@ def untie_if_heads_differ(path: Path, args: ModelArgs, tensors: dict) -> None:
               f"says tie_word_embeddings true; kept as an untied head, as transformers loads it", file=sys.stderr)
 
 
-def check_checkpoint(path: Path, args: ModelArgs, tensors: dict, params: dict) -> None:
+def check_checkpoint(path: Path, tensors: dict, params: dict) -> None:
     """Every parameter of the model config.json describes has its tensor, of its shape, and no other tensor is
     there: else an InputError naming the file and the tensor, before any weight is read."""
     where = "model.safetensors.index.json" if (path / "model.safetensors.index.json").is_file() \
@@ -625,24 +625,32 @@ def check_checkpoint(path: Path, args: ModelArgs, tensors: dict, params: dict) -
                              f"{tuple(params[name].shape)}")
 
 
-def load_pretrained(path, dtype=torch.float32, device="cpu", prepare=None) -> Transformer:
-    """Load a model (see model_dir): model.safetensors, or shards listed in model.safetensors.index.json.
-
-    The checkpoint's headers are checked against config.json first (check_checkpoint). The model is built on
-    the meta device; prepare(model), if given, changes it there, before any memory is taken (train.py adds
-    LoRA, compiles blocks and shards it with FSDP2). Then each checkpoint tensor is read alone and copied into
-    its parameter (only this rank's part under FSDP2), so at most one full tensor is held at a time, on the
-    CPU. Only safetensors are read: no checkpoint is ever unpickled. A file that cannot be read (missing,
-    empty, truncated, not JSON) is an InputError naming it.
-    """
+def checked_model(path) -> tuple:
+    """(directory, ModelArgs, safetensors files) of a model (see model_dir), its config.json and the headers of
+    its checkpoint checked against each other, no weight read (but a tied head stored twice, to compare)."""
     path = model_dir(path)
     args = ModelArgs.from_model_dir(path)
     files = checkpoint_files(path)
     tensors = checkpoint_tensors(path, files)
     untie_if_heads_differ(path, args, tensors)
     with torch.device("meta"):
+        check_checkpoint(path, tensors, dict(Transformer(args).named_parameters()))
+    return path, args, files
+
+
+def load_pretrained(path, dtype=torch.float32, device="cpu", prepare=None) -> Transformer:
+    """Load a model (see model_dir): model.safetensors, or shards listed in model.safetensors.index.json.
+
+    The checkpoint's headers are checked against config.json first (checked_model). The model is built on
+    the meta device; prepare(model), if given, changes it there, before any memory is taken (train.py adds
+    LoRA, compiles blocks and shards it with FSDP2). Then each checkpoint tensor is read alone and copied into
+    its parameter (only this rank's part under FSDP2), so at most one full tensor is held at a time, on the
+    CPU. Only safetensors are read: no checkpoint is ever unpickled. A file that cannot be read (missing,
+    empty, truncated, not JSON) is an InputError naming it.
+    """
+    path, args, files = checked_model(path)
+    with torch.device("meta"):
         model = Transformer(args).to(dtype)
-    check_checkpoint(path, args, tensors, dict(model.named_parameters()))
     if prepare is not None:
         prepare(model)
     model.to_empty(device=device)
