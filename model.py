@@ -617,12 +617,13 @@ def check_checkpoint(path: Path, tensors: dict, params: dict) -> None:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise InputError(f"{path / where}: {missing[0]}: missing{reason}{more}; expected the checkpoint of the "
                          f"model config.json describes")
-    for name, (file, shape) in tensors.items():
+    for name, p in params.items():
+        file, shape = tensors[name]
+        if shape != tuple(p.shape):
+            raise InputError(f"{path / file}: {name}: shape {shape}, but config.json makes it {tuple(p.shape)}")
+    for name, (file, _) in tensors.items():
         if name not in params:
             raise InputError(f"{path / file}: {name}: not a parameter of the model config.json describes")
-        if shape != tuple(params[name].shape):
-            raise InputError(f"{path / file}: {name}: shape {shape}, but config.json makes it "
-                             f"{tuple(params[name].shape)}")
 
 
 def checked_model(path) -> tuple:
