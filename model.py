@@ -190,9 +190,9 @@ class ModelArgs:
 
     @classmethod
     def from_model_dir(cls, path) -> "ModelArgs":
-        """From the config.json of a model (see model_dir), checked as from_hf_config checks it."""
-        file = model_dir(path) / "config.json"
-        return cls.from_hf_config(read_json(file), str(file))
+        """From the config.json of a model (see model_dir), checked as from_hf_config checks it and against
+        the headers of its checkpoint (checked_model): what load_pretrained builds, known before it loads."""
+        return checked_model(path)[1]
 
     def to_hf_config(self, dtype: torch.dtype) -> dict:
         """config.json for transformers' class of this family. A family's own field that is unset is left out
@@ -587,21 +587,19 @@ def checkpoint_tensors(path: Path, files: list) -> dict:
     return tensors
 
 
-def untie_if_heads_differ(path: Path, args: ModelArgs, tensors: dict) -> None:
+def untie_if_heads_differ(path: Path, args: ModelArgs, tensors: dict) -> bool:
     """A config.json with tie_word_embeddings true whose checkpoint also holds an lm_head.weight: the same matrix
     stored twice stays tied (the copy is skipped); a different one is kept as an untied head, as transformers
-    loads it (it warns and does not tie), so that logits equal transformers'. A note on stderr says so."""
+    loads it (it warns and does not tie), so that logits equal transformers'. True when it untied."""
     if not (args.tie_word_embeddings and {"lm_head.weight", "model.embed_tokens.weight"} <= tensors.keys()):
-        return
+        return False
     (head_file, _), (embed_file, _) = tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]
     with safe_open(str(path / head_file), "pt") as h, safe_open(str(path / embed_file), "pt") as e:
         same = torch.equal(h.get_tensor("lm_head.weight"), e.get_tensor("model.embed_tokens.weight"))
     if same:
         del tensors["lm_head.weight"]
-    else:
-        args.tie_word_embeddings = False
-        print(f"note: {path / head_file}: lm_head.weight differs from model.embed_tokens.weight though config.json "
-              f"says tie_word_embeddings true; kept as an untied head, as transformers loads it", file=sys.stderr)
+    args.tie_word_embeddings = same
+    return not same
 
 
 def check_checkpoint(path: Path, tensors: dict, params: dict) -> None:
@@ -626,14 +624,17 @@ def check_checkpoint(path: Path, tensors: dict, params: dict) -> None:
             raise InputError(f"{path / file}: {name}: not a parameter of the model config.json describes")
 
 
-def checked_model(path) -> tuple:
+def checked_model(path, say=False) -> tuple:
     """(directory, ModelArgs, safetensors files) of a model (see model_dir), its config.json and the headers of
     its checkpoint checked against each other, no weight read (but a tied head stored twice, to compare)."""
     path = model_dir(path)
-    args = ModelArgs.from_model_dir(path)
+    args = ModelArgs.from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
     files = checkpoint_files(path)
     tensors = checkpoint_tensors(path, files)
-    untie_if_heads_differ(path, args, tensors)
+    if untie_if_heads_differ(path, args, tensors) and say:
+        print(f"note: {path / tensors['lm_head.weight'][0]}: lm_head.weight differs from "
+              f"model.embed_tokens.weight though config.json says tie_word_embeddings true; kept as an "
+              f"untied head, as transformers loads it", file=sys.stderr)
     with torch.device("meta"):
         check_checkpoint(path, tensors, dict(Transformer(args).named_parameters()))
     return path, args, files
@@ -649,7 +650,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", prepare=None) -> Tr
     CPU. Only safetensors are read: no checkpoint is ever unpickled. A file that cannot be read (missing,
     empty, truncated, not JSON) is an InputError naming it.
     """
-    path, args, files = checked_model(path)
+    path, args, files = checked_model(path, say=True)
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
     if prepare is not None:
