@@ -89,8 +89,9 @@ class InputError(Exception):
 
 @contextmanager
 def reported():
-    """Every command's main runs in this: an InputError is its message as one line on stderr ("error (rank R):"
-    on the ranks after 0 under torchrun) and exit code 2; any other exception is a bug and keeps its traceback."""
+    """Every command's main runs in this: an InputError is its message as one line on stderr ("error
+    (rank R):" on the ranks after 0 under torchrun) and exit code 2; any other exception is a bug
+    and keeps its traceback."""
     try:
         yield
     except InputError as e:
@@ -103,10 +104,10 @@ RANGE = re.compile(r"(>=|>) (-?[\d.]+)|in ([\[(])(-?[\d.]+), (-?[\d.]+)([\])])")
 
 
 def number(flag: str, kind, expected: str):
-    """The argparse type of a numeric flag: kind (int or float) of text, finite and in the range that `expected`
-    says (">= 1", "> 0 and finite", "in [0, 1)", "in (0, 1]", words may follow), else an InputError
-    '<flag>: expected <expected>, got <value>'. parse_args raises it: a command parses inside reported(),
-    so a bad number is one line and exit 2, as any bad input."""
+    """The argparse type of a numeric flag: kind (int or float) of text, finite and in the range
+    that `expected` says (">= 1", "> 0 and finite", "in [0, 1)", "in (0, 1]", words may follow),
+    else an InputError '<flag>: expected <expected>, got <value>'. parse_args raises it: a command
+    parses inside reported(), so a bad number is one line and exit 2, as any bad input."""
     op, low, left, a, b, right = RANGE.match(expected).groups()
     if op:  # ">= low" or "> low"
         within = (lambda v: v >= float(low)) if op == ">=" else (lambda v: v > float(low))
@@ -119,8 +120,8 @@ def number(flag: str, kind, expected: str):
         try:
             value = kind(text)
         except ValueError:
-            raise InputError(f"{flag}: expected {'an integer' if kind is int else 'a number'} {expected}, "
-                             f"got {text!r}") from None
+            what = "an integer" if kind is int else "a number"
+            raise InputError(f"{flag}: expected {what} {expected}, got {text!r}") from None
         if not (math.isfinite(value) and within(value)):
             raise InputError(f"{flag}: expected {expected}, got {value}")
         return value
@@ -128,9 +129,9 @@ def number(flag: str, kind, expected: str):
 
 
 def read_json(path) -> dict:
-    """The JSON object a file holds; unreadable, not JSON, or not an object: an InputError naming the file.
-    Every command reads its JSON files (config.json, split.json, ...) through this, and names the key it then
-    finds wrong (json_field)."""
+    """The JSON object a file holds; unreadable, not JSON, or not an object: an InputError naming
+    the file. Every command reads its JSON files (config.json, split.json, ...) through this, and
+    names the key it then finds wrong (json_field)."""
     path = Path(path)
     try:
         obj = json.loads(path.read_bytes())
@@ -144,7 +145,7 @@ def read_json(path) -> dict:
 
 
 def json_field(obj: dict, key: str, path, ok, expected: str):
-    """obj[key] when ok(it), else an InputError '<path>: <key>: expected <expected>, got <what it holds>'."""
+    """obj[key] when ok(it), else an InputError '<path>: <key>: expected <expected>, got <it>'."""
     if key not in obj or not ok(obj[key]):
         got = json.dumps(obj[key])[:60] if key in obj else "nothing"
         raise InputError(f"{path}: {key}: expected {expected}, got {got}")
@@ -406,15 +407,15 @@ def load_tokenizer(dir) -> Tokenizer:
 
 def chat_template(template, file):
     """The chat template of tokenizer_config.json: a string, or HF's list of named templates
-    [{"name", "template"}, ...], of which the one named "default" is used, as transformers' apply_chat_template
-    does when given no name (a list without one: "", no prompt format, so --prompt-format must be given);
-    None when absent."""
+    [{"name", "template"}, ...], of which the one named "default" is used, as transformers'
+    apply_chat_template does when given no name (a list without one: "", no prompt format, so
+    --prompt-format must be given); None when absent."""
     named = isinstance(template, list) and all(
-        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+        isinstance(t, dict) and all(isinstance(t.get(k), str) for k in ("name", "template"))
         for t in template)
     if not (template is None or isinstance(template, str) or named):
-        raise InputError(f'{file}: chat_template: expected a string or a list of {{"name", "template"}} '
-                         f"objects, got {json.dumps(template)[:60]}")
+        raise InputError(f'{file}: chat_template: expected a string or a list of {{"name", '
+                         f'"template"}} objects, got {json.dumps(template)[:60]}')
     if named:
         return next((t["template"] for t in template if t["name"] == "default"), "")
     return template

@@ -449,10 +449,11 @@ def parser() -> argparse.ArgumentParser:
                                                 "AlpacaEval: model outputs JSON, e.g. NAME/model_outputs.json")
     s.add_argument("--model-id", help="model_id (MT-Bench) or generator (AlpacaEval) (default: the model "
                                       "or run directory's name)")
-    s.add_argument("--max-new-tokens", type=data.number("--max-new-tokens", int, ">= 1"), help="per turn (default: 1024 for MT-Bench, as FastChat; "
-                                                      "2048 for AlpacaEval)")
-    s.add_argument("--temperature", type=data.number("--temperature", float, ">= 0 and finite"), help="for every question; below 1e-4 is greedy (default: "
-                                                     "FastChat's per MT-Bench category, 0.7 for AlpacaEval)")
+    s.add_argument("--max-new-tokens", type=data.number("--max-new-tokens", int, ">= 1"),
+                   help="per turn (default: 1024 for MT-Bench, as FastChat; 2048 for AlpacaEval)")
+    s.add_argument("--temperature", type=data.number("--temperature", float, ">= 0 and finite"),
+                   help="for every question; below 1e-4 is greedy (default: FastChat's per "
+                        "MT-Bench category, 0.7 for AlpacaEval)")
     s.add_argument("--top-p", type=data.number("--top-p", float, "in (0, 1]"), default=1.0,
                    help="nucleus sampling mass when sampling")
     s.add_argument("--seed", type=data.number("--seed", int, ">= 0"), default=0,
@@ -463,9 +464,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(p, argv=None) -> None:
-    """Parse argv with p and run its command. Numeric flags (data.number) and --out are checked before any
-    work; a command that loads a model (it has --dtype) gets devices and process groups, a table or picture
-    runs on rank 0 alone; bad input is one line and exit 2 (data.reported)."""
+    """Parse argv with p and run its command. Numeric flags (data.number) and --out are checked
+    before any work; a command that loads a model (it has --dtype) gets devices and process groups,
+    a table or picture runs on rank 0 alone; bad input is one line and exit 2 (data.reported)."""
     with data.reported():
         args = p.parse_args(argv)
         if args.out:

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm import tqdm
 
-from data import (IGNORE, Help, InputError, check_output, json_field, length_grouped_batches, number, pack,
-                  read_json, reported, shard, to_device, write_json)
+from data import (IGNORE, Help, InputError, check_output, json_field, length_grouped_batches,
+                  number, pack, read_json, reported, shard, to_device, write_json)
 
 
 # ----------------------------------------------------------------------------- stage 1: training dynamics
@@ -151,7 +151,7 @@ def read_split(path):
 
 
 def _ids(v):
-    return isinstance(v, list) and all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in v)
+    return isinstance(v, list) and all(type(i) in (str, int) for i in v)
 
 
 # ----------------------------------------------------------------------------- stage 3: Mixup training
@@ -337,7 +337,8 @@ def main(argv=None):
     s.add_argument("--out", required=True, help="split.json to write")
     s.add_argument("--random", action="store_true",
                    help="ignore confidence: random halves of the same sizes (the control that isolates the split)")
-    s.add_argument("--seed", type=number("--seed", int, ">= 0"), default=0, help="with --random: the draw")
+    s.add_argument("--seed", type=number("--seed", int, ">= 0"), default=0,
+                   help="with --random: the draw")
     with reported():  # bad input: one line and exit 2; a bug of ours keeps its traceback
         run_split(p.parse_args(argv))
 

@@ -13,11 +13,12 @@ Run it again to continue: a stage that is done (scripts/stages.py: a training st
 left, the split newer than the dynamics, SFTMix newer than the split) is skipped, and an interrupted training stage
 continues from its state/ (train.py --resume). A finished run deletes its state/ unless --keep-state is among the
 flags. OUT/pipeline.args holds MODEL, DATA with its checksum, EPOCHS, DYNAMICS and the flags: run again with other
-ones, it stops (remove OUT or choose another). Every stage's flags, MODEL and DATA are checked before anything is
-written, and pipeline.args is written once the first stage has started, so a refused start leaves nothing behind.
-Every train.py flag passes to each training stage (--shard fsdp, --compile, --activation-checkpointing,
---save-every, --heldout, --lora-rank, ...), except those the pipeline sets per stage (--model, --data, --out,
---mode, --split, --epochs, --dynamics, --stop-at-step): those are refused.
+ones, it stops (remove OUT or choose another). Every stage's flags, MODEL and DATA are checked
+before anything is written, and pipeline.args is written once the first stage has started, so a
+refused start leaves nothing. Every train.py flag passes to each training stage (--shard fsdp,
+--compile, --activation-checkpointing, --save-every, --heldout, --lora-rank, ...), except those the
+pipeline sets per stage (--model, --data, --out, --mode, --split, --epochs, --dynamics,
+--stop-at-step): those are refused.
 
 Writes OUT/reference/ (dynamics.jsonl, final/), OUT/split.json, OUT/sftmix/final/, OUT/ntp/final/, and
 OUT/times.tsv (stage, seconds, done or skipped) for this invocation.
@@ -35,8 +36,9 @@ import train as T
 from data import InputError
 
 # what the pipeline gives each training stage itself: (train.py flag, its dest)
-OWN = [("--model", "model"), ("--data", "data"), ("--out", "out"), ("--mode", "mode"), ("--split", "split"),
-       ("--epochs", "epochs"), ("--dynamics", "dynamics"), ("--stop-at-step", "stop_at_step")]
+OWN = [("--model", "model"), ("--data", "data"), ("--out", "out"), ("--mode", "mode"),
+       ("--split", "split"), ("--epochs", "epochs"), ("--dynamics", "dynamics"),
+       ("--stop-at-step", "stop_at_step")]
 
 
 def setting(name, default) -> int:
@@ -48,22 +50,23 @@ def setting(name, default) -> int:
 
 
 def check_stages(stage_argv: list, flags: list, nproc: int) -> None:
-    """Each training stage's command line (stage_argv: the pipeline's own flags of each), with the flags given
-    for every stage, parsed and checked as train.py checks them, before anything is written; a flag of OWN
-    among them is refused (the pipeline sets it per stage), as is one that train.py would refuse."""
+    """Each training stage's command line (stage_argv: the pipeline's own flags of each), with the
+    flags given for every stage, parsed and checked as train.py checks them, before anything is
+    written; a flag of OWN among them is refused (the pipeline sets it per stage), as is one that
+    train.py would refuse."""
     for argv in stage_argv:
         args = T.parse_args([*map(str, argv), "--resume", *flags])
         ours = vars(T.parse_args([*map(str, argv), "--resume"]))
         for flag, dest in OWN:
             if vars(args)[dest] != ours[dest]:
-                raise InputError(f"{flag}: set by the pipeline for each stage (MODEL, DATA, OUT, EPOCHS, "
-                                 f"DYNAMICS); expected only train.py's other flags after OUT")
+                raise InputError(f"{flag}: set by the pipeline for each stage (MODEL, DATA, OUT, "
+                                 f"EPOCHS, DYNAMICS); expected train.py's other flags after OUT")
         T.check_args(args, nproc)
 
 
 def saved_settings(out: Path, settings: str) -> bool:
-    """Whether OUT/pipeline.args holds these settings (False: none yet); other ones stop the pipeline,
-    naming each that differs."""
+    """Whether OUT/pipeline.args holds these settings (False: none yet); other ones stop the
+    pipeline, naming each that differs."""
     path = out / "pipeline.args"
     if not path.exists():
         return False
@@ -72,20 +75,22 @@ def saved_settings(out: Path, settings: str) -> bool:
         there, now = (dict(line.split(" ", 1) for line in text.splitlines()) for text in (saved, settings))
         changed = [f"{key}: {there.get(key)!r} there, {now[key]!r} now" for key in now
                    if there.get(key) != now[key]]
-        raise InputError(f"{path}: {out} holds a pipeline run with other settings ({'; '.join(changed)}); "
-                         f"remove {out} or choose another OUT")
+        raise InputError(f"{path}: {out} holds a pipeline run with other settings "
+                         f"({'; '.join(changed)}); remove {out} or choose another OUT")
     return True
 
 
 def pipeline(model, data_file, out: Path, flags) -> None:
-    """Every stage's flags, the model and the data file checked; then the stages. OUT/pipeline.args is
-    written once the first stage has started cleanly (train.py makes OUT/reference only after checking
-    every input), so a start refused for bad input leaves nothing that stops the corrected one."""
+    """Every stage's flags, the model and the data file checked; then the stages. OUT/pipeline.args
+    is written once the first stage has started cleanly (train.py makes OUT/reference only after
+    checking every input), so a start refused for bad input leaves nothing that stops the corrected
+    one."""
     nproc, epochs, dynamics = setting("NPROC", 1), setting("EPOCHS", 1), setting("DYNAMICS", 4)
     if not Path(data_file).is_file():
         raise InputError(f"{data_file}: not found (DATA: a training data file)")
     base = ["--model", model, "--data", data_file]
-    reference = [*base, "--out", out / "reference", "--mode", "ntp", "--epochs", 1, "--dynamics", dynamics]
+    reference = [*base, "--out", out / "reference", "--mode", "ntp", "--epochs", 1,
+                 "--dynamics", dynamics]
     sftmix = [*base, "--out", out / "sftmix", "--mode", "sftmix", "--split", out / "split.json",
               "--epochs", epochs]
     ntp = [*base, "--out", out / "ntp", "--mode", "ntp", "--epochs", epochs]
@@ -102,8 +107,8 @@ def pipeline(model, data_file, out: Path, flags) -> None:
 
     def train(name, argv, after=()):
         run_dir = Path(argv[argv.index("--out") + 1])
-        run(name, run_dir / "final" / "config.json", "train.py", *argv, "--resume", *flags, run=run_dir,
-            after=after, ranks=nproc)
+        run(name, run_dir / "final" / "config.json", "train.py", *argv, "--resume", *flags,
+            run=run_dir, after=after, ranks=nproc)
 
     try:
         train(f"reference NTP run, perplexities at {dynamics} checkpoints", reference)

@@ -105,7 +105,7 @@ def named_files(values) -> dict:
 def compare(args, rt) -> str:
     """Each run's ppl on --data (per half with --split) and accuracy on each --mc benchmark, with the
     benchmarks' mean when there are several, as one Markdown table."""
-    dirs = [M.checked_model(r)[0] for r in args.runs]  # config.json and weights of every run, none loaded
+    dirs = [M.checked_model(r)[0] for r in args.runs]  # every run's config and weights, none read
     names = run_names(args, [Path(r).resolve().name for r in args.runs])
     if not args.data and not args.mc:
         raise InputError("compare: expected --data, --mc or both")
