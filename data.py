@@ -41,6 +41,7 @@ joins it with the header's newline). Labels are PRE-SHIFTED, so the loss needs n
 An example left with no trained token after truncation is dropped and counted, never trained on nothing.
 """
 import argparse
+import errno
 import itertools
 import json
 import math
@@ -154,9 +155,10 @@ def json_field(obj: dict, key: str, path, ok, expected: str):
 
 @contextmanager
 def atomic_path(path):
-    """Yield PATH.tmp to write; on success rename it to path, so a reader never sees a half-written file
-    (a crash leaves at most PATH.tmp, removed here when the writer raised)."""
+    """Yield PATH.tmp to write (its missing directories made); on success rename it to path, so a reader
+    never sees a half-written file (a crash leaves at most PATH.tmp, removed here when the writer raised)."""
     tmp = Path(str(path) + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -165,17 +167,18 @@ def atomic_path(path):
 
 
 def check_output(path, flag="--out") -> Path:
-    """An output file, checked before any work: its missing directories are made; a directory in its place, or
-    a directory that cannot be written, is an InputError. The same rule for every command's output files."""
+    """An output file, checked before any work and nothing made: a directory in its place, a file where
+    a directory of its path must be, or a directory that cannot be written is an InputError. Its missing
+    directories are made when it is written (atomic_path), so a refused command leaves none behind."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{flag} {path}: is a directory; expected a file to write")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"{flag} {path}: cannot make its directory {path.parent}: {e.strerror}") from None
-    if not os.access(path.parent, os.W_OK):
-        raise InputError(f"{flag} {path}: cannot write in {path.parent}")
+    there = next(d for d in path.absolute().parents if d.exists())  # the nearest that exists
+    if not there.is_dir():  # what mkdir would say: the file is the directory, or is above it
+        why = os.strerror(errno.EEXIST if there == path.parent.absolute() else errno.ENOTDIR)
+        raise InputError(f"{flag} {path}: cannot make its directory {path.parent}: {why}")
+    if not os.access(there, os.W_OK):
+        raise InputError(f"{flag} {path}: cannot write in {there}")
     return path
 
 

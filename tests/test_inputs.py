@@ -246,3 +246,16 @@ def test_a_refused_pipeline_start_leaves_no_lock_and_writes_nothing(
     assert e.value.code == 2 and err[0].startswith(expected), err
     assert len(err) == (2 if case == "bad data" else 1)  # train.py's line, then which stage failed
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------- outputs
+
+@pytest.mark.parametrize("command", ["ppl", "mc"])
+def test_a_refused_command_makes_no_directory_of_its_out(command, chat_data, tmp_path):
+    """--out's missing directories are made when it is written, not when it is checked."""
+    data_file = chat_data if command == "ppl" else write_jsonl(tmp_path / "mc.jsonl", MC)
+    out = tmp_path / "new" / "deeper" / "out.jsonl"
+    code, stdout, err = run_main(E.main, command, "--model", tmp_path / "no-model", "--data", data_file,
+                                 "--out", out)
+    assert one_line(code, stdout, err).startswith(f"error: {tmp_path / 'no-model'}: config.json")
+    assert not (tmp_path / "new").exists()
