@@ -114,7 +114,8 @@ def pipeline(model, data_file, out: Path, flags) -> None:
         train(f"reference NTP run, perplexities at {dynamics} checkpoints", reference)
     finally:
         if not locked and (out / "reference").is_dir():
-            (out / "pipeline.args").write_text(settings + "\n")
+            with data.atomic_path(out / "pipeline.args") as tmp:
+                tmp.write_text(settings + "\n")
     dynamics_file, split = out / "reference" / "dynamics.jsonl", out / "split.json"
     run("confidence split", split, "sftmix.py", "split", "--dynamics", dynamics_file, "--out", split,
         after=[dynamics_file])
