@@ -41,10 +41,13 @@ joins it with the header's newline). Labels are PRE-SHIFTED, so the loss needs n
 An example left with no trained token after truncation is dropped and counted, never trained on nothing.
 """
 import argparse
+import errno
 import itertools
 import json
+import math
 import os
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +89,76 @@ class InputError(Exception):
 
 
 @contextmanager
+def reported():
+    """Every command's main runs in this: an InputError is its message as one line on stderr ("error
+    (rank R):" on the ranks after 0 under torchrun) and exit code 2; any other exception is a bug
+    and keeps its traceback."""
+    try:
+        yield
+    except InputError as e:
+        rank = int(os.environ.get("RANK", 0))
+        print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+RANGE = re.compile(r"(>=|>) (-?[\d.]+)|in ([\[(])(-?[\d.]+), (-?[\d.]+)([\])])")
+
+
+def number(flag: str, kind, expected: str):
+    """The argparse type of a numeric flag: kind (int or float) of text, finite and in the range
+    that `expected` says (">= 1", "> 0 and finite", "in [0, 1)", "in (0, 1]", words may follow),
+    else an InputError '<flag>: expected <expected>, got <value>'. parse_args raises it: a command
+    parses inside reported(), so a bad number is one line and exit 2, as any bad input."""
+    op, low, left, a, b, right = RANGE.match(expected).groups()
+    if op:  # ">= low" or "> low"
+        within = (lambda v: v >= float(low)) if op == ">=" else (lambda v: v > float(low))
+    else:  # "in [a, b)", "in (a, b]", ...
+        def within(v):
+            above = float(a) <= v if left == "[" else float(a) < v
+            return above and (v <= float(b) if right == "]" else v < float(b))
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise InputError(f"{flag}: expected {what} {expected}, got {text!r}") from None
+        if not (math.isfinite(value) and within(value)):
+            raise InputError(f"{flag}: expected {expected}, got {value}")
+        return value
+    return parse
+
+
+def read_json(path) -> dict:
+    """The JSON object a file holds; unreadable, not JSON, or not an object: an InputError naming
+    the file. Every command reads its JSON files (config.json, split.json, ...) through this, and
+    names the key it then finds wrong (json_field)."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_bytes())
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror}") from None
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise InputError(f"{path}: not a JSON file ({e}); truncated or corrupted?") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object, got {_kind(obj)}")
+    return obj
+
+
+def json_field(obj: dict, key: str, path, ok, expected: str):
+    """obj[key] when ok(it), else an InputError '<path>: <key>: expected <expected>, got <it>'."""
+    if key not in obj or not ok(obj[key]):
+        got = json.dumps(obj[key])[:60] if key in obj else "nothing"
+        raise InputError(f"{path}: {key}: expected {expected}, got {got}")
+    return obj[key]
+
+
+@contextmanager
 def atomic_path(path):
-    """Yield PATH.tmp to write; on success rename it to path, so a reader never sees a half-written file
-    (a crash leaves at most PATH.tmp, removed here when the writer raised)."""
+    """Yield PATH.tmp to write (its missing directories made); on success rename it to path, so a reader
+    never sees a half-written file (a crash leaves at most PATH.tmp, removed here when the writer raised)."""
     tmp = Path(str(path) + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -98,17 +167,18 @@ def atomic_path(path):
 
 
 def check_output(path, flag="--out") -> Path:
-    """An output file, checked before any work: its missing directories are made; a directory in its place, or
-    a directory that cannot be written, is an InputError. The same rule for every command's output files."""
+    """An output file, checked before any work and nothing made: a directory in its place, a file where
+    a directory of its path must be, or a directory that cannot be written is an InputError. Its missing
+    directories are made when it is written (atomic_path), so a refused command leaves none behind."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{flag} {path}: is a directory; expected a file to write")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"{flag} {path}: cannot make its directory {path.parent}: {e.strerror}") from None
-    if not os.access(path.parent, os.W_OK):
-        raise InputError(f"{flag} {path}: cannot write in {path.parent}")
+    there = next(d for d in path.absolute().parents if d.exists())  # the nearest that exists
+    if not there.is_dir():  # what mkdir would say: the file is the directory, or is above it
+        why = os.strerror(errno.EEXIST if there == path.parent.absolute() else errno.ENOTDIR)
+        raise InputError(f"{flag} {path}: cannot make its directory {path.parent}: {why}")
+    if not os.access(there, os.W_OK):
+        raise InputError(f"{flag} {path}: cannot write in {there}")
     return path
 
 
@@ -316,18 +386,19 @@ def load_tokenizer(dir) -> Tokenizer:
         raise InputError(f"{d}: no tokenizer.json; expected a Hugging Face tokenizer directory")
     try:
         hf = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
-        has_config = (d / "tokenizer_config.json").is_file()
-        config = json.loads((d / "tokenizer_config.json").read_text("utf-8")) if has_config else {}
     except Exception as e:  # tokenizers raises a bare Exception
-        raise InputError(f"{d}: tokenizer.json or tokenizer_config.json: unreadable: {e}") from None
+        raise InputError(f"{d / 'tokenizer.json'}: unreadable: {e}") from None
+    file = d / "tokenizer_config.json"
+    config = read_json(file) if file.is_file() else {}
     bos, eos, pad = (v["content"] if isinstance(v := config.get(k), dict) else v
                      for k in ("bos_token", "eos_token", "pad_token"))
-    template = config.get("chat_template")
+    template = chat_template(config.get("chat_template"), file)
     if template is None and (d / "chat_template.jinja").is_file():
         template = (d / "chat_template.jinja").read_text("utf-8")
     markers = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>", "gemma": "<start_of_turn>",
                "mistral": " [/INST]"}
-    prompt_format = next((f for f, m in markers.items() if m in template), None) if template else "alpaca"
+    prompt_format = "alpaca" if template is None else next(
+        (f for f, m in markers.items() if m in template), None)
     if template and "<<SYS>>" in template:  # Llama 2's [INST] template: none of ours
         prompt_format = None
     system = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"]+?)<\|im_end\|>", template or "")
@@ -335,6 +406,22 @@ def load_tokenizer(dir) -> Tokenizer:
     pad_id = next((hf.token_to_id(t) for t in (pad, eos) if t), 0)
     add_bos = bos_id is not None and hf.encode("a").ids[:1] == [bos_id]
     return Tokenizer(hf, d, bos, eos, bos_id, eos_id, pad_id, add_bos, prompt_format, system and system.group(1))
+
+
+def chat_template(template, file):
+    """The chat template of tokenizer_config.json: a string, or HF's list of named templates
+    [{"name", "template"}, ...], of which the one named "default" is used, as transformers'
+    apply_chat_template does when given no name (a list without one: "", no prompt format, so
+    --prompt-format must be given); None when absent."""
+    named = isinstance(template, list) and all(
+        isinstance(t, dict) and all(isinstance(t.get(k), str) for k in ("name", "template"))
+        for t in template)
+    if not (template is None or isinstance(template, str) or named):
+        raise InputError(f'{file}: chat_template: expected a string or a list of {{"name", '
+                         f'"template"}} objects, got {json.dumps(template)[:60]}')
+    if named:
+        return next((t["template"] for t in template if t["name"] == "default"), "")
+    return template
 
 
 def _resolve(tok: Tokenizer, prompt_format: str | None) -> str:

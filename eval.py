@@ -18,9 +18,7 @@ refused.
 """
 import argparse
 import json
-import math
 import os
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -47,11 +45,6 @@ MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "mat
                         "arena-hard-200": 0.0}
 DEFAULT_TEMPERATURE = 0.7
 MAX_NEW_TOKENS = {"mt_bench": 1024, "alpaca_eval": 2048}
-NUMERIC_FLAGS = {"batch_size": (lambda v: v >= 1, "an integer >= 1"),
-                 "max_len": (lambda v: v >= 2, "an integer >= 2"),
-                 "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-                 "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
-                 "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]")}
 
 
 # ----------------------------------------------------------------------------- model commands
@@ -409,7 +402,8 @@ def cmd_generate(args, rt):
 def model_flags(s) -> None:
     """The flags of every command that runs a model: prompt format, batch size, dtype."""
     s.add_argument("--prompt-format", choices=data.PROMPT_FORMATS, help="(default: from the chat template)")
-    s.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
+    s.add_argument("--batch-size", type=data.number("--batch-size", int, ">= 1"), default=8,
+                   help="rows per forward pass")
     s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="the model's weights, compute and KV cache, loaded so (no autocast, no fp32 "
                         "copy): auto = bf16 on CUDA, fp32 on CPU")
@@ -435,7 +429,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help=MODEL_HELP)
     s.add_argument("--data", required=True, help="conversations (alpaca / sharegpt / messages)")
     s.add_argument("--split", help="split.json; adds ppl per half")
-    s.add_argument("--max-len", type=int, default=data.MAX_LEN, help="tokens per example; longer cut on the right")
+    s.add_argument("--max-len", type=data.number("--max-len", int, ">= 2"), default=data.MAX_LEN,
+                   help="tokens per example; longer cut on the right")
     model_flags(s)
     s.add_argument("--out", help="per-example JSONL")
 
@@ -454,44 +449,36 @@ def parser() -> argparse.ArgumentParser:
                                                 "AlpacaEval: model outputs JSON, e.g. NAME/model_outputs.json")
     s.add_argument("--model-id", help="model_id (MT-Bench) or generator (AlpacaEval) (default: the model "
                                       "or run directory's name)")
-    s.add_argument("--max-new-tokens", type=int, help="per turn (default: 1024 for MT-Bench, as FastChat; "
-                                                      "2048 for AlpacaEval)")
-    s.add_argument("--temperature", type=float, help="for every question; below 1e-4 is greedy (default: "
-                                                     "FastChat's per MT-Bench category, 0.7 for AlpacaEval)")
-    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed: the same flags give the same answers")
+    s.add_argument("--max-new-tokens", type=data.number("--max-new-tokens", int, ">= 1"),
+                   help="per turn (default: 1024 for MT-Bench, as FastChat; 2048 for AlpacaEval)")
+    s.add_argument("--temperature", type=data.number("--temperature", float, ">= 0 and finite"),
+                   help="for every question; below 1e-4 is greedy (default: FastChat's per "
+                        "MT-Bench category, 0.7 for AlpacaEval)")
+    s.add_argument("--top-p", type=data.number("--top-p", float, "in (0, 1]"), default=1.0,
+                   help="nucleus sampling mass when sampling")
+    s.add_argument("--seed", type=data.number("--seed", int, ">= 0"), default=0,
+                   help="sampling seed: the same flags give the same answers")
     model_flags(s)
 
     return p
 
 
-def check_flags(args) -> None:
-    """The numeric flags a command has, before any work: one line naming the flag and what was expected."""
-    for flag, (ok, expected) in NUMERIC_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None and not ok(value):
-            raise InputError(f"--{flag.replace('_', '-')}: expected {expected}, got {value}")
-
-
 def run(p, argv=None) -> None:
-    """Parse argv with p and run its command. Numeric flags and --out are checked before any work; a
-    command that loads a model (it has --dtype) gets devices and process groups, a table or picture
-    runs on rank 0 alone; bad input is one line and exit 2."""
-    args = p.parse_args(argv)
-    try:
-        check_flags(args)
+    """Parse argv with p and run its command. Numeric flags (data.number) and --out are checked
+    before any work; a command that loads a model (it has --dtype) gets devices and process groups,
+    a table or picture runs on rank 0 alone; bad input is one line and exit 2 (data.reported)."""
+    with data.reported():
+        args = p.parse_args(argv)
         if args.out:
             data.check_output(args.out)
-        if hasattr(args, "dtype"):
-            args.run(args, setup(args.dtype))
-        elif int(os.environ.get("RANK", 0)) == 0:
-            args.run(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        try:
+            if hasattr(args, "dtype"):
+                args.run(args, setup(args.dtype))
+            elif int(os.environ.get("RANK", 0)) == 0:
+                args.run(args)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def main(argv=None):

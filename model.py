@@ -10,6 +10,7 @@ config.json. Shapes: B batch, T time, S keys, D hidden_size, H heads, K kv heads
 import json
 import math
 import shutil
+import sys
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from data import InputError, atomic_path, write_json
+from data import InputError, atomic_path, read_json, write_json
 
 GEMMA = dict(mlp_bias=False, norm_offset=1.0, embed_scale=True)
 FAMILIES = {  # model_type: (transformers' class, its defaults that config.json files omit, what the family fixes)
@@ -47,6 +48,49 @@ REFUSED = {
 }
 ROPE_TYPES = ("default", "llama3")  # the rope_type values rope_inv_freq computes; transformers' others are refused
 LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "vocab_size")
+
+
+def _count(v):
+    return type(v) is int and v >= 1
+
+
+def _token_id(v):
+    return type(v) is int and v >= 0
+
+
+def _positive(v):
+    return type(v) in (int, float) and 0 < v < math.inf
+
+
+# config.json's fields, each checked as what it is before any is used: field: (ok, expected). null
+# is the field left out (a default, or the feature off), except for REQUIRED fields.
+CHECKS = {
+    **dict.fromkeys(REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings",
+                                "sliding_window", "original_max_position_embeddings"),
+                    (_count, "an integer >= 1")),
+    "bos_token_id": (_token_id, "a token id (an integer >= 0)"),
+    "eos_token_id": (lambda v: _token_id(v) or isinstance(v, list) and v and all(map(_token_id, v)),
+                     "a token id (an integer >= 0) or a list of them"),
+    **dict.fromkeys(("rope_theta", "rms_norm_eps", "query_pre_attn_scalar",
+                     "attn_logit_softcapping", "final_logit_softcapping", "factor",
+                     "low_freq_factor", "high_freq_factor"),
+                    (_positive, "a finite number > 0")),
+    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias"),
+                    (lambda v: type(v) is bool, "true or false")),
+}
+
+
+def check_fields(cfg: dict, source: str, prefix: str = "") -> None:
+    """Each field of CHECKS that cfg holds (REQUIRED ones always) is what CHECKS says, else an
+    InputError '<source>: <field>: expected ..., got ...' (a string "8" for head_dim, 0 key/value
+    heads, ...)."""
+    for key, (ok, expected) in CHECKS.items():
+        value = cfg.get(key)
+        if (value is not None or (key in REQUIRED and not prefix)) and not ok(value):
+            got = "nothing" if key not in cfg else json.dumps(value)[:60]
+            raise InputError(f"{source}: {prefix}{key}: expected {expected}, got {got}")
 
 
 def rope_scaling(rope: dict, key: str, theta: float, source: str) -> tuple:
@@ -57,6 +101,7 @@ def rope_scaling(rope: dict, key: str, theta: float, source: str) -> tuple:
     if rope_type not in ROPE_TYPES:
         raise InputError(f"{source}: {key}.rope_type: expected {' or '.join(map(json.dumps, ROPE_TYPES))} (the RoPE "
                          f"implemented here), got {json.dumps(rope_type)}")
+    check_fields(rope, source, f"{key}.")
     theta = rope.get("rope_theta", theta)
     if rope_type == "default":
         return theta, None
@@ -103,9 +148,7 @@ class ModelArgs:
         if family not in FAMILIES:
             raise InputError(f"{source}: model_type: expected one of {', '.join(FAMILIES)}, got {family!r}")
         cfg = {**FAMILIES[family][1], **cfg}
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-            if key not in cfg:
-                raise InputError(f"{source}: {key}: missing")
+        check_fields(cfg, source)
         act_key = "hidden_activation" if family == "gemma2" else "hidden_act"
         acts = {"gemma": ("gelu", "gelu_pytorch_tanh"), "gemma2": ("gelu_pytorch_tanh",)}.get(family, ("silu",))
         if cfg.get(act_key, "silu") not in acts:  # Gemma's "gelu" is the tanh approximation, as in transformers
@@ -143,13 +186,18 @@ class ModelArgs:
             args.head_dim = args.hidden_size // args.num_attention_heads
         if args.num_attention_heads % args.num_key_value_heads:
             raise InputError(f"{source}: num_key_value_heads: must divide num_attention_heads")
+        if args.head_dim % 2:  # RoPE rotates pairs (x_i, x_{i + hd/2})
+            given = "" if cfg.get("head_dim") else " (hidden_size / num_attention_heads)"
+            raise InputError(f"{source}: head_dim: expected an even integer, "
+                             f"got {args.head_dim}{given}")
         return args
 
     @classmethod
     def from_model_dir(cls, path) -> "ModelArgs":
-        """From the config.json of a model (see model_dir), checked as from_hf_config checks it."""
-        file = model_dir(path) / "config.json"
-        return cls.from_hf_config(_read_json(file), str(file))
+        """From the config.json of a model (see model_dir), checked as from_hf_config checks it and
+        against the headers of its checkpoint (checked_model): what load_pretrained builds, known
+        before it loads."""
+        return checked_model(path)[1]
 
     def to_hf_config(self, dtype: torch.dtype) -> dict:
         """config.json for transformers' class of this family. A family's own field that is unset is left out
@@ -502,23 +550,11 @@ def model_dir(path) -> Path:
     return path
 
 
-def _read_json(file: Path) -> dict:
-    try:
-        obj = json.loads(file.read_bytes())
-    except OSError as e:
-        raise InputError(f"{file}: cannot read: {e.strerror}") from None
-    except ValueError as e:  # not UTF-8, or not JSON
-        raise InputError(f"{file}: not a JSON file ({e}); truncated or corrupted?") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{file}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 def checkpoint_files(path: Path) -> list:
     """The safetensors files of a model directory: model.safetensors, or the shards its index lists."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise InputError(f"{index}: weight_map: expected an object of tensor name -> file name")
         files = sorted(set(weight_map.values()))
@@ -544,18 +580,92 @@ def load_into(param, full):
     param.copy_(full)
 
 
+def checkpoint_tensors(path: Path, files: list) -> dict:
+    """{tensor name: (file, shape)} from the safetensors headers alone (no tensor is read)."""
+    tensors = {}
+    for file in files:
+        try:
+            with safe_open(str(path / file), framework="pt", device="cpu") as f:
+                tensors |= {name: (file, tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+        except (OSError, SafetensorError) as e:
+            raise InputError(f"{path / file}: not a readable safetensors file ({e}); "
+                             f"truncated or corrupted?") from None
+    return tensors
+
+
+def untie_if_heads_differ(path: Path, args: ModelArgs, tensors: dict) -> bool:
+    """A config.json with tie_word_embeddings true whose checkpoint also holds an lm_head.weight:
+    the same matrix stored twice stays tied (the copy is skipped); a different one is kept as an
+    untied head, as transformers loads it (it warns and does not tie), so that logits equal
+    transformers'. True when it untied."""
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    if not (args.tie_word_embeddings and {head, embed} <= tensors.keys()):
+        return False
+    with safe_open(str(path / tensors[head][0]), "pt") as h, \
+            safe_open(str(path / tensors[embed][0]), "pt") as e:
+        same = torch.equal(h.get_tensor(head), e.get_tensor(embed))
+    if same:
+        del tensors["lm_head.weight"]
+    args.tie_word_embeddings = same
+    return not same
+
+
+def check_checkpoint(path: Path, tensors: dict, params: dict) -> None:
+    """Every parameter of the model config.json describes has its tensor, of its shape, and no other
+    tensor is there: else an InputError naming the file and the tensor, before any weight is
+    read."""
+    where = "model.safetensors.index.json" if (path / "model.safetensors.index.json").is_file() \
+        else "model.safetensors"
+    missing = [n for n in params if n not in tensors]
+    if missing:
+        why = {"lm_head.weight": " (config.json: tie_word_embeddings false, so the head is its own "
+                                 "tensor)",
+               ".bias": " (config.json: attention_bias or mlp_bias true, or the family's q, k, v "
+                        "bias)"}
+        reason = next((w for end, w in why.items() if missing[0].endswith(end)), "")
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise InputError(f"{path / where}: {missing[0]}: missing{reason}{more}; expected the "
+                         f"checkpoint of the model config.json describes")
+    for name, p in params.items():
+        file, shape = tensors[name]
+        if shape != tuple(p.shape):
+            raise InputError(f"{path / file}: {name}: shape {shape}, but config.json makes it "
+                             f"{tuple(p.shape)}")
+    for name, (file, _) in tensors.items():
+        if name not in params:
+            raise InputError(f"{path / file}: {name}: not a parameter of the model config.json "
+                             f"describes")
+
+
+def checked_model(path, say=False) -> tuple:
+    """(directory, ModelArgs, safetensors files) of a model (see model_dir), its config.json and the
+    headers of its checkpoint checked against each other, no weight read (but a tied head stored
+    twice, to compare)."""
+    path = model_dir(path)
+    args = ModelArgs.from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
+    files = checkpoint_files(path)
+    tensors = checkpoint_tensors(path, files)
+    if untie_if_heads_differ(path, args, tensors) and say:
+        print(f"note: {path / tensors['lm_head.weight'][0]}: lm_head.weight differs from "
+              f"model.embed_tokens.weight though config.json says tie_word_embeddings true; kept "
+              f"as an untied head, as transformers loads it", file=sys.stderr)
+    with torch.device("meta"):
+        check_checkpoint(path, tensors, dict(Transformer(args).named_parameters()))
+    return path, args, files
+
+
 def load_pretrained(path, dtype=torch.float32, device="cpu", prepare=None) -> Transformer:
     """Load a model (see model_dir): model.safetensors, or shards listed in model.safetensors.index.json.
 
-    The model is built on the meta device; prepare(model), if given, changes it there, before any memory is
-    taken (train.py adds LoRA, compiles blocks and shards it with FSDP2). Then each checkpoint tensor is read
-    alone and copied into its parameter (only this rank's part under FSDP2), so at most one full tensor is
-    held at a time, on the CPU. Only safetensors are read: no checkpoint is ever unpickled. A file that
-    cannot be read (missing, empty, truncated, not JSON) is an InputError naming it.
+    The checkpoint's headers are checked against config.json first (checked_model). The model is
+    built on the meta device; prepare(model), if given, changes it there, before any memory is taken
+    (train.py adds LoRA, compiles blocks and shards it with FSDP2). Then each checkpoint tensor is
+    read alone and copied into its parameter (only this rank's part under FSDP2), so at most one
+    full tensor is held at a time, on the CPU. Only safetensors are read: no checkpoint is ever
+    unpickled. A file that cannot be read (missing, empty, truncated, not JSON) is an InputError
+    naming it.
     """
-    path = model_dir(path)
-    args = ModelArgs.from_hf_config(_read_json(path / "config.json"), str(path / "config.json"))
-    files = checkpoint_files(path)
+    path, args, files = checked_model(path, say=True)
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
     if prepare is not None:
@@ -564,27 +674,14 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", prepare=None) -> Tr
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # one Parameter again (to_empty makes two)
     params = {n: p for n, p in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))}
-    done, unexpected, wrong = set(), [], []
     for file in files:
         try:
             with safe_open(str(path / file), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    if args.tie_word_embeddings and name == "lm_head.weight":
-                        continue  # some tied checkpoints store the shared matrix twice
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if name not in params:
-                        unexpected.append(name)
-                    elif shape != tuple(params[name].shape):
-                        wrong.append(f"{name}: checkpoint {shape}, model {tuple(params[name].shape)}")
-                    else:
+                    if name in params:  # a tied checkpoint's second copy of the head is not
                         load_into(params[name], f.get_tensor(name))
-                        done.add(name)
         except (OSError, SafetensorError) as e:
             raise InputError(f"{path / file}: not a readable safetensors file ({e}); truncated or corrupted?") from None
-    missing = sorted(params.keys() - done)
-    if missing or unexpected or wrong:
-        raise InputError(f"{path}: checkpoint does not match config.json: missing {missing}, "
-                         f"unexpected {sorted(unexpected)}, shape mismatch {wrong}")
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.reset_lora()

@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import random
-import sys
 from dataclasses import dataclass
 from functools import partial
 
@@ -30,7 +29,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm import tqdm
 
-from data import IGNORE, Help, InputError, check_output, length_grouped_batches, pack, shard, to_device, write_json
+from data import (IGNORE, Help, InputError, check_output, json_field, length_grouped_batches,
+                  number, pack, read_json, reported, shard, to_device, write_json)
 
 
 # ----------------------------------------------------------------------------- stage 1: training dynamics
@@ -145,13 +145,13 @@ def read_dynamics(path):
 
 def read_split(path):
     """split.json -> {"confident": [ids], "unconfident": [ids]}, ids as strings."""
-    try:
-        split = json.loads(open(path, encoding="utf-8").read())
-        if not all(isinstance(split[half], list) for half in ("confident", "unconfident")):
-            raise TypeError("a half is not a list")
-        return {half: [str(i) for i in split[half]] for half in ("confident", "unconfident")}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f'{path}: expected {{"confident": [ids], "unconfident": [ids]}} ({e})') from None
+    split = read_json(path)
+    return {half: [str(i) for i in json_field(split, half, path, _ids, "a list of example ids")]
+            for half in ("confident", "unconfident")}
+
+
+def _ids(v):
+    return isinstance(v, list) and all(type(i) in (str, int) for i in v)
 
 
 # ----------------------------------------------------------------------------- stage 3: Mixup training
@@ -337,13 +337,10 @@ def main(argv=None):
     s.add_argument("--out", required=True, help="split.json to write")
     s.add_argument("--random", action="store_true",
                    help="ignore confidence: random halves of the same sizes (the control that isolates the split)")
-    s.add_argument("--seed", type=int, default=0, help="with --random: the draw")
-    args = p.parse_args(argv)
-    try:
-        run_split(args)
-    except InputError as e:  # bad input: one line and exit 2; anything else is a bug and keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    s.add_argument("--seed", type=number("--seed", int, ">= 0"), default=0,
+                   help="with --random: the draw")
+    with reported():  # bad input: one line and exit 2; a bug of ours keeps its traceback
+        run_split(p.parse_args(argv))
 
 
 def run_split(args):

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import shutil
 import time
 from contextlib import nullcontext
@@ -59,19 +58,17 @@ FINGERPRINTS = {"model": "its config.json is not that of the run's model",
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    try:
-        train(args, rank, local_rank, world)
-    except InputError as e:  # bad input: one line; anything else is a bug and keeps its traceback
-        print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with data.reported():  # bad input: one line and exit 2; a bug of ours keeps its traceback
+        args = parse_args(argv)
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world > 1:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+        try:
+            train(args, rank, local_rank, world)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def train(args, rank, local_rank, world):
@@ -256,22 +253,35 @@ def parse_args(argv=None):
     p.add_argument("--split", help="split.json from `sftmix.py split` (sftmix mode)")
     p.add_argument("--mixup-only", action="store_true",
                    help="sftmix: L = L_Mixup, no NTP term and mu unused (the paper's 'Mixup only' ablation)")
-    p.add_argument("--dynamics", type=int, default=0, metavar="C",
+    p.add_argument("--dynamics", type=data.number("--dynamics", int, ">= 0 (0 = off)"), default=0,
+                   metavar="C",
                    help="record every example's response perplexity at C evenly spaced checkpoints")
     p.add_argument("--heldout", help="held-out data: response perplexity after every epoch, in metrics.jsonl")
-    p.add_argument("--alpha", type=float, default=0.5, help="lambda ~ Beta(alpha, alpha) [paper]")
-    p.add_argument("--mu", type=float, default=0.2, help="weight of the Mixup loss [paper]")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the data [paper: 3 Alpaca, 1 UltraChat]")
-    p.add_argument("--lr", type=float, default=2e-6, help="peak learning rate [paper]")
-    p.add_argument("--weight-decay", type=float, default=0.1,
+    p.add_argument("--alpha", type=data.number("--alpha", float, "> 0 (Beta(alpha, alpha))"),
+                   default=0.5, help="lambda ~ Beta(alpha, alpha) [paper]")
+    p.add_argument("--mu", type=data.number("--mu", float, ">= 0"),
+                   default=0.2, help="weight of the Mixup loss [paper]")
+    p.add_argument("--epochs", type=data.number("--epochs", int, ">= 1"),
+                   default=1, help="passes over the data [paper: 3 Alpaca, 1 UltraChat]")
+    p.add_argument("--lr", type=data.number("--lr", float, "> 0 and finite"),
+                   default=2e-6, help="peak learning rate [paper]")
+    p.add_argument("--weight-decay", type=data.number("--weight-decay", float, ">= 0 and finite"),
+                   default=0.1,
                    help="AdamW weight decay of the weight matrices; norms and biases are not decayed [paper: 0.1]")
-    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas [ours]")
-    p.add_argument("--warmup-ratio", type=float, default=0.1,
+    p.add_argument("--betas", type=data.number("--betas", float, "in [0, 1)"), nargs=2,
+                   default=(0.9, 0.999), help="AdamW betas [ours]")
+    p.add_argument("--warmup-ratio", type=data.number("--warmup-ratio", float, "in [0, 1)"),
+                   default=0.1,
                    help="linear warm-up share W of the steps; step k runs at lr (k+1)/W (HF: lr k/W) [paper: 0.1]")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm, 0 = off [ours]")
-    p.add_argument("--global-batch", type=int, default=32, help="examples per optimizer step, all ranks [paper]")
-    p.add_argument("--micro-batch", type=int, default=4, help="examples per forward on one rank [ours]")
-    p.add_argument("--max-len", type=int, default=data.MAX_LEN, help="tokens per example, cut on the right [ours]")
+    p.add_argument("--grad-clip", type=data.number("--grad-clip", float,
+                                                   ">= 0 and finite (0 = off)"),
+                   default=1.0, help="max global grad norm, 0 = off [ours]")
+    p.add_argument("--global-batch", type=data.number("--global-batch", int, ">= 1"),
+                   default=32, help="examples per optimizer step, all ranks [paper]")
+    p.add_argument("--micro-batch", type=data.number("--micro-batch", int, ">= 1"),
+                   default=4, help="examples per forward on one rank [ours]")
+    p.add_argument("--max-len", type=data.number("--max-len", int, ">= 2"),
+                   default=data.MAX_LEN, help="tokens per example, cut on the right [ours]")
     p.add_argument("--format", choices=data.FORMATS, help="data format (detected from the keys if not given)")
     p.add_argument("--prompt-format", choices=data.PROMPT_FORMATS, help="(detected from the tokenizer if not given)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
@@ -288,20 +298,26 @@ def parse_args(argv=None):
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels on CUDA (slower), so a resumed run repeats bitwise there too; on the "
                         "CPU every run is deterministic already")
-    p.add_argument("--seed", type=int, default=0, help="data order and lambda draws")
-    p.add_argument("--eval-batch", type=int, default=16, help="examples per forward in the dynamics pass")
-    p.add_argument("--save-every", type=int, default=100, help="steps between resumable states (and at the end)")
+    p.add_argument("--seed", type=data.number("--seed", int, ">= 0"),
+                   default=0, help="data order and lambda draws")
+    p.add_argument("--eval-batch", type=data.number("--eval-batch", int, ">= 1"),
+                   default=16, help="examples per forward in the dynamics pass")
+    p.add_argument("--save-every", type=data.number("--save-every", int, ">= 1"),
+                   default=100, help="steps between resumable states (and at the end)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/state/ if it holds a state; the data and every flag must be the same, but "
                         "--lr, --grad-clip, --stop-at-step, --save-every, --eval-batch and --keep-state may change")
     p.add_argument("--keep-state", action="store_true",
                    help="keep OUT/state/ (weights + AdamW moments, ~4x the model) after final/ is written")
-    p.add_argument("--stop-at-step", type=int, default=0,
+    p.add_argument("--stop-at-step", type=data.number("--stop-at-step", int, ">= 0 (0 = off)"),
+                   default=0,
                    help="save the state and exit after this step, to continue later with --resume (0 = run to the end)")
-    p.add_argument("--lora-rank", type=int, default=0, metavar="R",
+    p.add_argument("--lora-rank", type=data.number("--lora-rank", int, ">= 0 (0 = off)"), default=0,
+                   metavar="R",
                    help="train rank-R LoRA adapters only, the base frozen; final/ holds the merged weights "
                         "W + (alpha/R) B A (0 = off: all weights train). Adapters usually want a larger --lr (~1e-4)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha/R [ours; peft: 8]")
+    p.add_argument("--lora-alpha", type=data.number("--lora-alpha", float, "> 0 and finite"),
+                   default=16.0, help="LoRA scale alpha/R [ours; peft: 8]")
     p.add_argument("--lora-targets", nargs="+", choices=LORA_TARGETS, default=list(LORA_TARGETS), metavar="NAME",
                    help="projections (HF names) that get adapters [ours: all seven, as QLoRA; peft: q_proj v_proj]")
     return p.parse_args(argv)

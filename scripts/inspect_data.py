@@ -57,15 +57,13 @@ def main(argv=None) -> None:
     p.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (and tokenizer_config.json)")
     p.add_argument("--format", help=f"one of {', '.join(data.FORMATS)}; detected from the keys if not given")
     p.add_argument("--prompt-format", help=f"one of {', '.join(data.PROMPT_FORMATS)}; from the tokenizer if not given")
-    p.add_argument("--max-len", type=int, default=data.MAX_LEN, help="tokens per sample; longer cut on the right")
-    p.add_argument("-n", type=int, default=3, help="examples to show")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size for the padding figures")
-    args = p.parse_args(argv)
-    try:
-        inspect(args)
-    except data.InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    p.add_argument("--max-len", type=data.number("--max-len", int, ">= 2"), default=data.MAX_LEN,
+                   help="tokens per sample; longer cut on the right")
+    p.add_argument("-n", type=data.number("-n", int, ">= 0"), default=3, help="examples to show")
+    p.add_argument("--batch-size", type=data.number("--batch-size", int, ">= 1"), default=8,
+                   help="batch size for the padding figures")
+    with data.reported():
+        inspect(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,12 @@ Run it again to continue: a stage that is done (scripts/stages.py: a training st
 left, the split newer than the dynamics, SFTMix newer than the split) is skipped, and an interrupted training stage
 continues from its state/ (train.py --resume). A finished run deletes its state/ unless --keep-state is among the
 flags. OUT/pipeline.args holds MODEL, DATA with its checksum, EPOCHS, DYNAMICS and the flags: run again with other
-ones, it stops (remove OUT or choose another).
+ones, it stops (remove OUT or choose another). Every stage's flags, MODEL and DATA are checked
+before anything is written, and pipeline.args is written once the first stage has started, so a
+refused start leaves nothing. Every train.py flag passes to each training stage (--shard fsdp,
+--compile, --activation-checkpointing, --save-every, --heldout, --lora-rank, ...), except those the
+pipeline sets per stage (--model, --data, --out, --mode, --split, --epochs, --dynamics,
+--stop-at-step): those are refused.
 
 Writes OUT/reference/ (dynamics.jsonl, final/), OUT/split.json, OUT/sftmix/final/, OUT/ntp/final/, and
 OUT/times.tsv (stage, seconds, done or skipped) for this invocation.
@@ -24,7 +29,16 @@ import sys
 from pathlib import Path
 
 import stages
-from stages import InputError
+
+import data
+import model as M
+import train as T
+from data import InputError
+
+# what the pipeline gives each training stage itself: (train.py flag, its dest)
+OWN = [("--model", "model"), ("--data", "data"), ("--out", "out"), ("--mode", "mode"),
+       ("--split", "split"), ("--epochs", "epochs"), ("--dynamics", "dynamics"),
+       ("--stop-at-step", "stop_at_step")]
 
 
 def setting(name, default) -> int:
@@ -35,49 +49,85 @@ def setting(name, default) -> int:
     return int(value)
 
 
-def lock(out: Path, settings: str) -> None:
-    """Write OUT/pipeline.args, unless it holds other settings: then stop, naming each that differs."""
+def check_stages(stage_argv: list, flags: list, nproc: int) -> None:
+    """Each training stage's command line (stage_argv: the pipeline's own flags of each), with the
+    flags given for every stage, parsed and checked as train.py checks them, before anything is
+    written; a flag of OWN among them is refused (the pipeline sets it per stage), as is one that
+    train.py would refuse."""
+    for argv in stage_argv:
+        args = T.parse_args([*map(str, argv), "--resume", *flags])
+        ours = vars(T.parse_args([*map(str, argv), "--resume"]))
+        for flag, dest in OWN:
+            if vars(args)[dest] != ours[dest]:
+                raise InputError(f"{flag}: set by the pipeline for each stage (MODEL, DATA, OUT, "
+                                 f"EPOCHS, DYNAMICS); expected train.py's other flags after OUT")
+        T.check_args(args, nproc)
+
+
+def saved_settings(out: Path, settings: str) -> bool:
+    """Whether OUT/pipeline.args holds these settings (False: none yet); other ones stop the
+    pipeline, naming each that differs."""
     path = out / "pipeline.args"
-    saved = path.read_text().rstrip("\n") if path.exists() else settings
+    if not path.exists():
+        return False
+    saved = path.read_text().rstrip("\n")
     if saved != settings:
         there, now = (dict(line.split(" ", 1) for line in text.splitlines()) for text in (saved, settings))
-        changed = [f"{key}: {there.get(key)!r} there, {now[key]!r} now" for key in now if there.get(key) != now[key]]
-        raise InputError(f"{path}: {out} holds a pipeline run with other settings ({'; '.join(changed)}); remove {out} "
-                         f"or choose another OUT")
-    path.write_text(settings + "\n")
+        changed = [f"{key}: {there.get(key)!r} there, {now[key]!r} now" for key in now
+                   if there.get(key) != now[key]]
+        raise InputError(f"{path}: {out} holds a pipeline run with other settings "
+                         f"({'; '.join(changed)}); remove {out} or choose another OUT")
+    return True
 
 
-def pipeline(model, data, out: Path, flags) -> None:
+def pipeline(model, data_file, out: Path, flags) -> None:
+    """Every stage's flags, the model and the data file checked; then the stages. OUT/pipeline.args
+    is written once the first stage has started cleanly (train.py makes OUT/reference only after
+    checking every input), so a start refused for bad input leaves nothing that stops the corrected
+    one."""
     nproc, epochs, dynamics = setting("NPROC", 1), setting("EPOCHS", 1), setting("DYNAMICS", 4)
-    if not Path(data).is_file():
-        raise InputError(f"{data}: not found (DATA: a training data file)")
-    out.mkdir(parents=True, exist_ok=True)
-    with open(data, "rb") as f:  # POSIX cksum, as earlier versions of this script wrote it
+    if not Path(data_file).is_file():
+        raise InputError(f"{data_file}: not found (DATA: a training data file)")
+    base = ["--model", model, "--data", data_file]
+    reference = [*base, "--out", out / "reference", "--mode", "ntp", "--epochs", 1,
+                 "--dynamics", dynamics]
+    sftmix = [*base, "--out", out / "sftmix", "--mode", "sftmix", "--split", out / "split.json",
+              "--epochs", epochs]
+    ntp = [*base, "--out", out / "ntp", "--mode", "ntp", "--epochs", epochs]
+    check_stages([reference, sftmix] + [ntp] * (epochs > 1), flags, nproc)
+    M.checked_model(model)
+    data.load_tokenizer(M.model_dir(model))
+    with open(data_file, "rb") as f:  # POSIX cksum, as earlier versions of this script wrote it
         checksum = subprocess.run(["cksum"], stdin=f, capture_output=True, text=True, check=True).stdout.strip()
-    lock(out, "\n".join([f"MODEL {model}", f"DATA {data} {checksum}", f"EPOCHS {epochs}", f"DYNAMICS {dynamics}",
-                         "flags " + " ".join(flags)]))
-    (out / "times.tsv").write_text("")
+    settings = "\n".join([f"MODEL {model}", f"DATA {data_file} {checksum}", f"EPOCHS {epochs}",
+                          f"DYNAMICS {dynamics}", "flags " + " ".join(flags)])
+    locked = saved_settings(out, settings)
+    (out / "times.tsv").unlink(missing_ok=True)
     run = stages.Stages(out / "times.tsv").run
 
-    def train(name, run_dir: Path, *argv, after=()):
-        run(name, run_dir / "final" / "config.json", "train.py", "--model", model, "--data", data, "--out", run_dir,
-            *argv, "--resume", *flags, run=run_dir, after=after, ranks=nproc)
+    def train(name, argv, after=()):
+        run_dir = Path(argv[argv.index("--out") + 1])
+        run(name, run_dir / "final" / "config.json", "train.py", *argv, "--resume", *flags,
+            run=run_dir, after=after, ranks=nproc)
 
-    train(f"reference NTP run, perplexities at {dynamics} checkpoints", out / "reference", "--mode", "ntp",
-          "--epochs", 1, "--dynamics", dynamics)
+    try:
+        train(f"reference NTP run, perplexities at {dynamics} checkpoints", reference)
+    finally:
+        if not locked and (out / "reference").is_dir():
+            with data.atomic_path(out / "pipeline.args") as tmp:
+                tmp.write_text(settings + "\n")
     dynamics_file, split = out / "reference" / "dynamics.jsonl", out / "split.json"
     run("confidence split", split, "sftmix.py", "split", "--dynamics", dynamics_file, "--out", split,
         after=[dynamics_file])
-    train("SFTMix from the base model", out / "sftmix", "--mode", "sftmix", "--split", split, "--epochs", epochs,
-          after=[split])
+    train("SFTMix from the base model", sftmix, after=[split])
     if epochs == 1:
-        ntp = out / "ntp"
-        if ntp.is_symlink():
-            ntp.unlink()
-        ntp.symlink_to("reference")
-        print(f"== NTP baseline: the reference run ({ntp} -> reference)")
+        link = out / "ntp"
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to("reference")
+        print(f"== NTP baseline: the reference run ({link} -> reference)")
     else:
-        train("NTP baseline from the base model", out / "ntp", "--mode", "ntp", "--epochs", epochs)
+        train("NTP baseline from the base model", ntp)
 
 
 def main(argv=None):

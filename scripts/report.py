@@ -96,6 +96,8 @@ def named_files(values) -> dict:
         name, file = v.split("=", 1) if "=" in v else (Path(v).stem, v)
         if not name or name in named:
             raise InputError(f"--mc {v}: expected NAME=FILE with a name no other --mc has")
+        if not file:
+            raise InputError(f"--mc {v}: {name}: expected NAME=FILE, got no FILE")
         named[name] = file
     return named
 
@@ -103,7 +105,7 @@ def named_files(values) -> dict:
 def compare(args, rt) -> str:
     """Each run's ppl on --data (per half with --split) and accuracy on each --mc benchmark, with the
     benchmarks' mean when there are several, as one Markdown table."""
-    dirs = [M.model_dir(r) for r in args.runs]
+    dirs = [M.checked_model(r)[0] for r in args.runs]  # every run's config and weights, none read
     names = run_names(args, [Path(r).resolve().name for r in args.runs])
     if not args.data and not args.mc:
         raise InputError("compare: expected --data, --mc or both")
@@ -111,7 +113,6 @@ def compare(args, rt) -> str:
     benchmarks = {name: E.read_mc(file, args.cop_base) for name, file in named_files(args.mc).items()}
     runs = []  # each run's config.json, tokenizer and data read and checked before any model loads
     for d in dirs:
-        M.ModelArgs.from_model_dir(d)
         tok = data.load_tokenizer(d)
         samples, stats = None, None
         if args.data:
@@ -296,7 +297,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--names", nargs="+", help=NAMES_HELP)
     s.add_argument("--data", help="held-out conversations; adds ppl rows")
     s.add_argument("--split", help="split.json; adds ppl per half")
-    s.add_argument("--max-len", type=int, default=data.MAX_LEN, help="tokens per example; longer cut on the right")
+    s.add_argument("--max-len", type=data.number("--max-len", int, ">= 2"), default=data.MAX_LEN,
+                   help="tokens per example; longer cut on the right")
     s.add_argument("--mc", action="append", metavar="[NAME=]FILE",
                    help="multiple-choice benchmark, repeated for several (NAME defaults to the file's stem); "
                         "adds accuracy rows, and their mean with several, e.g. --mc MedQA=medqa.jsonl --mc "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from data import InputError  # noqa: E402
+import data  # noqa: E402
 
 
 def done(output: Path, run: Path | None = None, after=()) -> bool:
@@ -57,10 +57,8 @@ def reported():
     """The end of a stage runner's command: bad input its one line and exit 2; a stage that failed (its own message
     above) named, with how to go on, and its exit status."""
     try:
-        yield
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        with data.reported():
+            yield
     except subprocess.CalledProcessError as e:
         script = next(str(c) for c in e.cmd if str(c).endswith(".py"))
         advice = ("running the same command again repeats it" if e.returncode == 2  # refused input, or diverged

@@ -499,12 +499,16 @@ def test_an_out_that_cannot_be_written_is_one_line_before_any_work(command, wher
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["ppl", "--batch-size", 0], "--batch-size: expected an integer >= 1, got 0"),
-    (["ppl", "--max-len", 1], "--max-len: expected an integer >= 2, got 1"),
-    (["generate", "--max-new-tokens", -5], "--max-new-tokens: expected an integer >= 1, got -5"),
-    (["generate", "--temperature", -0.5], "--temperature: expected a finite number >= 0, got -0.5"),
-    (["generate", "--temperature", "nan"], "--temperature: expected a finite number >= 0, got nan"),
-    (["generate", "--top-p", 0], "--top-p: expected a number in (0, 1], got 0.0"),
+    (["ppl", "--batch-size", 0], "--batch-size: expected >= 1, got 0"),
+    (["ppl", "--batch-size", "two"], "--batch-size: expected an integer >= 1, got 'two'"),
+    (["ppl", "--max-len", 1], "--max-len: expected >= 2, got 1"),
+    (["mc", "--batch-size", -3], "--batch-size: expected >= 1, got -3"),
+    (["generate", "--max-new-tokens", -5], "--max-new-tokens: expected >= 1, got -5"),
+    (["generate", "--temperature", -0.5], "--temperature: expected >= 0 and finite, got -0.5"),
+    (["generate", "--temperature", "nan"], "--temperature: expected >= 0 and finite, got nan"),
+    (["generate", "--top-p", 0], "--top-p: expected in (0, 1], got 0.0"),
+    (["generate", "--top-p", 1.5], "--top-p: expected in (0, 1], got 1.5"),
+    (["generate", "--seed", -1], "--seed: expected >= 0, got -1"),
 ])
 def test_a_numeric_flag_out_of_range_is_one_line_before_any_work(flags, message, tmp_path):
     command, *flag = flags

@@ -72,6 +72,41 @@ def test_logits_and_gradients_equal_transformers(name, tmp_path):
         assert (p.grad - hf_grads[pname].grad).abs().max().item() <= 1e-5, pname
 
 
+@pytest.mark.parametrize("name", ["qwen2-mqa-tied", "gemma-mha-tied", "gemma2-window8-gqa-tied"])
+@pytest.mark.parametrize("head", ["the embedding again", "another matrix"])
+def test_a_tied_config_whose_checkpoint_holds_a_head_loads_as_transformers_loads_it(
+        name, head, tmp_path, capsys):
+    """config.json says tie_word_embeddings true, the checkpoint also holds lm_head.weight:
+    transformers keeps a different head untied (and warns), the same matrix tied. Logits and the
+    response NLL equal transformers', and what save_pretrained writes back loads in transformers to
+    the same logits."""
+    from safetensors.torch import load_file, save_file
+    hf_model(name).save_pretrained(tmp_path / "m")
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    embed = tensors["model.embed_tokens.weight"]
+    other = torch.randn(embed.shape) * 0.1
+    tensors["lm_head.weight"] = embed.clone() if head == "the embedding again" else other
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is True
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    hf_tied = hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert hf_tied == (head == "the embedding again")  # transformers' behaviour, which ours matches
+    ours = M.load_pretrained(tmp_path / "m")
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == hf_tied
+    assert ("lm_head.weight differs" in capsys.readouterr().err) == (not hf_tied)
+    ids, targets = ids_and_targets()
+    with torch.no_grad():
+        hf_logits, our_logits = hf(ids).logits, ours(ids)
+        assert (our_logits - hf_logits).abs().max().item() <= 1e-5
+        nll = [F.cross_entropy(z.flatten(0, 1), targets.flatten()).item()
+               for z in (hf_logits, our_logits)]
+        assert nll[1] == pytest.approx(nll[0], abs=1e-5)
+        M.save_pretrained(ours, tmp_path / "ours")
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
+        assert (again(ids).logits - hf_logits).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("name", ["qwen2-gqa", "mistral-window5-mqa-tied", "gemma-mqa", "gemma2-window8-gqa-tied"])
 def test_checkpoints_load_both_ways_as_the_familys_class_single_and_sharded(name, tmp_path):
     cls, extra = CONFIGS[name]

@@ -131,7 +131,7 @@ def test_an_out_that_cannot_be_written_is_one_line_before_any_work(command, wher
 
 def test_a_numeric_flag_out_of_range_is_one_line_before_any_work(tmp_path):
     code, _, err = run_report(*COMMANDS["compare"], "--max-len", 1, "--out", tmp_path / "table.md")
-    assert (code, err) == (2, "error: --max-len: expected an integer >= 2, got 1\n")
+    assert (code, err) == (2, "error: --max-len: expected >= 2, got 1\n")
     assert not (tmp_path / "table.md").exists()
 
 
