@@ -348,8 +348,8 @@ def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_toke
     prompt length so little is padding. KV-cached; batch j of turn k samples with seed + 1000 k + j,
     so the same flags give the same answers. The end-of-turn token is dropped and the text stripped,
     as FastChat does. Sampling draws from softmax(logits / T) within top_p, with no top-k cut.
-    compile: each decoding step torch.compile'd (inductor), one graph for the steps of every batch (the
-    batch size and cache length turn dynamic after their first change); the same tokens as eager.
+    compile: each decoding step torch.compile'd (inductor), one graph for the steps of every batch
+    (the batch size and cache length turn dynamic after their first change); eager's tokens.
     """
     stops = data.stop_ids(tok, prompt_format)
     for i, q in enumerate(questions):  # every last turn renders (alpaca's holds one) before any is answered
@@ -463,8 +463,9 @@ def parser() -> argparse.ArgumentParser:
                                                      "FastChat's per MT-Bench category, 0.7 for AlpacaEval)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
     s.add_argument("--seed", type=int, default=0, help="sampling seed: the same flags give the same answers")
-    s.add_argument("--compile", action="store_true", help="torch.compile each decoding step (inductor, "
-                                                          "fullgraph): faster on a GPU after a compilation")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoding step (inductor, fullgraph): the same answers, "
+                        "faster on a GPU once compiled")
     model_flags(s)
 
     return p

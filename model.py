@@ -217,12 +217,12 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for max_len positions: (B, K, max_len, hd) per layer.
+    """Keys and values of every layer, preallocated for max_len positions: (B, K, max_len, hd) each.
 
-    The prompts fill positions [0, length) in one call (length: a Python int). Then each decoding step
-    writes its one position at `slot`, a (1,) long tensor on the device, and attends over all max_len
-    positions, those not yet written masked out: no shape and no Python number changes from one step to
-    the next, so one compiled graph (decode_step) serves every step of a generation.
+    The prompts fill positions [0, length) in one call (length: a Python int). Then each decoding
+    step writes its one position at `slot`, a (1,) long tensor on the device, and attends over all
+    max_len positions, those not yet written masked out: no shape and no Python number changes from
+    one step to the next, so one compiled graph (decode_step) serves every step of a generation.
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype, device):
@@ -233,9 +233,9 @@ class KVCache:
         self.slot = None  # decoding: the (1,) position each row's new token is written at
 
     def update(self, layer: int, k, v):
-        """Store k, v (B, K, T, hd); return the keys and values to attend over: the prompts' T after the
-        filled positions, returning those so far (B, K, length + T, hd); or, decoding (T = 1), at slot,
-        returning the whole cache (B, K, max_len, hd)."""
+        """Store k, v (B, K, T, hd); return the keys and values to attend over: the prompts' T
+        after the filled positions, returning those so far (B, K, length + T, hd); or, decoding
+        (T = 1), at slot, returning the whole cache (B, K, max_len, hd)."""
         if self.slot is None:
             end = self.length + k.shape[2]
             self.k[layer][:, :, self.length:end] = k
@@ -246,8 +246,8 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
     def keep(self, rows):
-        """Keep these rows (n,) long of the batch, in this order; the others (finished) are freed, one
-        layer at a time."""
+        """Keep these rows (n,) long of the batch, in this order; the others (finished) are freed,
+        one layer at a time."""
         for layer in range(len(self.k)):
             self.k[layer] = self.k[layer].index_select(0, rows)
             self.v[layer] = self.v[layer].index_select(0, rows)
@@ -288,20 +288,22 @@ class Attention(nn.Module):
         return self.o_proj(y.reshape(B, T, -1))  # (B, T, D)
 
     def attend(self, q, k, v, mask):
-        """q (B, H, T, hd), k and v (B, K, S, hd) -> (B, H, T, hd). mask (B, 1, T, S) bool from attention_mask,
-        True = may attend; None: plain causal, the T queries being the last of the S keys.
+        """q (B, H, T, hd), k and v (B, K, S, hd) -> (B, H, T, hd). mask (B, 1, T, S) bool from
+        attention_mask, True = may attend; None: plain causal, the T queries the last of the S keys.
 
-        Given a mask, the G = H / K query heads that share a key/value head are folded into its queries,
-        q (B, K, G T, hd), and the mask is repeated G times along T (at a decoding step, T = 1, it broadcasts
-        as it is): k and v are never copied, though SDPA's fused kernels take no mask with enable_gqa."""
+        Given a mask, the G = H / K query heads that share a key/value head are folded into its
+        queries, q (B, K, G T, hd), and the mask is repeated G times along T (at a decoding step,
+        T = 1, it broadcasts as it is): k and v are never copied, though SDPA's fused kernels take
+        no mask together with enable_gqa."""
         cap = self.args.attn_logit_softcapping
         if cap is None and mask is None:  # GQA inside the kernel
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                  enable_gqa=True)
         B, H, T, hd = q.shape
         K, S = k.shape[1], k.shape[2]
         if mask is None:  # soft-capped: the causal mask written out
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
-        q = q.reshape(B, K, H // K * T, hd)  # query head h = g + G kv, row t -> K-head kv, row g T + t
+        q = q.reshape(B, K, H // K * T, hd)  # head g + G kv, row t -> K-head kv, row g T + t
         if T > 1:
             mask = mask.repeat(1, 1, H // K, 1)  # (B, 1, G T, S)
         if cap is None:
@@ -312,8 +314,8 @@ class Attention(nn.Module):
 
 
 def attention_mask(positions, S, window=None, start=None):
-    """(B, 1, T, S) bool, True where query i may attend to key j; the T queries are the last of the S keys,
-    or, given start ((1,) long, a decoding step's cache slot), keys start, ..., start + T - 1.
+    """(B, 1, T, S) bool, True where query i may attend to key j; the T queries are the last of the
+    S keys, or, given start ((1,) long, a decoding step's cache slot), keys start .. start + T - 1.
 
     positions (B, T) count each token's place in its own sequence, so they say where sequences start:
     query i's sequence began at key i - pos_i. Query i sees key j when
@@ -426,17 +428,19 @@ class Transformer(nn.Module):
         returning logits (N, V): a loss needs only the trained positions (an index, not a boolean mask: no
         host sync). head(hidden (N, D), W (V, D), softcap=final-logit cap or None) replaces the LM head and
         its result is returned: a loss that applies W itself, in chunks (sftmix.head_losses).
-        cache (KVCache): the prompts' keys and values are stored after its filled length; once its slot is
-        set, each call is a decoding step, one token a row at the given positions (B, 1) (decode_step).
+        cache (KVCache): the prompts' keys and values are stored after its filled length; once its
+        slot is set, a call is a decoding step, one token a row at positions (B, 1) (decode_step).
         """
         B, T = input_ids.shape
         W = self.args.sliding_window
         decoding = cache is not None and cache.slot is not None
-        if decoding:  # one new token a row, at cache.slot, over the static cache (its unwritten keys masked)
+        if decoding:  # one token a row at cache.slot, over the static cache (unwritten keys masked)
             S = cache.k[0].shape[2]
             full = attention_mask(positions, S, start=cache.slot)  # (B, 1, T, S)
-            band = attention_mask(positions, S, W, start=cache.slot) if W is not None and S > W else full
-        elif seqs is not None:  # packed rows as n padded sequences of L: causal, and a (1, 1, L, L) band past W
+            band = full
+            if W is not None and S > W:
+                band = attention_mask(positions, S, W, start=cache.slot)
+        elif seqs is not None:  # packed: n padded sequences of L, causal, a (1, 1, L, L) band > W
             L = seqs[0].shape[1]
             positions = (seqs[1] % L).view(B, T)  # a token's place in its sequence: its padded place mod L
             full = None
@@ -674,39 +678,43 @@ def save_pretrained(model: Transformer, path, tokenizer_dir=None, state_dict=Non
 # ----------------------------------------------------------------------------- generation
 
 @torch.no_grad()
-def generate(model: Transformer, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, eos_ids=(), seed=None,
-             compile=None):
+def generate(model: Transformer, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, eos_ids=(),
+             seed=None, compile=None):
     """Continue each prompt (a list of token-id lists, any lengths) with a KV cache.
 
     Prompts are left-padded; positions count real tokens only, so padding is masked out of attention
-    (attention_mask) and each row continues exactly as it would alone. The prompts run in one forward
-    (with no mask when no row is padded: plain causal attention); then each step decodes one token a row
-    (decode_step) over a cache preallocated for P + max_new_tokens positions. compile: a torch.compile
-    backend ("inductor"; tests use "aot_eager") for that step, or None (eager): its slot and positions are
-    tensors, so one graph serves every step. A row that produced an EOS token leaves the batch (its cache
-    rows are dropped), so finished rows cost nothing more.
-    temperature 0 is greedy; otherwise sample from softmax(logits / temperature) restricted to the smallest
-    set of tokens with probability >= top_p. The noise of every step is drawn for the whole batch, B rows,
-    and the rows still decoding keep theirs: a row's tokens do not depend on when the others finish. The
-    tokens stay on the device: each step reads its new ids to the host once (one sync a step).
+    (attention_mask) and each row continues exactly as it would alone. The prompts run in one
+    forward (no mask when no row is padded: plain causal attention); then each step decodes one
+    token a row (decode_step) over a cache preallocated for P + max_new_tokens positions. compile:
+    a torch.compile backend for that step ("inductor"; tests use "aot_eager"), or None: eager.
+    Its slot and positions are tensors, so one graph serves every step. A row that produced an EOS
+    token leaves the batch (its cache rows are dropped): finished rows cost nothing more.
+    temperature 0 is greedy; otherwise sample from softmax(logits / temperature) restricted to the
+    smallest set of tokens with probability >= top_p. Each step's noise is drawn for the whole batch
+    of B rows and the rows still decoding keep theirs, so no row's tokens depend on when others end.
+    The tokens stay on the device: each step reads its new ids to the host once (one sync a step).
     Returns the new tokens of each prompt, ending with the EOS token when one was produced.
     """
     device, V = model.lm_head.weight.device, model.args.vocab_size
     B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
-    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompt_ids], device=device)  # (B, P), left-padded
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompt_ids], device=device)  # (B, P)
     pad = torch.tensor([P - len(p) for p in prompt_ids], device=device)[:, None]  # (B, 1)
-    padded = len(set(map(len, prompt_ids))) > 1  # else positions 0, 1, ... and causal attention, no mask
+    positions = None  # no padding: positions 0, 1, ... and causal attention, the model's defaults
+    if len(set(map(len, prompt_ids))) > 1:
+        positions = (torch.arange(P, device=device) - pad).clamp(min=0)  # (B, P); padding's: 0
     cache = KVCache(model.args, B, P + max_new_tokens, model.lm_head.weight.dtype, device)
-    logits = model(ids, positions=(torch.arange(P, device=device) - pad).clamp(min=0) if padded else None,
-                   cache=cache, logits_at=torch.arange(B, device=device) * P + P - 1).float()  # (B, V)
-    cache.slot, positions = torch.tensor([P], device=device), P - pad  # the first new token's slot, positions
+    last = torch.arange(B, device=device) * P + P - 1  # (B,) each row's last token: LM head there
+    logits = model(ids, positions=positions, cache=cache, logits_at=last).float()  # (B, V)
+    cache.slot, positions = torch.tensor([P], device=device), P - pad  # the first new token's
     step = decode_step if compile is None else compiled(decode_step, compile)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop, out = set(eos_ids), [[] for _ in range(B)]
-    rows, live = list(range(B)), torch.arange(B, device=device)  # the rows still decoding: host, device
+    rows, live = list(range(B)), torch.arange(B, device=device)  # the rows still decoding
     for n in range(max_new_tokens):
-        noise = None if temperature == 0.0 else torch.empty(B, V, device=device).exponential_(generator=gen)
-        next_id = _sample(logits, temperature, top_p, None if noise is None else noise.index_select(0, live))
+        noise = None
+        if temperature != 0.0:  # (B, V) Exp(1) draws, the live rows'
+            noise = torch.empty(B, V, device=device).exponential_(generator=gen)[live]
+        next_id = _sample(logits, temperature, top_p, noise)  # (n,)
         for i, token in zip(rows, next_id.tolist()):  # the step's one host-device sync
             out[i].append(token)
         keep = [k for k, i in enumerate(rows) if out[i][-1] not in stop]
@@ -723,8 +731,9 @@ def generate(model: Transformer, prompt_ids, max_new_tokens, temperature=0.0, to
 
 
 def decode_step(model: Transformer, ids, positions, cache: KVCache):
-    """One token a row: ids (B, 1) at positions (B, 1), written at cache.slot -> logits (B, V) in fp32.
-    No Python number in it changes from step to step, so torch.compile(fullgraph=True) traces it once."""
+    """One token a row: ids (B, 1) at positions (B, 1), written at cache.slot -> logits (B, V),
+    fp32. No Python number in it changes from step to step: torch.compile(fullgraph=True) traces it
+    once."""
     return model(ids, positions=positions, cache=cache)[:, 0].float()
 
 
@@ -735,8 +744,8 @@ def compiled(fn, backend):
 
 
 def _sample(logits, temperature, top_p, noise=None):
-    """Next ids (B,) from logits (B, V), on the device: no host sync (torch.multinomial reads its input's
-    range back to check it). Sampling reads noise (B, V), Exp(1) draws; greedy (temperature 0) none."""
+    """Next ids (B,) from logits (B, V), on the device: no host sync (torch.multinomial reads its
+    input's range back to check it). Sampling reads noise (B, V), Exp(1) draws; greedy, none."""
     if temperature == 0.0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)

@@ -12,9 +12,9 @@
 2. padding share of the positions computed in that epoch (1 - real tokens / token ids entering the embedding),
    ours and TRL's, and in the dynamics pass.
 3. generation tokens/s, --gen-batch prompts (first user turns of --data), greedy, exactly --new-tokens new
-   tokens each (no stop token): model.generate / transformers' generate (KV cache, sdpa), eager, and compiled
-   (model.generate(compile="inductor") / transformers' static cache, compiled by its generate); interleaved,
-   the first run of each (the compilation) untimed.
+   tokens each (no stop token): model.generate / transformers' generate (KV cache, sdpa), eager; and
+   compiled, model.generate(compile="inductor") / transformers' static cache, which its generate
+   compiles; interleaved, the first run of each (the compilation) untimed.
 4. train step (forward + loss + backward + AdamW) tokens/s: model.py / transformers' LlamaForCausalLM (sdpa),
    use_cache=False; the same weights, batch (the B longest samples, padded), loss (the cross-entropy of the
    logits at the trained positions, one code for both), AdamW, dtype and
@@ -216,20 +216,24 @@ def prompts_of(path, tok, n):
 
 
 def generation_rows(args, tok, device):
-    """3: tokens/s of greedy generation, model.generate / transformers' generate, same prompts and lengths: eager
-    (transformers' dynamic cache), and compiled (model.generate(compile="inductor") / transformers' static
-    cache, cache_implementation="static", whose forward its generate compiles, as its documentation shows)."""
+    """3: tokens/s of greedy generation, model.generate / transformers' generate, same prompts and
+    lengths: eager (transformers' dynamic cache), and compiled (model.generate(compile="inductor")
+    / transformers' static cache, cache_implementation="static", its forward compiled by its
+    generate)."""
     from transformers import CompileConfig, GenerationConfig, LlamaForCausalLM
     prompts = prompts_of(args.data, tok, args.gen_batch)
     ours = M.load_pretrained(args.model, device=device)
-    peer = LlamaForCausalLM.from_pretrained(args.model, attn_implementation="sdpa", dtype=torch.float32).to(device)
+    peer = LlamaForCausalLM.from_pretrained(args.model, attn_implementation="sdpa",
+                                            dtype=torch.float32).to(device)
     P = max(map(len, prompts))
-    input_ids = torch.tensor([[tok.pad_id] * (P - len(p)) + p for p in prompts], device=device)  # (B, P) left-padded
+    left = [[tok.pad_id] * (P - len(p)) + p for p in prompts]  # (B, P) left-padded
+    input_ids = torch.tensor(left, device=device)
     attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
     peer.generation_config.eos_token_id = None  # never stop early: both generate exactly --new-tokens
-    greedy = dict(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_id)
-    compile_config = CompileConfig()  # its defaults (fullgraph off, mode "reduce-overhead": CUDA graphs)
-    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told so
+    greedy = dict(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
+                  pad_token_id=tok.pad_id)
+    compile_config = CompileConfig()  # its defaults (mode "reduce-overhead": CUDA graphs)
+    compile_config._compile_all_devices = True  # else transformers compiles on accelerators only
     configs = {"transformers": GenerationConfig(**greedy),
                "transformers compiled": GenerationConfig(**greedy, cache_implementation="static",
                                                          compile_config=compile_config)}
@@ -256,11 +260,12 @@ def generation_rows(args, tok, device):
                    for x, y in zip(new[name], new["ours"]))
         log(f"  greedy continuations: {name} agrees with ours (eager) on its first {same} of "
             f"{sum(map(len, new[name]))} tokens (summed over prompts)")
-    what = f"generation tokens/s, {len(prompts)} prompts x {args.new_tokens} new tokens, greedy, KV cache"
+    what = (f"generation tokens/s, {len(prompts)} prompts x {args.new_tokens} new tokens, greedy, "
+            f"KV cache")
     return [(f"{what}: model.generate / transformers generate", f"{rate['ours']:.1f}",
              f"{rate['transformers']:.1f}", rate["ours"] / rate["transformers"], ">= 1.0",
              rate["ours"] >= rate["transformers"]),
-            (f"{what}, compiled: model.generate(compile) / transformers generate, static cache, compiled",
+            (f"{what}, compiled: model.generate(compile) / transformers generate, static cache",
              f"{rate['ours compiled']:.1f}", f"{rate['transformers compiled']:.1f}",
              rate["ours compiled"] / rate["transformers compiled"], ">= 1.0",
              rate["ours compiled"] >= rate["transformers compiled"])]
