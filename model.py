@@ -710,22 +710,22 @@ def generate(model: Transformer, prompt_ids, max_new_tokens, temperature=0.0, to
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop, out = set(eos_ids), [[] for _ in range(B)]
     rows, live = list(range(B)), torch.arange(B, device=device)  # the rows still decoding
-    for n in range(max_new_tokens):
+    for t in range(max_new_tokens):
         noise = None
         if temperature != 0.0:  # (B, V) Exp(1) draws, the live rows'
             noise = torch.empty(B, V, device=device).exponential_(generator=gen)[live]
-        next_id = _sample(logits, temperature, top_p, noise)  # (n,)
+        next_id = _sample(logits, temperature, top_p, noise)  # (len(rows),)
         for i, token in zip(rows, next_id.tolist()):  # the step's one host-device sync
             out[i].append(token)
         keep = [k for k, i in enumerate(rows) if out[i][-1] not in stop]
-        if not keep or n == max_new_tokens - 1:
+        if not keep or t == max_new_tokens - 1:
             break
         if len(keep) < len(rows):  # finished rows leave the batch
             kept = torch.tensor(keep, device=device)
             cache.keep(kept)
             next_id, positions, live = (t.index_select(0, kept) for t in (next_id, positions, live))
             rows = [rows[k] for k in keep]
-        logits = step(model, next_id[:, None], positions, cache)  # (n, V)
+        logits = step(model, next_id[:, None], positions, cache)  # (len(rows), V)
         cache.slot, positions = cache.slot + 1, positions + 1
     return out
 
