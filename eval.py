@@ -333,7 +333,7 @@ def conversation(turns, answers) -> list:
 
 
 def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_tokens=1024,
-                     temperature=None, top_p=1.0, batch_size=8, seed=0) -> list:
+                     temperature=None, top_p=1.0, batch_size=8, seed=0, compile=False) -> list:
     """The model's answers, a list of turn texts per question, on every rank (questions sharded).
 
     Turn by turn: all first turns, then all second turns with each conversation holding the model's
@@ -341,6 +341,8 @@ def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_toke
     prompt length so little is padding. KV-cached; batch j of turn k samples with seed + 1000 k + j,
     so the same flags give the same answers. The end-of-turn token is dropped and the text stripped,
     as FastChat does. Sampling draws from softmax(logits / T) within top_p, with no top-k cut.
+    compile: each decoding step torch.compile'd (inductor), one graph for the steps of every batch
+    (the batch size and cache length turn dynamic after their first change); eager's tokens.
     """
     stops = data.stop_ids(tok, prompt_format)
     for i, q in enumerate(questions):  # every last turn renders (alpaca's holds one) before any is answered
@@ -361,7 +363,8 @@ def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_toke
         for j, batch in enumerate(batches):
             progress.set_postfix_str(f"turn {turn + 1}/{turns}, batch {j + 1}/{len(batches)}")
             new = M.generate(model, [prompts[i] for i in batch], max_new_tokens, temperatures[batch[0]],
-                             top_p, eos_ids=stops, seed=seed + 1000 * turn + j)
+                             top_p, eos_ids=stops, seed=seed + 1000 * turn + j,
+                             compile="inductor" if compile else None)
             for i, ids in zip(batch, new):
                 answers[i].append(tok.decode(ids[:-1] if ids and ids[-1] in stops else ids).strip())
             progress.update(sum(map(len, new)))
@@ -391,7 +394,7 @@ def cmd_generate(args, rt):
     max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS[benchmark]
     answers = answer_questions(load_model(path, rt), data.load_tokenizer(path), questions, rt,
                                args.prompt_format, max_new_tokens, args.temperature, args.top_p,
-                               args.batch_size, args.seed)
+                               args.batch_size, args.seed, args.compile)
     name = args.model_id or Path(args.model).resolve().name
     records = answer_records(benchmark, questions, answers, name)
     write_out(args, rt, records, lines=benchmark == "mt_bench")
@@ -458,6 +461,9 @@ def parser() -> argparse.ArgumentParser:
                    help="nucleus sampling mass when sampling")
     s.add_argument("--seed", type=data.number("--seed", int, ">= 0"), default=0,
                    help="sampling seed: the same flags give the same answers")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoding step (inductor, fullgraph): the same answers, "
+                        "faster on a GPU once compiled")
     model_flags(s)
 
     return p

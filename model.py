@@ -12,7 +12,7 @@ import math
 import shutil
 import sys
 from dataclasses import dataclass, fields
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -265,20 +265,40 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far: (B, K, max_len, hd) per layer."""
+    """Keys and values of every layer, preallocated for max_len positions: (B, K, max_len, hd) each.
+
+    The prompts fill positions [0, length) in one call (length: a Python int). Then each decoding
+    step writes its one position at `slot`, a (1,) long tensor on the device, and attends over all
+    max_len positions, those not yet written masked out: no shape and no Python number changes from
+    one step to the next, so one compiled graph (decode_step) serves every step of a generation.
+    """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype, device):
         shape = (batch_size, args.num_key_value_heads, max_len, args.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
-        self.length = 0  # positions [0, length) are filled
+        self.length = 0  # positions [0, length) are filled by the prompts
+        self.slot = None  # decoding: the (1,) position each row's new token is written at
 
     def update(self, layer: int, k, v):
-        """Store k, v (B, K, T, hd) after the filled positions; return all keys and values so far."""
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        """Store k, v (B, K, T, hd); return the keys and values to attend over: the prompts' T
+        after the filled positions, returning those so far (B, K, length + T, hd); or, decoding
+        (T = 1), at slot, returning the whole cache (B, K, max_len, hd)."""
+        if self.slot is None:
+            end = self.length + k.shape[2]
+            self.k[layer][:, :, self.length:end] = k
+            self.v[layer][:, :, self.length:end] = v
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.k[layer].index_copy_(2, self.slot, k)
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]
+
+    def keep(self, rows):
+        """Keep these rows (n,) long of the batch, in this order; the others (finished) are freed,
+        one layer at a time."""
+        for layer in range(len(self.k)):
+            self.k[layer] = self.k[layer].index_select(0, rows)
+            self.v[layer] = self.v[layer].index_select(0, rows)
 
 
 class Attention(nn.Module):
@@ -305,31 +325,45 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, K, T, hd)
         v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, K, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        causal = cache is None or cache.length == 0  # else a decoding step: its one query sees every key so far
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, K, S, hd), S = positions so far
+            k, v = cache.update(self.layer, k, v)  # (B, K, S, hd), S = the positions attended over
         if seqs is None:
-            y = self.attend(q, k, v, mask, causal).transpose(1, 2)  # (B, T, H, hd)
+            y = self.attend(q, k, v, mask).transpose(1, 2)  # (B, T, H, hd)
         else:  # a packed row as its n sequences side by side, right-padded to L: one call, each plain causal
             index, inverse = seqs
-            y = self.attend(*(unpack(t, index) for t in (q, k, v)), mask, causal)  # (n, H, L, hd)
+            y = self.attend(*(unpack(t, index) for t in (q, k, v)), mask)  # (n, H, L, hd)
             y = y.transpose(1, 2).flatten(0, 1).index_select(0, inverse)  # (B*T, H, hd): back to the row's order
         return self.o_proj(y.reshape(B, T, -1))  # (B, T, D)
 
-    def attend(self, q, k, v, mask, causal=True):
-        """q (B, H, T, hd), k and v (B, K, S, hd) -> (B, H, T, hd). mask (B, 1, T, S) bool from attention_mask,
-        True = may attend; None: plain causal (T = S), or with causal False every key (a decoding step, T = 1)."""
+    def attend(self, q, k, v, mask):
+        """q (B, H, T, hd), k and v (B, K, S, hd) -> (B, H, T, hd). mask (B, 1, T, S) bool from
+        attention_mask, True = may attend; None: plain causal, the T queries the last of the S keys.
+
+        Given a mask, the G = H / K query heads that share a key/value head are folded into its
+        queries, q (B, K, G T, hd), and the mask is repeated G times along T (at a decoding step,
+        T = 1, it broadcasts as it is): k and v are never copied, though SDPA's fused kernels take
+        no mask together with enable_gqa."""
         cap = self.args.attn_logit_softcapping
-        if cap is None and mask is None:  # GQA inside the kernel: no copy of k and v
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.scale, enable_gqa=True)
-        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))  # (B, H, S, hd)
-        if cap is None:  # a mask: SDPA's fused kernels take it with k, v expanded, not together with enable_gqa
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return softcapped_attention(q, k, v, mask, self.scale, cap)
+        if cap is None and mask is None:  # GQA inside the kernel
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                  enable_gqa=True)
+        B, H, T, hd = q.shape
+        K, S = k.shape[1], k.shape[2]
+        if mask is None:  # soft-capped: the causal mask written out
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+        q = q.reshape(B, K, H // K * T, hd)  # head g + G kv, row t -> K-head kv, row g T + t
+        if T > 1:
+            mask = mask.repeat(1, 1, H // K, 1)  # (B, 1, G T, S)
+        if cap is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:
+            y = softcapped_attention(q, k, v, mask, self.scale, cap)
+        return y.reshape(B, H, T, hd)
 
 
-def attention_mask(positions, S, window=None):
-    """(B, 1, T, S) bool, True where query i may attend to key j; the T queries are the last of the S keys.
+def attention_mask(positions, S, window=None, start=None):
+    """(B, 1, T, S) bool, True where query i may attend to key j; the T queries are the last of the
+    S keys, or, given start ((1,) long, a decoding step's cache slot), keys start .. start + T - 1.
 
     positions (B, T) count each token's place in its own sequence, so they say where sequences start:
     query i's sequence began at key i - pos_i. Query i sees key j when
@@ -339,7 +373,8 @@ def attention_mask(positions, S, window=None):
     (positions start at the first real token; a padding query sees itself alone) and the KV cache.
     """
     T = positions.shape[1]
-    i = torch.arange(S - T, S, device=positions.device)[:, None]  # (T, 1) each query's index among the keys
+    i = (S - T if start is None else start) + torch.arange(T, device=positions.device)
+    i = i[:, None]  # (T, 1) each query's index among the keys
     j = torch.arange(S, device=positions.device)  # (S,)
     first = (i[:, 0] - positions)[:, :, None]  # (B, T, 1) the first key of each query's sequence
     mask = (j >= first) & (j <= i)  # (B, T, S)
@@ -360,11 +395,8 @@ def unpack(t, index):
 
 def softcapped_attention(q, k, v, mask, scale, cap):
     """softmax(cap tanh(q k^T scale / cap) + mask) v, the softmax in fp32. q, k, v (B, H, T|S, hd);
-    mask (B, 1, T, S), True = may attend, or None: causal, the T queries being the last of the S keys."""
+    mask (B, 1, T, S), True = may attend."""
     scores = cap * torch.tanh(q @ k.transpose(2, 3) * scale / cap)  # (B, H, T, S)
-    if mask is None:
-        T, S = scores.shape[-2:]
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     return torch.softmax(scores.masked_fill(~mask, -math.inf).float(), dim=-1).to(q.dtype) @ v  # (B, H, T, hd)
 
 
@@ -444,17 +476,26 @@ class Transformer(nn.Module):
         returning logits (N, V): a loss needs only the trained positions (an index, not a boolean mask: no
         host sync). head(hidden (N, D), W (V, D), softcap=final-logit cap or None) replaces the LM head and
         its result is returned: a loss that applies W itself, in chunks (sftmix.head_losses).
+        cache (KVCache): the prompts' keys and values are stored after its filled length; once its
+        slot is set, a call is a decoding step, one token a row at positions (B, 1) (decode_step).
         """
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        S = start + T  # keys: the cached positions, then these
         W = self.args.sliding_window
-        if seqs is not None:  # packed rows as n padded sequences of L: causal, and a (1, 1, L, L) band past W
+        decoding = cache is not None and cache.slot is not None
+        if decoding:  # one token a row at cache.slot, over the static cache (unwritten keys masked)
+            S = cache.k[0].shape[2]
+            full = attention_mask(positions, S, start=cache.slot)  # (B, 1, T, S)
+            band = full
+            if W is not None and S > W:
+                band = attention_mask(positions, S, W, start=cache.slot)
+        elif seqs is not None:  # packed: n padded sequences of L, causal, a (1, 1, L, L) band > W
             L = seqs[0].shape[1]
             positions = (seqs[1] % L).view(B, T)  # a token's place in its sequence: its padded place mod L
             full = None
             band = attention_mask(torch.arange(L, device=input_ids.device)[None], L, W) if W and L > W else None
         else:
+            start = cache.length if cache is not None else 0
+            S = start + T  # keys: the cached positions, then these
             masked = positions is not None or (start > 0 and T > 1)  # else SDPA's own causal mask
             if positions is None:
                 positions = torch.arange(start, S, device=input_ids.device).expand(B, T)
@@ -471,7 +512,7 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, seqs, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, seqs)
-        if cache is not None:
+        if cache is not None and not decoding:
             cache.length += T
         hidden = self.model.norm(x)  # (B, T, D): what the LM head reads, and what SFTMix interpolates
         if logits_at is not None:
@@ -734,47 +775,74 @@ def save_pretrained(model: Transformer, path, tokenizer_dir=None, state_dict=Non
 # ----------------------------------------------------------------------------- generation
 
 @torch.no_grad()
-def generate(model: Transformer, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, eos_ids=(), seed=None):
+def generate(model: Transformer, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, eos_ids=(),
+             seed=None, compile=None):
     """Continue each prompt (a list of token-id lists, any lengths) with a KV cache.
 
     Prompts are left-padded; positions count real tokens only, so padding is masked out of attention
-    (attention_mask) and each row continues exactly as it would alone. When no row is padded (one prompt,
-    or prompts of one length) no positions are passed: plain causal attention, no mask. temperature 0 is
-    greedy; otherwise sample from softmax(logits / temperature) restricted to the smallest set of tokens
-    with probability >= top_p. The tokens stay on the device: each step reads its B new ids to the host
-    once (one sync a step).
+    (attention_mask) and each row continues exactly as it would alone. The prompts run in one
+    forward (no mask when no row is padded: plain causal attention); then each step decodes one
+    token a row (decode_step) over a cache preallocated for P + max_new_tokens positions. compile:
+    a torch.compile backend for that step ("inductor"; tests use "aot_eager"), or None: eager.
+    Its slot and positions are tensors, so one graph serves every step. A row that produced an EOS
+    token leaves the batch (its cache rows are dropped): finished rows cost nothing more.
+    temperature 0 is greedy; otherwise sample from softmax(logits / temperature) restricted to the
+    smallest set of tokens with probability >= top_p. Each step's noise is drawn for the whole batch
+    of B rows and the rows still decoding keep theirs, so no row's tokens depend on when others end.
+    The tokens stay on the device: each step reads its new ids to the host once (one sync a step).
     Returns the new tokens of each prompt, ending with the EOS token when one was produced.
     """
-    device = model.lm_head.weight.device
+    device, V = model.lm_head.weight.device, model.args.vocab_size
     B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
-    S = P + max_new_tokens
-    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompt_ids], device=device)  # (B, P), left-padded
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompt_ids], device=device)  # (B, P)
+    pad = torch.tensor([P - len(p) for p in prompt_ids], device=device)[:, None]  # (B, 1)
     positions = None  # no padding: positions 0, 1, ... and causal attention, the model's defaults
     if len(set(map(len, prompt_ids))) > 1:
-        pad = torch.tensor([P - len(p) for p in prompt_ids], device=device)[:, None]  # (B, 1)
-        positions = (torch.arange(S, device=device) - pad).clamp(min=0)  # (B, S); a padding token's is 0
-    cache = KVCache(model.args, B, S, model.lm_head.weight.dtype, device)
+        positions = (torch.arange(P, device=device) - pad).clamp(min=0)  # (B, P); padding's: 0
+    cache = KVCache(model.args, B, P + max_new_tokens, model.lm_head.weight.dtype, device)
+    last = torch.arange(B, device=device) * P + P - 1  # (B,) each row's last token: LM head there
+    logits = model(ids, positions=positions, cache=cache, logits_at=last).float()  # (B, V)
+    cache.slot, positions = torch.tensor([P], device=device), P - pad  # the first new token's
+    step = decode_step if compile is None else compiled(decode_step, compile)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    stop, done, out = set(eos_ids), [False] * B, [[] for _ in range(B)]
-    for _ in range(max_new_tokens):
-        start, T = cache.length, ids.shape[1]
-        last = torch.arange(B, device=device) * T + T - 1  # (B,) each row's last token: the LM head there only
-        logits = model(ids, positions=None if positions is None else positions[:, start:start + T], cache=cache,
-                       logits_at=last)  # (B, V)
-        next_id = _sample(logits.float(), temperature, top_p, gen)  # (B,)
-        for i, token in enumerate(next_id.tolist()):  # the step's one host-device sync
-            if not done[i]:
-                out[i].append(token)
-                done[i] = token in stop
-        if all(done):
+    stop, out = set(eos_ids), [[] for _ in range(B)]
+    rows, live = list(range(B)), torch.arange(B, device=device)  # the rows still decoding
+    for t in range(max_new_tokens):
+        noise = None
+        if temperature != 0.0:  # (B, V) Exp(1) draws, the live rows'
+            noise = torch.empty(B, V, device=device).exponential_(generator=gen)[live]
+        next_id = _sample(logits, temperature, top_p, noise)  # (len(rows),)
+        for i, token in zip(rows, next_id.tolist()):  # the step's one host-device sync
+            out[i].append(token)
+        keep = [k for k, i in enumerate(rows) if out[i][-1] not in stop]
+        if not keep or t == max_new_tokens - 1:
             break
-        ids = next_id[:, None]  # (B, 1)
+        if len(keep) < len(rows):  # finished rows leave the batch
+            kept = torch.tensor(keep, device=device)
+            cache.keep(kept)
+            next_id, positions, live = (t.index_select(0, kept) for t in (next_id, positions, live))
+            rows = [rows[k] for k in keep]
+        logits = step(model, next_id[:, None], positions, cache)  # (len(rows), V)
+        cache.slot, positions = cache.slot + 1, positions + 1
     return out
 
 
-def _sample(logits, temperature, top_p, gen):
-    """Next ids (B,) from logits (B, V), on the device: no host sync (torch.multinomial reads its input's
-    range back to check it)."""
+def decode_step(model: Transformer, ids, positions, cache: KVCache):
+    """One token a row: ids (B, 1) at positions (B, 1), written at cache.slot -> logits (B, V),
+    fp32. No Python number in it changes from step to step: torch.compile(fullgraph=True) traces it
+    once."""
+    return model(ids, positions=positions, cache=cache)[:, 0].float()
+
+
+@lru_cache(maxsize=None)
+def compiled(fn, backend):
+    """torch.compile(fn, fullgraph=True) on backend, made once per process (its graphs are kept)."""
+    return torch.compile(fn, backend=backend, fullgraph=True)
+
+
+def _sample(logits, temperature, top_p, noise=None):
+    """Next ids (B,) from logits (B, V), on the device: no host sync (torch.multinomial reads its
+    input's range back to check it). Sampling reads noise (B, V), Exp(1) draws; greedy, none."""
     if temperature == 0.0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -782,5 +850,5 @@ def _sample(logits, temperature, top_p, gen):
     outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # tokens after the top-p mass is reached
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     # p_i / q_i with q_i ~ Exp(1) peaks at i with probability p_i / sum p: torch.multinomial's own one-sample draw
-    choice = (sorted_probs / torch.empty_like(sorted_probs).exponential_(generator=gen)).argmax(-1, keepdim=True)
+    choice = (sorted_probs / noise).argmax(-1, keepdim=True)
     return order.gather(-1, choice).squeeze(-1)

@@ -12,7 +12,9 @@
 2. padding share of the positions computed in that epoch (1 - real tokens / token ids entering the embedding),
    ours and TRL's, and in the dynamics pass.
 3. generation tokens/s, --gen-batch prompts (first user turns of --data), greedy, exactly --new-tokens new
-   tokens each (no stop token): model.generate / transformers' generate (KV cache, sdpa); interleaved.
+   tokens each (no stop token): model.generate / transformers' generate (KV cache, sdpa), eager; and
+   compiled, model.generate(compile="inductor") / transformers' static cache, which its generate
+   compiles; interleaved, the first run of each (the compilation) untimed.
 4. train step (forward + loss + backward + AdamW) tokens/s: model.py / transformers' LlamaForCausalLM (sdpa),
    use_cache=False; the same weights, batch (the B longest samples, padded), loss (the cross-entropy of the
    logits at the trained positions, one code for both), AdamW, dtype and
@@ -214,35 +216,59 @@ def prompts_of(path, tok, n):
 
 
 def generation_rows(args, tok, device):
-    """3: tokens/s of greedy generation, model.generate / transformers' generate, same prompts and lengths."""
-    from transformers import GenerationConfig, LlamaForCausalLM
+    """3: tokens/s of greedy generation, model.generate / transformers' generate, same prompts and
+    lengths: eager (transformers' dynamic cache), and compiled (model.generate(compile="inductor")
+    / transformers' static cache, cache_implementation="static", its forward compiled by its
+    generate)."""
+    from transformers import CompileConfig, GenerationConfig, LlamaForCausalLM
     prompts = prompts_of(args.data, tok, args.gen_batch)
     ours = M.load_pretrained(args.model, device=device)
-    peer = LlamaForCausalLM.from_pretrained(args.model, attn_implementation="sdpa", dtype=torch.float32).to(device)
+    peer = LlamaForCausalLM.from_pretrained(args.model, attn_implementation="sdpa",
+                                            dtype=torch.float32).to(device)
     P = max(map(len, prompts))
-    input_ids = torch.tensor([[tok.pad_id] * (P - len(p)) + p for p in prompts], device=device)  # (B, P) left-padded
+    left = [[tok.pad_id] * (P - len(p)) + p for p in prompts]  # (B, P) left-padded
+    input_ids = torch.tensor(left, device=device)
     attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
     peer.generation_config.eos_token_id = None  # never stop early: both generate exactly --new-tokens
-    config = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
-                              pad_token_id=tok.pad_id)
+    greedy = dict(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
+                  pad_token_id=tok.pad_id)
+    compile_config = CompileConfig()  # its defaults (mode "reduce-overhead": CUDA graphs)
+    compile_config._compile_all_devices = True  # else transformers compiles on accelerators only
+    configs = {"transformers": GenerationConfig(**greedy),
+               "transformers compiled": GenerationConfig(**greedy, cache_implementation="static",
+                                                         compile_config=compile_config)}
     new = {}
 
-    def ours_step():
-        with amp(device):
-            new["ours"] = M.generate(ours, prompts, args.new_tokens)
+    def ours_step(name, backend):
+        def step():
+            with amp(device):
+                new[name] = M.generate(ours, prompts, args.new_tokens, compile=backend)
+        return step
 
-    def peer_step():
-        with amp(device), torch.no_grad():
-            new["peer"] = peer.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                        generation_config=config)[:, P:].tolist()
-    t = race({"ours": ours_step, "transformers": peer_step}, device, 1, args.repeats)
-    n = {"ours": sum(map(len, new["ours"])), "transformers": sum(map(len, new["peer"]))}
-    same = sum(len(list(itertools.takewhile(lambda ab: ab[0] == ab[1], zip(x, y)))) for x, y in zip(new["ours"], new["peer"]))
-    log(f"  greedy continuations agree on their first {same} of {n['ours']} tokens (summed over prompts)")
-    rate = {name: n[name] / t[name] for name in t}
-    return [(f"generation tokens/s, {len(prompts)} prompts x {args.new_tokens} new tokens, greedy, KV cache: "
-             f"model.generate / transformers generate", f"{rate['ours']:.1f}", f"{rate['transformers']:.1f}",
-             rate["ours"] / rate["transformers"], ">= 1.0", rate["ours"] >= rate["transformers"])]
+    def peer_step(name):
+        def step():
+            with amp(device), torch.no_grad():
+                new[name] = peer.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                          generation_config=configs[name])[:, P:].tolist()
+        return step
+    t = race({"ours": ours_step("ours", None), "transformers": peer_step("transformers"),
+              "ours compiled": ours_step("ours compiled", "inductor"),
+              "transformers compiled": peer_step("transformers compiled")}, device, 1, args.repeats)
+    rate = {name: sum(map(len, new[name])) / t[name] for name in t}
+    for name in new:
+        same = sum(len(list(itertools.takewhile(lambda ab: ab[0] == ab[1], zip(x, y))))
+                   for x, y in zip(new[name], new["ours"]))
+        log(f"  greedy continuations: {name} agrees with ours (eager) on its first {same} of "
+            f"{sum(map(len, new[name]))} tokens (summed over prompts)")
+    what = (f"generation tokens/s, {len(prompts)} prompts x {args.new_tokens} new tokens, greedy, "
+            f"KV cache")
+    return [(f"{what}: model.generate / transformers generate", f"{rate['ours']:.1f}",
+             f"{rate['transformers']:.1f}", rate["ours"] / rate["transformers"], ">= 1.0",
+             rate["ours"] >= rate["transformers"]),
+            (f"{what}, compiled: model.generate(compile) / transformers generate, static cache",
+             f"{rate['ours compiled']:.1f}", f"{rate['transformers compiled']:.1f}",
+             rate["ours compiled"] / rate["transformers compiled"], ">= 1.0",
+             rate["ours compiled"] >= rate["transformers compiled"])]
 
 
 def micro_step(model, targs, samples, batch, device, optimizer=None):

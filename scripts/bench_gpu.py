@@ -1,26 +1,42 @@
-"""Train-step throughput on one GPU: tokens/s and MFU of train.py's bf16 step, eager and --compile, against
-transformers + TRL's padding-free collator on the same packed rows; prints a Markdown table.
+"""Throughput on one GPU: tokens/s and MFU of train.py's bf16 step, eager and --compile, against
+transformers + TRL's padding-free collator on the same packed rows, eager and as TRL advises
+(FlashAttention 2, compiled); and tokens/s of eval.py generate's decoding against transformers'
+generate. Prints Markdown tables.
 
     python scripts/get_sharegpt.py --out .assets/sharegpt-gpu --train 256 --heldout 0 --seed 0 --max-chars 8000
     python scripts/bench_gpu.py --tokenizer .assets/SmolLM2-135M-Instruct --data .assets/sharegpt-gpu/train.jsonl
 
-The model has --shape's dimensions (SmolLM2-1.7B's by default, a Llama: 24 blocks, D 2048, 32 heads, vocabulary
-49152) and random weights, the same in every variant (transformers' initialisation, copied into model.py's
-Transformer: the parameter names are HF's). A step is one global batch of --batch consecutive samples, one packed
-row, forward + loss + backward + grad clip 1.0 + fused AdamW, fp32 weights under bf16 autocast:
-  train.py            train.forward_backward, NTP (and SFTMix, --compile): attention over the row's sequences
-                      right-padded (model.unpack), the LM head at the trained positions only
-  transformers + TRL  LlamaForCausalLM (sdpa) on trl's DataCollatorForLanguageModeling(padding_free=True) batch,
-                      the row flattened with position_ids restarting at each sequence, as SFTTrainer feeds it; its
-                      loss is over every position (logits (S, V))
-Each variant runs --warmup steps (they hold the compilation) and --steps more, untimed, then after every variant
-has, the --steps again, timed, back to back (run_steps). tokens/s = the timed steps' tokens / their seconds; step
-memory = the most the step allocates above what is held before it. MFU = model FLOPs / seconds / the GPU's dense
-bf16 peak, the FLOPs being those the step needs, the same for every variant: 6 x (block parameters) per token,
-6 V D per trained position (the LM head where a loss is), and causal attention, 6 H hd n^2 per sequence of n
-tokens and block (forward 2 H hd n^2, backward twice that).
+The model has --shape's dimensions (SmolLM2-1.7B's by default, a Llama: 24 blocks, D 2048, 32 heads,
+vocabulary 49152) and random weights, the same in every variant (transformers' initialisation,
+copied into model.py's Transformer: the parameter names are HF's). A train step is one global batch
+of --batch consecutive samples, one packed row, forward + loss + backward + grad clip 1.0 + fused
+AdamW, fp32 weights under bf16 autocast:
+  train.py            train.forward_backward, NTP (and SFTMix, --compile): attention over the row's
+                      sequences right-padded (model.unpack), the LM head at the trained positions
+  transformers + TRL  LlamaForCausalLM on trl's DataCollatorForLanguageModeling(padding_free=True)
+                      batch, the row flattened with position_ids restarting at each sequence, as
+                      SFTTrainer feeds it; its loss over every position (logits (S, V)). Eager with
+                      sdpa; and as TRL's documentation advises for padding-free batches:
+                      flash_attention_2 (when flash-attn imports; else sdpa, and stderr says so),
+                      eager, and compiled as SFTConfig(torch_compile=True) compiles it
+                      (torch.compile(model): inductor, default mode); one model and AdamW.
+Each variant runs --warmup steps (they hold the compilation) and --steps more, untimed, then after
+every variant has, the --steps again, timed, back to back (run_steps). tokens/s = the timed steps'
+tokens / their seconds; step memory = the most the step allocates above what is held before it.
+MFU = model FLOPs / seconds / the GPU's dense bf16 peak, the FLOPs being those the step needs, the
+same for every variant: 6 x (block parameters) per token, 6 V D per trained position (the LM head
+where a loss is), and causal attention, 6 H hd n^2 per sequence of n tokens and block (forward
+2 H hd n^2, backward twice that).
+
+Generation, at each --gen-prompts: the same weights in bf16, greedy, exactly --new-tokens new tokens
+a prompt (first user turns of --data, no stop token): model.generate as eval.py generate runs it,
+eager and --compile, against transformers' generate with its static cache
+(cache_implementation="static"), which its generate compiles (CompileConfig's defaults; on the CPU
+told to, as it compiles on accelerators only). The first run of each holds its compilation,
+untimed; tokens/s: the median of the next --gen-repeats.
 """
 import argparse
+import itertools
 import sys
 import time
 import warnings
@@ -34,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
-from bench import log, machine, matmul_flops, micro_step, sync, trl_example  # noqa: E402
+from bench import (log, machine, matmul_flops, micro_step, prompts_of, race, sync,  # noqa: E402
+                   trl_example)
 
 SHAPES = {  # config.json fields of published Llama-shaped models
     "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
@@ -61,6 +78,13 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant")
     p.add_argument("--steps", type=int, default=10,
                    help="timed steps of each variant (tokens/s: their tokens over their seconds)")
+    p.add_argument("--gen-prompts", type=int, nargs="*", default=[8, 32],
+                   help="prompts generated together, each a generation row (none: no generation)")
+    p.add_argument("--new-tokens", type=int, default=256, help="new tokens for each prompt")
+    p.add_argument("--gen-repeats", type=int, default=3,
+                   help="timed generations of each variant (median)")
+    p.add_argument("--no-train", dest="train", action="store_false",
+                   help="skip the train-step table")
     return p.parse_args(argv)
 
 
@@ -84,14 +108,32 @@ def trl_batch(collate, row, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([trl_example(s) for s in row]).items()}
 
 
-def peer_step(peer, optimizer, batch):
-    """transformers + TRL: the collated padding-free batch through LlamaForCausalLM, its loss, clip, AdamW."""
+def peer_step(peer, optimizer, batch, forward=None, attention="sdpa"):
+    """transformers + TRL: the collated padding-free batch through LlamaForCausalLM (forward: peer,
+    or its torch.compile'd self) with the attention implementation `attention`, its loss, clip,
+    AdamW."""
+    if peer.config._attn_implementation != attention:
+        peer.set_attn_implementation(attention)
     with torch.autocast("cuda" if batch["input_ids"].is_cuda else "cpu", dtype=torch.bfloat16):
-        loss = peer(**batch).loss
+        loss = (peer if forward is None else forward)(**batch).loss
     loss.backward()
     nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def advised_attention(device) -> str:
+    """The attention TRL's documentation advises for padding-free batches: flash_attention_2 when
+    flash-attn imports on this machine (CUDA), else sdpa, said on stderr."""
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError as e:
+            log(f"flash-attn does not import ({e}): the TRL-advised peer runs sdpa")
+    else:
+        log("no CUDA: the TRL-advised peer runs sdpa (FlashAttention 2 is CUDA-only)")
+    return "sdpa"
 
 
 def run_steps(steps: dict, warmup, timed, device):
@@ -139,13 +181,23 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     from transformers import LlamaConfig, LlamaForCausalLM
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
     tok = data.load_tokenizer(args.tokenizer)
     samples = data.load_dataset(args.data, tok, max_len=args.max_len, verbose=False)[0]
     config = LlamaConfig(**SHAPES[args.shape], pad_token_id=0)
     with torch.device(device):
         peer = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     margs = M.ModelArgs.from_hf_config(config.to_dict())
+    print(f"\n{machine(device)}, torch {torch.__version__}, shape {args.shape} "
+          f"({sum(p.numel() for p in peer.parameters()) / 1e9:.2f}B parameters)")
+    if args.train:
+        train_table(args, samples, peer, margs, device)
+    if args.gen_prompts:
+        generation_table(args, tok, peer, margs, device)
+
+
+def train_table(args, samples, peer, margs, device):
+    """The train-step table: train.py's variants, transformers + TRL's (module docstring)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
     flags = ["--model", args.tokenizer, "--data", "-", "--out", "unused", "--split", "-", "--dtype", "bf16"]
     variants = {}  # name: model, prepared as train.py prepares it
     for name, extra in (("train.py", []), ("train.py --compile", ["--compile"])):
@@ -163,6 +215,12 @@ def main(argv=None):
         ours = nn.functional.cross_entropy(ours.float(), b["targets"])
         theirs = peer(**trl_batch(collate, samples[:4], device)).loss
     log(f"NTP loss of the first 4 samples: train.py's model {ours.item():.4f}, transformers + TRL {theirs.item():.4f}")
+    attention = advised_attention(device)
+    compiled_peer = torch.compile(peer)  # as SFTConfig(torch_compile=True): inductor, default mode
+    trl = "transformers + TRL padding_free"
+    peers = {f"{trl}, sdpa, NTP": (None, "sdpa"), f"{trl}, {attention}, NTP": (None, attention),
+             f"{trl}, {attention}, torch_compile, NTP": (compiled_peer, attention)}
+    eager_peer, advised_peer = list(peers)[0], list(peers)[-1]  # the first two: one if sdpa
     peak = next((v for k, v in PEAK_BF16.items() if k in machine(device)), None)
     n = 8192 if device.type == "cuda" else 512
     mm = matmul_flops(n, torch.bfloat16, device)
@@ -181,21 +239,81 @@ def main(argv=None):
             steps[f"{name}, {'NTP' if mode == 'ntp' else 'SFTMix'}"] = \
                 lambda k, model=variants[name], opt=optimizers[name], targs=targs: \
                 micro_step(model, targs, rows[k], list(range(B)), device, opt)
-        steps["transformers + TRL padding_free, NTP"] = lambda k: peer_step(peer, optimizers["peer"], peer_batches[k])
+        for name, (forward, attn) in peers.items():
+            steps[name] = lambda k, forward=forward, attn=attn: \
+                peer_step(peer, optimizers["peer"], peer_batches[k], forward, attn)
         seconds, memory = run_steps(steps, args.warmup, timed, device)
-        peer_seconds = seconds["transformers + TRL padding_free, NTP"]
         for name in steps:
             t = seconds[name]
             mfu = flops / t / peak if peak else float("nan")
             table.append((B, round(tokens / len(timed)), name, t / len(timed), tokens / t, mfu,
-                          memory[name] / 2**30, peer_seconds / t))
-    print(f"\n{machine(device)}, torch {torch.__version__}, shape {args.shape} "
-          f"({sum(p.numel() for p in peer.parameters()) / 1e9:.2f}B parameters), bf16 autocast, fp32 weights\n")
-    print("| samples per step | tokens per step (mean) | variant | step s (mean) | tokens/s | MFU | step memory GiB "
-          "| speed-up vs transformers + TRL |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|")
-    for B, T, name, s, tps, mfu, gib, ratio in table:
-        print(f"| {B} | {T} | {name} | {s:.4f} | {tps:,.0f} | {mfu:.1%} | {gib:.1f} | {ratio:.2f} |")
+                          memory[name] / 2**30, seconds[eager_peer] / t, seconds[advised_peer] / t))
+    print(f"\nTrain step, bf16 autocast, fp32 weights; speed-up against {trl} eager sdpa and as "
+          f"TRL advises ({attention}, torch_compile)\n")
+    print("| samples per step | tokens per step (mean) | variant | step s (mean) | tokens/s | MFU "
+          "| step memory GiB | speed-up vs TRL eager sdpa | speed-up vs TRL as advised |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for B, T, name, s, tps, mfu, gib, eager, advised in table:
+        print(f"| {B} | {T} | {name} | {s:.4f} | {tps:,.0f} | {mfu:.1%} | {gib:.1f} | {eager:.2f} "
+              f"| {advised:.2f} |")
+
+
+def generation_table(args, tok, peer, margs, device):
+    """Generation tokens/s (module docstring): model.generate eager and compiled, transformers'
+    generate with its static cache compiled, at each --gen-prompts; the weights of peer, in bf16."""
+    from transformers import CompileConfig, GenerationConfig, LlamaForCausalLM
+    dtype = torch.bfloat16
+    with torch.device(device):
+        theirs = LlamaForCausalLM._from_config(peer.config, attn_implementation="sdpa", dtype=dtype)
+        theirs.eval()
+        ours = M.Transformer(margs).to(dtype).eval()
+    theirs.load_state_dict(peer.state_dict())
+    ours.load_state_dict(peer.state_dict())
+    compile_config = CompileConfig()  # its defaults: inductor, mode "reduce-overhead" (CUDA graphs)
+    compile_config._compile_all_devices = device.type != "cuda"  # else on accelerators only
+    table = []
+    for n in args.gen_prompts:
+        prompts = prompts_of(args.data, tok, n)
+        assert len(prompts) == n, f"{args.data}: {len(prompts)} conversations, --gen-prompts {n}"
+        P = max(map(len, prompts))
+        left = [[tok.pad_id] * (P - len(p)) + p for p in prompts]  # (n, P): left-padded
+        input_ids = torch.tensor(left, device=device)
+        attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts],
+                                      device=device)
+        config = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False,
+                                  eos_token_id=None,
+                                  pad_token_id=tok.pad_id, cache_implementation="static",
+                                  compile_config=compile_config)
+        new = {}
+
+        def ours_step(name, backend):
+            def step():
+                new[name] = M.generate(ours, prompts, args.new_tokens, compile=backend)
+            return step
+
+        def peer_step():
+            with torch.no_grad():
+                new["theirs"] = theirs.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                generation_config=config)[:, P:].tolist()
+        names = {"ours": "eval.py generate", "ours compiled": "eval.py generate --compile",
+                 "theirs": "transformers generate, static cache, compiled"}
+        t = race({"ours": ours_step("ours", None),
+                  "ours compiled": ours_step("ours compiled", "inductor"), "theirs": peer_step},
+                 device, 1, args.gen_repeats)
+        for name in t:
+            same = sum(len(list(itertools.takewhile(lambda ab: ab[0] == ab[1], zip(x, y))))
+                       for x, y in zip(new[name], new["ours"]))
+            count = sum(map(len, new[name]))
+            log(f"  {names[name]}: its greedy tokens agree with eval.py generate's on the first "
+                f"{same} of {count}")
+            rate, peer_rate = count / t[name], sum(map(len, new["theirs"])) / t["theirs"]
+            table.append((n, names[name], rate, rate / peer_rate))
+    print(f"\nGeneration, bf16 weights, greedy, {args.new_tokens} new tokens a prompt, median of "
+          f"{args.gen_repeats} after a first untimed run\n")
+    print("| prompts | variant | tokens/s | vs transformers static cache compiled |")
+    print("|---:|---|---:|---:|")
+    for n, name, rate, ratio in table:
+        print(f"| {n} | {name} | {rate:,.0f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

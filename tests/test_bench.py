@@ -12,7 +12,7 @@ ROWS = [  # the start of each row's measure, in the order bench.py prints them
     "one NTP epoch s", "one NTP epoch s: TRL SFTTrainer padding_free=True / train.py",
     "padding share of the positions computed, the epoch: train.py / TRL default",
     "padding share of the positions computed, the epoch: train.py / TRL padding_free=True",
-    "generation tokens/s", "train step tokens/s", "train step s, SFTMix", "compile s", "micro-batch s", "micro-batch peak tensor MiB",
+    "generation tokens/s", "generation tokens/s", "train step tokens/s", "train step s, SFTMix", "compile s", "micro-batch s", "micro-batch peak tensor MiB",
     "SFTMix micro-batch peak tensor MiB",
     "s over 8 samples: dynamics pass", "padding share of the positions computed, the dynamics pass", "GFLOP/s",
 ]
@@ -88,17 +88,28 @@ def test_bench_gpu_model_flops_are_what_torchs_flop_counter_counts():
 
 
 def test_bench_gpu_runs_every_variant_at_toy_size_on_the_cpu(tiny_model_dir, chat_data, tmp_path):
-    """scripts/bench_gpu.py end to end on the CPU (a tiny shape, 2 steps of 2 samples): its four variants, each
-    with a positive tokens/s (the GPU figures need a GPU; this checks that the script runs)."""
+    """scripts/bench_gpu.py end to end on the CPU (a tiny shape, 2 steps of 2 samples, generation of 2
+    prompts): its train-step variants, the TRL-advised peer falling back to sdpa with no CUDA (and saying
+    so), and its generation rows, each with a positive tokens/s and greedy tokens equal to eval.py
+    generate's (the GPU figures need a GPU; this checks that the script runs)."""
     data_path = tmp_path / "train.jsonl"
     data_path.write_text("".join(chat_data.read_text().splitlines(keepends=True)[:8]))
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--shape", "tiny",
                           "--tokenizer", str(tiny_model_dir), "--data", str(data_path),
-                          "--max-len", "48", "--batch", "2", "--warmup", "1", "--steps", "1"],
-                         capture_output=True, text=True, timeout=900, env=os.environ | {"OMP_NUM_THREADS": "1"})
+                          "--max-len", "48", "--batch", "2", "--warmup", "1", "--steps", "1",
+                          "--gen-prompts", "2", "--new-tokens", "4", "--gen-repeats", "1"],
+                         capture_output=True, text=True, timeout=900,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [[c.strip() for c in l.strip("|").split("|")] for l in run.stdout.splitlines()
             if l.startswith("| 2 |")]
-    assert [r[2] for r in rows] == ["train.py, NTP", "train.py --compile, NTP", "train.py --compile, SFTMix",
-                                    "transformers + TRL padding_free, NTP"]
-    assert all(float(r[4].replace(",", "")) > 0 for r in rows)
+    train, generation = [r for r in rows if len(r) == 9], [r for r in rows if len(r) == 4]
+    peer = "transformers + TRL padding_free"
+    assert [r[2] for r in train] == ["train.py, NTP", "train.py --compile, NTP", "train.py --compile, SFTMix",
+                                     f"{peer}, sdpa, NTP", f"{peer}, sdpa, torch_compile, NTP"]
+    assert all(float(r[4].replace(",", "")) > 0 for r in train)
+    assert "the TRL-advised peer runs sdpa" in run.stderr
+    assert [r[1] for r in generation] == ["eval.py generate", "eval.py generate --compile",
+                                          "transformers generate, static cache, compiled"]
+    assert all(float(r[2].replace(",", "")) > 0 for r in generation)
+    assert run.stderr.count("agree with eval.py generate's on the first 8 of 8") == 3

@@ -142,9 +142,11 @@ def generate_calls(monkeypatch):
     """Every model.generate call as (prompts, max_new_tokens, temperature); each runs for at most 3 new tokens."""
     calls, real = [], M.generate
 
-    def recording(model, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, eos_ids=(), seed=None):
+    def recording(model, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, eos_ids=(),
+                  seed=None, compile=None):
         calls.append((prompt_ids, max_new_tokens, temperature))
-        return real(model, prompt_ids, min(max_new_tokens, 3), temperature, top_p, eos_ids, seed)
+        return real(model, prompt_ids, min(max_new_tokens, 3), temperature, top_p, eos_ids, seed,
+                    compile)
     monkeypatch.setattr(M, "generate", recording)
     return calls
 
@@ -349,6 +351,25 @@ def test_generate_at_temperature_0_is_transformers_greedy_turn_by_turn_in_fastch
                                  pad_token_id=2)[0, len(prompt):].tolist()
             assert answer == tok.decode(new[:-1] if new[-1] == 2 else new).strip()
             messages.append({"role": "assistant", "content": answer})
+
+
+def test_generate_compile_compiles_the_decoding_step_and_changes_no_answer(
+        tiny_model_dir, monkeypatch, tmp_path):
+    """--compile hands generate the inductor backend (run here as aot_eager: dynamo's graph on eager
+    kernels, no C++ build); the answers, sampled (writing 0.7, stem 0.1), two turns, are eager's."""
+    backends, compiled = [], M.compiled
+    monkeypatch.setattr(M, "compiled",
+                        lambda fn, backend: backends.append(backend) or compiled(fn, "aot_eager"))
+    questions = write_jsonl(tmp_path / "question.jsonl", QUESTIONS)
+    answers = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"answers{len(flags)}.jsonl"
+        code, _, err = run_eval("generate", "--model", tiny_model_dir, "--questions", questions,
+                                "--out", out, "--max-new-tokens", 6, "--batch-size", 2, *flags)
+        assert code == 0, err
+        answers.append([a["choices"][0]["turns"] for a in read_jsonl(out)])
+    assert backends == ["inductor"] * 3  # turn 1: a batch per temperature; then turn 2
+    assert answers[0] == answers[1]
 
 
 def test_mt_bench_answers_are_read_by_fastchat_and_decoded_as_its_gen_model_answer_does(

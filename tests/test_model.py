@@ -204,13 +204,15 @@ def test_generation_stops_at_eos_and_includes_it(tmp_path):
 def test_top_p_sampling_only_draws_from_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     gen = torch.Generator().manual_seed(0)
-    draws = {M._sample(logits, 1.0, 0.7, gen).item() for _ in range(300)}
+    draws = {M._sample(logits, 1.0, 0.7, torch.empty(1, 4).exponential_(generator=gen)).item()
+             for _ in range(300)}
     assert draws == {0, 1}  # 0.5 + 0.3 >= 0.7: tokens 2 and 3 are outside
 
 
 def test_top_p_sampling_draws_each_token_of_the_nucleus_in_proportion():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(20000, 4)
-    draws = M._sample(logits, 1.0, 0.9, torch.Generator().manual_seed(0))  # nucleus 0, 1, 2: 0.95 of the mass
+    noise = torch.empty(20000, 4).exponential_(generator=torch.Generator().manual_seed(0))
+    draws = M._sample(logits, 1.0, 0.9, noise)  # nucleus 0, 1, 2: 0.95 of the mass
     share = torch.bincount(draws, minlength=4) / len(draws)
     assert torch.allclose(share, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.015)
 
@@ -245,7 +247,7 @@ class HostSyncs(TorchDispatchMode):
 @pytest.mark.parametrize("prompts", [[[5, 9, 2, 7]], [[5, 9, 2, 7], [1, 4, 4, 8]], [[5, 9, 2], [7, 1, 4, 4, 8]]],
                          ids=["one", "same-length", "padded"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_generation_syncs_with_the_host_once_per_new_token_and_masks_only_padding(
+def test_generation_syncs_with_the_host_once_per_new_token_and_masks_padding_and_unwritten_keys(
         prompts, temperature, monkeypatch, tmp_path):
     hf_random_model(CONFIGS["gqa"]).save_pretrained(tmp_path)
     ours = M.load_pretrained(tmp_path)
@@ -256,15 +258,107 @@ def test_generation_syncs_with_the_host_once_per_new_token_and_masks_only_paddin
     syncs.spy_tolist(monkeypatch)
     with syncs:
         new = M.generate(ours, prompts, max_new_tokens=6, temperature=temperature, top_p=0.9, seed=0)
-    assert [len(n) for n in new] == [6] * len(prompts)  # no EOS given: 6 decoding steps
+    assert [len(n) for n in new] == [6] * len(prompts)  # no EOS: the prompts, then 5 decoding steps
     assert syncs.count == 6
-    if len({len(p) for p in prompts}) == 1:
-        assert masks == [None] * 12
-    else:  # (B, 1, T, S) bool: the prompts, then one new token a step over the cache
-        shapes = [(2, 1, 5, 5)] + [(2, 1, 1, 6 + k) for k in range(5)]
-        assert [tuple(m.shape) for m in masks] == [s for s in shapes for _ in range(2)]
-        assert masks[0][0, 0].tolist() == [[True] + [False] * 4, [False, True, False, False, False]] + [
-            [False, False] + [j <= i for j in range(3)] for i in range(3)]  # 2 padding tokens, each sees itself
+    B, P = len(prompts), max(map(len, prompts))
+    pads = [P - len(p) for p in prompts]
+    if len(set(pads)) == 1:  # the prompts: plain causal attention
+        assert masks[:2] == [None] * 2
+    else:  # (B, 1, T, S) bool: 2 padding tokens, each sees itself
+        assert [tuple(m.shape) for m in masks[:2]] == [(2, 1, 2 * 5, 5)] * 2  # for 2 heads a group
+        assert masks[0][0, 0, :5].tolist() == [
+            [True] + [False] * 4, [False, True] + [False] * 3] + [
+            [False, False] + [j <= i for j in range(3)] for i in range(3)]
+    # each step: its one query over the whole cache of P + 6 keys, its row's own tokens so far alone
+    for k in range(5):
+        for layer in range(2):
+            mask = masks[2 + 2 * k + layer]
+            assert tuple(mask.shape) == (B, 1, 1, P + 6)
+            assert mask[:, 0, 0].tolist() == [[pad <= j <= P + k for j in range(P + 6)]
+                                              for pad in pads]
+
+
+def test_decoding_with_grouped_heads_copies_no_key_or_value(tmp_path):
+    """At a decoding step the 4 query heads of the "gqa" config (2 key/value heads) attend to the
+    cache as it is: no op makes a tensor the size of the keys or values expanded to 4 heads
+    (B, 4, S, hd), padded rows or not; and each step's logits are those of the whole sequence in one
+    causal forward, position by position."""
+    hf_random_model(CONFIGS["gqa"]).save_pretrained(tmp_path)
+    ours = M.load_pretrained(tmp_path)
+    hd = SMALL["hidden_size"] // SMALL["num_attention_heads"]
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out)
+                      if isinstance(t, torch.Tensor)]
+            self.ops.append((func.overloadpacket, shapes))
+            return out
+
+    logits, real = [], M.decode_step
+
+    def spy(model, ids, positions, cache):
+        with Sizes() as sizes:
+            sizes.ops = []
+            out = real(model, ids, positions, cache)
+        B, S = ids.shape[0], cache.k[0].shape[2]
+        assert not [op for op, shapes in sizes.ops
+                    if (B, 4, S, hd) in shapes or op == aten.repeat_interleave]
+        logits.append(out)
+        return out
+
+    for prompts in ([[5, 9, 2, 7], [1, 4, 4, 8]], [[5, 9, 2], [7, 1, 4, 4, 8, 3]]):
+        logits.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(M, "decode_step", spy)
+            new = M.generate(ours, prompts, max_new_tokens=5)
+        assert len(logits) == 4
+        for r, (p, n) in enumerate(zip(prompts, new)):
+            alone = ours(torch.tensor([p + n]))[0, len(p):-1]  # (4, V): after new tokens 1..4
+            assert (torch.stack([step[r] for step in logits]) - alone).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_finished_rows_leave_the_batch_and_the_others_decode_as_before(temperature, tmp_path):
+    """With an EOS token, each row's tokens are the row's tokens without one, cut after its first
+    EOS, greedy or sampled with a seed (each step's noise is drawn for the whole batch and a row
+    keeps its own); and a row stops costing anything once it ended: the positions computed (token
+    ids entering the embedding) are the prompts' B P, then one per decoded token of a row still
+    running, not B a step until the last row ends."""
+    hf_random_model(CONFIGS["gqa"]).save_pretrained(tmp_path)
+    ours = M.load_pretrained(tmp_path)
+    prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3], [3], [2, 2, 6, 1]]
+    free = M.generate(ours, prompts, max_new_tokens=12, temperature=temperature, seed=3)
+    ends = lambda t: {n.index(t) if t in n else 12 for n in free}  # noqa: E731
+    eos = max(sorted(set(sum(free, []))), key=lambda t: len(ends(t)))  # ends rows most apart
+    expected = [n[:n.index(eos) + 1] if eos in n else n for n in free]
+    assert len({len(n) for n in expected}) > 2  # rows end at different steps
+    counted = [0]
+    hook = ours.model.embed_tokens.register_forward_hook(
+        lambda m, i, o: counted.__setitem__(0, counted[0] + i[0].numel()))
+    stopped = M.generate(ours, prompts, max_new_tokens=12, temperature=temperature, eos_ids=[eos],
+                         seed=3)
+    hook.remove()
+    assert stopped == expected
+    B, P = len(prompts), max(map(len, prompts))
+    every_step = B * P + B * (max(map(len, expected)) - 1)  # had no row left the batch
+    assert counted[0] == B * P + sum(len(n) - 1 for n in expected) < every_step
+
+
+@pytest.mark.parametrize("prompts", [[[5, 9, 2, 7], [1, 4, 4, 8]],
+                                     [[5, 9, 2], [7, 1, 4, 4, 8, 3], [4]]],
+                         ids=["same-length", "padded"])
+def test_compiled_decoding_gives_the_eager_tokens_with_one_graph_for_every_step(prompts, tmp_path):
+    """generate(compile=...) with the aot_eager backend (dynamo's graph, run by eager kernels) gives
+    greedy decoding's tokens, and dynamo compiles the decoding step once (fullgraph: no break) for
+    all 7 steps."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    hf_random_model(CONFIGS["gqa"]).save_pretrained(tmp_path)
+    ours = M.load_pretrained(tmp_path)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    assert M.generate(ours, prompts, 8, compile=counter) == M.generate(ours, prompts, 8)
+    assert counter.frame_count == 1
 
 
 def test_smollm2_logits_match_transformers(smollm2_dir):
