@@ -296,9 +296,11 @@ def test_scoring_and_generation_compute_in_bf16_with_no_copy_of_a_weight(command
 
 
 def test_bf16_scores_are_transformers_fp32_scores_within_bf16_precision(smollm2_dir, hf, hf_scored, tmp_path):
-    """bf16 keeps 8 bits of mantissa: over 30 layers a response's NLL moves by a few hundredths of a nat per token
-    (measured: up to 0.04), the token-weighted perplexity of the file by 0.3%, an option's log-likelihood by up
-    to 0.12; the bounds are about twice those."""
+    """bf16 keeps 8 bits of mantissa: over 30 layers a response's NLL moves by a few hundredths of a nat
+    per token (measured: up to 0.04), the token-weighted perplexity of the file by 0.3%, an option's
+    log-likelihood by 0.12 on an AMD EPYC and by up to 0.38 on a Xeon, whose bf16 kernels round differently
+    for each batch shape (there transformers in bf16 moves the same option by 0.058 in a padded batch of three
+    and by 0.38 alone, where its logits equal ours bitwise); the bounds are above those."""
     code, out, err = run_eval("ppl", "--model", smollm2_dir, "--data",
                               write_jsonl(tmp_path / "heldout.jsonl", CONVERSATIONS), "--dtype", "bf16",
                               "--out", tmp_path / "per_example.jsonl")
@@ -319,8 +321,8 @@ def test_bf16_scores_are_transformers_fp32_scores_within_bf16_precision(smollm2_
         prompt = hf_ids(tok, [{"role": "user", "content": user}], generation=True)
         options_ids = [tok(option, add_special_tokens=False).input_ids for option in options]
         assert row["pred_summed"] == row["answer"]
-        for ours, theirs, o in zip(row["loglik"], hf_logliks(hf, prompt, options_ids), options_ids):
-            assert ours == pytest.approx(theirs, abs=0.25)  # measured: up to 0.12
+        for ours, theirs in zip(row["loglik"], hf_logliks(hf, prompt, options_ids)):
+            assert ours == pytest.approx(theirs, abs=0.5)
 
 
 def test_generate_at_temperature_0_is_transformers_greedy_turn_by_turn_in_fastchat_answer_format(
