@@ -826,10 +826,10 @@ def read_kit(kit):
         raise InputError(f"{path}: cannot read the kit ({e}); {remake}") from None
     for keys in KIT_KEYS:
         value = expected
-        for key in keys:
+        for depth, key in enumerate(keys):
             if not isinstance(value, dict) or key not in value:
-                raise InputError(f"{path}: no {'.'.join(keys)}; expected a kit of this version's "
-                                 f"make: {remake}")
+                raise InputError(f"{path}: no {'.'.join(keys[:depth + 1])}; expected a kit of "
+                                 f"this version's make: {remake}")
             value = value[key]
     return expected
 

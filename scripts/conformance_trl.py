@@ -188,10 +188,15 @@ def response_nll(model, input_ids, labels):
         int((y != -100).sum())
 
 
-def kit_trainer(kit, dataset, settings, batches, warmup_ratio, micro_batch, **kwargs):
-    """A KitTrainer for one of the kit's runs on batches (example ids), data tokenized, each global
-    batch in micro-batches of micro_batch rows over this run's ranks (torchrun's, else one)."""
+def kit_trainer(kit, settings, batches, warmup_ratio, micro_batch, trainer_class=KitTrainer,
+                **kwargs):
+    """A KitTrainer for one of the kit's runs on batches (example ids), its data.jsonl tokenized,
+    each global batch in micro-batches of micro_batch rows over this run's ranks (torchrun's)."""
+    conversations = [json.loads(line) for line in (kit / "data.jsonl").read_text().splitlines()]
     tok = AutoTokenizer.from_pretrained(kit / "model")
+    for c in conversations:  # the training template renders as the kit's own
+        assert tok.apply_chat_template(c["messages"], tokenize=False) == tok.apply_chat_template(
+            c["messages"], tokenize=False, chat_template=TRAINING_TEMPLATE), "not SmolLM2's"
     tok.chat_template = TRAINING_TEMPLATE
     world = int(os.environ.get("WORLD_SIZE", 1))
     config = SFTConfig(
@@ -204,35 +209,34 @@ def kit_trainer(kit, dataset, settings, batches, warmup_ratio, micro_batch, **kw
         max_grad_norm=settings["grad_clip"], activation_checkpointing=False, bf16=False,
         use_cpu=True, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True)
     model = AutoModelForCausalLM.from_pretrained(kit / "model", dtype=torch.float32)
-    return KitTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok,
-                      batches=batches, **kwargs)
+    return trainer_class(model=model, args=config, train_dataset=Dataset.from_list(conversations),
+                         processing_class=tok, batches=batches, **kwargs)
 
 
-def sftmix_steps(trainer):
-    """Stages 4 and 5 as the run's logs hold them: one record a step."""
+def sftmix_run(kit, micro_batch, trainer_class=KitTrainer):
+    """The kit's SFTMix run in micro-batches of micro_batch rows on this run's ranks: (its steps
+    as stages 4 and 5 ask them, the trainer)."""
+    kit = Path(kit)
+    expected = json.loads((kit / "expected.json").read_text("utf-8"))
+    sft = expected["inputs"]["sftmix_run"]
+    batches = [[c for c, _ in pairs] + [u for _, u in pairs] for pairs in sft["pairs"]]
+    trainer = kit_trainer(kit, expected["settings"], batches, sft["warmup_ratio"], micro_batch,
+                          trainer_class, lambdas=sft["lambda"], mu=expected["settings"]["mu"],
+                          grad_entries=sft["grad_entries"])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "grad_norm" in h]  # one per step
     return [{"lr": h["learning_rate"], "ntp_loss": h["ntp_loss"], "mixup_loss": h["mixup_loss"],
              "loss": h["loss"], "grad_norm": h["grad_norm"], "grad_entries": g}
-            for h, g in zip(logs, trainer.grads)]
+            for h, g in zip(logs, trainer.grads)], trainer
 
 
 def compute(kit, micro_batch=2):
     """THEIRS.json's content for every stage; stage 7's run in micro-batches of micro_batch rows."""
     kit = Path(kit)
     expected = json.loads((kit / "expected.json").read_text("utf-8"))
-    settings, ref = expected["settings"], expected["inputs"]["reference_run"]
-    sft = expected["inputs"]["sftmix_run"]
-    conversations = [json.loads(line) for line in (kit / "data.jsonl").read_text().splitlines()]
-    tok = AutoTokenizer.from_pretrained(kit / "model")
-    for c in conversations:  # the training template renders as the kit's own
-        assert tok.apply_chat_template(c["messages"], tokenize=False) == tok.apply_chat_template(
-            c["messages"], tokenize=False, chat_template=TRAINING_TEMPLATE), "not SmolLM2's"
-    dataset = Dataset.from_list(conversations)
-    G = len(ref["batches"][0])  # a global batch whole on each rank: per rank G / ranks rows
-    whole = G // int(os.environ.get("WORLD_SIZE", 1))
-
-    trainer = kit_trainer(kit, dataset, settings, ref["batches"], ref["warmup_ratio"], whole)
+    ref = expected["inputs"]["reference_run"]
+    whole = len(ref["batches"][0]) // int(os.environ.get("WORLD_SIZE", 1))  # a batch a rank
+    trainer = kit_trainer(kit, expected["settings"], ref["batches"], ref["warmup_ratio"], whole)
     examples = {row["id"]: (row["input_ids"], row["labels"])  # as TRL tokenized them
                 for row in trainer.train_dataset}
     base = AutoModelForCausalLM.from_pretrained(kit / "model", dtype=torch.float32)
@@ -242,12 +246,7 @@ def compute(kit, micro_batch=2):
     trainer.train()  # the reference run: NTP
     confidence = {i: -statistics.fmean(p) for i, p in perplexities.values.items()}
     ranked = sorted(examples, key=lambda i: (-confidence[i], i))
-
-    batches = [[c for c, _ in pairs] + [u for _, u in pairs] for pairs in sft["pairs"]]
-    run = dict(lambdas=sft["lambda"], mu=settings["mu"], grad_entries=sft["grad_entries"])
-    trainer = kit_trainer(kit, dataset, settings, batches, sft["warmup_ratio"], whole, **run)
-    steps = sftmix_steps(trainer)
-    split = kit_trainer(kit, dataset, settings, batches, sft["warmup_ratio"], micro_batch, **run)
+    steps, trainer = sftmix_run(kit, whole)
     return {"input_ids": {i: x[:-1] for i, (x, _) in examples.items()},
             "labels": {i: y[1:] for i, (_, y) in examples.items()},
             "response_nll": {i: v for i, (v, _) in nll.items()},
@@ -258,7 +257,7 @@ def compute(kit, micro_batch=2):
                       "unconfident": ranked[len(ranked) // 2:]},
             "sftmix_steps": steps,
             "weight_norms": {name: p.norm().item() for name, p in trainer.model.named_parameters()},
-            "sftmix_steps_micro": sftmix_steps(split)}
+            "sftmix_steps_micro": sftmix_run(kit, micro_batch)[0]}
 
 
 if __name__ == "__main__":
