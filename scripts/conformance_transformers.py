@@ -6,9 +6,10 @@
 
 It reads only the kit's files (model/, data.jsonl, and the settings and inputs in expected.json) and
 uses only transformers and torch: apply_chat_template, the tokenizer's offsets, LlamaForCausalLM and
-hidden_states[-1]. Nothing of this project is imported but kit_example.py, its command line (standard
-library only), so it is the template to start from on any transformers stack: replace a function by
-the corresponding piece of your own code and check again (on TRL: scripts/conformance_trl.py).
+hidden_states[-1]. Nothing of this project is imported but kit_example.py, its command line
+(standard library only), so it is the template to start from on any transformers stack: replace a
+function by the corresponding piece of your own code and check again (on TRL:
+scripts/conformance_trl.py). It runs whole global batches, so it leaves stage 7 (micro-batches) out.
 """
 import json
 import math

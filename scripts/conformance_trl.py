@@ -71,7 +71,8 @@ class SFTMixTrainer(SFTTrainer):
                              "of their rows; set both to False")
         if a.lr_scheduler_type.value != "cosine":
             raise ValueError(f"SFTMixTrainer: lr_scheduler_type {a.lr_scheduler_type.value}: "
-                             f"expected cosine (its warm-up from lr / W, create_scheduler)")
+                             f"expected cosine (create_scheduler's warm-up from lr / W, then "
+                             f"cosine)")
         if per_step != rows or (lambdas and a.per_device_train_batch_size % 2):
             raise ValueError(f"SFTMixTrainer: per_device_train_batch_size x gradient_accumulation_"
                              f"steps x world_size = {per_step}: expected the {rows} rows of a "
@@ -133,11 +134,12 @@ class SFTMixTrainer(SFTTrainer):
         h, step = len(inputs["labels"]) // 2, self.lambdas[self.state.global_step]
         q = (self._micro % a.gradient_accumulation_steps) * a.world_size + a.process_index
         lam = torch.tensor(step[q * h:(q + 1) * h], device=ntp.device)  # (h,) this micro-batch's
-        # TRL's labels are unshifted (-100 where not trained): the state at t predicts the token at t + 1
+        # TRL's labels are unshifted (-100 where not trained): the state at t predicts token t + 1
         mix = mixup_loss(hidden[0][:, :-1], inputs["labels"][:, 1:], lam,
                          self.model.get_output_embeddings(), "sum") / self.n_mixed * world
         self._micro += 1
-        self._terms = self._terms + torch.stack([ntp, mix]).detach() / world  # no host sync
+        # summed over micro-batches and ranks: the global batch's terms (no host sync)
+        self._terms = self._terms + torch.stack([ntp, mix]).detach() / a.world_size
         return ntp + self.mu * mix
 
     def log(self, logs, start_time=None):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 def main(compute, description, micro_batch=None):
     """Parse `KIT --out FILE` (and `--micro-batch N` where micro_batch gives its default), check
-    them, and write compute(KIT[, micro_batch]) to FILE as JSON (on the first rank under torchrun)."""
+    them, and write compute(KIT[, micro_batch]) to FILE as JSON (by rank 0 under torchrun)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("kit", help="kit directory written by `python scripts/conformance.py make`")
     p.add_argument("--out", required=True, help="JSON file to write, for `conformance.py check`")

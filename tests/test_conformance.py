@@ -147,7 +147,7 @@ def test_worked_example_agrees_at_every_stage(example, kit, theirs, theirs_trl, 
     assert status == 0, lines
     assert len(table) == 7 and lines[-1] == "every given stage agrees", lines
     assert all(" agrees " in table[n] for n in range(1, 7)), lines
-    # the transformers example runs whole global batches only; TRL's stage 7 has 4 accumulation steps
+    # the transformers example runs whole global batches only; TRL's stage 7: 4 accumulation steps
     assert (" agrees " if example == "TRL" else " not given") in table[7], lines
 
 
