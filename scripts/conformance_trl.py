@@ -61,22 +61,22 @@ class SFTMixTrainer(SFTTrainer):
     (h whole pairs), gradient_accumulation_steps on each of world_size ranks.
     """
 
-    def __init__(self, *args, batches, lambdas=None, mu=0.2, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.batches, self.lambdas, self.mu = batches, lambdas, mu
-        a, rows = self.args, len(batches[0])
-        per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
-        if a.packing or a.padding_free:
+    def __init__(self, model, args, *, batches, lambdas=None, mu=0.2, **kwargs):
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
+            args.world_size
+        if args.packing or args.padding_free:
             raise ValueError("SFTMixTrainer: packing and padding_free take a pair's examples out "
                              "of their rows; set both to False")
-        if a.lr_scheduler_type.value != "cosine":
-            raise ValueError(f"SFTMixTrainer: lr_scheduler_type {a.lr_scheduler_type.value}: "
+        if args.lr_scheduler_type.value != "cosine":
+            raise ValueError(f"SFTMixTrainer: lr_scheduler_type {args.lr_scheduler_type.value}: "
                              f"expected cosine (create_scheduler's warm-up from lr / W, then "
                              f"cosine)")
-        if per_step != rows or (lambdas and a.per_device_train_batch_size % 2):
+        if per_step != len(batches[0]) or (lambdas and args.per_device_train_batch_size % 2):
             raise ValueError(f"SFTMixTrainer: per_device_train_batch_size x gradient_accumulation_"
-                             f"steps x world_size = {per_step}: expected the {rows} rows of a "
-                             f"global batch, in micro-batches of whole pairs")
+                             f"steps x world_size = {per_step}: expected the {len(batches[0])} "
+                             f"rows of a global batch, in micro-batches of whole pairs")
+        super().__init__(model, args, **kwargs)
+        self.batches, self.lambdas, self.mu = batches, lambdas, mu
         self._micro, self._terms, self._logged = 0, 0, 0  # micro-batches; (L_NTP, L_Mixup) sums
 
     def _get_train_sampler(self, train_dataset=None):
@@ -159,8 +159,8 @@ class KitTrainer(SFTMixTrainer):
     """SFTMixTrainer that reads the kit's gradient entries of every step just before TRL clips the
     gradient (after the last micro-batch's backward and DDP's all-reduce)."""
 
-    def __init__(self, *args, grad_entries=(), **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, args, *, grad_entries=(), **kwargs):
+        super().__init__(model, args, **kwargs)
         self.grad_entries, self.grads = grad_entries, []
 
     def _clip_grad_norm(self, model):
@@ -211,7 +211,7 @@ def kit_trainer(kit, settings, batches, warmup_ratio, micro_batch, trainer_class
         max_grad_norm=settings["grad_clip"], activation_checkpointing=False, bf16=False,
         use_cpu=True, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True)
     model = AutoModelForCausalLM.from_pretrained(kit / "model", dtype=torch.float32)
-    return trainer_class(model=model, args=config, train_dataset=Dataset.from_list(conversations),
+    return trainer_class(model, config, train_dataset=Dataset.from_list(conversations),
                          processing_class=tok, batches=batches, **kwargs)
 
 

@@ -215,6 +215,36 @@ def test_trl_example_refuses_what_breaks_the_pairs_in_one_line(setting, message,
     assert "\n" not in str(e.value)
 
 
+def test_trl_example_lays_pairs_out_by_id_in_the_data_set_trl_keeps(kit, expected):
+    """TRL drops an example whose prompt fills max_length (nothing left to train), which shifts
+    the indices after it: the sampler follows ids, micro-batch q of a step holds pair q (one pair a
+    micro-batch here, 4 accumulation steps), and a dropped id is refused in one line."""
+    conversations = [json.loads(x) for x in (kit / "data.jsonl").read_text().splitlines()]
+    ids = [c["id"] for c in conversations]
+    pairs = expected["inputs"]["sftmix_run"]["pairs"][:2]
+    batches = [[c for c, _ in step] + [u for _, u in step] for step in pairs]
+    long_prompt = {"id": "long-prompt", "messages": [{"role": "user", "content": "word " * 200},
+                                                     {"role": "assistant", "content": "Yes."}]}
+    (kit / "data.jsonl").rename(kit / "data.jsonl.kit")
+    try:
+        (kit / "data.jsonl").write_text("".join(json.dumps(c) + "\n"
+                                                for c in [long_prompt, *conversations]))
+        trainer = ctrl.kit_trainer(kit, expected["settings"], batches, 0.25, 2,
+                                   lambdas=[[0.5] * 4] * 2)
+        with pytest.raises(ValueError) as e:
+            ctrl.kit_trainer(kit, expected["settings"], [[*b[:3], "long-prompt", *b[4:]]
+                                                         for b in batches], 0.25, 2,
+                             lambdas=[[0.5] * 4] * 2)._get_train_sampler()
+    finally:
+        (kit / "data.jsonl").unlink()
+        (kit / "data.jsonl.kit").rename(kit / "data.jsonl")
+    assert trainer.train_dataset["id"] == ids  # long-prompt dropped
+    rows = [trainer.train_dataset[k]["id"] for k in trainer._get_train_sampler()]
+    assert rows == [i for step in pairs for pair in step for i in pair]  # c, u of each pair
+    assert str(e.value) == "SFTMixTrainer: examples ['long-prompt'] are not in the training set " \
+                           "(TRL drops those that truncation leaves untrained)"
+
+
 def test_trl_example_mixes_a_bf16_model_in_fp32(kit):
     """mixup_loss on a bf16 model's states and head: the logits mixed and log-softmaxed in fp32,
     as a float64 computation from the same bf16 logits."""
@@ -239,16 +269,26 @@ def test_trl_example_mixes_a_bf16_model_in_fp32(kit):
     assert got.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-6)
 
 
-def test_stages_4_to_6_agree_with_train_py_running_the_stated_command(kit, expected, tmp_path):
+@pytest.mark.parametrize("layout", ["stated", "2 ranks, one pair a micro-batch"])
+def test_stages_4_to_7_agree_with_train_py_running_the_stated_command(layout, kit, expected,
+                                                                      tmp_path):
+    """The stated command (micro-batches of 4, one rank) gives stages 4 to 6; on 2 gloo ranks with
+    micro-batches of one pair (2 accumulation steps each) it gives the same: stage 7's values."""
     run = expected["inputs"]["sftmix_run"]
     for name in ("model", "data.jsonl"):
         (tmp_path / name).symlink_to(kit / name)
     (tmp_path / "split.json").write_text(json.dumps(expected["expected"]["split"]))
     flags = shlex.split(run["command"])[2:]  # after "python train.py"
-    subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--out", "run"], cwd=tmp_path,
-                   check=True, capture_output=True)
+    launch = [sys.executable, str(ROOT / "train.py")]
+    if layout != "stated":
+        flags[flags.index("--micro-batch") + 1] = "2"
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                  str(ROOT / "train.py")]
+    subprocess.run([*launch, *flags, "--out", "run"], cwd=tmp_path, check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps, tol = expected["expected"]["sftmix_steps"], expected["stages"][4]["tolerance"]
+    key, stage = ("sftmix_steps", 4) if layout == "stated" else ("sftmix_steps_micro", 7)
+    steps, tol = expected["expected"][key], expected["stages"][stage - 1]["tolerance"]
     assert len(metrics) == len(steps) == run["steps"]
     for m, step in zip(metrics, steps):
         for key in ("lr", "ntp_loss", "mixup_loss", "loss", "grad_norm"):
