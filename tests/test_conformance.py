@@ -321,8 +321,8 @@ def starting_inside_the_reply(_):
 
 
 def mean_of_example_means(logits, labels):
-    per_example = [torch.nn.functional.cross_entropy(l, y, ignore_index=cx.IGNORE)
-                   for l, y in zip(logits, labels)]
+    per_example = [torch.nn.functional.cross_entropy(x, y, ignore_index=cx.IGNORE)
+                   for x, y in zip(logits, labels)]
     return torch.stack(per_example).mean()
 
 
