@@ -357,7 +357,7 @@ def make(out, smollm2=SMOLLM2):
     torch.set_num_threads(1)
     out = Path(out)
     check_kit_dir(out)
-    work = out.parent / f".{out.name}.making"
+    work = out.parent.absolute() / f".{out.name}.making"  # train.py runs in it
     shutil.rmtree(work, ignore_errors=True)
     try:
         expected = build(work, smollm2)
