@@ -18,10 +18,12 @@ usual mistakes, and expected.json with this implementation's values for stated s
     stage 5  sftmix_steps[k].lr,     the lr of each of the run's 6 steps (warm-up, then cosine),
              sftmix_steps[1:]        and steps 2 to 6, through clipping and AdamW
     stage 6  weight_norms            per-tensor norms of the weights after those 6 steps
+    stage 7  sftmix_steps_micro      the 6 steps again, each global batch in micro-batches of
+                                     whole pairs (accumulated, over ranks): stage 4-5's values
 
 THEIRS.json holds any subset of the keys of expected.json's "expected", in the same layout. `check`
-exits 0 when every given stage agrees, 1 on a difference, 2 on malformed input; a difference that
-a known mistake explains is named.
+exits 0 when every given stage agrees, 1 on a difference, 2 on malformed input; a known mistake is
+named where every value out of tolerance is that mistake's (docs/conformance.md).
 """
 import argparse
 import contextlib
@@ -31,7 +33,7 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
@@ -114,14 +116,17 @@ STAGES = [  # (number, title, keys, stages it depends on)
     (4, "SFTMix step 1", ["sftmix_steps[0]"], [1, 2]),
     (5, "schedule, clip", ["sftmix_steps[k].lr", "sftmix_steps[1:]"], [4]),
     (6, "weight norms", ["weight_norms"], [5]),
+    (7, "micro-batches", ["sftmix_steps_micro"], [4, 5]),
 ]
-TOLERANCE = {  # |theirs - ours| <= atol + rtol |ours|; transformers, TRL, train.py: 8x closer
+TOLERANCE = {  # |theirs - ours| <= atol + rtol scale; transformers, TRL, train.py: 8x closer
     1: {"exact": True},
     2: {"rtol": 1e-5, "atol": 1e-4},
-    3: {"rtol": 1e-4, "atol": 1e-6, "split": "exact"},
+    3: {"rtol": 1e-4, "atol": 1e-6, "split": "exact",
+        "scale": "|ours|; for confidence and variability the example's largest perplexity"},
     4: {"rtol": 1e-4, "atol": 1e-6},  # a gradient entry sums many terms, ~1e-7 apart in any order
     5: {"rtol": 1e-4, "atol": 1e-6},
     6: {"rtol": 1e-5, "atol": 1e-6},
+    7: {"rtol": 1e-4, "atol": 1e-6},
 }
 STEP_KEYS = ["lr", "ntp_loss", "mixup_loss", "loss", "grad_norm", "grad_entries"]
 
@@ -188,90 +193,136 @@ def entry_index(tok, entry):
     return [tok.hf.token_to_id(i) if isinstance(i, str) else i for i in entry[1:]]
 
 
-def sftmix_run(kit, samples, batches, args, tok, grad_clip):
-    """Stages 4 to 6 from the definitions, each step on one whole global batch (G = 2P rows):
+MISTAKES = {  # the usual mistakes that run() computes in place of the definitions: their names
+    "mean of means": "a mean of per-example means; L_NTP weighs every trained token of the global "
+                     "batch the same",
+    "lambda swapped": "lambda applied to the unconfident member of each pair; Z~ = lam Z^c + "
+                      "(1 - lam) Z^u",
+    "unaligned": "Mixup over unaligned positions (the same position t in both examples); the k-th "
+                 "response position of c is mixed with the k-th of u",
+    "from the end": "Mixup over positions aligned from the last response position; they are "
+                    "aligned from the first",
+    "warm-up from 0": "warm-up from lr 0 (HF's: step k at lr k/W); step k of the warm-up runs at "
+                      "lr (k + 1)/W",
+    "linear": "linear decay after the warm-up; it is cosine: lr (1 + cos(pi progress)) / 2",
+    "clipping off": "gradient clipping off; the gradient is clipped to grad_clip before each "
+                    "AdamW step",
+    "clipping per tensor": "each tensor clipped to grad_clip on its own; the gradient is clipped "
+                           "as one vector of all tensors",
+    # stage 7: each micro-batch one pair, 4 of them a global batch
+    4: "L_Mixup averaged per micro-batch and summed over 4 accumulation steps (weight 4 mu: "
+       "transformers divides no loss by the accumulation steps when the model takes "
+       "num_items_in_batch); it is over the global batch's mixed positions",
+    2: "L_Mixup averaged per micro-batch and summed over 2 accumulation steps on each of 2 ranks "
+       "(weight 2 mu); it is over the global batch's mixed positions",
+    1: "L_Mixup averaged per micro-batch, the micro-batches averaged; it is over the global "
+       "batch's mixed positions",
+}
+
+
+def mixup(hidden, labels, lam, W, mistake=None):
+    """L_Mixup of a global batch (rows [0, P) confident, [P, 2P) their partners) by its
+    definition, or under a mistake of MISTAKES; an int k: the sum of every pair's own mean
+    (a micro-batch a pair, 4 of them) over k accumulation steps per rank."""
+    P = len(lam)
+    c, u = labels[:P], labels[P:]
+    if isinstance(mistake, int):
+        return sum(sftmix.mixup_loss(hidden[p:p + 1], c[p:p + 1], hidden[P + p:P + p + 1],
+                                     u[p:p + 1], lam[p:p + 1], W) for p in range(P)) * mistake / P
+    if mistake == "lambda swapped":
+        return sftmix.mixup_loss(hidden[P:], u, hidden[:P], c, lam, W)
+    if mistake == "unaligned":
+        both = (c != IGNORE) & (u != IGNORE)  # the same position t trained in both
+        return sftmix.mixup_loss(hidden[:P], torch.where(both, c, IGNORE), hidden[P:],
+                                 torch.where(both, u, IGNORE), lam, W)
+    if mistake == "from the end":
+        return sftmix.mixup_loss(hidden[:P].flip(1), c.flip(1), hidden[P:].flip(1), u.flip(1),
+                                 lam, W)
+    return sftmix.mixup_loss(hidden[:P], c, hidden[P:], u, lam, W)
+
+
+def lr_of(step, total, lr, warmup_ratio, mistake=None):
+    """train.lr_at, or the schedule of a mistake of MISTAKES."""
+    W = math.ceil(warmup_ratio * total)
+    if mistake == "warm-up from 0" and step < W:
+        return lr * step / W
+    if mistake == "linear" and step >= W:
+        return lr * (1 - (step - W) / max(1, total - W))
+    return train.lr_at(step, total, lr, warmup_ratio)
+
+
+def run(kit, samples, batches, args, tok, mistake=None, perplexities=None):
+    """Optimizer steps from the base weights by the definitions, each on one whole global batch:
 
         L_NTP   = sum of -log p over the trained tokens of the G rows / their number
-        L_Mixup = sftmix.mixup_loss over the first n = min(n^c, n^u) response positions of every
-                  pair (mean)
+        L_Mixup = mixup(): sftmix.mixup_loss over the first n = min(n^c, n^u) response positions of
+                  every pair, their mean; with no lambdas (NTP) L = L_NTP
         L       = L_NTP + mu L_Mixup; one backward; the gradient's norm and entries; clip to
-                  grad_clip; AdamW (train.adamw) at train.lr_at of the step
-    batches: [(G sample indices, P confident then their partners; lam (P,))], one per step.
-    Returns (the step records, the weights after them, step 1's tensors for the known mistakes).
+                  args.grad_clip; AdamW (train.adamw) at train.lr_at of the step
+    batches: [(G sample indices, P confident then their partners; lam (P,) or None)], one a step.
+    mistake: a key of MISTAKES, computed in place of its definition. perplexities: {id: []} gains
+    every example's response perplexity after each step (stage 3).
+    Returns (the step records, the weights after them).
     """
     model = M.load_pretrained(kit / "model")
     optimizer = train.adamw(model, args.lr, args.weight_decay, args.betas)
     params = dict(model.named_parameters())
-    records, first = [], None
+    clip = math.inf if mistake == "clipping off" else args.grad_clip
+    records = []
     for step, (rows, lam) in enumerate(batches):
         b = data.collate([samples[i] for i in rows], tok.pad_id)
-        labels, P, W = b["labels"], len(lam), model.lm_head.weight  # (G, T)
+        labels, W = b["labels"], model.lm_head.weight  # (G, T)
         logits, hidden = model(b["input_ids"], return_hidden=True)  # (G, T, V), (G, T, D)
-        ntp = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        mix = sftmix.mixup_loss(hidden[:P], labels[:P], hidden[P:], labels[P:], lam, W)
-        loss = ntp + args.mu * mix
-        if step == 0:  # W changes in place
-            first = (logits.detach(), hidden.detach(), labels, lam, W.detach().clone())
+        if mistake == "mean of means":
+            ntp = torch.stack([F.cross_entropy(x, y, ignore_index=IGNORE)
+                               for x, y in zip(logits, labels)]).mean()
+        else:
+            ntp = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        loss, record = ntp, {"lr": lr_of(step, len(batches), args.lr, args.warmup_ratio, mistake),
+                             "ntp_loss": ntp.item()}
+        if lam is not None:
+            mix = mixup(hidden, labels, lam, W, mistake)
+            loss = ntp + args.mu * mix
+            record.update(mixup_loss=mix.item(), loss=loss.item())
         loss.backward()
-        entries = [params[e[0]].grad[tuple(entry_index(tok, e))].item() for e in GRAD_ENTRIES]
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        lr = train.lr_at(step, len(batches), args.lr, args.warmup_ratio)
+        record["grad_entries"] = [params[e[0]].grad[tuple(entry_index(tok, e))].item()
+                                  for e in GRAD_ENTRIES]
+        record["grad_norm"] = torch.nn.utils.get_total_norm(
+            [p.grad for p in model.parameters()]).item()
+        for group in [[p] for p in model.parameters()] if mistake == "clipping per tensor" else [
+                model.parameters()]:
+            torch.nn.utils.clip_grad_norm_(group, clip)  # g *= min(1, clip / (its norm + 1e-6))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = record["lr"]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        records.append({"lr": lr, "ntp_loss": ntp.item(), "mixup_loss": mix.item(),
-                        "loss": loss.item(), "grad_norm": grad_norm.item(),
-                        "grad_entries": entries})
-    return records, model, first
+        records.append(record)
+        if perplexities is not None:
+            with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+                nll = sftmix.response_nll(model, samples, len(samples), torch.device("cpu"))
+            for i, v in nll.items():
+                perplexities[i].append(sftmix.perplexity(*v))
+    return records, model
+
+
+def dynamics_of(ids, perplexities):
+    """Stage 3's values in THEIRS.json's layout from {id: [perplexity at each checkpoint]}."""
+    perps = [perplexities[i] for i in ids]  # (n, C)
+    return {"perplexities": dict(zip(ids, perps)),
+            "confidence": dict(zip(ids, sftmix.confidence(perps).tolist())),
+            "variability": dict(zip(ids, sftmix.variability(perps).tolist()))}
 
 
 def norms(model):
     return {name: t.norm().item() for name, t in model.state_dict().items()}
 
 
-@torch.no_grad()
-def mistaken_step_1(logits, hidden, labels, lam, W):
-    """Step 1's L_NTP or L_Mixup under the usual mistakes of the loss: [(mistake, {key: value})]."""
-    P = len(lam)
-    per_example = [F.cross_entropy(logits[i], labels[i], ignore_index=IGNORE)
-                   for i in range(len(labels))]
-    c, u = labels[:P], labels[P:]
-    both = (c != IGNORE) & (u != IGNORE)  # the same position t trained in both
-    unaligned = sftmix.mixup_loss(hidden[:P], torch.where(both, c, IGNORE), hidden[P:],
-                                  torch.where(both, u, IGNORE), lam, W)
-    from_end = sftmix.mixup_loss(hidden[:P].flip(1), c.flip(1), hidden[P:].flip(1), u.flip(1),
-                                 lam, W)
-    return [
-        ("a mean of per-example means; L_NTP weighs every trained token of the global batch the "
-         "same",
-         {"ntp_loss": torch.stack(per_example).mean().item()}),
-        ("lambda applied to the unconfident member of each pair; Z~ = lam Z^c + (1 - lam) Z^u",
-         {"mixup_loss": sftmix.mixup_loss(hidden[P:], u, hidden[:P], c, lam, W).item()}),
-        ("Mixup over unaligned positions (the same position t in both examples); the k-th "
-         "response position of c is mixed with the k-th of u", {"mixup_loss": unaligned.item()}),
-        ("Mixup over positions aligned from the last response position; they are aligned from the "
-         "first", {"mixup_loss": from_end.item()})]
-
-
-def mistaken_schedules(total, lr, warmup_ratio):
-    """The usual schedule mistakes: [(mistake, the lr of every step)]."""
-    W = math.ceil(warmup_ratio * total)
-    right = [train.lr_at(k, total, lr, warmup_ratio) for k in range(total)]
-    return [("warm-up from lr 0 (HF's: step k at lr k/W); step k of the warm-up runs at lr "
-             "(k + 1)/W",
-             [lr * k / W for k in range(W)] + right[W:]),
-            ("linear decay after the warm-up; it is cosine: lr (1 + cos(pi progress)) / 2",
-             right[:W] + [lr * (1 - (k - W) / max(1, total - W)) for k in range(W, total)])]
-
-
 def known_mistakes(expected, variants):
-    """{where: [{"mistake", "value"}]}: every value of stages 3 to 6 that a known mistake puts out
+    """{where: [{"mistake", "value"}]}: every value of stages 3 to 7 that a known mistake puts out
     of tolerance. variants: [(mistake, the values it gives, in THEIRS.json's layout)]."""
     known = {}
     for mistake, theirs in variants:
-        for n, items in ((3, items_dynamics), (4, items_step_1), (5, items_schedule),
-                         (6, items_norms)):
+        for n, items in NUMBERS.items():
             for where, o, t, *scale in items(expected["expected"], theirs, expected):
                 if not close(o, t, TOLERANCE[n], *scale):
                     known.setdefault(where, []).append({"mistake": mistake, "value": t})
@@ -279,58 +330,83 @@ def known_mistakes(expected, variants):
 
 
 def check_kit_dir(out):
-    """--out checked before anything is written: a directory (made if missing) that takes
-    model/, data.jsonl and expected.json."""
+    """--out checked before anything is written: a directory (its parents made if missing) whose
+    model/, data.jsonl and expected.json make can replace."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: is a file; expected a directory to write the kit into")
     if (out / "model").exists() and not (out / "model").is_dir():
         raise InputError(f"--out {out}: {out / 'model'} is a file; expected the kit's model "
                          f"directory, or nothing")
     for name in ("data.jsonl", "expected.json"):
-        data.check_output(out / name, "--out")
+        if (out / name).is_dir():
+            raise InputError(f"--out {out / name}: is a directory; expected a file to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot make {out.parent}: {e.strerror}") from None
+    for d in (out.parent, out, out / "model"):  # the kit is made beside out, then moved in
+        if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+            raise InputError(f"--out {out}: cannot write in {d}; expected a writable directory")
 
 
 def make(out, smollm2=SMOLLM2):
-    """Write the kit into out: model/ (HF directory with tokenizer), data.jsonl, expected.json."""
+    """Write the kit into out: model/ (HF directory with tokenizer), data.jsonl, expected.json.
+
+    It is made in .OUT.making beside out (a leftover of a killed make is removed first), then
+    moved in: a new out appears whole, and in an old one expected.json goes last."""
     torch.set_num_threads(1)
     out = Path(out)
     check_kit_dir(out)
+    work = out.parent.absolute() / f".{out.name}.making"  # train.py runs in it
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        expected = build(work, smollm2)
+        shutil.rmtree(work / "runs")
+        if not out.exists():
+            os.replace(work, out)
+            return expected
+        for name in ("expected.json", "data.jsonl", "model"):
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(
+                missing_ok=True)
+        for name in ("model", "data.jsonl", "expected.json"):
+            os.replace(work / name, out / name)
+        return expected
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build(out, smollm2):
+    """The kit's files in a new directory out, with its runs' work in out/runs/."""
     records = [{"id": i, "messages": [{"role": r, "content": c} for r, c in turns]}
                for i, turns in CONVERSATIONS]
+    (out / "runs").mkdir(parents=True)
     data.write_json(out / "data.jsonl", records, lines=True)
-    with tempfile.TemporaryDirectory() as work:
-        work = Path(work)
-        tok_dir = Path(smollm2)
-        tok_about = "SmolLM2-135M-Instruct's tokenizer (49152 tokens, ChatML, default system " \
-                    "prompt)"
-        if not (tok_dir / "tokenizer.json").is_file():
-            tok_dir = work / "tokenizer"
-            texts = [c for _, turns in CONVERSATIONS for _, c in turns]
-            kit_tokenizer(tok_dir, [SYSTEM] * len(CONVERSATIONS) + texts)
-            tok_about = "a byte-level BPE made for the kit (ChatML, SmolLM2's chat template)"
-        base = tiny_model(data.load_tokenizer(tok_dir).hf.get_vocab_size())
-        M.save_pretrained(base, out / "model", tokenizer_dir=tok_dir)
-        tok = data.load_tokenizer(out / "model")
-        ref, ref_command = command(REFERENCE_FLAGS)
-        args, sft_command = command(SFTMIX_FLAGS)
-        samples, stats = data.load_dataset(out / "data.jsonl", tok, max_len=args.max_len,
-                                           verbose=False)
-        assert stats["truncated"] == 1 and stats["dropped"] == 0, stats
-        ids = [x.id for x in samples]
-        with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
-            nll = sftmix.response_nll(base, samples, len(samples), torch.device("cpu"))  # stage 2
-        dynamics, ref_lr = reference_run(out, work / "ref")  # stage 3
-        dynamics_unclipped, _ = reference_run(out, work / "unclipped", "--grad-clip", "0")
-        confident, unconfident = sftmix.split_by_confidence(
-            ids, [dynamics["confidence"][i] for i in ids])
-        ref_batches = [[ids[i] for i in b] for b, _ in train.epoch_batches(
-            len(samples), None, 0, ref.global_batch, ref.seed, ref.alpha)]
-        halves = [[ids.index(i) for i in half] for half in (confident, unconfident)]
-        batches = [b for epoch in range(args.epochs) for b in train.epoch_batches(
-            len(samples), halves, epoch, args.global_batch, args.seed, args.alpha)]
-        steps, trained, first = sftmix_run(out, samples, batches, args, tok, args.grad_clip)
-        steps_unclipped, trained_unclipped, _ = sftmix_run(out, samples, batches, args, tok,
-                                                           math.inf)
+    tok_dir = Path(smollm2)
+    tok_about = "SmolLM2-135M-Instruct's tokenizer (49152 tokens, ChatML, default system prompt)"
+    if not (tok_dir / "tokenizer.json").is_file():
+        tok_dir = out / "runs" / "tokenizer"
+        texts = [c for _, turns in CONVERSATIONS for _, c in turns]
+        kit_tokenizer(tok_dir, [SYSTEM] * len(CONVERSATIONS) + texts)
+        tok_about = "a byte-level BPE made for the kit (ChatML, SmolLM2's chat template)"
+    base = tiny_model(data.load_tokenizer(tok_dir).hf.get_vocab_size())
+    M.save_pretrained(base, out / "model", tokenizer_dir=tok_dir)
+    tok = data.load_tokenizer(out / "model")
+    ref, ref_command = command(REFERENCE_FLAGS)
+    args, sft_command = command(SFTMIX_FLAGS)
+    samples, stats = data.load_dataset(out / "data.jsonl", tok, max_len=args.max_len,
+                                       verbose=False)
+    assert stats["truncated"] == 1 and stats["dropped"] == 0, stats
+    ids = [x.id for x in samples]
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+        nll = sftmix.response_nll(base, samples, len(samples), torch.device("cpu"))  # stage 2
+    dynamics, ref_lr = reference_run(out, out / "runs" / "ref")  # stage 3
+    confident, unconfident = sftmix.split_by_confidence(
+        ids, [dynamics["confidence"][i] for i in ids])
+    ref_batches = train.epoch_batches(len(samples), None, 0, ref.global_batch, ref.seed, ref.alpha)
+    halves = [[ids.index(i) for i in half] for half in (confident, unconfident)]
+    batches = [b for epoch in range(args.epochs) for b in train.epoch_batches(
+        len(samples), halves, epoch, args.global_batch, args.seed, args.alpha)]
+    steps, trained = run(out, samples, batches, args, tok)  # stages 4 to 7
 
     ranked = sorted(dynamics["confidence"].values(), reverse=True)
     settings = {k: getattr(args, k) for k in SETTINGS}
@@ -357,7 +433,8 @@ def make(out, smollm2=SMOLLM2):
         "inputs": {
             "reference_run": {
                 "command": ref_command, "start": "the base weights, model/",
-                "steps": len(ref_batches), "batches": ref_batches,
+                "steps": len(ref_batches),
+                "batches": [[ids[i] for i in b] for b, _ in ref_batches],
                 "order": f"train.epoch_batches: data.shuffled_order(16, seed, 0) cut into global "
                          f"batches of {args.global_batch}; the loss of a step is over its whole "
                          f"batch (token-weighted)",
@@ -388,17 +465,23 @@ def make(out, smollm2=SMOLLM2):
             "sftmix_steps": steps,
             "weight_norms": norms(trained)},
     }
+    expected["expected"]["sftmix_steps_micro"] = steps  # the split changes nothing
     clip = [min(1, args.grad_clip / (s["grad_norm"] + 1e-6)) for s in steps]
-    variants = [(m, {"sftmix_steps": [v]}) for m, v in mistaken_step_1(*first)]
-    variants += [(m, {"sftmix_steps": [{"lr": lr} for lr in lrs]})
-                 for m, lrs in mistaken_schedules(len(steps), args.lr, args.warmup_ratio)]
-    variants += [
-        ("gradient entries read after clipping (scaled by min(1, grad_clip / (grad_norm + 1e-6))); "
-         "they are read before", {"sftmix_steps": [
-             {"grad_entries": [g * c for g in s["grad_entries"]]} for s, c in zip(steps, clip)]}),
-        ("gradient clipping off; the gradient is clipped to grad_clip before each AdamW step",
-         {**dynamics_unclipped, "sftmix_steps": steps_unclipped,
-          "weight_norms": norms(trained_unclipped)})]
+    after_clipping = [{**s, "grad_entries": [g * c for g in s["grad_entries"]]}
+                      for s, c in zip(steps, clip)]
+    variants = [("gradient entries read after clipping (scaled by min(1, grad_clip / (grad_norm + "
+                 "1e-6))); they are read before",
+                 {"sftmix_steps": after_clipping, "sftmix_steps_micro": after_clipping})]
+    for mistake, name in MISTAKES.items():  # each run again under the mistake, where it applies
+        theirs = {}
+        if mistake in ("mean of means", "clipping off", "clipping per tensor"):
+            perplexities = {i: [] for i in ids}
+            run(out, samples, ref_batches, ref, tok, mistake, perplexities)
+            theirs = dynamics_of(ids, perplexities)
+        mistaken, weights = run(out, samples, batches, args, tok, mistake)
+        if not isinstance(mistake, int):
+            theirs.update(sftmix_steps=mistaken, weight_norms=norms(weights))
+        variants.append((name, {**theirs, "sftmix_steps_micro": mistaken}))
     expected["known_mistakes"] = known_mistakes(expected, variants)
     data.write_json(out / "expected.json", expected)
     return expected
@@ -436,19 +519,26 @@ def definitions(max_len):
         "(k-W)/(S-W)))/2 (cosine to 0); after the backward the gradient is clipped, g *= min(1, "
         "grad_clip / (grad_norm + 1e-6)), then AdamW takes its step. Every step's lr, and steps 2 "
         "to S as stage 4 defines them, each at the weights after the step before.",
-        "Frobenius norm of every tensor (HF names) after the steps of inputs.sftmix_run."]
+        "Frobenius norm of every tensor (HF names) after the steps of inputs.sftmix_run.",
+        "inputs.sftmix_run again, each global batch split into micro-batches of whole pairs (of "
+        "any size, over any number of ranks; the kit names the usual mistakes for micro-batches "
+        "of one pair: 4 accumulation steps on one rank, or 2 on each of 2 ranks), the gradient "
+        "accumulated over them before the step: every value of every step as stages 4 and 5 "
+        "define it, L_NTP over the global batch's trained tokens and L_Mixup over its mixed "
+        "positions, so the values are sftmix_steps' whatever the split."]
 
 
 # ----------------------------------------------------------------------------- check
 
 class Difference(Exception):
     """The first differing value of a stage: where, ours, theirs, the stage's largest relative
-    difference (None where it means nothing: ids, token counts), and a hint naming the usual
-    mistake that gives theirs."""
+    difference (None where it means nothing: ids, token counts), a hint naming the usual mistake
+    that gives theirs, and the stage's numbers (where, ours, theirs[, scale]) for explain()."""
 
-    def __init__(self, where, ours, theirs, worst=None, hint=""):
+    def __init__(self, where, ours, theirs, worst=None, hint="", items=()):
         super().__init__(where)
         self.where, self.ours, self.theirs, self.worst, self.hint = where, ours, theirs, worst, hint
+        self.items = items
 
 
 def close(ours, theirs, tol, scale=None):
@@ -505,26 +595,29 @@ def validate(theirs, expected, path):
     if "split" in theirs:
         split = theirs["split"]
         check_type("split", split, lambda v: isinstance(v, dict) and set(v) == {
-            "confident", "unconfident"} and all(isinstance(h, list) for h in v.values()),
-            '{"confident": [ids], "unconfident": [ids]}')
+            "confident", "unconfident"} and all(isinstance(h, list) and all(
+                isinstance(i, str) for i in h) for h in v.values()),
+            '{"confident": [ids], "unconfident": [ids]}, ids as strings')
         if sorted(split["confident"] + split["unconfident"]) != sorted(ids):
             raise InputError(f"{path}: split: expected every example id of the kit in exactly one "
                              f"half")
-    if "sftmix_steps" in theirs:
-        steps, S = theirs["sftmix_steps"], len(ours["sftmix_steps"])
-        n_entries = len(expected["inputs"]["sftmix_run"]["grad_entries"])
-        check_type("sftmix_steps", steps, lambda v: isinstance(v, list) and 1 <= len(v) <= S,
+    n_entries = len(expected["inputs"]["sftmix_run"]["grad_entries"])
+    for run in ("sftmix_steps", "sftmix_steps_micro"):
+        if run not in theirs:
+            continue
+        steps, S = theirs[run], len(ours[run])
+        check_type(run, steps, lambda v: isinstance(v, list) and 1 <= len(v) <= S,
                    f"a list of 1 to {S} step objects")
         for k, step in enumerate(steps):
-            check_type(f"sftmix_steps[{k}]", step,
+            check_type(f"{run}[{k}]", step,
                        lambda v: isinstance(v, dict) and set(v) <= set(STEP_KEYS),
                        f"an object with keys among {STEP_KEYS}")
             for key, v in step.items():
                 if key == "grad_entries":
-                    check_type(f"sftmix_steps[{k}].{key}", v, lambda v: isinstance(v, list) and len(
+                    check_type(f"{run}[{k}].{key}", v, lambda v: isinstance(v, list) and len(
                         v) == n_entries and all(map(is_num, v)), f"a list of {n_entries} numbers")
                 else:
-                    check_type(f"sftmix_steps[{k}].{key}", v, is_num, "a number")
+                    check_type(f"{run}[{k}].{key}", v, is_num, "a number")
     if "weight_norms" in theirs:
         norms, names = theirs["weight_norms"], set(ours["weight_norms"])
         check_type("weight_norms", norms, lambda v: isinstance(v, dict) and all(
@@ -537,17 +630,37 @@ def validate(theirs, expected, path):
 
 def compare_numbers(items, tol):
     """items: (where, ours, theirs[, scale]) in reading order. Raise Difference at the first out of
-    tolerance. Returns the largest relative difference |theirs - ours| / (scale + atol / rtol),
-    which is within tolerance up to rtol."""
+    tolerance, with every item. Returns the largest relative difference |theirs - ours| /
+    (scale + atol / rtol), which is within tolerance up to rtol."""
     worst = max((abs(t - o) / ((s[0] if s else abs(o)) + tol["atol"] / tol["rtol"])
                  for _, o, t, *s in items), default=0.0)
     for where, o, t, *scale in items:
         if not close(o, t, tol, *scale):
-            raise Difference(where, o, t, worst)
+            raise Difference(where, o, t, worst, items=items)
     return worst
 
 
-# The numbers of stages 3 to 6: (ours, theirs, expected) -> [(where, ours, theirs[, scale])].
+def explain(items, known, tol):
+    """The hint naming the known mistake that gives a stage's values: every value out of
+    tolerance is the mistake's, and every value the mistake puts out of tolerance is out. Failing
+    that, the mistake that gives the largest share (at least half) of the values either puts out:
+    "closest to" it, with the share."""
+    out = {where for where, o, t, *scale in items if not close(o, t, tol, *scale)}
+    its, matched = {}, {}  # mistake: the values it puts out of tolerance; those theirs matches
+    for where, o, t, *scale in items:
+        for m in known.get(where, []):
+            its.setdefault(m["mistake"], set()).add(where)
+            if close(m["value"], t, tol, *scale):
+                matched.setdefault(m["mistake"], set()).add(where)
+    share, k, n, mistake = max(((len(matched.get(m, ())) / len(w | out),
+                                 len(matched.get(m, ())), len(w | out), m)
+                                for m, w in its.items()), default=(0, 0, 0, ""))
+    if share == 1:
+        return f"the values of: {mistake}"
+    return f"closest to: {mistake} ({k} of {n} values)" if share >= 0.5 else ""
+
+
+# The numbers of stages 3 to 7: (ours, theirs, expected) -> [(where, ours, theirs[, scale])].
 
 def items_dynamics(ours, theirs, expected):
     ids = list(ours["input_ids"])
@@ -559,32 +672,42 @@ def items_dynamics(ours, theirs, expected):
     return items
 
 
-def step_items(ours, theirs, expected, k, keys):
-    """(where, ours, theirs) of step k's given values among keys, in reading order."""
+def step_items(ours, theirs, expected, run, k, keys):
+    """(where, ours, theirs) of step k of run's given values among keys, in reading order."""
     names, items = expected["inputs"]["sftmix_run"]["grad_entries"], []
     for key in keys:
         if key == "grad_entries" and key in theirs:
-            items += [(f"sftmix_steps[{k}].grad_entries[{j}] ({n}{ix})", o, t)
+            items += [(f"{run}[{k}].grad_entries[{j}] ({n}{ix})", o, t)
                       for j, ((n, ix), o, t) in enumerate(zip(names, ours[key], theirs[key]))]
         elif key in theirs:
-            items.append((f"sftmix_steps[{k}].{key}", ours[key], theirs[key]))
+            items.append((f"{run}[{k}].{key}", ours[key], theirs[key]))
     return items
 
 
 def items_step_1(ours, theirs, expected):
     return [x for step in theirs.get("sftmix_steps", [])[:1]
-            for x in step_items(ours["sftmix_steps"][0], step, expected, 0, STEP_KEYS[1:])]
+            for x in step_items(ours["sftmix_steps"][0], step, expected, "sftmix_steps", 0,
+                                STEP_KEYS[1:])]
 
 
 def items_schedule(ours, theirs, expected):
     return [x for k, step in enumerate(theirs.get("sftmix_steps", []))
-            for x in step_items(ours["sftmix_steps"][k], step, expected, k,
+            for x in step_items(ours["sftmix_steps"][k], step, expected, "sftmix_steps", k,
                                 STEP_KEYS if k else ["lr"])]
 
 
 def items_norms(ours, theirs, expected):
     return [(f"weight_norms[{n}]", o, theirs["weight_norms"][n])
             for n, o in ours["weight_norms"].items() if "weight_norms" in theirs]
+
+
+def items_micro(ours, theirs, expected):
+    return [x for k, step in enumerate(theirs.get("sftmix_steps_micro", []))
+            for x in step_items(ours["sftmix_steps_micro"][k], step, expected,
+                                "sftmix_steps_micro", k, STEP_KEYS)]
+
+
+NUMBERS = {3: items_dynamics, 4: items_step_1, 5: items_schedule, 6: items_norms, 7: items_micro}
 
 
 # Each stage: (ours, theirs, expected) -> (the keys given, the largest relative difference), or
@@ -676,18 +799,45 @@ def stage_norms(ours, theirs, expected):
     return ["weight_norms"] * ("weight_norms" in theirs), worst
 
 
+def stage_micro(ours, theirs, expected):
+    steps = theirs.get("sftmix_steps_micro", [])
+    worst = compare_numbers(items_micro(ours, theirs, expected), TOLERANCE[7])
+    return [f"sftmix_steps_micro[0:{len(steps)}]"] * bool(steps), worst
+
+
 COMPARE = {1: stage_tokens, 2: stage_nll, 3: stage_dynamics, 4: stage_step_1, 5: stage_schedule,
-           6: stage_norms}
+           6: stage_norms, 7: stage_micro}
+
+
+KIT_KEYS = [("expected", k) for k in ("input_ids", "labels", "response_nll", "n_tokens",
+                                      "perplexities", "confidence", "variability", "split",
+                                      "sftmix_steps", "weight_norms", "sftmix_steps_micro")] + [
+    ("inputs", "reference_run", "dynamics"), ("inputs", "sftmix_run", "grad_entries"),
+    ("kit", "end_of_turn"), ("known_mistakes",)]
+
+
+def read_kit(kit):
+    """expected.json of the kit, with every key that check reads, else one InputError line."""
+    path, remake = kit / "expected.json", f"make it with `python scripts/conformance.py make " \
+                                         f"--out {kit}`"
+    try:
+        expected = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read the kit ({e}); {remake}") from None
+    for keys in KIT_KEYS:
+        value = expected
+        for depth, key in enumerate(keys):
+            if not isinstance(value, dict) or key not in value:
+                raise InputError(f"{path}: no {'.'.join(keys[:depth + 1])}; expected a kit of "
+                                 f"this version's make: {remake}")
+            value = value[key]
+    return expected
 
 
 def check(kit, theirs_path):
     """Print the stage table; return 0 (every given stage agrees), 1 (a difference) or 2."""
     kit = Path(kit)
-    try:
-        expected = json.loads((kit / "expected.json").read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{kit / 'expected.json'}: cannot read the kit ({e}); make it with "
-                         f"`python scripts/conformance.py make --out {kit}`") from None
+    expected = read_kit(kit)
     try:
         theirs = json.loads(Path(theirs_path).read_text("utf-8"))
     except OSError as e:
@@ -708,8 +858,7 @@ def check(kit, theirs_path):
             print(f"{n} {title:<18} {'agrees':<10} {', '.join(given)}{rel}")
         except Difference as d:
             status = 1
-            d.hint = d.hint or next((f"the value of: {m['mistake']}" for m in known.get(d.where, [])
-                                     if close(m["value"], d.theirs, TOLERANCE[n])), "")
+            d.hint = d.hint or explain(d.items, known, TOLERANCE[n])
             after = [k for k in deps if k in differing]
             print(f"{n} {title:<18} {'differs':<10} first at {d.where}: ours {d.ours}, theirs "
                   f"{d.theirs}" + (f"; max rel diff {d.worst:.2g}" if d.worst is not None else "")

@@ -6,9 +6,10 @@
 
 It reads only the kit's files (model/, data.jsonl, and the settings and inputs in expected.json) and
 uses only transformers and torch: apply_chat_template, the tokenizer's offsets, LlamaForCausalLM and
-hidden_states[-1]. Nothing of this project is imported but kit_example.py, its command line (standard
-library only), so it is the template to start from on any transformers stack: replace a function by
-the corresponding piece of your own code and check again (on TRL: scripts/conformance_trl.py).
+hidden_states[-1]. Nothing of this project is imported but kit_example.py, its command line
+(standard library only), so it is the template to start from on any transformers stack: replace a
+function by the corresponding piece of your own code and check again (on TRL:
+scripts/conformance_trl.py). It runs whole global batches, so it leaves stage 7 (micro-batches) out.
 """
 import json
 import math
@@ -80,11 +81,13 @@ def ntp_loss(logits, labels):
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
 
 
-def mixup_loss(hidden, labels, lam, lm_head):
+def mixup_loss(hidden, labels, lam, lm_head, reduction="mean"):
     """L_Mixup: rows [0, P) of hidden (G, T, D) / labels (G, T) are the confident examples, rows
     [P, 2P) their unconfident partners, lam (P,). The k-th response position of c is mixed with the
     k-th of u, k < n = min(n^c, n^u); the loss -(lam log q(y^c) + (1 - lam) log q(y^u)),
-    q = softmax(lm_head(lam z^c + (1 - lam) z^u)), is averaged over every mixed position.
+    q = softmax(lm_head(lam z^c + (1 - lam) z^u)), is averaged over every mixed position ("sum":
+    summed). The head is linear without bias, so its logits are mixed instead of the states: in fp32
+    with lam in fp32, as the log-softmax, whatever the model's dtype.
     """
     P, losses = len(lam), []
     for p in range(P):
@@ -92,12 +95,14 @@ def mixup_loss(hidden, labels, lam, lm_head):
         pos_u = (labels[P + p] != IGNORE).nonzero()[:, 0]
         n = min(len(pos_c), len(pos_u))
         pos_c, pos_u = pos_c[:n], pos_u[:n]
-        z = lam[p] * hidden[p, pos_c] + (1 - lam[p]) * hidden[P + p, pos_u]  # (n, D)
-        logp = torch.log_softmax(lm_head(z), dim=-1)  # (n, V)
+        logits = lm_head(torch.cat([hidden[p, pos_c], hidden[P + p, pos_u]])).float()  # (2n, V)
+        z = lam[p] * logits[:n] + (1 - lam[p]) * logits[n:]  # lm_head(lam z^c + (1 - lam) z^u)
+        logp = torch.log_softmax(z, dim=-1)  # (n, V)
         y_c, y_u = labels[p, pos_c], labels[P + p, pos_u]
         losses.append(-(lam[p] * logp[torch.arange(n), y_c]
                         + (1 - lam[p]) * logp[torch.arange(n), y_u]))
-    return torch.cat(losses).mean()
+    losses = torch.cat(losses)  # (M,)
+    return losses.sum() if reduction == "sum" else losses.mean()
 
 
 def collate(rows, pad_id):

@@ -3,9 +3,13 @@ with train.py, its schedule stage able to tell schedules apart, and naming the s
 mistake."""
 import json
 import math
+import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +41,13 @@ def expected(kit):
 def theirs(kit):
     """The transformers-only worked example's submission, every stage."""
     return cx.compute(kit)
+
+
+@pytest.fixture(scope="module")
+def theirs_trl(kit):
+    """The TRL worked example's submission, every stage; stage 7 in micro-batches of one pair (4
+    accumulation steps)."""
+    return ctrl.compute(kit)
 
 
 def run_check(kit, submission, tmp_path):
@@ -130,25 +141,154 @@ def test_the_schedule_stage_tells_the_usual_schedules_apart_and_clips_every_step
 
 
 @pytest.mark.parametrize("example", ["transformers", "TRL"])
-def test_worked_example_agrees_at_every_stage(example, kit, theirs, tmp_path):
-    status, lines = run_check(kit, theirs if example == "transformers" else ctrl.compute(kit),
-                              tmp_path)
+def test_worked_example_agrees_at_every_stage(example, kit, theirs, theirs_trl, tmp_path):
+    status, lines = run_check(kit, theirs if example == "transformers" else theirs_trl, tmp_path)
+    table = stage_lines(lines)
     assert status == 0, lines
-    assert len(stage_lines(lines)) == 6, lines
+    assert len(table) == 7 and lines[-1] == "every given stage agrees", lines
+    assert all(" agrees " in table[n] for n in range(1, 7)), lines
+    # the transformers example runs whole global batches only; TRL's stage 7: 4 accumulation steps
+    assert (" agrees " if example == "TRL" else " not given") in table[7], lines
+
+
+def test_trl_example_in_micro_batches_of_two_pairs_agrees(kit, tmp_path):
+    steps, trainer = ctrl.sftmix_run(kit, 4)
+    assert trainer.args.gradient_accumulation_steps == 2
+    status, lines = run_check(kit, {"sftmix_steps_micro": steps}, tmp_path)
+    assert status == 0 and " agrees " in stage_lines(lines)[7], lines
+
+
+def test_trl_example_on_two_gloo_ranks_agrees_at_every_stage(kit, tmp_path):
+    """torchrun, 2 CPU processes: stages 3 to 6 with a global batch's half on each rank, stage 7
+    with one pair a micro-batch, 2 accumulation steps on each rank."""
+    out = tmp_path / "theirs.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        str(ROOT / "scripts" / "conformance_trl.py"), str(kit), "--out", str(out)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    status, lines = run_check(kit, json.loads(out.read_text()), tmp_path)
+    assert status == 0, lines
     assert all(" agrees " in line for line in stage_lines(lines).values()), lines
-    assert lines[-1] == "every given stage agrees"
 
 
-def test_stages_4_to_6_agree_with_train_py_running_the_stated_command(kit, expected, tmp_path):
+class MixupPerMicroBatch(ctrl.KitTrainer):
+    """The k mu bug: L_Mixup averaged over each micro-batch's own mixed positions; Trainer leaves
+    the micro-batches summed (it does not divide a model's loss by the accumulation steps)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        n = (inputs["labels"][:, 1:] != -100).sum(1)
+        self.n_mixed = torch.minimum(*n.view(2, -1)).sum()
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def test_trl_example_weighs_mixup_as_train_py_under_accumulation(kit, expected, tmp_path):
+    """Mixup's weight is mu whatever the split: the per-micro-batch mean, summed over 4
+    accumulation steps, weighs it 4 mu, and stage 7 names that."""
+    steps, _ = ctrl.sftmix_run(kit, 2, MixupPerMicroBatch)
+    ours = expected["expected"]["sftmix_steps_micro"]
+    for s, o in zip(steps, ours):  # its loss is L_NTP + mu x (the sum of 4 micro-batch means)
+        assert s["loss"] == pytest.approx(s["ntp_loss"] + expected["settings"]["mu"]
+                                          * s["mixup_loss"], rel=1e-5)
+    assert steps[0]["mixup_loss"] > 3 * ours[0]["mixup_loss"]
+    status, lines = run_check(kit, {"sftmix_steps_micro": steps}, tmp_path)
+    assert status == 1 and "the values of: L_Mixup averaged per micro-batch and summed over 4 " \
+        "accumulation steps" in stage_lines(lines)[7], lines
+
+
+@pytest.mark.parametrize("setting,message", [
+    ({"packing": True}, "packing and padding_free take a pair's examples out of their rows"),
+    ({"padding_free": True}, "packing and padding_free take a pair's examples out of their rows"),
+    ({"lr_scheduler_type": "linear"}, "lr_scheduler_type linear: expected cosine"),
+    ({"gradient_accumulation_steps": 3}, "per_device_train_batch_size x gradient_accumulation_"
+                                         "steps x world_size = 6: expected the 8 rows"),
+])
+def test_trl_example_refuses_what_breaks_the_pairs_in_one_line(setting, message, kit, monkeypatch):
+    config = ctrl.SFTConfig
+
+    def with_setting(**kwargs):
+        return config(**{**kwargs, **setting})
+    monkeypatch.setattr(ctrl, "SFTConfig", with_setting)
+    with pytest.raises(ValueError) as e:
+        ctrl.sftmix_run(kit, 2)
+    assert str(e.value).startswith("SFTMixTrainer: ") and message in str(e.value), e.value
+    assert "\n" not in str(e.value)
+
+
+def test_trl_example_lays_pairs_out_by_id_in_the_data_set_trl_keeps(kit, expected):
+    """TRL drops an example whose prompt fills max_length (nothing left to train), which shifts
+    the indices after it: the sampler follows ids, micro-batch q of a step holds pair q (one pair a
+    micro-batch here, 4 accumulation steps), and a dropped id is refused in one line."""
+    conversations = [json.loads(x) for x in (kit / "data.jsonl").read_text().splitlines()]
+    ids = [c["id"] for c in conversations]
+    pairs = expected["inputs"]["sftmix_run"]["pairs"][:2]
+    batches = [[c for c, _ in step] + [u for _, u in step] for step in pairs]
+    long_prompt = {"id": "long-prompt", "messages": [{"role": "user", "content": "word " * 200},
+                                                     {"role": "assistant", "content": "Yes."}]}
+    (kit / "data.jsonl").rename(kit / "data.jsonl.kit")
+    try:
+        (kit / "data.jsonl").write_text("".join(json.dumps(c) + "\n"
+                                                for c in [long_prompt, *conversations]))
+        trainer = ctrl.kit_trainer(kit, expected["settings"], batches, 0.25, 2,
+                                   lambdas=[[0.5] * 4] * 2)
+        with pytest.raises(ValueError) as e:
+            ctrl.kit_trainer(kit, expected["settings"], [[*b[:3], "long-prompt", *b[4:]]
+                                                         for b in batches], 0.25, 2,
+                             lambdas=[[0.5] * 4] * 2)._get_train_sampler()
+    finally:
+        (kit / "data.jsonl").unlink()
+        (kit / "data.jsonl.kit").rename(kit / "data.jsonl")
+    assert trainer.train_dataset["id"] == ids  # long-prompt dropped
+    rows = [trainer.train_dataset[k]["id"] for k in trainer._get_train_sampler()]
+    assert rows == [i for step in pairs for pair in step for i in pair]  # c, u of each pair
+    assert str(e.value) == "SFTMixTrainer: examples ['long-prompt'] are not in the training set " \
+                           "(TRL drops those that truncation leaves untrained)"
+
+
+def test_trl_example_mixes_a_bf16_model_in_fp32(kit):
+    """mixup_loss on a bf16 model's states and head: the logits mixed and log-softmaxed in fp32,
+    as a float64 computation from the same bf16 logits."""
+    model = LlamaForCausalLM.from_pretrained(kit / "model", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 6, model.config.hidden_size).to(torch.bfloat16)  # (G, T, D)
+    labels = torch.randint(0, model.config.vocab_size, (4, 6))
+    labels[0, :2] = labels[3, 4:] = cx.IGNORE
+    lam = torch.tensor([0.3, 0.9])
+    got = cx.mixup_loss(hidden, labels, lam, model.lm_head)
+    assert got.dtype == torch.float32
+    logits = model.lm_head(hidden).double()  # (G, T, V): the head's bf16 logits, exactly
+    terms = []
+    for p in range(2):
+        pc = (labels[p] != cx.IGNORE).nonzero()[:, 0]
+        pu = (labels[2 + p] != cx.IGNORE).nonzero()[:, 0]
+        n = min(len(pc), len(pu))
+        z = lam[p].double() * logits[p, pc[:n]] + (1 - lam[p].double()) * logits[2 + p, pu[:n]]
+        logp = torch.log_softmax(z, -1)
+        terms += [-(lam[p].double() * logp[k, labels[p, pc[k]]]
+                    + (1 - lam[p].double()) * logp[k, labels[2 + p, pu[k]]]) for k in range(n)]
+    assert got.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["stated", "2 ranks, one pair a micro-batch"])
+def test_stages_4_to_7_agree_with_train_py_running_the_stated_command(layout, kit, expected,
+                                                                      tmp_path):
+    """The stated command (micro-batches of 4, one rank) gives stages 4 to 6; on 2 gloo ranks with
+    micro-batches of one pair (2 accumulation steps each) it gives the same: stage 7's values."""
     run = expected["inputs"]["sftmix_run"]
     for name in ("model", "data.jsonl"):
         (tmp_path / name).symlink_to(kit / name)
     (tmp_path / "split.json").write_text(json.dumps(expected["expected"]["split"]))
     flags = shlex.split(run["command"])[2:]  # after "python train.py"
-    subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--out", "run"], cwd=tmp_path,
-                   check=True, capture_output=True)
+    launch = [sys.executable, str(ROOT / "train.py")]
+    if layout != "stated":
+        flags[flags.index("--micro-batch") + 1] = "2"
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                  str(ROOT / "train.py")]
+    subprocess.run([*launch, *flags, "--out", "run"], cwd=tmp_path, check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps, tol = expected["expected"]["sftmix_steps"], expected["stages"][4]["tolerance"]
+    key, stage = ("sftmix_steps", 4) if layout == "stated" else ("sftmix_steps_micro", 7)
+    steps, tol = expected["expected"][key], expected["stages"][stage - 1]["tolerance"]
     assert len(metrics) == len(steps) == run["steps"]
     for m, step in zip(metrics, steps):
         for key in ("lr", "ntp_loss", "mixup_loss", "loss", "grad_norm"):
@@ -181,8 +321,8 @@ def starting_inside_the_reply(_):
 
 
 def mean_of_example_means(logits, labels):
-    per_example = [torch.nn.functional.cross_entropy(l, y, ignore_index=cx.IGNORE)
-                   for l, y in zip(logits, labels)]
+    per_example = [torch.nn.functional.cross_entropy(x, y, ignore_index=cx.IGNORE)
+                   for x, y in zip(logits, labels)]
     return torch.stack(per_example).mean()
 
 
@@ -238,6 +378,30 @@ def entries_after_clipping(kit, expected, theirs, monkeypatch):
                                for g in s["grad_entries"]]} for s in theirs["sftmix_steps"]]}
 
 
+def clipping_per_tensor(kit, expected, theirs, monkeypatch):
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def per_tensor(params, max_norm):
+        params = list(params)
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        for p in params:
+            clip([p], max_norm)
+        return norm
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", per_tensor)
+    return cx.compute(kit)
+
+
+def stripped_responses(kit, expected, theirs, monkeypatch):
+    """Every assistant turn's content stripped of leading and trailing whitespace."""
+    tokens = cx.tokens
+
+    def stripped(tok, messages, max_len):
+        return tokens(tok, [{**m, "content": m["content"].strip()} if m["role"] == "assistant"
+                            else m for m in messages], max_len)
+    monkeypatch.setattr(cx, "tokens", stripped)
+    return cx.compute(kit)
+
+
 def clipping_off(kit, expected, theirs, monkeypatch):
     clip = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, _: clip(params, math.inf))
@@ -264,8 +428,8 @@ def scheduled(kind):
     ("perplexity over the whole sequence", whole_sequence_nll, 2, [],
      ["n_tokens[", "the perplexity is over the whole sequence"]),
     ("split halves swapped", halves_swapped, 3, [], ["split[", "halves swapped"]),
-    ("mean of per-example means", patched("ntp_loss", lambda _: mean_of_example_means), 4, [3],
-     ["sftmix_steps[0].ntp_loss", "a mean of per-example means"]),
+    ("mean of per-example means", patched("ntp_loss", lambda _: mean_of_example_means), 3, [],
+     ["perplexities[", "the values of: a mean of per-example means"]),
     ("lambda on the wrong member", patched("mixup_loss", lambda _: wrong_mixup("lambda")), 4, [],
      ["sftmix_steps[0].mixup_loss", "lambda applied to the unconfident member"]),
     ("unaligned Mixup positions", patched("mixup_loss", lambda _: wrong_mixup("unaligned")), 4, [],
@@ -276,7 +440,9 @@ def scheduled(kind):
      ["sftmix_steps[0].lr", "warm-up from lr 0"]),
     ("linear decay", scheduled("linear"), 5, [],
      ["sftmix_steps[3].lr", "linear decay after the warm-up"]),
-    ("gradient clipping off", clipping_off, 5, [3], ["gradient clipping off"]),
+    ("gradient clipping off", clipping_off, 3, [], ["the values of: gradient clipping off"]),
+    ("each tensor clipped on its own", clipping_per_tensor, 3, [],
+     ["the values of: each tensor clipped to grad_clip on its own"]),
 ])
 def test_wrong_submission_fails_at_the_stage_of_its_mistake_and_is_named(
         mistake, submission, stage, also_differing, names, kit, expected, theirs, tmp_path,
@@ -292,6 +458,21 @@ def test_wrong_submission_fails_at_the_stage_of_its_mistake_and_is_named(
     assert lines[-1] == f"first difference at stage {min([stage, *also_differing])}"
 
 
+@pytest.mark.parametrize("submission", [stripped_responses, clipping_per_tensor])
+def test_a_mistake_is_named_only_where_it_gives_every_differing_value(submission, kit, expected,
+                                                                       theirs, tmp_path,
+                                                                       monkeypatch):
+    """Stripped responses and per-tensor clipping share some values with clipping off, never
+    all: no stage names clipping off, and a "closest to" gives its share below 1."""
+    status, lines = run_check(kit, submission(kit, expected, theirs, monkeypatch), tmp_path)
+    assert status == 1, lines
+    for line in stage_lines(lines).values():
+        assert "the values of: gradient clipping off" not in line, line
+        if "closest to: gradient clipping off" in line:
+            k, n = map(int, re.search(r"\((\d+) of (\d+) values\)", line).groups())
+            assert 2 * k >= n and k < n, line
+
+
 @pytest.mark.parametrize("content,message", [
     ("{not json", "invalid JSON"),
     ('{"input_ids": {}, "perplexity": {}}', "unknown keys ['perplexity']"),
@@ -302,6 +483,9 @@ def test_wrong_submission_fails_at_the_stage_of_its_mistake_and_is_named(
     ('{"sftmix_steps": [{"lr": "1e-2"}]}', "sftmix_steps[0].lr: expected a number"),
     ('[1, 2]', "expected a JSON object"),
     ('{}', "no key; expected one or more of ['input_ids', 'labels', "),
+    ('{"split": {"confident": [1, 2], "unconfident": [3]}}',
+     'split: expected {"confident": [ids], "unconfident": [ids]}, ids as strings'),
+    ('{"sftmix_steps_micro": [{"loss": null}]}', "sftmix_steps_micro[0].loss: expected a number"),
 ])
 def test_bad_submission_gets_one_line_and_exit_2(content, message, kit, tmp_path):
     path = tmp_path / "theirs.json"
@@ -342,3 +526,76 @@ def test_worked_example_without_a_kit_gets_one_line_and_exit_2(example, tmp_path
     assert (r.returncode, r.stdout) == (2, "") and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"error: {tmp_path}: no expected.json"), r.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no expected", "no expected; expected a kit of this version's make"),
+    ("no known_mistakes", "no known_mistakes; expected a kit of this version's make"),
+    ("no stage 7", "no expected.sftmix_steps_micro; expected a kit of this version's make"),
+])
+def test_check_on_a_kit_of_another_version_gets_one_line_and_exit_2(case, message, kit, expected,
+                                                                    tmp_path):
+    old = tmp_path / "old-kit"
+    old.mkdir()
+    written = json.loads(json.dumps(expected))
+    if case == "no expected":
+        del written["expected"]
+    elif case == "no known_mistakes":
+        del written["known_mistakes"]
+    else:
+        del written["expected"]["sftmix_steps_micro"]
+    (old / "expected.json").write_text(json.dumps(written))
+    (tmp_path / "theirs.json").write_text('{"n_tokens": {}}')
+    before = sorted(tmp_path.rglob("*"))
+    r = subprocess.run([sys.executable, str(KIT_TOOL), "check", str(old),
+                        str(tmp_path / "theirs.json")], capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (2, "") and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {old / 'expected.json'}: {message}"), r.stderr
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_make_into_an_unwritable_model_dir_gets_one_line_and_writes_nothing(tmp_path):
+    """model/ of --out not writable: read-only to its user, immutable where the tests run as root
+    (who writes anywhere else)."""
+    out = tmp_path / "kit"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    lock, unlock = (["chattr", "+i"], ["chattr", "-i"]) if os.geteuid() == 0 else (
+        ["chmod", "555"], ["chmod", "755"])
+    subprocess.run([*lock, str(out / "model")], check=True)
+    try:
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        r = subprocess.run([sys.executable, str(KIT_TOOL), "make", "--out", str(out)],
+                           capture_output=True, text=True)
+        after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    finally:
+        subprocess.run([*unlock, str(out / "model")], check=True)
+    assert (r.returncode, r.stdout) == (2, ""), r.stderr
+    assert r.stderr == f"error: --out {out}: cannot write in {out / 'model'}; expected a " \
+                       f"writable directory\n"
+    assert after == before
+
+
+def test_a_killed_make_leaves_no_kit_and_a_rerun_clears_its_leftover(smollm2_dir, tmp_path):
+    """make builds beside --out and moves the kit in whole: killed midway (train.py's reference
+    run under way), neither --out nor anything in TMPDIR; the next make removes the leftover."""
+    tmp, out = tmp_path / "tmp", tmp_path / "kit"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
+    make = [sys.executable, str(KIT_TOOL), "make", "--out", str(out)]
+    proc = subprocess.Popen(make, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    leftover = tmp_path / ".kit.making"
+    try:
+        for _ in range(600):  # until the reference run has written its first file
+            if list(leftover.glob("runs/ref/*")) or proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # make and its train.py child
+        proc.wait()
+    assert leftover.is_dir() and not out.exists() and not list(tmp.iterdir())
+    r = subprocess.run(make, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kit", "tmp"]
+    assert sorted(p.name for p in out.iterdir()) == ["data.jsonl", "expected.json", "model"]

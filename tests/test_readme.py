@@ -1,10 +1,12 @@
-"""The README's runnable snippets work as written, run in order as a new user types them after the demo.
+"""The README's runnable snippets, and those of docs/*.md, work as written, run in order as a new user types them
+after the demo.
 
 Mechanism. Every fenced block whose info string is `bash tested` or `python tested` is a snippet a user
 runs; blocks marked plain `bash` or `python` are not run here (torchrun on 8 GPUs, the full demo, the test
 command itself). The tested blocks are joined, in README order, into one bash script (`set -e -o pipefail`),
 a python block becoming `python - <<'PY' ... PY`, so state carries from block to block as in one terminal:
-files written, `cd`, variables, an activated environment. The script runs in a scratch copy of the
+files written, `cd`, variables, an activated environment. Each document (README.md, then docs/*.md by name) is
+one such script. The scripts run in one scratch copy of the
 repository (the user's runs/ is never touched), after `bash scripts/demo.sh` has run there at the CI size
 DEMO_SIZE below (tens of seconds instead of minutes), so runs/demo/ holds every file the snippets read.
 In the copy, .assets is the repository's (the smollm2_dir fixture converts the model into it) and .venv is
@@ -36,14 +38,19 @@ def blocks(readme: str) -> list[tuple[int, str, bool, str]]:
             for m in FENCE.finditer(readme)]
 
 
-def script(readme: str, marker: Path) -> str:
+def documents() -> list[Path]:
+    """The Markdown files whose tested blocks run: README.md, then docs/*.md by name."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def script(readme: str, marker: Path, name: str = "README.md") -> str:
     """The tested blocks as one bash script; before each block, its README line is written to marker."""
     parts = ["set -e -o pipefail"]
     for line, language, tested, body in blocks(readme):
         if not tested:
             continue
         if language not in ("bash", "python"):
-            raise ValueError(f"README.md:{line}: a tested block must be bash or python, not {language!r}")
+            raise ValueError(f"{name}:{line}: a tested block must be bash or python, not {language!r}")
         parts.append(f"echo {line} > '{marker}'")
         parts.append(body if language == "bash" else f"python - <<'PY'\n{body}PY")
     parts.append(f"echo done > '{marker}'")
@@ -59,15 +66,17 @@ def activation(venv: Path) -> None:
         (venv / "bin" / "activate").write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
 
 
-def run_readme(readme: str, cwd: Path, timeout: int) -> None:
-    """Run the tested blocks of readme in cwd; fail naming the README line of the block that failed."""
+def run_readme(readme: str, cwd: Path, timeout: int, name: str = "README.md") -> None:
+    """Run the tested blocks of readme (the text of the document name) in cwd; fail naming the line of the block
+    that failed."""
     marker = cwd / ".readme-block"
+    marker.unlink(missing_ok=True)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(["bash", "-c", script(readme, marker)], cwd=cwd, env=env, timeout=timeout,
+    result = subprocess.run(["bash", "-c", script(readme, marker, name)], cwd=cwd, env=env, timeout=timeout,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     where = marker.read_text().strip() if marker.exists() else "?"
     if result.returncode != 0 or where != "done":
-        pytest.fail(f"README.md:{where}: this tested block failed (exit {result.returncode}):\n"
+        pytest.fail(f"{name}:{where}: this tested block failed (exit {result.returncode}):\n"
                     f"{result.stdout[-4000:]}", pytrace=False)
 
 
@@ -83,14 +92,16 @@ def test_every_tested_snippet_of_the_readme_runs_after_the_demo(smollm2_dir, tmp
     demo = subprocess.run(["bash", "scripts/demo.sh"], cwd=repo, env=env, timeout=900,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert demo.returncode == 0, f"scripts/demo.sh at {DEMO_SIZE} failed:\n{demo.stdout[-4000:]}"
-    run_readme(readme, repo, timeout=900)
+    for doc in documents():  # each document from where the one before left the terminal's files
+        run_readme(doc.read_text(encoding="utf-8"), repo, timeout=900, name=str(doc.relative_to(ROOT)))
 
 
 def test_every_python_snippet_of_the_readme_is_tested():
     """Python snippets need no GPU and no full-size run, so none is exempt."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    untested = [line for line, language, tested, _ in blocks(readme) if language == "python" and not tested]
-    assert not untested, f"README.md: ```python blocks at lines {untested} should be ```python tested"
+    for doc in documents():
+        untested = [line for line, language, tested, _ in blocks(doc.read_text(encoding="utf-8"))
+                    if language == "python" and not tested]
+        assert not untested, f"{doc.name}: ```python blocks at lines {untested} should be ```python tested"
 
 
 SAMPLE = textwrap.dedent("""\
