@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 import data
 import model as M
 import train as T
-from scripts.memory_table import memory_per_gpu
+from memory import memory_per_gpu
 
 SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=32, vocab_size=2048)
