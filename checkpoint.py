@@ -90,10 +90,11 @@ class Saver:
         writer = dcp.HuggingFaceStorageWriter(str(self.out / "state" / name), save_distributed=True)
         tensors = state_tensors(model, optimizer)
         if self.asynchronous:  # copies to host memory now, writes in a thread
-            future = dcp.async_save(tensors, storage_writer=writer, process_group=self.group)
+            future = dcp.async_save(tensors, storage_writer=writer, process_group=self.group,
+                                    no_dist=self.group is None)
         else:
             future = None
-            dcp.save(tensors, storage_writer=writer, process_group=self.group)
+            dcp.save(tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
         ranks = dist.get_world_size() if dist.is_initialized() else 1
         self.pending = future, {"layout": LAYOUT, "step": step, "checkpoint": name, "ranks": ranks,
                                 "config": config, "dynamics": {str(k): v for k, v in dynamics.items()}}
@@ -128,7 +129,8 @@ def load_state(out, model, optimizer):
     try:
         if not any(folder.glob("*.safetensors")):
             raise FileNotFoundError("no safetensors file")
-        dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
+        dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(folder)),
+                 no_dist=not dist.is_initialized())
     except (OSError, SafetensorError, CheckpointException, RuntimeError, AssertionError, KeyError) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise InputError(f"{folder}: unreadable or not this run's model ({reason}); expected a state written by "

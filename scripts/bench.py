@@ -249,7 +249,8 @@ def micro_step(model, targs, samples, batch, device, optimizer=None):
     """train.forward_backward on one global batch that is a single micro-batch, then the optimizer's step if
     one is given, then drop the gradients."""
     lam = sftmix.sample_lambda(targs.alpha, len(batch) // 2, targs.seed, 0) if targs.mode == "sftmix" else None
-    train.forward_backward(targs, model, samples, batch, lam, device, amp_dtype(device, targs.dtype), 0, 1)
+    train.forward_backward(model, samples, batch, lam, targs.mu, targs.mixup_only, targs.micro_batch,
+                           targs.grad_clip, device, amp_dtype(device, targs.dtype), rank=0, world=1)
     if optimizer is not None:
         optimizer.step()
     model.zero_grad(set_to_none=True)
@@ -376,7 +377,9 @@ def main(argv=None):
         steps = {}
         for name, a in variants.items():
             bf16 = amp_dtype(device, a.dtype) is not None
-            m = M.load_pretrained(args.model, device=device, prepare=lambda m, a=a: train.prepare_model(m, a, bf16))
+            prepare = functools.partial(train.prepare_model, lora=(0, 0, ()), activation_checkpointing=False,
+                              compile=a.compile, mesh=None, bf16=bf16)
+            m = M.load_pretrained(args.model, device=device, prepare=prepare)
             optimizer, order = train.adamw(m, a.lr, a.weight_decay, a.betas), itertools.cycle(batches)
             steps[name] = lambda a=a, m=m, o=optimizer, order=order: micro_step(m, a, samples, next(order), device, o)
         warm = {}

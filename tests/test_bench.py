@@ -80,9 +80,9 @@ def test_bench_gpu_model_flops_are_what_torchs_flop_counter_counts():
     g = torch.Generator().manual_seed(0)
     samples = [data.Sample(str(i), torch.randint(0, 50, (12,), generator=g).tolist(),
                            [data.IGNORE] * 5 + torch.randint(0, 50, (7,), generator=g).tolist()) for i in range(3)]
-    targs = T.parse_args(["--model", "-", "--data", "-", "--out", "-", "--micro-batch", "3", "--global-batch", "3"])
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # attention as matmuls
-        T.forward_backward(targs, M.Transformer(args), samples, [0, 1, 2], None, torch.device("cpu"), None, 0, 1)
+        T.forward_backward(M.Transformer(args), samples, [0, 1, 2], None, mu=0.2, mixup_only=False, micro_batch=3,
+                           grad_clip=1.0, device=torch.device("cpu"), amp_dtype=None, rank=0, world=1)
     causal_half = 6 * args.num_hidden_layers * args.num_attention_heads * args.head_dim * 3 * 12 * 12
     assert counter.get_total_flops() == bench_gpu.step_flops(args, [samples])[0] + causal_half
 

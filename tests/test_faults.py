@@ -75,22 +75,34 @@ def latest(state):
     return json.loads((state / "latest.json").read_text())
 
 
-@pytest.mark.parametrize("damage,named", [
-    ("latest.json is not JSON", "latest.json"),
-    ("checkpoint folder missing", "rank-00000.safetensors"),
-    ("state file truncated", "rank-00000.safetensors"),
-])
-def test_corrupt_state_gets_one_line_naming_the_file(damage, named, stopped_run, capsys):
+@pytest.mark.parametrize("damage", ["latest.json is not JSON", "checkpoint folder missing", "state file truncated"])
+def test_corrupt_state_gets_one_line_naming_the_file(damage, stopped_run, capsys):
     base, state = stopped_run
-    file = state / latest(state)["checkpoint"] / "rank-00000.safetensors"
+    folder = state / latest(state)["checkpoint"]
+    named = "latest.json" if damage == "latest.json is not JSON" else folder.name
     if damage == "latest.json is not JSON":
         (state / "latest.json").write_text('{"step": 2, "check')
     elif damage == "checkpoint folder missing":
-        file.unlink()
+        shutil.rmtree(folder)
     else:
-        file.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])
+        for file in folder.glob("*.safetensors"):
+            file.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])
     line = one_line_error(capsys, *base, "--resume")
     assert line.startswith("error: ") and named in line and str(state) in line
+
+
+def test_a_state_of_the_older_layout_is_refused_in_one_line(stopped_run, capsys):
+    """the state of a run before torch.distributed.checkpoint: a safetensors file per rank, a latest.json
+    that names no layout"""
+    base, state = stopped_run
+    old = latest(state)
+    shutil.rmtree(state / old["checkpoint"])
+    (state / old["checkpoint"]).mkdir()
+    (state / old["checkpoint"] / "rank-00000.safetensors").write_bytes(b"")
+    (state / "latest.json").write_text(json.dumps({k: old[k] for k in ("step", "checkpoint", "config", "dynamics")}
+                                                  | {"ranks": 1}))
+    line = one_line_error(capsys, *base, "--resume")
+    assert line.startswith(f"error: {state / 'latest.json'}: an older state layout")
 
 
 def test_resume_refuses_a_crafted_state_without_running_it(stopped_run, tmp_path, capsys):
@@ -103,12 +115,27 @@ def test_resume_refuses_a_crafted_state_without_running_it(stopped_run, tmp_path
             return (os.system, (f"touch {marker}",))
     folder = state / latest(state)["checkpoint"]
     for f in folder.iterdir():
-        f.unlink()
-    (folder / "rank-00000.safetensors").write_bytes(pickle.dumps(Payload()))
-    (folder / ".metadata").write_bytes(pickle.dumps(Payload()))  # the file torch.distributed.checkpoint unpickles
+        f.write_bytes(pickle.dumps(Payload()))  # each state file
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload()))  # the file DCP's FileSystemReader unpickles
     line = one_line_error(capsys, *base, "--resume")
-    assert line.startswith("error: ") and "rank-00000.safetensors" in line
+    assert line.startswith("error: ") and folder.name in line
     assert not marker.exists()
+
+
+def test_resume_never_reads_a_pickle_planted_beside_a_good_state(stopped_run, tmp_path):
+    """torch.distributed.checkpoint's own reader unpickles .metadata (and .distcp files hold pickles): planted
+    beside a complete state, the run resumes to its end and runs none of them"""
+    base, state = stopped_run
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    folder = state / latest(state)["checkpoint"]
+    for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):
+        (folder / name).write_bytes(pickle.dumps(Payload()))
+    run_train(*base, "--resume")
+    assert (state.parent / "final" / "model.safetensors").exists() and not marker.exists()
 
 
 def test_resume_after_the_data_file_was_edited_in_place_is_refused(tiny_model_dir, chat_data, tmp_path, capsys):

@@ -6,6 +6,7 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
@@ -43,18 +44,18 @@ def fsdp_step_peak(base, out, mode, checkpoint, tokens):
     """peak_bytes of loading `base` and running train.py's step twice (the second holds AdamW's moments) on one
     gloo rank under FSDP2 in bf16; one micro-batch of 4 random examples of tokens / 4 tokens each."""
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=0, world_size=1)
-    args = T.parse_args(["--model", str(base), "--data", "-", "--out", str(out), "--mode", mode, "--split", "-",
-                         "--shard", "fsdp", "--dtype", "bf16", "--global-batch", "4", "--micro-batch", "4"]
-                        + ["--activation-checkpointing"] * checkpoint)
     V, g = M.ModelArgs.from_model_dir(base).vocab_size, torch.Generator().manual_seed(0)
     samples = [data.Sample(str(i), *torch.randint(0, V, (2, tokens // 4), generator=g).tolist()) for i in range(4)]
     lam = torch.full((2,), 0.3) if mode == "sftmix" else None
 
     def two_steps():
-        model = M.load_pretrained(base, prepare=partial(T.prepare_model, args=args, bf16=True))
+        model = M.load_pretrained(base, prepare=partial(
+            T.prepare_model, lora=(0, 0, ()), activation_checkpointing=checkpoint, compile=False,
+            mesh=init_device_mesh("cpu", (1,)), bf16=True))
         optimizer = T.adamw(model, 1e-3, 0.1)
         for _ in range(2):
-            T.forward_backward(args, model, samples, [0, 1, 2, 3], lam, torch.device("cpu"), None, 0, 1)
+            T.forward_backward(model, samples, [0, 1, 2, 3], lam, mu=0.2, mixup_only=False, micro_batch=4,
+                               grad_clip=1.0, device=torch.device("cpu"), amp_dtype=None, rank=0, world=1)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     try:

@@ -35,9 +35,10 @@ def weights(run: Path):
 
 
 def saved_state(run: Path):
-    """(step, model weights) of the resumable state, read back with safetensors alone."""
+    """(step, model weights) of the resumable state of a one-rank run, read back with safetensors alone."""
     latest = json.loads((run / "state" / "latest.json").read_text())
-    tensors = load_file(str(run / "state" / latest["checkpoint"] / "rank-00000.safetensors"))
+    files = (run / "state" / latest["checkpoint"]).glob("*.safetensors")
+    tensors = {k: v for f in files for k, v in load_file(str(f)).items()}
     return latest["step"], {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
 
 
