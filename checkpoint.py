@@ -15,6 +15,7 @@ to host memory, then written by a thread while training goes on; at most one wri
 """
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -89,6 +90,7 @@ class Saver:
         name = f"step-{step:07d}"
         writer = dcp.HuggingFaceStorageWriter(str(self.out / "state" / name), save_distributed=True)
         tensors = state_tensors(model, optimizer)
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process: we know
         if self.asynchronous:  # copies to host memory now, writes in a thread
             future = dcp.async_save(tensors, storage_writer=writer, process_group=self.group,
                                     no_dist=self.group is None)
@@ -126,6 +128,7 @@ def load_state(out, model, optimizer):
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{path}: unreadable ({e}); expected the latest.json of a run's state") from None
     tensors = state_tensors(model, optimizer)
+    warnings.filterwarnings("ignore", "torch.distributed is disabled")
     try:
         if not any(folder.glob("*.safetensors")):
             raise FileNotFoundError("no safetensors file")

@@ -30,6 +30,7 @@ from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -87,9 +88,10 @@ def train(args, rank, local_rank, world):
     base = model_dir(args.model)  # an HF directory, or a run directory's final/
     model_args = ModelArgs.from_model_dir(base)  # a config.json we cannot run exactly fails here, not after loading
     tok = data.load_tokenizer(base)
-    samples, stats = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, args.format, verbose=False)
-    heldout, heldout_stats = data.load_dataset(args.heldout, tok, args.prompt_format, args.max_len, verbose=False) \
-        if args.heldout else (None, None)
+    read = partial(read_data, tok=tok, prompt_format=args.prompt_format, max_len=args.max_len, out=out,
+                   local_rank=local_rank)
+    samples, stats = read(args.data, fmt=args.format)
+    heldout, heldout_stats = read(args.heldout, fmt=None) if args.heldout else (None, None)
     halves = split_indices(args.split, samples) if args.mode == "sftmix" else None
     batches_of = partial(epoch_batches, len(samples), halves, G=args.global_batch, seed=args.seed, alpha=args.alpha)
     steps_per_epoch = len(batches_of(0))
@@ -567,8 +569,8 @@ def check_memory(model_args, args, samples, world, device):
     shards = [args.shard] + (["fsdp"] if world > 1 and args.shard != "fsdp" else [])
     micro = [m for m in (args.micro_batch // 2, args.micro_batch // 4, 2 if args.mode == "sftmix" else 1)
              if 1 <= m < args.micro_batch]
-    fits = [(s, c, m) for s in shards for c in (args.activation_checkpointing, True) for m in [args.micro_batch, *micro]
-            if peak(s, c, m) <= limit]
+    fits = [(s, c, m) for s in shards for m in [args.micro_batch, *micro] for c in (args.activation_checkpointing, True)
+            if peak(s, c, m) <= limit]  # preferred: sharding, then checkpointing, then a smaller micro-batch
     advice = "nothing does on this many GPUs: more GPUs, or a smaller model"
     if fits:
         s, c, m = fits[0]
@@ -598,11 +600,11 @@ def run_config(args, model_args, samples, heldout, halves):
     """The settings a resumed run must share, as they read back from JSON: every flag but RESUMABLE_FLAGS, and
     INPUT_sha256, a fingerprint of what each input of FINGERPRINTS holds (None when not given). Their paths are
     kept to name an input in a message, and what_changed does not compare them."""
-    held = heldout and [(s.id, s.input_ids, s.labels) for s in heldout]
-    content = {"model": vars(model_args), "data": [(s.id, s.input_ids, s.labels) for s in samples],
-               "heldout": held, "split": halves and [[samples[i].id for i in half] for half in halves]}
+    content = {"model": vars(model_args), "split": halves and [[samples[i].id for i in half] for half in halves]}
+    digest = {k: v and hashlib.sha256(json.dumps(v).encode()).hexdigest() for k, v in content.items()}
     config = {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}
-    config |= {f"{k}_sha256": v and hashlib.sha256(json.dumps(v).encode()).hexdigest() for k, v in content.items()}
+    config |= {"model_sha256": digest["model"], "data_sha256": token_fingerprint(samples),
+               "heldout_sha256": heldout and token_fingerprint(heldout), "split_sha256": digest["split"]}
     return json.loads(json.dumps(config))
 
 
@@ -671,6 +673,31 @@ def append_line(path, record):
     """Append one JSON line to path (rank 0)."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def read_data(path, tok, prompt_format, max_len, fmt, out, local_rank):
+    """(samples, stats) of a data file, the samples' tokens in flat int32 arrays (data.token_arrays). Under
+    torchrun each node's local rank 0 tokenizes it into OUT/cache/ and the node's other ranks memory-map that
+    (data.cached_dataset); alone, the process tokenizes it and writes nothing."""
+    if not dist.is_initialized():
+        samples, stats = data.load_dataset(path, tok, prompt_format, max_len, fmt, verbose=False)
+        return data.array_samples([s.id for s in samples], data.token_arrays(samples)), stats
+    host = dist.new_group(backend="gloo")  # the flag goes over the CPU whatever the backend
+
+    def barrier(failed):
+        flag = torch.tensor([float(failed)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host)
+        return bool(flag)
+    return data.cached_dataset(path, tok, prompt_format, max_len, fmt, out / "cache", local_rank == 0, barrier)
+
+
+def token_fingerprint(samples):
+    """sha256 of what samples hold: each id, its token ids and labels (as int32), however they are stored."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.id.encode() + b"\0" + np.asarray(s.input_ids, np.int32).tobytes()
+                 + np.asarray(s.labels, np.int32).tobytes())
+    return h.hexdigest()
 
 
 def check_batches(args, samples, halves, steps_per_epoch):

@@ -24,6 +24,9 @@
 5. SFTMix / NTP micro-batch (train.forward_backward: packed forward, sftmix.head_losses, backward, grad clip): step time,
    and peak bytes of tensors allocated during the step above those held before it (CUDA: the caching allocator's
    max_memory_allocated; CPU: the running sum of the allocations and frees torch.profiler records).
+5b. resumable state save (checkpoint.Saver) / train step of the same model: the seconds the step loop waits,
+   synchronous (the whole write) and asynchronous (the copy to host memory; a thread writes), and the
+   asynchronous write's whole time.
 6. dynamics pass (sftmix.response_nll, one checkpoint) / the NTP epoch of train.py (1).
 7. model FLOP/s of train step 4 / this machine's FLOP/s on one large matmul in the same dtype and threads.
 On CUDA the models run under bf16 autocast with fp32 weights, as train.py does; on CPU in fp32.
@@ -313,6 +316,38 @@ def train_argv(args, mode, global_batch, out="unused", *flags):
             str(args.seed), *flags]
 
 
+def save_rows(model, targs, samples, batch, device, repeats):
+    """The resumable state's save (checkpoint.Saver: DCP, safetensors, weights + AdamW moments) against one train
+    step of the same model (train.forward_backward + AdamW on `batch`): the seconds the step loop waits for a
+    save, synchronous (the whole write) and asynchronous (the copy to host memory; a thread writes the rest),
+    interleaved, median of `repeats`; and the asynchronous write's whole time."""
+    import checkpoint
+    optimizer = train.adamw(model, 1e-6, 0.1)
+    step = functools.partial(micro_step, model, targs, samples, batch, device, optimizer)
+    step()  # AdamW's moments exist: the state has its full size
+    t_step = race({"step": step}, device, 0, repeats)["step"]
+    waits, whole = {"sync": [], "async": []}, []
+    with tempfile.TemporaryDirectory() as out:
+        for k in range(repeats):
+            for mode in ("sync", "async"):
+                saver = checkpoint.Saver(Path(out) / mode, 0, asynchronous=mode == "async")
+                t0 = time.perf_counter()
+                saver.save(model, optimizer, k + 1, {}, {})
+                waits[mode].append(time.perf_counter() - t0)
+                saver.wait()
+                whole += [time.perf_counter() - t0] * (mode == "async")
+        size = sum(f.stat().st_size for f in (Path(out) / "sync").rglob("*.safetensors"))
+    t = {mode: statistics.median(w) for mode, w in waits.items()}
+    log(f"  state {size / 2**20:.0f} MiB; waits sync {waits['sync']}, async {waits['async']}; async whole {whole}")
+    return [(f"state save s the step loop waits ({size / 2**20:.0f} MiB: weights + AdamW), synchronous / train "
+             f"step s", f"{t['sync']:.3g}", f"{t_step:.3g}", t["sync"] / t_step, "(its cost in steps)", None),
+            ("state save s the step loop waits, asynchronous (copy to host memory) / synchronous",
+             f"{t['async']:.3g}", f"{t['sync']:.3g}", t["async"] / t["sync"], "< 1.0", t["async"] < t["sync"]),
+            ("state save s, asynchronous, until written / train step s", f"{statistics.median(whole):.3g}",
+             f"{t_step:.3g}", statistics.median(whole) / t_step, "(a save every K >= this steps: one in flight)",
+             None)]
+
+
 def trainer_args(args, mode, global_batch, *flags):
     """train.py's flags, as train.parse_args reads train_argv."""
     return train.parse_args(train_argv(args, mode, global_batch, "unused", *flags))
@@ -442,6 +477,9 @@ def main(argv=None):
 
     # 7. model FLOP/s vs matmul FLOP/s
     log(f"7/7 {args.matmul_size}^3 matmul")
+    log("5b/7 resumable state save vs train step: synchronous, asynchronous")
+    rows += save_rows(ours, micro["ntp"], samples, longest, device, args.steps)
+
     a = ours.args
     n_params = sum(p.numel() for p in ours.parameters())  # tied embedding counted once: it is the LM-head matmul
     step_flops = 6 * n_params * B * T + 12 * a.num_hidden_layers * a.num_attention_heads * a.head_dim * T * B * T

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import model as M
 import sftmix
 import train as T
 from test_train import COMMON, ROOT, one_line_error, run_train, weights
@@ -377,3 +378,59 @@ def test_resume_after_an_input_changed_in_place_names_it(changed, tiny_model_dir
             "model": f"{model}: its config.json is not that of the run's model"}[changed]
     line = fails_with_one_line(capsys, T.main, *base, "--resume")
     assert line == f"error: {tmp_path / 'in' / 'run' / 'state'}: was written by a run with other settings: {what}"
+
+
+# ----------------------------------------------------------------------------- killed while writing
+
+def kill_when(proc, ready):
+    """SIGKILL proc at the first moment ready() holds (polled without sleeping), or after it ended."""
+    while proc.poll() is None and not ready():
+        pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def uncommitted(state):
+    """A step-N folder that latest.json does not name: a state being written, or written and not yet committed."""
+    committed = latest(state)["checkpoint"] if (state / "latest.json").exists() else None
+    return any(f.name != committed for f in state.glob("step-*")) if state.exists() else False
+
+
+def test_run_killed_while_a_state_is_written_in_the_background_resumes_bitwise(tiny_model_dir, chat_data, tmp_path):
+    """a state every step, written asynchronously: killed while one is in flight (three times), the run resumes
+    from the last committed state and ends bitwise where the uninterrupted run ends"""
+    base = [str(ROOT / "train.py"), "--model", tiny_model_dir, "--data", chat_data, *COMMON, "--epochs", "2",
+            "--micro-batch", "4"]
+    run_train(*base[1:], "--out", tmp_path / "whole")
+    state, landed = tmp_path / "killed" / "state", 0
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, *map(str, base), "--out", tmp_path / "killed"]
+                                + ["--resume"] * (attempt > 0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kill_when(proc, lambda: uncommitted(state) and (state / "latest.json").exists())
+        landed += uncommitted(state)
+    assert landed >= 1 and not (tmp_path / "killed" / "final").exists()
+    run_train(*base[1:], "--out", tmp_path / "killed", "--resume")
+    whole, resumed = weights(tmp_path / "whole"), weights(tmp_path / "killed")
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
+@pytest.mark.parametrize("files", [0, 3, 8])
+def test_run_killed_while_writing_final_leaves_no_final_and_the_rerun_writes_it_whole(files, tiny_model_dir,
+                                                                                      chat_data, tmp_path):
+    """final/ in bf16, in shards of ~100 KB (about 12 files): killed once `files` shards of it are written, the run
+    leaves no final/; --resume removes the leftover and writes final/ equal to an uninterrupted run's"""
+    flags = ["--model", tiny_model_dir, "--data", chat_data, *COMMON, "--save-dtype", "bf16", "--final-shard-gb",
+             "0.0001"]
+    run_train(*flags, "--out", tmp_path / "whole")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = out / "final.tmp"
+    kill_when(proc, lambda: tmp.exists() and len(os.listdir(tmp)) >= files)
+    assert tmp.exists() and not (out / "final").exists(), "the kill did not land while final/ was written"
+    run_train(*flags, "--out", out, "--resume")
+    assert (out / "final").is_dir() and not list(out.rglob("*.tmp"))
+    index = json.loads((out / "final" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 8
+    whole, resumed = (M.load_pretrained(run, dtype=torch.bfloat16).state_dict() for run in (tmp_path / "whole", out))
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)

@@ -133,3 +133,29 @@ def test_activations_per_block_are_what_autograd_keeps(checkpoint):
     estimated = (memory_per_gpu(four, 1, "fsdp", checkpoint, T)["activations"]
                  - memory_per_gpu(two, 1, "fsdp", checkpoint, T)["activations"])
     assert estimated == pytest.approx(measured, rel=0.02)
+
+
+@pytest.mark.parametrize("limit,advice", [
+    ("small", "nothing does on this many GPUs: more GPUs, or a smaller model"),
+    ("between", "--activation-checkpointing would fit"),
+])
+def test_a_run_whose_estimate_exceeds_the_device_is_refused_before_any_weight_loads(
+        limit, advice, tiny_model_dir, chat_data, tmp_path, monkeypatch, capsys):
+    """SFTMIX_DEVICE_MEMORY_GB stands for the device's memory: below the estimate, one line and exit 2 before
+    load_pretrained runs or the run directory exists, naming the settings that fit (activation checkpointing
+    when the limit lies between the estimates with and without it)"""
+    import data as D
+    from test_train import COMMON, one_line_error
+    m = M.ModelArgs.from_model_dir(tiny_model_dir)
+    samples, _ = D.load_dataset(chat_data, D.load_tokenizer(tiny_model_dir), verbose=False)
+    tokens = sum(sorted(len(s.input_ids) for s in samples)[-4:])  # the 4 longest: the largest micro-batch
+    with_ac, without = (memory_per_gpu(m, 1, "ddp", ac, tokens, mixup=False)["total"] for ac in (True, False))
+    assert with_ac < without
+    least = memory_per_gpu(m, 1, "ddp", True, max(len(s.input_ids) for s in samples), mixup=False)["total"]
+    gb = {"small": least / 2, "between": (with_ac + without) / 2}[limit] / 1e9  # least: 1 example, checkpointing
+    monkeypatch.setenv("SFTMIX_DEVICE_MEMORY_GB", str(gb))
+    monkeypatch.setattr(T, "load_pretrained", lambda *a, **k: pytest.fail("a weight was loaded"))
+    line = one_line_error(capsys, "--model", tiny_model_dir, "--data", chat_data, *COMMON, "--micro-batch", "4",
+                          "--out", tmp_path / "run")
+    assert line.startswith(f"error: --shard ddp: an estimated {without / 1e9:.1f} GB a GPU") and advice in line
+    assert not (tmp_path / "run").exists()
