@@ -1,18 +1,22 @@
 """The resumable state of a train.py run, through torch.distributed.checkpoint (DCP), and final/.
 
-    OUT/state/step-N/shard-R-model-00001-of-00001.safetensors   what rank R-1 holds of the state (DCP's
-                                                                 HuggingFaceStorageWriter: safetensors, the
-                                                                 offsets of each shard in its JSON header)
-    OUT/state/latest.json   {"layout", "step", "checkpoint", "ranks", "config", "dynamics"}: replaced
-                            atomically once every rank's write is complete, so it is the commit point
-    OUT/final/              HF checkpoint; written as OUT/final.tmp/ and renamed when complete
+    OUT/state/step-N/shard-R-model-00001-of-00001.safetensors
+        what rank R-1 holds of the state (DCP's HuggingFaceStorageWriter: safetensors, each shard's
+        offsets in its JSON header)
+    OUT/state/latest.json
+        {"layout", "step", "checkpoint", "ranks", "config", "dynamics"}: replaced atomically once
+        every rank's write is complete, so it is the commit point
+    OUT/final/
+        HF checkpoint; written as OUT/final.tmp/ and renamed when complete
 
-The state holds the weights, AdamW's two moments and step, and the RNG, as tensors only, so nothing is
-pickled: DCP's own reader (FileSystemReader) unpickles a `.metadata` file; HuggingFaceStorageReader reads the
-safetensors headers instead. Each rank writes its own shards (FSDP2's DTensors; a replicated tensor once), and
-DCP reshards on load, so a state saved on N ranks resumes on M. Writes are asynchronous: the state is copied
-to host memory, then written by a thread while training goes on; at most one write is in flight.
+The state holds the weights, AdamW's two moments and step, and the RNG, as tensors only, so nothing
+is pickled: DCP's own reader (FileSystemReader) unpickles a `.metadata` file;
+HuggingFaceStorageReader reads the safetensors headers instead. Each rank writes its own shards
+(FSDP2's DTensors; a replicated tensor once), and DCP reshards on load, so a state saved on N ranks
+resumes on M. Writes are asynchronous: the state is copied to host memory, then written by a thread
+while training goes on; at most one write is in flight.
 """
+
 import json
 import shutil
 import warnings
@@ -28,21 +32,26 @@ from torch.distributed.tensor import DTensor
 import data
 from data import InputError
 
-LAYOUT = "dcp-safetensors-1"  # what latest.json's "layout" names; any other state is an older layout
+LAYOUT = (
+    "dcp-safetensors-1"  # what latest.json's "layout" names; any other state is an older layout
+)
 
 
 def state_tensors(model, optimizer) -> dict:
     """name -> tensor of everything a run continues from: model.NAME, optimizer.NAME.{step, exp_avg,
-    exp_avg_sq} (DTensors under FSDP2, as the parameters), and rng. AdamW's state is created empty where the
-    optimizer has none yet (before a load), so that DCP has a tensor to load into."""
+    exp_avg_sq} (DTensors under FSDP2, as the parameters), and rng. AdamW's state is created empty
+    where the optimizer has none yet (before a load), so that DCP has a tensor to load into."""
     tensors = {"rng": torch.get_rng_state()}
     for n, p in model.named_parameters():
         tensors[f"model.{n}"] = p.detach()
         if not p.requires_grad:  # a frozen weight (the base under LoRA) has no AdamW moments
             continue
         if p not in optimizer.state:
-            optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
+            optimizer.state[p] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
         tensors.update({f"optimizer.{n}.{k}": v for k, v in optimizer.state[p].items()})
     return tensors
 
@@ -55,16 +64,21 @@ def read_latest(out) -> dict:
         if not isinstance(latest, dict) or not isinstance(latest.get("config"), dict):
             raise TypeError("no config object")
     except (OSError, ValueError, TypeError) as e:
-        raise InputError(f"{path}: unreadable ({e}); expected the latest.json of a run's state") from None
+        raise InputError(
+            f"{path}: unreadable ({e}); expected the latest.json of a run's state"
+        ) from None
     if latest.get("layout") != LAYOUT:
-        raise InputError(f"{path}: an older state layout ({latest.get('layout') or 'a safetensors file per rank'})"
-                         f", expected {LAYOUT}: resume it with the train.py that wrote it, or start again")
+        raise InputError(
+            f"{path}: an older state layout "
+            f"({latest.get('layout') or 'a safetensors file per rank'})"
+            f", expected {LAYOUT}: resume it with the train.py that wrote it, or start again"
+        )
     return latest
 
 
 def remove_stale(out, keep=None):
-    """Remove every OUT/state/step-* folder but `keep`, and OUT/final.tmp: what a run killed while writing
-    left. Rank 0 alone calls it, before any rank writes."""
+    """Remove every OUT/state/step-* folder but `keep`, and OUT/final.tmp: what a run killed while
+    writing left. Rank 0 alone calls it, before any rank writes."""
     for old in (Path(out) / "state").glob("step-*"):
         if old.name != keep:
             shutil.rmtree(old)
@@ -72,14 +86,17 @@ def remove_stale(out, keep=None):
 
 
 class Saver:
-    """Writes states with at most one write in flight. save() waits for the previous write, makes it current,
-    then starts the next; wait() finishes the one in flight (before exit). Rank 0 writes latest.json."""
+    """Writes states with at most one write in flight. save() waits for the previous write, makes it
+    current, then starts the next; wait() finishes the one in flight (before exit). Rank 0 writes
+    latest.json."""
 
     def __init__(self, out, rank, asynchronous=True):
         self.out, self.rank, self.asynchronous = Path(out), rank, asynchronous
         # a group of its own, so the writer thread's collectives never interleave with training's
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        self.clock = dist.new_group(backend="gloo") if dist.is_initialized() else None  # for SaveSchedule
+        self.clock = (
+            dist.new_group(backend="gloo") if dist.is_initialized() else None
+        )  # for SaveSchedule
         self.pending = None  # (future, latest.json's content) of the write in flight
         self.committed = 0  # the step of the last complete state on disk
 
@@ -92,19 +109,32 @@ class Saver:
         tensors = state_tensors(model, optimizer)
         warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process: we know
         if self.asynchronous:  # copies to host memory now, writes in a thread
-            future = dcp.async_save(tensors, storage_writer=writer, process_group=self.group,
-                                    no_dist=self.group is None)
+            future = dcp.async_save(
+                tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None
+            )
         else:
             future = None
-            dcp.save(tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+            dcp.save(
+                tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None
+            )
         ranks = dist.get_world_size() if dist.is_initialized() else 1
-        self.pending = future, {"layout": LAYOUT, "step": step, "checkpoint": name, "ranks": ranks,
-                                "config": config, "dynamics": {str(k): v for k, v in dynamics.items()}}
+        self.pending = (
+            future,
+            {
+                "layout": LAYOUT,
+                "step": step,
+                "checkpoint": name,
+                "ranks": ranks,
+                "config": config,
+                "dynamics": {str(k): v for k, v in dynamics.items()},
+            },
+        )
         if future is None:
             self.wait()
 
     def wait(self):
-        """Finish the write in flight, if any, and make it the current state (latest.json, atomically)."""
+        """Finish the write in flight, if any, and make it the current state (latest.json,
+        atomically)."""
         if self.pending is None:
             return
         future, latest = self.pending
@@ -118,35 +148,52 @@ class Saver:
 
 
 def load_state(out, model, optimizer):
-    """Restore the state latest.json names (its settings already checked) into the model and optimizer, on
-    any number of ranks; returns (step, dynamics). An unreadable state is one line naming its folder."""
+    """Restore the state latest.json names (its settings already checked) into the model and
+    optimizer, on any number of ranks; returns (step, dynamics). An unreadable state is one line
+    naming its folder."""
     latest = read_latest(out)
     path = Path(out) / "state" / "latest.json"
     try:
         step, folder = int(latest["step"]), Path(out) / "state" / str(latest["checkpoint"])
-        dynamics = {int(k): {str(i): float(x) for i, x in v.items()} for k, v in latest["dynamics"].items()}
+        dynamics = {
+            int(k): {str(i): float(x) for i, x in v.items()} for k, v in latest["dynamics"].items()
+        }
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"{path}: unreadable ({e}); expected the latest.json of a run's state") from None
+        raise InputError(
+            f"{path}: unreadable ({e}); expected the latest.json of a run's state"
+        ) from None
     tensors = state_tensors(model, optimizer)
     warnings.filterwarnings("ignore", "torch.distributed is disabled")
     try:
         if not any(folder.glob("*.safetensors")):
             raise FileNotFoundError("no safetensors file")
-        dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(folder)),
-                 no_dist=not dist.is_initialized())
-    except (OSError, SafetensorError, CheckpointException, RuntimeError, AssertionError, KeyError) as e:
+        dcp.load(
+            tensors,
+            storage_reader=dcp.HuggingFaceStorageReader(str(folder)),
+            no_dist=not dist.is_initialized(),
+        )
+    except (
+        OSError,
+        SafetensorError,
+        CheckpointException,
+        RuntimeError,
+        AssertionError,
+        KeyError,
+    ) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise InputError(f"{folder}: unreadable or not this run's model ({reason}); expected a state written by "
-                         f"train.py") from None
+        raise InputError(
+            f"{folder}: unreadable or not this run's model ({reason}); expected a state written by "
+            f"train.py"
+        ) from None
     torch.set_rng_state(tensors["rng"])
     return step, dynamics
 
 
 def final_tensors(model, dtype, lora_scale=None):
-    """(name, full CPU tensor) of each weight in turn, in the save dtype: cast where the weight lives (on its
-    device; under FSDP2 each rank casts its shard), gathered (every rank takes part), then copied to the host,
-    so the host holds one tensor at a time. Under LoRA each adapted weight is W + scale B A, with no adapter
-    entries. Every rank iterates it; rank 0 writes what it yields."""
+    """(name, full CPU tensor) of each weight in turn, in the save dtype: cast where the weight
+    lives (on its device; under FSDP2 each rank casts its shard), gathered (every rank takes part),
+    then copied to the host, so the host holds one tensor at a time. Under LoRA each adapted weight is
+    W + scale B A, with no adapter entries. Every rank iterates it; rank 0 writes what it yields."""
     params = dict(model.named_parameters())
     for name, p in params.items():
         if name.endswith((".lora_A", ".lora_B")):
@@ -155,7 +202,10 @@ def final_tensors(model, dtype, lora_scale=None):
         a = params.get(name.removesuffix("weight") + "lora_A")
         if lora_scale and a is not None:
             b = params[name.removesuffix("weight") + "lora_B"]
-            w = (w + lora_scale * (_full(b.detach(), torch.float32) @ _full(a.detach(), torch.float32))).to(dtype)
+            w = (
+                w
+                + lora_scale * (_full(b.detach(), torch.float32) @ _full(a.detach(), torch.float32))
+            ).to(dtype)
         yield name, w.to(dtype).cpu()
 
 

@@ -1,9 +1,12 @@
 """How much memory a train.py step takes per GPU, estimated before anything loads (train.py refuses a run that
 would not fit; scripts/memory_table.py prints the table for the paper's models)."""
+
 from sftmix import CHUNK
 
 
-def memory_per_gpu(m, gpus, shard, activation_checkpointing, tokens_per_gpu, mixup=True, chunk=CHUNK):
+def memory_per_gpu(
+    m, gpus, shard, activation_checkpointing, tokens_per_gpu, mixup=True, chunk=CHUNK
+):
     """Estimated peak bytes per GPU of one train.py step (bf16 compute, fp32 weights, AdamW), by term; SFTMix's
     step, or NTP's with mixup=False.
 
@@ -52,9 +55,20 @@ def memory_per_gpu(m, gpus, shard, activation_checkpointing, tokens_per_gpu, mix
                   staging copy of it and its fp32 reduce-scatter input: 4U + 4 max(P_b, U).
     The tied root is gathered all step, and its bf16 gradient kept from the head's backward to the end.
     """
-    D, I, L, H, hd, V = (m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads,
-                         m.head_dim, m.vocab_size)
-    fsdp, tied, T, n = shard == "fsdp", m.tie_word_embeddings, tokens_per_gpu, min(tokens_per_gpu, chunk)
+    D, I, L, H, hd, V = (
+        m.hidden_size,
+        m.intermediate_size,
+        m.num_hidden_layers,
+        m.num_attention_heads,
+        m.head_dim,
+        m.vocab_size,
+    )
+    fsdp, tied, T, n = (
+        shard == "fsdp",
+        m.tie_word_embeddings,
+        tokens_per_gpu,
+        min(tokens_per_gpu, chunk),
+    )
     K = m.num_key_value_heads
     P_b = D * (H + 2 * K) * hd + H * hd * D + 3 * D * I + 2 * D  # attention, MLP, two norms
     E = V * D
@@ -72,18 +86,43 @@ def memory_per_gpu(m, gpus, shard, activation_checkpointing, tokens_per_gpu, mix
     head_unit = E + D  # final norm + LM head; tied: the root's embedding = LM head and final norm
     U = head_unit if tied else E  # the unit reduced last
     if fsdp:
-        root = 2 * head_unit + 2 * E if tied else 0  # the tied root gathered all step, and its gradient
-        made = {"head": 0, "top": 0 if tied else 4 * head_unit / N, "bottom": 4 * (P - P_b - U) / N,
-                "last unit": 4 * (P - U) / N}
-        buffers = {"head": 2 * head_unit + 2 * P_b, "top": root + 4 * P_b + 2 * P_b + (0 if tied else 4 * head_unit),
-                   "bottom": root + 2 * P_b + 2 * P_b + 4 * P_b, "last unit": 4 * U + 4 * max(P_b, U)}
+        root = (
+            2 * head_unit + 2 * E if tied else 0
+        )  # the tied root gathered all step, and its gradient
+        made = {
+            "head": 0,
+            "top": 0 if tied else 4 * head_unit / N,
+            "bottom": 4 * (P - P_b - U) / N,
+            "last unit": 4 * (P - U) / N,
+        }
+        buffers = {
+            "head": 2 * head_unit + 2 * P_b,
+            "top": root + 4 * P_b + 2 * P_b + (0 if tied else 4 * head_unit),
+            "bottom": root + 2 * P_b + 2 * P_b + 4 * P_b,
+            "last unit": 4 * U + 4 * max(P_b, U),
+        }
     else:
         made = dict.fromkeys(("head", "top", "bottom", "last unit"), grads)
         buffers = {"head": 2 * P, "top": 2 * P, "bottom": 2 * P, "last unit": 4 * E}
-    working = {"head": kept["head"] + head, "top": kept["top"], "bottom": kept["bottom"], "last unit": 0}
+    working = {
+        "head": kept["head"] + head,
+        "top": kept["top"],
+        "bottom": kept["bottom"],
+        "last unit": 0,
+    }
     phases = {k: weights + optimizer + made[k] + working[k] + buffers[k] for k in made}
     phases["load"] = 4 * P / N
     at = max(phases, key=phases.get)
-    return {"parameters": P, "weights": weights, "grads": grads, "optimizer": optimizer, "load": phases["load"],
-            "activations": max(kept.values()), "head": head, "buffers": max(buffers.values()),
-            "phases": phases, "at": at, "total": phases[at]}
+    return {
+        "parameters": P,
+        "weights": weights,
+        "grads": grads,
+        "optimizer": optimizer,
+        "load": phases["load"],
+        "activations": max(kept.values()),
+        "head": head,
+        "buffers": max(buffers.values()),
+        "phases": phases,
+        "at": at,
+        "total": phases[at],
+    }

@@ -75,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="epoch order and SFTMix lambdas")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip measure 4b, the train step eager vs --compile (its compilation takes a while); measured: %(default)s")
+    p.add_argument("--only-save", action="store_true", help="measure 5b alone (the state save)")
     return p.parse_args(argv)
 
 
@@ -362,6 +363,15 @@ def main(argv=None):
     if len(samples) % args.global_batch:
         raise data.InputError(f"{args.data}: {len(samples)} samples; expected a multiple of --global-batch "
                               f"{args.global_batch}, so that train.py and TRL train on the same examples")
+    if args.only_save:  # 5b alone: no peer to import
+        longest = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))[: args.batch]
+        print(f"machine: {machine(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print("| measure | ours | peer | ratio | goal | met |\n|---|---:|---:|---:|---|---|")
+        for name, value, peer_value, ratio, goal, met in save_rows(
+                M.load_pretrained(args.model, device=device), trainer_args(args, "ntp", args.batch), samples,
+                longest, device, args.steps):
+            print(f"| {name} | {value} | {peer_value} | {ratio:.2f} | {goal} | {'' if met is None else met} |")
+        return
     import transformers
     import trl
     print(f"machine: {machine(device)}; torch {torch.__version__}, transformers {transformers.__version__}, "
