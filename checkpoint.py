@@ -192,8 +192,8 @@ def load_state(out, model, optimizer):
 def final_tensors(model, dtype, lora_scale=None):
     """(name, full CPU tensor) of each weight in turn, in the save dtype: cast where the weight
     lives (on its device; under FSDP2 each rank casts its shard), gathered (every rank takes part),
-    then copied to the host, so the host holds one tensor at a time. Under LoRA each adapted weight is
-    W + scale B A, with no adapter entries. Every rank iterates it; rank 0 writes what it yields."""
+    then copied to the host, so the host holds one tensor at a time. Under LoRA each adapted weight
+    is W + scale B A, with no adapter entries. Every rank iterates it; rank 0 writes what it yields."""
     params = dict(model.named_parameters())
     for name, p in params.items():
         if name.endswith((".lora_A", ".lora_B")):

@@ -27,7 +27,7 @@ import sys
 import time
 from contextlib import nullcontext
 from datetime import timedelta
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +93,8 @@ def train(args, rank, local_rank, world):
     samples, stats = read(args.data, fmt=args.format)
     heldout, heldout_stats = read(args.heldout, fmt=None) if args.heldout else (None, None)
     halves = split_indices(args.split, samples) if args.mode == "sftmix" else None
-    batches_of = partial(epoch_batches, len(samples), halves, G=args.global_batch, seed=args.seed, alpha=args.alpha)
+    batches_of = lru_cache(maxsize=1)(partial(  # an epoch's batches, kept while it lasts
+        epoch_batches, len(samples), halves, G=args.global_batch, seed=args.seed, alpha=args.alpha))
     steps_per_epoch = len(batches_of(0))
     check_batches(args, samples, halves, steps_per_epoch)
     total = steps_per_epoch * args.epochs
@@ -103,13 +104,8 @@ def train(args, rank, local_rank, world):
     if resuming:
         check_settings(out, config)
     check_memory(model_args, args, samples, world, device)
-    if rank == 0:  # every input checked: now the run directory, cleared of what a killed run left
-        writable_dir(out)
-        if resuming:
-            checkpoint.remove_stale(out, keep=checkpoint.read_latest(out)["checkpoint"])
-        else:
-            shutil.rmtree(out / "state", ignore_errors=True)
-            shutil.rmtree(out / "final.tmp", ignore_errors=True)
+    if rank == 0:  # every input checked: now the run directory
+        prepare_out(out, resuming)
 
     # the model: built on meta, prepared (LoRA, compile, FSDP2 units), then filled; the optimizer; the state
     torch.manual_seed(args.seed)  # LoRA's initial A
@@ -117,10 +113,9 @@ def train(args, rank, local_rank, world):
                       activation_checkpointing=args.activation_checkpointing, compile=args.compile,
                       mesh=shard_mesh(args.shard, args.shard_degree, world, device), bf16=bf16)
     model = load_pretrained(base, device=device, prepare=prepare)
-    wrapped = model  # what forward and backward go through: the model itself, FSDP2's in place, or DDP around it
-    if args.shard == "ddp" and world > 1:
-        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                      gradient_as_bucket_view=True)
+    # what forward and backward go through: the model itself, FSDP2's in place, or DDP around it
+    wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                  gradient_as_bucket_view=True) if args.shard == "ddp" and world > 1 else model
     optimizer = adamw(model, args.lr, args.weight_decay, args.betas)
     step, dynamics = checkpoint.load_state(out, model, optimizer) if resuming else (0, {})
     saver = checkpoint.Saver(out, rank)
@@ -166,11 +161,7 @@ def train(args, rank, local_rank, world):
     write_final(out, model, base, args.save_dtype, args.lora_alpha / args.lora_rank if args.lora_rank else None,
                 args.final_shard_gb, rank)
     if rank == 0:
-        if points:
-            write_dynamics(out / "dynamics.jsonl", samples, points, dynamics)
-        if not args.keep_state:
-            shutil.rmtree(out / "state", ignore_errors=True)
-        print(f"wrote {out / 'final'}" + (f" and {out / 'dynamics.jsonl'}" if points else ""))
+        finish(out, samples, points, dynamics, args.keep_state)
 
 
 # ----------------------------------------------------------------------------- the phases of a step
@@ -259,6 +250,26 @@ def write_final(out, model, base, save_dtype, lora_scale, shard_gb, rank):
     save_pretrained(model, tmp, tokenizer_dir=base, state_dict=tensors, max_shard_bytes=int(shard_gb * 2**30))
     shutil.rmtree(out / "final", ignore_errors=True)  # a complete final/ of this same state, from a killed rerun
     os.replace(tmp, out / "final")
+
+
+def prepare_out(out, resuming):
+    """Create the run directory, and clear what a killed run left: the state folders latest.json does not
+    name and final.tmp/ (resuming), or the whole state of an earlier run (starting again)."""
+    writable_dir(out)
+    if resuming:
+        checkpoint.remove_stale(out, keep=checkpoint.read_latest(out)["checkpoint"])
+    else:
+        shutil.rmtree(out / "state", ignore_errors=True)
+        shutil.rmtree(out / "final.tmp", ignore_errors=True)
+
+
+def finish(out, samples, points, dynamics, keep_state):
+    """After final/ (rank 0): dynamics.jsonl, and the state removed unless --keep-state."""
+    if points:
+        write_dynamics(out / "dynamics.jsonl", samples, points, dynamics)
+    if not keep_state:
+        shutil.rmtree(out / "state", ignore_errors=True)
+    print(f"wrote {out / 'final'}" + (f" and {out / 'dynamics.jsonl'}" if points else ""))
 
 
 def final_dtype(flag, base):

@@ -417,10 +417,11 @@ def test_run_killed_while_a_state_is_written_in_the_background_resumes_bitwise(t
 @pytest.mark.parametrize("files", [0, 3, 8])
 def test_run_killed_while_writing_final_leaves_no_final_and_the_rerun_writes_it_whole(files, tiny_model_dir,
                                                                                       chat_data, tmp_path):
-    """final/ in bf16, in shards of ~100 KB (about 12 files): killed once `files` shards of it are written, the run
-    leaves no final/; --resume removes the leftover and writes final/ equal to an uninterrupted run's"""
+    """final/ in bf16, in shards of 1 KB (a file a weight matrix, 15 files): killed once `files` of them are
+    written, the run leaves no final/; --resume removes the leftover and writes final/ equal to an
+    uninterrupted run's"""
     flags = ["--model", tiny_model_dir, "--data", chat_data, *COMMON, "--save-dtype", "bf16", "--final-shard-gb",
-             "0.0001"]
+             "0.000001"]
     run_train(*flags, "--out", tmp_path / "whole")
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags), "--out", str(out)],
