@@ -360,9 +360,6 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = data.load_tokenizer(args.model)
     samples = data.load_dataset(args.data, tok, max_len=args.max_len, verbose=False)[0]
-    if len(samples) % args.global_batch:
-        raise data.InputError(f"{args.data}: {len(samples)} samples; expected a multiple of --global-batch "
-                              f"{args.global_batch}, so that train.py and TRL train on the same examples")
     if args.only_save:  # 5b alone: no peer to import
         longest = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))[: args.batch]
         print(f"machine: {machine(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -372,6 +369,9 @@ def main(argv=None):
                 longest, device, args.steps):
             print(f"| {name} | {value} | {peer_value} | {ratio:.2f} | {goal} | {'' if met is None else met} |")
         return
+    if len(samples) % args.global_batch:
+        raise data.InputError(f"{args.data}: {len(samples)} samples; expected a multiple of --global-batch "
+                              f"{args.global_batch}, so that train.py and TRL train on the same examples")
     import transformers
     import trl
     print(f"machine: {machine(device)}; torch {torch.__version__}, transformers {transformers.__version__}, "
