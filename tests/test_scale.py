@@ -301,3 +301,59 @@ def test_fsdp_holds_no_unsharded_gradient_and_loads_no_full_parameter(world, tmp
     assert same  # the resumed weights are the saved ones
     grads = {n: torch.from_numpy(g) for n, g in grads.items()}
     assert relative_error(grads, reference_gradient("ntp")) <= 1e-6
+
+
+def tokenizing_rank(rank, world, port, path, tokenizer_dir, cache, queue):
+    """On each gloo rank: data.cached_dataset with local rank 0 tokenizing, counting the calls of
+    data.load_dataset; puts (rank, calls, samples as lists, stats, error line)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls, real = [], data.load_dataset
+    data.load_dataset = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+
+    def barrier(failed):
+        flag = torch.tensor([float(failed)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+    try:
+        samples, stats = data.cached_dataset(path, data.load_tokenizer(tokenizer_dir), None, 64, None, cache,
+                                             rank == 0, barrier)
+        queue.put((rank, len(calls), [(s.id, s.input_ids.tolist(), s.labels.tolist()) for s in samples],
+                   stats["samples"], type(samples[0].input_ids).__name__, None))
+    except data.InputError as e:
+        queue.put((rank, len(calls), None, None, None, str(e)))
+    dist.destroy_process_group()
+
+
+def ranks_tokenizing(path, tokenizer_dir, cache, world=3):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=tokenizing_rank, args=(r, world, port, path, tokenizer_dir, cache, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    return results
+
+
+def test_one_rank_tokenizes_and_the_others_memory_map_its_arrays(tiny_model_dir, chat_data, tmp_path):
+    """3 gloo ranks of one node: rank 0 reads and tokenizes (load_dataset once), ranks 1 and 2 never do and get
+    the same samples, memory-mapped int32 arrays equal to load_dataset's lists; a second start reads the cache
+    (no rank tokenizes); a file rank 0 cannot read is one line on rank 0, and the others stop too"""
+    expected = [(s.id, s.input_ids, s.labels) for s in
+                data.load_dataset(chat_data, data.load_tokenizer(tiny_model_dir), max_len=64, verbose=False)[0]]
+    results = ranks_tokenizing(chat_data, tiny_model_dir, tmp_path / "cache")
+    assert [(r, calls) for r, calls, *_ in results] == [(0, 1), (1, 0), (2, 0)]
+    assert all(samples == expected and n == 40 and kind == "memmap" for _, _, samples, n, kind, _ in results)
+    again = ranks_tokenizing(chat_data, tiny_model_dir, tmp_path / "cache")
+    assert [calls for _, calls, *_ in again] == [0, 0, 0] and again[1][2] == expected
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "Hi"},\n')
+    errors = [e for *_, e in ranks_tokenizing(bad, tiny_model_dir, tmp_path / "cache")]
+    assert errors[0].startswith(f"{bad}:1: invalid JSON") and errors[1:] == [
+        f"{bad}: another rank could not read it (its line says why)"] * 2
