@@ -66,6 +66,9 @@ def main(argv=None):
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     try:
         check_args(args, world)
+        if args.shard != "ddp" and "RANK" not in os.environ:
+            raise InputError(f"--shard {args.shard}: expected a launch by torchrun (FSDP2 shards over its "
+                             f"process group): torchrun --nproc_per_node=N train.py ...")
         if "RANK" in os.environ:  # under torchrun, even on one rank (FSDP2 shards over a process group)
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                     timeout=timedelta(minutes=args.timeout_minutes))
@@ -435,9 +438,6 @@ def check_args(args, world):
     args.shard = args.shard or ("fsdp" if world > 1 else "ddp")
     if args.shard == "hsdp" and not (1 <= args.shard_degree <= world and world % args.shard_degree == 0):
         raise InputError(f"--shard-degree {args.shard_degree}: expected a divisor of the {world} ranks")
-    if args.shard != "ddp" and "RANK" not in os.environ:
-        raise InputError(f"--shard {args.shard}: expected a launch by torchrun (FSDP2 shards over its process "
-                         f"group): torchrun --nproc_per_node=N train.py ...")
     if args.mode == "sftmix" and args.micro_batch % 2:
         raise InputError(f"--micro-batch {args.micro_batch}: an SFTMix micro-batch holds confident/unconfident "
                          f"pairs, expected an even number")
