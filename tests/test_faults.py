@@ -37,6 +37,13 @@ def no_leftovers(out):
     (["--warmup-ratio", "1"], "--warmup-ratio: expected in [0, 1), got 1.0"),
     (["--epochs", "0"], "--epochs: expected >= 1, got 0"),
     (["--mixup-only"], "--mixup-only: expected --mode sftmix (the Mixup term needs pairs)"),
+    (["--shard", "fsdp"], "--shard fsdp: expected a launch by torchrun (FSDP2 shards over its process group): "
+                          "torchrun --nproc_per_node=N train.py ..."),
+    (["--shard", "hsdp", "--shard-degree", "2"], "--shard-degree 2: expected a divisor of the 1 ranks"),
+    (["--timeout-minutes", "0"], "--timeout-minutes: expected > 0, got 0.0"),
+    (["--save-every-minutes", "-1"], "--save-every-minutes: expected >= 0 (0 = off), got -1.0"),
+    (["--heldout-every", "-1"], "--heldout-every: expected >= 0 (0 = at epoch ends only), got -1"),
+    (["--final-shard-gb", "0"], "--final-shard-gb: expected > 0, got 0.0"),
 ])
 def test_bad_numeric_flag_gets_one_line_before_anything_loads(flags, expected, chat_data, tmp_path, capsys):
     line = one_line_error(capsys, "--model", tmp_path / "no-model", "--data", chat_data, "--out", tmp_path / "run",

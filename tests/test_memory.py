@@ -198,3 +198,15 @@ def test_final_is_written_holding_about_one_shard_of_host_memory(tmp_path):
     assert len(list((tmp_path / "shards" / "final").glob("*.safetensors"))) >= 10
     assert peak["one file"] >= largest["one file"]  # the measure sees the shard it holds
     assert peak["shards"] <= 3 * largest["shards"] and peak["shards"] <= peak["one file"] / 4
+
+
+@pytest.mark.parametrize("flags,line", [(["--gpus", "0"], "error: --gpus: expected >= 1, got 0"),
+                                        (["--tokens", "0"], "error: --tokens: expected >= 1, got 0"),
+                                        (["--tokens", "-5"], "error: --tokens: expected >= 1, got -5")])
+def test_memory_table_refuses_a_count_below_one_in_one_line(flags, line):
+    import subprocess
+    import sys
+    from pathlib import Path
+    table = Path(__file__).resolve().parent.parent / "scripts" / "memory_table.py"
+    r = subprocess.run([sys.executable, str(table), *flags], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == line + "\n" and r.stdout == ""
