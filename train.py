@@ -365,7 +365,9 @@ def parse_args(argv=None):
     p.add_argument("--shard", choices=["ddp", "fsdp", "hsdp"],
                    help="ddp: every rank holds the whole model; fsdp: FSDP2, weights/grads/optimizer sharded over "
                         "all ranks; hsdp: sharded within groups of --shard-degree ranks (a node), replicated across "
-                        "them. Default: fsdp under torchrun with more than one rank, else ddp")
+                        "them. Default: fsdp under torchrun with more than one rank, else ddp. A run whose "
+                        "estimated peak exceeds the GPU's memory ($SFTMIX_DEVICE_MEMORY_GB when set) is "
+                        "refused before loading, naming what would fit")
     p.add_argument("--shard-degree", type=int, default=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
                    help="hsdp: ranks that shard the model among them (default: the ranks of a node, torchrun's "
                         "LOCAL_WORLD_SIZE); the world is replicated over world / degree groups")
