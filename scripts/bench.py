@@ -24,7 +24,7 @@
 5. SFTMix / NTP micro-batch (train.forward_backward: packed forward, sftmix.head_losses, backward, grad clip): step time,
    and peak bytes of tensors allocated during the step above those held before it (CUDA: the caching allocator's
    max_memory_allocated; CPU: the running sum of the allocations and frees torch.profiler records).
-5b. resumable state save (checkpoint.Saver) / train step of the same model: the seconds the step loop waits,
+5c. resumable state save (checkpoint.Saver) / train step of the same model: the seconds the step loop waits,
    synchronous (the whole write) and asynchronous (the copy to host memory; a thread writes), and the
    asynchronous write's whole time.
 6. dynamics pass (sftmix.response_nll, one checkpoint) / the NTP epoch of train.py (1).
@@ -75,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="epoch order and SFTMix lambdas")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip measure 4b, the train step eager vs --compile (its compilation takes a while); measured: %(default)s")
-    p.add_argument("--only-save", action="store_true", help="measure 5b alone (the state save)")
+    p.add_argument("--only-save", action="store_true", help="measure 5c alone (the state save)")
     return p.parse_args(argv)
 
 
@@ -360,7 +360,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = data.load_tokenizer(args.model)
     samples = data.load_dataset(args.data, tok, max_len=args.max_len, verbose=False)[0]
-    if args.only_save:  # 5b alone: no peer to import
+    if args.only_save:  # 5c alone: no peer to import
         longest = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))[: args.batch]
         print(f"machine: {machine(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
         print("| measure | ours | peer | ratio | goal | met |\n|---|---:|---:|---:|---|---|")
@@ -487,7 +487,7 @@ def main(argv=None):
 
     # 7. model FLOP/s vs matmul FLOP/s
     log(f"7/7 {args.matmul_size}^3 matmul")
-    log("5b/7 resumable state save vs train step: synchronous, asynchronous")
+    log("5c/7 resumable state save vs train step: synchronous, asynchronous")
     rows += save_rows(ours, micro["ntp"], samples, longest, device, args.steps)
 
     a = ours.args

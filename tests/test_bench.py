@@ -14,7 +14,9 @@ ROWS = [  # the start of each row's measure, in the order bench.py prints them
     "padding share of the positions computed, the epoch: train.py / TRL padding_free=True",
     "generation tokens/s", "train step tokens/s", "train step s, SFTMix", "compile s", "micro-batch s", "micro-batch peak tensor MiB",
     "SFTMix micro-batch peak tensor MiB",
-    "s over 8 samples: dynamics pass", "padding share of the positions computed, the dynamics pass", "GFLOP/s",
+    "s over 8 samples: dynamics pass", "padding share of the positions computed, the dynamics pass",
+    "state save s the step loop waits (", "state save s the step loop waits, asynchronous",
+    "state save s, asynchronous, until written", "GFLOP/s",
 ]
 
 
