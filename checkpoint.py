@@ -92,11 +92,10 @@ class Saver:
 
     def __init__(self, out, rank, asynchronous=True):
         self.out, self.rank, self.asynchronous = Path(out), rank, asynchronous
-        # a group of its own, so the writer thread's collectives never interleave with training's
+        # groups of their own, so that the writer thread's collectives never interleave with
+        # training's, nor with SaveSchedule's clock
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        self.clock = (
-            dist.new_group(backend="gloo") if dist.is_initialized() else None
-        )  # for SaveSchedule
+        self.clock = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self.pending = None  # (future, latest.json's content) of the write in flight
         self.committed = 0  # the step of the last complete state on disk
 
@@ -108,27 +107,16 @@ class Saver:
         writer = dcp.HuggingFaceStorageWriter(str(self.out / "state" / name), save_distributed=True)
         tensors = state_tensors(model, optimizer)
         warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process: we know
+        where = dict(storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+        future = None
         if self.asynchronous:  # copies to host memory now, writes in a thread
-            future = dcp.async_save(
-                tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None
-            )
+            future = dcp.async_save(tensors, **where)
         else:
-            future = None
-            dcp.save(
-                tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None
-            )
+            dcp.save(tensors, **where)
         ranks = dist.get_world_size() if dist.is_initialized() else 1
-        self.pending = (
-            future,
-            {
-                "layout": LAYOUT,
-                "step": step,
-                "checkpoint": name,
-                "ranks": ranks,
-                "config": config,
-                "dynamics": {str(k): v for k, v in dynamics.items()},
-            },
-        )
+        latest = {"layout": LAYOUT, "step": step, "checkpoint": name, "ranks": ranks, "config": config,
+                  "dynamics": {str(k): v for k, v in dynamics.items()}}
+        self.pending = future, latest
         if future is None:
             self.wait()
 
@@ -155,9 +143,8 @@ def load_state(out, model, optimizer):
     path = Path(out) / "state" / "latest.json"
     try:
         step, folder = int(latest["step"]), Path(out) / "state" / str(latest["checkpoint"])
-        dynamics = {
-            int(k): {str(i): float(x) for i, x in v.items()} for k, v in latest["dynamics"].items()
-        }
+        dynamics = {int(k): {str(i): float(x) for i, x in v.items()}
+                    for k, v in latest["dynamics"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(
             f"{path}: unreadable ({e}); expected the latest.json of a run's state"
@@ -167,24 +154,13 @@ def load_state(out, model, optimizer):
     try:
         if not any(folder.glob("*.safetensors")):
             raise FileNotFoundError("no safetensors file")
-        dcp.load(
-            tensors,
-            storage_reader=dcp.HuggingFaceStorageReader(str(folder)),
-            no_dist=not dist.is_initialized(),
-        )
-    except (
-        OSError,
-        SafetensorError,
-        CheckpointException,
-        RuntimeError,
-        AssertionError,
-        KeyError,
-    ) as e:
+        reader = dcp.HuggingFaceStorageReader(str(folder))  # safetensors headers, no pickle
+        dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())
+    except (OSError, SafetensorError, CheckpointException, RuntimeError, AssertionError,
+            KeyError) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise InputError(
-            f"{folder}: unreadable or not this run's model ({reason}); expected a state written by "
-            f"train.py"
-        ) from None
+        raise InputError(f"{folder}: unreadable or not this run's model ({reason}); expected a "
+                         f"state written by train.py") from None
     torch.set_rng_state(tensors["rng"])
     return step, dynamics
 
@@ -193,19 +169,18 @@ def final_tensors(model, dtype, lora_scale=None):
     """(name, full CPU tensor) of each weight in turn, in the save dtype: cast where the weight
     lives (on its device; under FSDP2 each rank casts its shard), gathered (every rank takes part),
     then copied to the host, so the host holds one tensor at a time. Under LoRA each adapted weight
-    is W + scale B A, with no adapter entries. Every rank iterates it; rank 0 writes what it yields."""
+    is W + scale B A, with no adapter entries. Every rank iterates it; rank 0 writes what it
+    yields."""
     params = dict(model.named_parameters())
     for name, p in params.items():
         if name.endswith((".lora_A", ".lora_B")):
             continue
-        w = _full(p.detach(), torch.float32 if lora_scale and name.endswith(".weight") else dtype)
-        a = params.get(name.removesuffix("weight") + "lora_A")
-        if lora_scale and a is not None:
-            b = params[name.removesuffix("weight") + "lora_B"]
-            w = (
-                w
-                + lora_scale * (_full(b.detach(), torch.float32) @ _full(a.detach(), torch.float32))
-            ).to(dtype)
+        prefix = name.removesuffix("weight")
+        if lora_scale and prefix + "lora_A" in params:  # W' = W + scale B A, in fp32, then cast
+            A, B = (_full(params[prefix + k].detach(), torch.float32) for k in ("lora_A", "lora_B"))
+            w = _full(p.detach(), torch.float32) + lora_scale * (B @ A)
+        else:
+            w = _full(p.detach(), dtype)
         yield name, w.to(dtype).cpu()
 
 
