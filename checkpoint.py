@@ -114,8 +114,8 @@ class Saver:
         else:
             dcp.save(tensors, **where)
         ranks = dist.get_world_size() if dist.is_initialized() else 1
-        latest = {"layout": LAYOUT, "step": step, "checkpoint": name, "ranks": ranks, "config": config,
-                  "dynamics": {str(k): v for k, v in dynamics.items()}}
+        latest = {"layout": LAYOUT, "step": step, "checkpoint": name, "ranks": ranks,
+                  "config": config, "dynamics": {str(k): v for k, v in dynamics.items()}}
         self.pending = future, latest
         if future is None:
             self.wait()
