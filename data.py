@@ -42,11 +42,13 @@ An example left with no trained token after truncation is dropped and counted, n
 """
 import argparse
 import errno
+import hashlib
 import itertools
 import json
 import math
 import os
 import re
+import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -204,7 +206,8 @@ class Example:
 
 @dataclass
 class Sample:
-    """Token ids of one example; labels pre-shifted (labels[t] is the target for position t, or -100)."""
+    """Token ids of one example; labels pre-shifted (labels[t] is the target for position t, or -100). Lists, or
+    (train.py) int32 views into the flat arrays of token_arrays: no Python object per token."""
     id: str
     input_ids: list
     labels: list
@@ -531,6 +534,64 @@ def load_dataset(path, tok: Tokenizer, prompt_format: str | None = None, max_len
     return samples, stats
 
 
+CACHE_VERSION = 1  # bump when tokenization changes what a file gives
+
+
+def token_arrays(samples: list) -> dict:
+    """The token ids and labels of samples as flat int32 arrays (ids, labels (S,), offsets (n + 1,): sample i is
+    [offsets[i], offsets[i + 1])): about 8 bytes a token, against a Python int object per token in lists."""
+    offsets = np.cumsum([0] + [len(s.input_ids) for s in samples])
+    return {"ids": np.concatenate([np.asarray(s.input_ids, dtype=np.int32) for s in samples]),
+            "labels": np.concatenate([np.asarray(s.labels, dtype=np.int32) for s in samples]), "offsets": offsets}
+
+
+def array_samples(ids: list, arrays: dict) -> list:
+    """Samples whose input_ids and labels are views into token_arrays' arrays (memory-mapped or not)."""
+    o = arrays["offsets"]
+    return [Sample(i, arrays["ids"][o[k]:o[k + 1]], arrays["labels"][o[k]:o[k + 1]]) for k, i in enumerate(ids)]
+
+
+def cache_key(path, tok: Tokenizer, prompt_format, max_len, fmt) -> str:
+    """A fingerprint of what tokenizing a data file gives: the file's bytes, the tokenizer's files and the
+    settings (and CACHE_VERSION)."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, prompt_format, max_len, fmt]).encode())
+    for file in [Path(path)] + sorted(tok.dir.glob("tokenizer*")) + sorted(tok.dir.glob("*.jinja")):
+        h.update(file.name.encode() + file.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def cached_dataset(path, tok: Tokenizer, prompt_format, max_len, fmt, cache, tokenize_here, barrier) -> tuple:
+    """load_dataset's (samples, stats), tokenized once for the ranks of a node: the rank with tokenize_here
+    (each node's local rank 0) reads and tokenizes the file and writes CACHE/KEY/ (cache_key): ids.npy, labels.npy,
+    offsets.npy and meta.json (sample ids, stats), as a folder renamed into place whole; barrier() then lets
+    the other ranks memory-map the arrays (the page cache holds one copy a node). barrier(failed) returns
+    whether any rank failed before it, so a rank whose reader raised does not leave the others waiting."""
+    folder = Path(cache) / cache_key(path, tok, prompt_format, max_len, fmt)
+    try:
+        if tokenize_here and not (folder / "meta.json").exists():
+            samples, stats = load_dataset(path, tok, prompt_format, max_len, fmt, verbose=False)
+            tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")  # nodes may share the file system
+            tmp.mkdir(parents=True, exist_ok=True)
+            for name, array in token_arrays(samples).items():
+                np.save(tmp / f"{name}.npy", array)
+            write_json(tmp / "meta.json", {"ids": [s.id for s in samples], "stats": stats})
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another node's is already in place, the same
+                shutil.rmtree(tmp)
+    except OSError as e:
+        barrier(True)
+        raise InputError(f"{cache}: cannot write the token cache there ({e.strerror})") from None
+    except InputError:
+        barrier(True)
+        raise
+    if barrier(False):
+        raise InputError(f"{path}: another rank could not read it (its line says why)")
+    meta = json.loads((folder / "meta.json").read_text())
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("ids", "labels", "offsets")}
+    return array_samples(meta["ids"], arrays), meta["stats"]
+
+
 def summary(stats: dict) -> str:
     """The line that says what load_dataset made of a file: the formats chosen, what was truncated or dropped."""
     return (f"data: {stats['path']}: format {stats['format']} ({stats['format_from']}), prompt format "
@@ -560,15 +621,17 @@ def pack(samples: list) -> dict:
         targets, sample       (N,) those labels, and the sample each position belongs to
         ids                   the samples' ids, in row order
     """
-    labels = [t for s in samples for t in s.labels]
-    trained = [k for k, t in enumerate(labels) if t != IGNORE]
+    labels = np.concatenate([np.asarray(s.labels, dtype=np.int64) for s in samples])  # (S,)
+    trained = np.flatnonzero(labels != IGNORE)  # (N,)
     lengths = [len(s.input_ids) for s in samples]
-    return {"input_ids": torch.tensor([[t for s in samples for t in s.input_ids]]),  # (1, S)
+    row = np.concatenate([np.asarray(s.input_ids, dtype=np.int64) for s in samples])
+    counts = [int((np.asarray(s.labels) != IGNORE).sum()) for s in samples]
+    return {"input_ids": torch.from_numpy(row)[None],  # (1, S)
             "seqs": packing(lengths),
-            "trained": torch.tensor(trained, dtype=torch.long),  # (N,)
-            "targets": torch.tensor([labels[k] for k in trained], dtype=torch.long),  # (N,)
-            "sample": torch.tensor([j for j, s in enumerate(samples) for t in s.labels if t != IGNORE],
-                                   dtype=torch.long),  # (N,)
+            "trained": torch.from_numpy(trained),  # (N,)
+            "targets": torch.from_numpy(labels[trained]),  # (N,)
+            "sample": torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts),
+                                              output_size=len(trained)),  # (N,)
             "ids": [s.id for s in samples]}
 
 

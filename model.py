@@ -9,6 +9,7 @@ config.json. Shapes: B batch, T time, S keys, D hidden_size, H heads, K kv heads
 """
 import json
 import math
+import os
 import shutil
 import sys
 from dataclasses import dataclass, fields
@@ -567,17 +568,6 @@ def add_lora(model: Transformer, r: int, alpha: float, targets=LORA_TARGETS) -> 
     return model
 
 
-def merge_lora(state: dict, scale: float) -> dict:
-    """A state dict with every adapter folded into its base, W' = W + scale B A, and no lora_A / lora_B entries:
-    plain HF weights, which load with no adapter code."""
-    merged = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
-    for k in state:
-        if k.endswith(".lora_A"):
-            w = k.removesuffix("lora_A") + "weight"
-            merged[w] = state[w] + scale * (state[k.removesuffix("A") + "B"] @ state[k])
-    return merged
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def model_dir(path) -> Path:
@@ -613,9 +603,9 @@ def load_into(param, full):
     """Copy a full tensor (on the CPU) into a parameter, cast to its dtype: all of it, or under FSDP2 (a DTensor
     sharded on dim 0 as torch.chunk cuts it) this rank's part alone, so the device never holds the full tensor."""
     if isinstance(param, DTensor):
-        mesh = param.device_mesh
-        chunks = full.chunk(mesh.size(), dim=0)
-        rank = mesh.get_local_rank()
+        mesh, dim = param.device_mesh, [p.is_shard() for p in param.placements].index(True)  # HSDP: (R, S)
+        chunks = full.chunk(mesh.size(dim), dim=0)
+        rank = mesh.get_local_rank(dim)
         full, param = (chunks[rank] if rank < len(chunks) else full[:0]), param.to_local()
     assert param.shape == full.shape, f"{tuple(full.shape)} into {tuple(param.shape)}"
     param.copy_(full)
@@ -737,33 +727,37 @@ def save_pretrained(model: Transformer, path, tokenizer_dir=None, state_dict=Non
     """Write config.json and model.safetensors (sharded with an index above max_shard_bytes), loadable by
     transformers' class of the family (LlamaForCausalLM, Gemma2ForCausalLM, ...). A tied LM head is written
     once, as model.embed_tokens.weight.
-    state_dict (name -> full CPU tensor) replaces model.state_dict(), for callers that gathered it.
+    state_dict (name -> full CPU tensor, or an iterable of (name, tensor) pairs) replaces model.state_dict(),
+    for callers that gather it: pairs are consumed one shard at a time, so only one shard is held at once.
     Every file is written to a temporary name and renamed, so a crash never leaves a half-written file.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = state_dict if state_dict is not None else model.state_dict()
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()
-             if not (model.args.tie_word_embeddings and k == "lm_head.weight")}
-    shards, size = [{}], 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        with atomic_path(path / name) as tmp:
-            save_file(shard, str(tmp), metadata={"format": "pt"})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+    pairs = state.items() if isinstance(state, dict) else state
+    shard, size, parts, weight_map, total, dtype = {}, 0, [], {}, 0, None
+
+    def write(shard):  # each shard under a temporary name until the count of shards is known
+        parts.append(path / f"model-{len(parts) + 1:05d}.safetensors.tmp")
+        save_file(shard, str(parts[-1]), metadata={"format": "pt"})
+    for name, t in pairs:
+        if model.args.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        t = t.detach().cpu().contiguous()
+        nbytes, dtype = t.numel() * t.element_size(), t.dtype
+        if shard and size + nbytes > max_shard_bytes:
+            write(shard)
+            shard, size = {}, 0
+        shard[name], size, total = t, size + nbytes, total + nbytes
+        weight_map[name] = len(parts)
+    write(shard)
+    names = ["model.safetensors"] if len(parts) == 1 else [
+        f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    for part, name in zip(parts, names):
+        os.replace(part, path / name)
+    if len(parts) > 1:
         write_json(path / "model.safetensors.index.json",
-                   {"metadata": {"total_size": total}, "weight_map": weight_map})
-    dtype = next(iter(state.values())).dtype
+                   {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}})
     write_json(path / "config.json", model.args.to_hf_config(dtype))
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:

@@ -62,7 +62,7 @@ def response_nll(model, samples, batch_size, device, amp_dtype=None, desc="dynam
     result = {}
     for batch, sample_nll in per_batch:
         for s, s_nll in zip(batch, sample_nll.tolist()):
-            result[s.id] = (s_nll, sum(t != IGNORE for t in s.labels))
+            result[s.id] = (s_nll, int((np.asarray(s.labels) != IGNORE).sum()))
     model.train(was_training)
     if world > 1:
         parts = [None] * world
@@ -245,7 +245,7 @@ def micro_batches(batch, samples, rank, world, micro_batch, lam=None):
         n_tokens = sum over the G examples of |y|            (trained tokens)
         n_mixed  = sum over the P pairs of min(|y^c|, |y^u|)  (mixed positions; 0 without pairs)
     """
-    n = {i: sum(t != IGNORE for t in samples[i].labels) for i in batch}  # trained tokens per example
+    n = {i: int((np.asarray(samples[i].labels) != IGNORE).sum()) for i in batch}  # trained tokens per example
     P = len(batch) // 2
     lam = None if lam is None else lam.tolist()  # a host tensor: plain numbers for the layout
     if lam is not None:  # (pair index, its two sample indices)

@@ -23,32 +23,35 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
-from functools import partial
+from datetime import timedelta
+from functools import lru_cache, partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoint
 import data
 import sftmix
 from data import InputError
-from model import (LORA_TARGETS, ModelArgs, add_lora, compute_dtype, load_pretrained, merge_lora, model_dir,
-                   save_pretrained)
+from memory import memory_per_gpu
+from model import LORA_TARGETS, ModelArgs, add_lora, compute_dtype, load_pretrained, model_dir, save_pretrained
 
 # Flags that may change between a run and its resumption; every other flag, and what the inputs hold, must match
 # the saved state. --lr and --grad-clip may change to rescue a run that diverged (the schedule is lr_at with the new
 # --lr); --out, so that a run directory moved elsewhere resumes.
-RESUMABLE_FLAGS = {"resume", "stop_at_step", "save_every", "eval_batch", "keep_state", "lr", "grad_clip", "out",
-                   "compile", "deterministic", "save_dtype"}
+RESUMABLE_FLAGS = {"resume", "stop_at_step", "save_every", "save_every_minutes", "eval_batch", "keep_state", "lr",
+                   "grad_clip", "out", "compile", "deterministic", "save_dtype", "final_shard_gb",
+                   "timeout_minutes", "shard_degree", "heldout_every"}
 # The inputs' paths may change too (moved with the run or not): what each holds must match instead, through a
 # fingerprint in run_config (model: its config.json as ModelArgs reads it; data, heldout: token ids; split: halves).
 FINGERPRINTS = {"model": "its config.json is not that of the run's model",
@@ -61,10 +64,15 @@ def main(argv=None):
     with data.reported():  # bad input: one line and exit 2; a bug of ours keeps its traceback
         args = parse_args(argv)
         world = int(os.environ.get("WORLD_SIZE", 1))
-        if world > 1:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
         try:
+            check_args(args, world)
+            if args.shard != "ddp" and "RANK" not in os.environ:
+                raise InputError(f"--shard {args.shard}: expected a launch by torchrun (FSDP2 shards over "
+                                 f"its process group): torchrun --nproc_per_node=N train.py ...")
+            if "RANK" in os.environ:  # under torchrun, even on one rank (FSDP2 shards over a process group)
+                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                        timeout=timedelta(minutes=args.timeout_minutes))
             train(args, rank, local_rank, world)
         finally:
             if dist.is_initialized():
@@ -72,150 +80,222 @@ def main(argv=None):
 
 
 def train(args, rank, local_rank, world):
-    # every flag and input checked before anything is written: the device, the data, the split, the schedule
-    check_args(args, world)
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if args.deterministic:  # cuBLAS needs this before its first call to be deterministic
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+    """Every input checked before anything is written or loaded; then the model, and the steps: step, record
+    (dynamics, held-out passes, metrics), save, stop; then final/."""
+    device = pick_device(local_rank, args.deterministic)
     bf16 = compute_dtype(args.dtype, device) == torch.bfloat16
     amp_dtype = torch.bfloat16 if bf16 and args.shard == "ddp" else None  # FSDP2 casts through its policy
     out = Path(args.out)
     base = model_dir(args.model)  # an HF directory, or a run directory's final/
     model_args = ModelArgs.from_model_dir(base)  # a config.json we cannot run exactly fails here, not after loading
     tok = data.load_tokenizer(base)
-    samples, stats = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, args.format, verbose=False)
-    heldout, heldout_stats = data.load_dataset(args.heldout, tok, args.prompt_format, args.max_len, verbose=False) \
-        if args.heldout else (None, None)
+    read = partial(read_data, tok=tok, prompt_format=args.prompt_format, max_len=args.max_len, out=out,
+                   local_rank=local_rank)
+    samples, stats = read(args.data, fmt=args.format)
+    heldout, heldout_stats = read(args.heldout, fmt=None) if args.heldout else (None, None)
     halves = split_indices(args.split, samples) if args.mode == "sftmix" else None
-    batches_of = partial(epoch_batches, len(samples), halves, G=args.global_batch, seed=args.seed, alpha=args.alpha)
+    batches_of = lru_cache(maxsize=1)(partial(  # an epoch's batches, kept while it lasts
+        epoch_batches, len(samples), halves, G=args.global_batch, seed=args.seed, alpha=args.alpha))
     steps_per_epoch = len(batches_of(0))
+    check_batches(args, samples, halves, steps_per_epoch)
     total = steps_per_epoch * args.epochs
-    if total == 0 and halves:
-        raise InputError(f"{args.split}: {len(halves[0])} confident and {len(halves[1])} unconfident examples make "
-                         f"{min(map(len, halves))} pairs, fewer than the {args.global_batch // 2} of one global batch")
-    if total == 0:
-        raise InputError(f"{args.data}: {len(samples)} samples fill no global batch of {args.global_batch}")
     points = dynamics_points(total, args.dynamics) if args.dynamics else []
     config = run_config(args, model_args, samples, heldout, halves)
-    if args.resume and (out / "state" / "latest.json").exists():
+    resuming = args.resume and (out / "state" / "latest.json").exists()
+    if resuming:
         check_settings(out, config)
-    if rank == 0:  # every input checked: now the run directory, then what was read
-        writable_dir(out)
-        print("\n".join(data.summary(s) for s in (stats, heldout_stats) if s))
+    check_memory(model_args, args, samples, world, device)
+    if rank == 0:  # every input checked: now the run directory
+        prepare_out(out, resuming)
 
     # the model: built on meta, prepared (LoRA, compile, FSDP2 units), then filled; the optimizer; the state
     torch.manual_seed(args.seed)  # LoRA's initial A
-    model = load_pretrained(base, device=device, prepare=partial(prepare_model, args=args, bf16=bf16))
-    wrapped = model  # what forward and backward go through: the model itself, FSDP2's in place, or DDP around it
-    if args.shard == "ddp" and world > 1:
-        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                      gradient_as_bucket_view=True)
+    prepare = partial(prepare_model, lora=(args.lora_rank, args.lora_alpha, args.lora_targets),
+                      activation_checkpointing=args.activation_checkpointing, compile=args.compile,
+                      mesh=shard_mesh(args.shard, args.shard_degree, world, device), bf16=bf16)
+    model = load_pretrained(base, device=device, prepare=prepare)
+    # what forward and backward go through: the model itself, FSDP2's in place, or DDP around it
+    wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                  gradient_as_bucket_view=True) if args.shard == "ddp" and world > 1 else model
     optimizer = adamw(model, args.lr, args.weight_decay, args.betas)
-    step, dynamics = 0, {}
-    if args.resume and (out / "state" / "latest.json").exists():
-        step, dynamics = load_state(out, model, optimizer, rank, world)
-    saved = step  # the step of the last complete state on disk
-    if rank == 0:
+    step, dynamics = checkpoint.load_state(out, model, optimizer) if resuming else (0, {})
+    saver = checkpoint.Saver(out, rank)
+    saver.committed = step
+    if rank == 0:  # every check passed, the state loaded: what was read, and what runs
+        print("\n".join(data.summary(s) for s in (stats, heldout_stats) if s))
         print(f"train: {args.mode}, {len(samples)} samples, {total} steps of {args.global_batch} examples "
               f"on {world} rank(s) ({args.shard}), {device.type}, {'bf16' if bf16 else 'fp32'}"
               f"{f', resuming after step {step}' if step else ''}")
-        keep_metrics_until(out / "metrics.jsonl", step)
+        keep_lines_until(out / "metrics.jsonl", step)
+        keep_lines_until(out / "heldout.jsonl", step)
 
-    batches, batches_epoch = None, None
+    step_fn = partial(train_step, wrapped, model, optimizer, samples, device=device, amp_dtype=amp_dtype,
+                      rank=rank, world=world, loss=(args.mu, args.mixup_only), micro_batch=args.micro_batch,
+                      grad_clip=args.grad_clip, lr=partial(lr_at, total=total, lr=args.lr,
+                                                           warmup_ratio=args.warmup_ratio))
+    evaluate = partial(sftmix.response_nll, wrapped, batch_size=args.eval_batch, device=device,
+                       amp_dtype=amp_dtype)
+    due = SaveSchedule(args.save_every, args.save_every_minutes, total, args.keep_state, args.stop_at_step,
+                       saver.clock)
     with tqdm(total=total, initial=step, desc=args.mode, disable=rank != 0) as progress:
         while step < total:
-            # this step's global batch (and lambdas), and its learning rate: both fixed by the step alone
             epoch = step // steps_per_epoch
-            if epoch != batches_epoch:
-                batches, batches_epoch = batches_of(epoch), epoch
-            batch, lam = batches[step % steps_per_epoch]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, args.lr, args.warmup_ratio)
-
-            # forward and backward over this rank's micro-batches, then the update
-            t0 = time.perf_counter()
-            stats, n_input = forward_backward(args, wrapped, samples, batch, lam, device, amp_dtype, rank, world)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            # the step's one read from the device: the losses, the grad norm, and whether the weights are finite;
-            # a divergence stops the run and writes nothing
-            read = torch.cat([stats, weights_finite(model, world)])  # (5,)
-            loss, ntp_loss, mix_loss, grad_norm, finite = read.tolist()
-            if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm)):
-                raise InputError(f"step {step + 1}: loss is not finite (ntp {ntp_loss}, mixup {mix_loss}, grad norm "
-                                 f"{grad_norm}); stopped. {last_state(out, saved)}")
-            if not finite:
-                raise InputError(f"step {step + 1}: the update made weights inf or NaN "
-                                 f"(lr {lr_at(step, total, args.lr, args.warmup_ratio):.3g})"
-                                 f"; stopped. {last_state(out, saved)}")
+            try:
+                record = step_fn(step, *batches_of(epoch)[step % steps_per_epoch])
+            except InputError as e:  # diverged: the state in flight completes, and the message names it
+                saver.wait()
+                raise InputError(f"{e}; stopped. {last_state(out, saver.committed)}") from None
             step += 1
-            elapsed = time.perf_counter() - t0
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", ntp=f"{ntp_loss:.4f}", mixup=f"{mix_loss:.4f}")
-
-            # training dynamics (stage 1): every example's response perplexity at this checkpoint
-            if step in points:
-                nll = sftmix.response_nll(wrapped, samples, args.eval_batch, device, amp_dtype,
-                                          desc=f"dynamics {points.index(step) + 1}/{len(points)}")
-                dynamics[step] = {k: sftmix.perplexity(*v) for k, v in nll.items()}
-                if not all(map(math.isfinite, dynamics[step].values())):
-                    worst = max(nll, key=lambda k: nll[k][0] / nll[k][1])
-                    raise InputError(f"step {step}: example {worst}: mean response NLL "
-                                     f"{nll[worst][0] / nll[worst][1]:.1f} "
-                                     f"nats, its perplexity overflows a float: the model has diverged (lower --lr)")
-            # metrics (held-out perplexity at the end of each epoch), then the resumable state
-            record = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": loss,
-                      "ntp_loss": ntp_loss, "mixup_loss": mix_loss, "grad_norm": grad_norm,
-                      "tokens_per_s": n_input / elapsed}
-            if heldout and step % steps_per_epoch == 0:  # the end of an epoch
-                nll = sftmix.response_nll(wrapped, heldout, args.eval_batch, device, amp_dtype, desc="held-out")
-                weighted = sftmix.token_weighted(nll, list(nll))
-                record.update(heldout_nll=weighted["nll_per_token"], heldout_ppl=weighted["ppl"])
-            if rank == 0:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if step % args.save_every == 0 or step == total or step == args.stop_at_step:
-                save_state(out, model, optimizer, step, dynamics, config, rank)
-                saved = step
+            progress.set_postfix(loss=f"{record['loss']:.4f}", ntp=f"{record['ntp_loss']:.4f}",
+                                 mixup=f"{record['mixup_loss']:.4f}")
+            record_step(record | {"step": step, "epoch": epoch}, out, evaluate, samples, heldout, points,
+                        dynamics, steps_per_epoch, args.heldout_every, rank)
+            if due(step):
+                saver.save(model, optimizer, step, dynamics, config)
             if step == args.stop_at_step and step < total:
+                saver.wait()
                 if rank == 0:
                     print(f"stopped after step {step}; continue with --resume")
                 return
-    # final/: all ranks take part in gathering the full weights, one tensor at a time, onto rank 0's CPU
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if args.lora_rank:  # final/ is plain HF weights: W + (alpha / r) B A, no adapter keys
-        full = merge_lora(full, args.lora_alpha / args.lora_rank)
+    saver.wait()
+    write_final(out, model, base, args.save_dtype, args.lora_alpha / args.lora_rank if args.lora_rank else None,
+                args.final_shard_gb, rank)
     if rank == 0:
-        if points:
-            write_dynamics(out / "dynamics.jsonl", samples, points, dynamics)
-        base_config = json.loads((base / "config.json").read_text())
-        named = base_config.get("dtype") or base_config.get("torch_dtype")  # transformers 5 writes "dtype"
-        save_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.save_dtype) or {
-            "bfloat16": torch.bfloat16, "float16": torch.float16}.get(named, torch.float32)
-        for name in full:  # cast one tensor at a time, each fp32 tensor freed as its cast replaces it
-            full[name] = full[name].to(save_dtype)
-        save_pretrained(model, out / "final", tokenizer_dir=base, state_dict=full)
-        if not args.keep_state:
-            shutil.rmtree(out / "state")
-        print(f"wrote {out / 'final'}" + (f" and {out / 'dynamics.jsonl'}" if points else ""))
+        finish(out, samples, points, dynamics, args.keep_state)
 
 
-def forward_backward(args, wrapped, samples, batch, lam, device, amp_dtype, rank, world):
+# ----------------------------------------------------------------------------- the phases of a step
+
+def train_step(wrapped, model, optimizer, samples, step, batch, lam, device, amp_dtype, rank, world, loss,
+               micro_batch, grad_clip, lr):
+    """One optimizer step on global batch `batch` (lam: its lambdas, or None) at the learning rate lr(step);
+    returns its metrics record. The step's one read from the device: the losses, the grad norm, and whether the
+    weights are finite; a divergence is an InputError (the caller writes nothing of it)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr(step)
+    t0 = time.perf_counter()
+    stats, n_input = forward_backward(wrapped, samples, batch, lam, *loss, micro_batch, grad_clip, device,
+                                      amp_dtype, rank, world)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    read = torch.cat([stats, weights_finite(model, world)])  # (5,)
+    total_loss, ntp_loss, mix_loss, grad_norm, finite = read.tolist()
+    if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm)):
+        raise InputError(f"step {step + 1}: loss is not finite (ntp {ntp_loss}, mixup {mix_loss}, grad norm "
+                         f"{grad_norm})")
+    if not finite:
+        raise InputError(f"step {step + 1}: the update made weights inf or NaN (lr {lr(step):.3g})")
+    return {"lr": optimizer.param_groups[0]["lr"], "loss": total_loss, "ntp_loss": ntp_loss, "mixup_loss": mix_loss,
+            "grad_norm": grad_norm, "tokens_per_s": n_input / (time.perf_counter() - t0)}
+
+
+def record_step(record, out, evaluate, samples, heldout, points, dynamics, steps_per_epoch, heldout_every, rank):
+    """After step record["step"]: the training dynamics (stage 1: every example's response perplexity at this
+    checkpoint), a held-out pass at the end of each epoch and every heldout_every steps (its per-example NLL
+    appended to OUT/heldout.jsonl), and the metrics line of OUT/metrics.jsonl."""
+    step = record["step"]
+    if step in points:
+        nll = evaluate(samples, desc=f"dynamics {points.index(step) + 1}/{len(points)}")
+        dynamics[step] = {k: sftmix.perplexity(*v) for k, v in nll.items()}
+        if not all(map(math.isfinite, dynamics[step].values())):
+            worst = max(nll, key=lambda k: nll[k][0] / nll[k][1])
+            raise InputError(f"step {step}: example {worst}: mean response NLL {nll[worst][0] / nll[worst][1]:.1f} "
+                             f"nats, its perplexity overflows a float: the model has diverged (lower --lr)")
+    if heldout and (step % steps_per_epoch == 0 or (heldout_every and step % heldout_every == 0)):
+        nll = evaluate(heldout, desc="held-out")
+        weighted = sftmix.token_weighted(nll, list(nll))
+        record.update(heldout_nll=weighted["nll_per_token"], heldout_ppl=weighted["ppl"])
+        if rank == 0:
+            append_line(out / "heldout.jsonl", {"step": step, "epoch": step / steps_per_epoch,
+                                                "nll": {k: [float(s), int(n)] for k, (s, n) in nll.items()}})
+    if rank == 0:
+        append_line(out / "metrics.jsonl", record)
+
+
+class SaveSchedule:
+    """When a state is written: every `steps` steps and every `minutes` minutes (either may be 0 = off), and at
+    --stop-at-step; never at the last step unless --keep-state (final/ follows, and a run killed while
+    writing it resumes from the state before). Ranks follow rank 0's clock (one broadcast a step on the CPU
+    group `clock`), so they all save at the same step."""
+
+    def __init__(self, steps, minutes, total, keep_state, stop_at_step, clock):
+        self.steps, self.seconds, self.total = steps, minutes * 60, total
+        self.keep_state, self.stop_at_step, self.clock = keep_state, stop_at_step, clock
+        self.since = time.monotonic()
+
+    def __call__(self, step):
+        if step == self.total:
+            return self.keep_state
+        due = step == self.stop_at_step or (self.steps and step % self.steps == 0)
+        if self.seconds:
+            late = torch.tensor([time.monotonic() - self.since >= self.seconds])
+            if self.clock is not None:
+                dist.broadcast(late, 0, group=self.clock)
+            due = due or bool(late)
+        if due:
+            self.since = time.monotonic()
+        return due
+
+
+def write_final(out, model, base, save_dtype, lora_scale, shard_gb, rank):
+    """OUT/final/: the weights in the save dtype as HF sharded safetensors, tensor by tensor (rank 0's host holds
+    one shard file's worth), written as OUT/final.tmp/ and renamed, so final/ is whole or absent."""
+    tensors = checkpoint.final_tensors(model, final_dtype(save_dtype, base), lora_scale)
+    if rank != 0:
+        for _ in tensors:  # every rank takes part in gathering each tensor
+            pass
+        return
+    tmp = out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp, tokenizer_dir=base, state_dict=tensors, max_shard_bytes=int(shard_gb * 2**30))
+    shutil.rmtree(out / "final", ignore_errors=True)  # a complete final/ of this same state, from a killed rerun
+    os.replace(tmp, out / "final")
+
+
+def prepare_out(out, resuming):
+    """Create the run directory, and clear what a killed run left: the state folders latest.json does not
+    name and final.tmp/ (resuming), or the whole state of an earlier run (starting again)."""
+    writable_dir(out)
+    if resuming:
+        checkpoint.remove_stale(out, keep=checkpoint.read_latest(out)["checkpoint"])
+    else:
+        shutil.rmtree(out / "state", ignore_errors=True)
+        shutil.rmtree(out / "final.tmp", ignore_errors=True)
+
+
+def finish(out, samples, points, dynamics, keep_state):
+    """After final/ (rank 0): dynamics.jsonl, and the state removed unless --keep-state."""
+    if points:
+        write_dynamics(out / "dynamics.jsonl", samples, points, dynamics)
+    if not keep_state:
+        shutil.rmtree(out / "state", ignore_errors=True)
+    print(f"wrote {out / 'final'}" + (f" and {out / 'dynamics.jsonl'}" if points else ""))
+
+
+def final_dtype(flag, base):
+    """--save-dtype's dtype; auto = the base checkpoint's (config.json's dtype or torch_dtype), else fp32."""
+    base_config = json.loads((base / "config.json").read_text())
+    named = base_config.get("dtype") or base_config.get("torch_dtype")  # transformers 5 writes "dtype"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(flag) or {
+        "bfloat16": torch.bfloat16, "float16": torch.float16}.get(named, torch.float32)
+
+
+def forward_backward(wrapped, samples, batch, lam, mu, mixup_only, micro_batch, grad_clip, device, amp_dtype, rank,
+                     world):
     """Accumulate the gradient of L over this rank's micro-batches of one global batch, then clip it.
 
-    L = L_NTP + mu L_Mixup, or L_Mixup alone with --mixup-only; each term normalised over the whole global batch
+    L = L_NTP + mu L_Mixup, or L_Mixup alone with mixup_only; each term normalised over the whole global batch
     (sftmix.micro_batches gives the normalisers), so micro-batch and rank boundaries do not change the gradient.
     batch holds G sample indices, and lam (G/2,) makes it G/2 pairs (epoch_batches), or is None (plain NTP).
-    Nothing here waits for the device: every index is laid out on the host (data.pack, sftmix.micro_batches)
-    and copied asynchronously, and the sums stay on the device. Returns (stats, input tokens of the global
-    batch): stats (4,) on the device = (L, L_NTP, L_Mixup, grad norm before clipping), for the caller to read.
+    Both terms come from sftmix.head_losses, which the model's LM head calls on the final hidden states (so
+    that FSDP2 gathers the head's weight). Nothing here waits for the device: every index is laid out on the
+    host (data.pack, sftmix.micro_batches) and copied asynchronously, and the sums stay on the device. Returns
+    (stats, input tokens of the global batch): stats (4,) on the device = (L, L_NTP, L_Mixup, grad norm before
+    clipping), for the caller to read.
     """
-    micro, n_tokens, n_mixed = sftmix.micro_batches(batch, samples, rank, world, args.micro_batch, lam)
-    ntp_weight, mix_weight = (0.0, 1.0) if args.mixup_only else (1.0, args.mu)
+    micro, n_tokens, n_mixed = sftmix.micro_batches(batch, samples, rank, world, micro_batch, lam)
+    ntp_weight, mix_weight = (0.0, 1.0) if mixup_only else (1.0, mu)
     sums = torch.zeros(2, device=device)  # NTP NLL sum, Mixup CE sum
     for j, mb in enumerate(micro):
         b = data.to_device(data.pack([samples[i] for i in mb.rows]), device)
@@ -226,13 +306,14 @@ def forward_backward(args, wrapped, samples, batch, lam, device, amp_dtype, rank
         last = j == len(micro) - 1
         with wrapped.no_sync() if isinstance(wrapped, DDP) and not last else nullcontext():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                nll, mix = wrapped(b["input_ids"], seqs=b["seqs"], logits_at=b["trained"], head=head)
-            loss = ntp_weight * nll.sum() / n_tokens + mix_weight * mix.sum() / max(n_mixed, 1)  # (N,), (M,) summed
-            (loss * world).backward()  # ranks average gradients; * world makes it the sum over the global batch
+                nll, mix = wrapped(b["input_ids"], seqs=b["seqs"], logits_at=b["trained"], head=head)  # (N,), (M,)
+            L_ntp, L_mixup = nll.sum() / n_tokens, mix.sum() / max(n_mixed, 1)
+            L = ntp_weight * L_ntp + mix_weight * L_mixup  # L = L_NTP + mu L_Mixup
+            (L * world).backward()  # ranks average gradients; * world makes it the sum over the global batch
         sums += torch.stack([nll.detach().sum(), mix.detach().sum()])
     if world > 1:
         dist.all_reduce(sums)
-    grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), args.grad_clip or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), grad_clip or float("inf"))
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
     ntp, mixup = sums[0] / n_tokens, sums[1] / max(n_mixed, 1)
@@ -257,6 +338,10 @@ def parse_args(argv=None):
                    metavar="C",
                    help="record every example's response perplexity at C evenly spaced checkpoints")
     p.add_argument("--heldout", help="held-out data: response perplexity after every epoch, in metrics.jsonl")
+    p.add_argument("--heldout-every", type=data.number("--heldout-every", int, ">= 0 (0 = off)"), default=0,
+                   metavar="K",
+                   help="a held-out pass every K optimizer steps too (0 = at epoch ends only); each pass appends "
+                        "its per-example NLL to OUT/heldout.jsonl")
     p.add_argument("--alpha", type=data.number("--alpha", float, "> 0 (Beta(alpha, alpha))"),
                    default=0.5, help="lambda ~ Beta(alpha, alpha) [paper]")
     p.add_argument("--mu", type=data.number("--mu", float, ">= 0"),
@@ -289,8 +374,15 @@ def parse_args(argv=None):
     p.add_argument("--save-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="dtype of the weights in final/: auto = the base checkpoint's (its config.json's torch_dtype "
                         "or dtype; fp32 when it names none): bf16 for the paper's models, fp32 for the demo's")
-    p.add_argument("--shard", choices=["ddp", "fsdp"], default="ddp",
-                   help="ddp: every rank holds the whole model; fsdp: FSDP2, weights/grads/optimizer sharded")
+    p.add_argument("--shard", choices=["ddp", "fsdp", "hsdp"],
+                   help="ddp: every rank holds the whole model; fsdp: FSDP2, weights/grads/optimizer sharded over "
+                        "all ranks; hsdp: sharded within groups of --shard-degree ranks (a node), replicated across "
+                        "them. Default: fsdp under torchrun with more than one rank, else ddp. A run whose "
+                        "estimated peak exceeds the GPU's memory ($SFTMIX_DEVICE_MEMORY_GB when set) is "
+                        "refused before loading, naming what would fit")
+    p.add_argument("--shard-degree", type=data.number("--shard-degree", int, ">= 1"), default=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                   help="hsdp: ranks that shard the model among them (default: the ranks of a node, torchrun's "
+                        "LOCAL_WORLD_SIZE); the world is replicated over world / degree groups")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="keep only each block's input, recompute the block in backward")
     p.add_argument("--compile", action="store_true",
@@ -302,11 +394,20 @@ def parse_args(argv=None):
                    default=0, help="data order and lambda draws")
     p.add_argument("--eval-batch", type=data.number("--eval-batch", int, ">= 1"),
                    default=16, help="examples per forward in the dynamics pass")
-    p.add_argument("--save-every", type=data.number("--save-every", int, ">= 1"),
-                   default=100, help="steps between resumable states (and at the end)")
+    p.add_argument("--save-every", type=data.number("--save-every", int, ">= 1"), default=500,
+                   help="steps between resumable states (written in the background while training goes on; "
+                        "none at the last step, unless --keep-state)")
+    p.add_argument("--save-every-minutes", type=data.number("--save-every-minutes", float, ">= 0 (0 = off)"),
+                   default=30.0, help="minutes between resumable states as well (0 = by steps only)")
+    p.add_argument("--timeout-minutes", type=data.number("--timeout-minutes", float, "> 0"), default=30.0,
+                   help="how long a collective (a barrier after a save on a slow file system) may wait before "
+                        "the process group gives up [torch: 10]")
+    p.add_argument("--final-shard-gb", type=data.number("--final-shard-gb", float, "> 0"), default=5.0,
+                   help="largest safetensors file of final/ (more files, with an index, above it) [HF: 5]")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/state/ if it holds a state; the data and every flag must be the same, but "
-                        "--lr, --grad-clip, --stop-at-step, --save-every, --eval-batch and --keep-state may change")
+                        "--lr, --grad-clip, --stop-at-step, --save-every(-minutes), --eval-batch, --keep-state "
+                        "and the number of ranks may change")
     p.add_argument("--keep-state", action="store_true",
                    help="keep OUT/state/ (weights + AdamW moments, ~4x the model) after final/ is written")
     p.add_argument("--stop-at-step", type=data.number("--stop-at-step", int, ">= 0 (0 = off)"),
@@ -324,31 +425,18 @@ def parse_args(argv=None):
 
 
 def check_args(args, world):
-    """Every flag checked before anything loads: one line naming the flag and what was expected."""
-    for flag, ok, expected in [
-            ("global_batch", args.global_batch >= 1, ">= 1"), ("micro_batch", args.micro_batch >= 1, ">= 1"),
-            ("epochs", args.epochs >= 1, ">= 1"), ("eval_batch", args.eval_batch >= 1, ">= 1"),
-            ("save_every", args.save_every >= 1, ">= 1"), ("dynamics", args.dynamics >= 0, ">= 0 (0 = off)"),
-            ("max_len", args.max_len >= 2, ">= 2"), ("stop_at_step", args.stop_at_step >= 0, ">= 0 (0 = off)"),
-            ("lr", 0 < args.lr < math.inf, "> 0 and finite"), ("warmup_ratio", 0 <= args.warmup_ratio < 1, "in [0, 1)"),
-            ("weight_decay", 0 <= args.weight_decay < math.inf, ">= 0 and finite"),
-            ("grad_clip", 0 <= args.grad_clip < math.inf, ">= 0 and finite (0 = off)"),
-            ("betas", all(0 <= b < 1 for b in args.betas), "two numbers in [0, 1)"),
-            ("lora_rank", args.lora_rank >= 0, ">= 0 (0 = off)"),
-            ("lora_alpha", 0 < args.lora_alpha < math.inf, "> 0 and finite"), ("seed", args.seed >= 0, ">= 0")]:
-        if not ok:
-            raise InputError(f"--{flag.replace('_', '-')}: expected {expected}, got {getattr(args, flag)}")
+    """The flags checked together before anything loads (each number's own range is its type,
+    data.number): one line naming the flag and what was expected. Resolves --shard's default."""
     if args.mixup_only and args.mode != "sftmix":
         raise InputError("--mixup-only: expected --mode sftmix (the Mixup term needs pairs)")
     if args.mode == "sftmix" and not args.split:
         raise InputError("--mode sftmix needs --split FILE (from `python sftmix.py split`)")
-    if not 0 < args.alpha < math.inf:
-        raise InputError(f"--alpha: expected > 0 (Beta(alpha, alpha)), got {args.alpha}")
-    if not 0 <= args.mu < math.inf:
-        raise InputError(f"--mu: expected >= 0, got {args.mu}")
     if args.global_batch % (world * args.micro_batch):
         raise InputError(f"--global-batch {args.global_batch}: expected a multiple of ranks x --micro-batch "
                          f"= {world} x {args.micro_batch}")
+    args.shard = args.shard or ("fsdp" if world > 1 else "ddp")
+    if args.shard == "hsdp" and not (1 <= args.shard_degree <= world and world % args.shard_degree == 0):
+        raise InputError(f"--shard-degree {args.shard_degree}: expected a divisor of the {world} ranks")
     if args.mode == "sftmix" and args.micro_batch % 2:
         raise InputError(f"--micro-batch {args.micro_batch}: an SFTMix micro-batch holds confident/unconfident "
                          f"pairs, expected an even number")
@@ -418,26 +506,89 @@ def dynamics_points(total, C):
 
 # ----------------------------------------------------------------------------- model, state and outputs
 
-def prepare_model(model, args, bf16):
-    """What train.py does to the model on the meta device, before any weight has memory: LoRA adapters,
-    activation checkpointing, `torch.compile` of each block, and FSDP2's units, as torchtitan lays them out:
-    each block, the embedding, and the final norm with the LM head (kept gathered after forward: backward
-    needs them first). A tied LM head is the embedding's weight, so both stay in the root unit then.
+def prepare_model(model, lora, activation_checkpointing, compile, mesh, bf16):
+    """What train.py does to the model on the meta device, before any weight has memory: LoRA adapters
+    (lora = (rank, alpha, targets), rank 0 = none), activation checkpointing, `torch.compile` of each block,
+    and FSDP2's units over `mesh` (None: no sharding; 1-D: FSDP; 2-D (replicate, shard): HSDP), as torchtitan
+    lays them out: each block, the embedding, and the final norm with the LM head (kept gathered after forward:
+    backward needs them first). A tied LM head is the embedding's weight, so both stay in the root unit then.
     FSDP2 computes in bf16 under bf16 (its policy casts the gathered weights), reducing gradients in fp32."""
-    if args.lora_rank:
-        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
-    model.checkpoint_activations = args.activation_checkpointing
-    for block in model.model.layers if args.compile else []:
+    if lora[0]:
+        add_lora(model, *lora)
+    model.checkpoint_activations = activation_checkpointing
+    for block in model.model.layers if compile else []:
         block.compile(fullgraph=True)  # lengths vary: the second length makes the graph dynamic, no more
-    if args.shard == "fsdp":
+    if mesh is not None:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
             MixedPrecisionPolicy()
+        shard = partial(fully_shard, mesh=mesh, mp_policy=mp)
         for block in model.model.layers:
-            fully_shard(block, mp_policy=mp)
+            shard(block)
         if not model.args.tie_word_embeddings:
-            fully_shard(model.model.embed_tokens, mp_policy=mp)
-            fully_shard([model.model.norm, model.lm_head], mp_policy=mp, reshard_after_forward=False)
-        fully_shard(model, mp_policy=mp)
+            shard(model.model.embed_tokens)
+            shard([model.model.norm, model.lm_head], reshard_after_forward=False)
+        shard(model)
+
+
+def shard_mesh(shard, degree, world, device):
+    """The device mesh FSDP2 shards over: all ranks (fsdp), (world / degree replicas, degree shards) (hsdp:
+    each node holds one copy, sharded among its ranks; gradients are reduce-scattered within a node and
+    all-reduced across nodes), or None (ddp)."""
+    if shard == "fsdp":
+        return init_device_mesh(device.type, (world,))
+    if shard == "hsdp":
+        return init_device_mesh(device.type, (world // degree, degree), mesh_dim_names=("replicate", "shard"))
+    return None
+
+
+def pick_device(local_rank, deterministic):
+    """This rank's GPU (cuda:LOCAL_RANK), else the CPU; deterministic kernels if asked."""
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if deterministic:  # cuBLAS needs this before its first call to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    return device
+
+
+def device_memory(device):
+    """Bytes of memory a GPU has: $SFTMIX_DEVICE_MEMORY_GB if set (to plan for another device, or to test),
+    else CUDA's total memory; None on the CPU (no limit checked)."""
+    if os.environ.get("SFTMIX_DEVICE_MEMORY_GB"):
+        return float(os.environ["SFTMIX_DEVICE_MEMORY_GB"]) * 1e9
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def check_memory(model_args, args, samples, world, device):
+    """Before any weight loads: refuse a run whose estimated peak per GPU (memory.memory_per_gpu, for the
+    longest micro-batch of the data) exceeds the device's memory, naming settings that would fit. LoRA runs
+    are not checked (the estimate counts every weight as trained)."""
+    limit = device_memory(device)
+    if limit is None or args.lora_rank:
+        return
+    lengths = sorted(len(s.input_ids) for s in samples)
+
+    def peak(shard, checkpointing, micro_batch):
+        gpus = {"ddp": 1, "fsdp": world, "hsdp": args.shard_degree}[shard]
+        return memory_per_gpu(model_args, gpus, "ddp" if shard == "ddp" else "fsdp", checkpointing,
+                              sum(lengths[-micro_batch:]), mixup=args.mode == "sftmix")["total"]
+    now = peak(args.shard, args.activation_checkpointing, args.micro_batch)
+    if now <= limit:
+        return
+    shards = [args.shard] + (["fsdp"] if world > 1 and args.shard != "fsdp" else [])
+    micro = [m for m in (args.micro_batch // 2, args.micro_batch // 4, 2 if args.mode == "sftmix" else 1)
+             if 1 <= m < args.micro_batch]
+    fits = [(s, c, m) for s in shards for m in [args.micro_batch, *micro] for c in (args.activation_checkpointing, True)
+            if peak(s, c, m) <= limit]  # preferred: sharding, then checkpointing, then a smaller micro-batch
+    advice = "nothing does on this many GPUs: more GPUs, or a smaller model"
+    if fits:
+        s, c, m = fits[0]
+        change = [f"--shard {s}"] * (s != args.shard) + ["--activation-checkpointing"] * (
+            c != args.activation_checkpointing) + [f"--micro-batch {m}"] * (m != args.micro_batch)
+        advice = f"{' '.join(change)} would fit ({peak(s, c, m) / 1e9:.1f} GB)"
+    raise InputError(f"--shard {args.shard}: an estimated {now / 1e9:.1f} GB a GPU (memory.memory_per_gpu), more "
+                     f"than the device's {limit / 1e9:.1f} GB; {advice}")
 
 
 def _local(t):
@@ -459,11 +610,11 @@ def run_config(args, model_args, samples, heldout, halves):
     """The settings a resumed run must share, as they read back from JSON: every flag but RESUMABLE_FLAGS, and
     INPUT_sha256, a fingerprint of what each input of FINGERPRINTS holds (None when not given). Their paths are
     kept to name an input in a message, and what_changed does not compare them."""
-    held = heldout and [(s.id, s.input_ids, s.labels) for s in heldout]
-    content = {"model": vars(model_args), "data": [(s.id, s.input_ids, s.labels) for s in samples],
-               "heldout": held, "split": halves and [[samples[i].id for i in half] for half in halves]}
+    content = {"model": vars(model_args), "split": halves and [[samples[i].id for i in half] for half in halves]}
+    digest = {k: v and hashlib.sha256(json.dumps(v).encode()).hexdigest() for k, v in content.items()}
     config = {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}
-    config |= {f"{k}_sha256": v and hashlib.sha256(json.dumps(v).encode()).hexdigest() for k, v in content.items()}
+    config |= {"model_sha256": digest["model"], "data_sha256": token_fingerprint(samples),
+               "heldout_sha256": heldout and token_fingerprint(heldout), "split_sha256": digest["split"]}
     return json.loads(json.dumps(config))
 
 
@@ -484,13 +635,7 @@ def what_changed(saved, config):
 def check_settings(out, config):
     """Before the model loads: the state in OUT/state/ was written with the settings of config (run_config), or
     one line names each that differs (what_changed)."""
-    path = out / "state" / "latest.json"
-    try:
-        saved = json.loads(path.read_text())["config"]
-        if not isinstance(saved, dict):
-            raise TypeError(f"config is {type(saved).__name__}")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{path}: unreadable ({e}); expected the latest.json of a run's state") from None
+    saved = checkpoint.read_latest(out)["config"]
     changed = what_changed(saved, config)
     if changed:
         raise InputError(f"{out / 'state'}: was written by a run with other settings: {'; '.join(changed)}")
@@ -506,76 +651,6 @@ def writable_dir(out):
     except OSError as e:
         raise InputError(f"--out {out}: cannot write there ({e.strerror}); expected a directory that can be created "
                          f"and written") from None
-
-
-def save_state(out, model, optimizer, step, dynamics, config, rank):
-    """Everything needed to continue bitwise, with no pickle anywhere: OUT/state/step-N/rank-R.safetensors holds
-    the weights, AdamW moments and RNG state (one file per rank under FSDP, whose ranks hold different shards;
-    rank 0's alone under DDP), and OUT/state/latest.json names it, with the step (which fixes the schedule and
-    the data position), the number of ranks, the run's settings and the dynamics so far. A step is written
-    beside the last one, never over it, and latest.json is replaced atomically once every rank has written,
-    so a run killed at any moment resumes from a complete state."""
-    name, sharded = f"step-{step:07d}", any(isinstance(p, DTensor) for p in model.parameters())
-    folder = out / "state" / name
-    latest = out / "state" / "latest.json"
-    if latest.exists() and json.loads(latest.read_text())["checkpoint"] == name:
-        return  # this very state is already complete on disk
-    if rank == 0 or sharded:
-        tensors = {"rng": torch.get_rng_state()}
-        for n, p in model.named_parameters():
-            tensors[f"model.{n}"] = _local(p.detach())
-            tensors.update({f"optimizer.{n}.{k}": _local(v) for k, v in optimizer.state.get(p, {}).items()})
-        folder.mkdir(parents=True, exist_ok=True)
-        with data.atomic_path(folder / f"rank-{rank:05d}.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        data.write_json(latest, {"step": step, "checkpoint": name, "ranks": dist.get_world_size() if sharded else 1,
-                                 "config": config, "dynamics": {str(k): v for k, v in dynamics.items()}})
-        for old in (out / "state").glob("step-*"):
-            if old.name != name:
-                shutil.rmtree(old)
-
-
-def load_state(out, model, optimizer, rank, world):
-    """Restore what save_state wrote (its settings already checked: check_settings); any unreadable or
-    mismatching file is one line naming it."""
-    path = out / "state" / "latest.json"
-    try:
-        latest = json.loads(path.read_text())
-        step, name, ranks = int(latest["step"]), str(latest["checkpoint"]), int(latest["ranks"])
-        dynamics = {int(k): {str(i): float(x) for i, x in v.items()} for k, v in latest["dynamics"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"{path}: unreadable ({e}); expected the latest.json of a run's state") from None
-    sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    if sharded and ranks != world:
-        raise InputError(f"{path}: written by {ranks} FSDP ranks, resumed on {world}: each rank holds its own shards, "
-                         f"so resume on {ranks} ranks")
-    file = out / "state" / name / f"rank-{rank if sharded else 0:05d}.safetensors"
-    try:  # one tensor at a time, straight into its place (this rank's shard under FSDP)
-        with safe_open(str(file), framework="pt", device="cpu") as f, torch.no_grad():
-            stored = set(f.keys())
-            for n, p in model.named_parameters():
-                keys = {"param": f"model.{n}", "exp_avg": f"optimizer.{n}.exp_avg",
-                        "exp_avg_sq": f"optimizer.{n}.exp_avg_sq",
-                        "step": f"optimizer.{n}.step"} if p.requires_grad else {"param": f"model.{n}"}
-                shape = f.get_slice(keys["param"]).get_shape() if keys["param"] in stored else None
-                if not set(keys.values()) <= stored or shape != list(_local(p).shape):
-                    raise InputError(f"{file}: {n}: missing or of another shape than the model's; expected the state "
-                                     f"of this run's model")
-                _local(p).copy_(f.get_tensor(keys["param"]))
-                if not p.requires_grad:  # a frozen weight (the base under LoRA) has no AdamW moments
-                    continue
-                state = {"step": f.get_tensor(keys["step"]).to(_local(p).device),
-                         "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-                _local(state["exp_avg"]).copy_(f.get_tensor(keys["exp_avg"]))
-                _local(state["exp_avg_sq"]).copy_(f.get_tensor(keys["exp_avg_sq"]))
-                optimizer.state[p] = state
-            torch.set_rng_state(f.get_tensor("rng"))
-    except (OSError, SafetensorError) as e:
-        raise InputError(f"{file}: unreadable ({e}); expected a state written by train.py") from None
-    return step, dynamics
 
 
 def last_state(out, saved):
@@ -595,13 +670,53 @@ def write_dynamics(path, samples, points, dynamics):
         for s, p, c, v in zip(samples, perps, conf, var)], lines=True)
 
 
-def keep_metrics_until(path, step):
-    """Drop metric lines after `step` (and a half-written last line), left by a run that died after its last state."""
+def keep_lines_until(path, step):
+    """Drop JSON lines after `step` (and a half-written last line), left by a run that died after its last state."""
     if path.exists():
-        lines = [l for l in path.read_text().splitlines(keepends=True)
-                 if l.endswith("\n") and json.loads(l)["step"] <= step]
+        lines = [line for line in path.read_text().splitlines(keepends=True)
+                 if line.endswith("\n") and json.loads(line)["step"] <= step]
         with data.atomic_path(path) as tmp:
             tmp.write_text("".join(lines))
+
+
+def append_line(path, record):
+    """Append one JSON line to path (rank 0)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_data(path, tok, prompt_format, max_len, fmt, out, local_rank):
+    """(samples, stats) of a data file, the samples' tokens in flat int32 arrays (data.token_arrays). Under
+    torchrun each node's local rank 0 tokenizes it into OUT/cache/ and the node's other ranks memory-map that
+    (data.cached_dataset); alone, the process tokenizes it and writes nothing."""
+    if not dist.is_initialized():
+        samples, stats = data.load_dataset(path, tok, prompt_format, max_len, fmt, verbose=False)
+        return data.array_samples([s.id for s in samples], data.token_arrays(samples)), stats
+    host = dist.new_group(backend="gloo")  # the flag goes over the CPU whatever the backend
+
+    def barrier(failed):
+        flag = torch.tensor([float(failed)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host)
+        return bool(flag)
+    return data.cached_dataset(path, tok, prompt_format, max_len, fmt, out / "cache", local_rank == 0, barrier)
+
+
+def token_fingerprint(samples):
+    """sha256 of what samples hold: each id, its token ids and labels (as int32), however they are stored."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.id.encode() + b"\0" + np.asarray(s.input_ids, np.int32).tobytes()
+                 + np.asarray(s.labels, np.int32).tobytes())
+    return h.hexdigest()
+
+
+def check_batches(args, samples, halves, steps_per_epoch):
+    """One line when the data (or the split's pairs) fill no global batch."""
+    if steps_per_epoch == 0 and halves:
+        raise InputError(f"{args.split}: {len(halves[0])} confident and {len(halves[1])} unconfident examples make "
+                         f"{min(map(len, halves))} pairs, fewer than the {args.global_batch // 2} of one global batch")
+    if steps_per_epoch == 0:
+        raise InputError(f"{args.data}: {len(samples)} samples fill no global batch of {args.global_batch}")
 
 
 if __name__ == "__main__":

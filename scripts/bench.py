@@ -26,6 +26,9 @@
 5. SFTMix / NTP micro-batch (train.forward_backward: packed forward, sftmix.head_losses, backward, grad clip): step time,
    and peak bytes of tensors allocated during the step above those held before it (CUDA: the caching allocator's
    max_memory_allocated; CPU: the running sum of the allocations and frees torch.profiler records).
+5c. resumable state save (checkpoint.Saver) / train step of the same model: the seconds the step loop waits,
+   synchronous (the whole write) and asynchronous (the copy to host memory; a thread writes), and the
+   asynchronous write's whole time.
 6. dynamics pass (sftmix.response_nll, one checkpoint) / the NTP epoch of train.py (1).
 7. model FLOP/s of train step 4 / this machine's FLOP/s on one large matmul in the same dtype and threads.
 On CUDA the models run under bf16 autocast with fp32 weights, as train.py does; on CPU in fp32.
@@ -74,6 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="epoch order and SFTMix lambdas")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip measure 4b, the train step eager vs --compile (its compilation takes a while); measured: %(default)s")
+    p.add_argument("--only-save", action="store_true", help="measure 5c alone (the state save)")
     return p.parse_args(argv)
 
 
@@ -275,7 +279,8 @@ def micro_step(model, targs, samples, batch, device, optimizer=None):
     """train.forward_backward on one global batch that is a single micro-batch, then the optimizer's step if
     one is given, then drop the gradients."""
     lam = sftmix.sample_lambda(targs.alpha, len(batch) // 2, targs.seed, 0) if targs.mode == "sftmix" else None
-    train.forward_backward(targs, model, samples, batch, lam, device, amp_dtype(device, targs.dtype), 0, 1)
+    train.forward_backward(model, samples, batch, lam, targs.mu, targs.mixup_only, targs.micro_batch,
+                           targs.grad_clip, device, amp_dtype(device, targs.dtype), rank=0, world=1)
     if optimizer is not None:
         optimizer.step()
     model.zero_grad(set_to_none=True)
@@ -338,6 +343,38 @@ def train_argv(args, mode, global_batch, out="unused", *flags):
             str(args.seed), *flags]
 
 
+def save_rows(model, targs, samples, batch, device, repeats):
+    """The resumable state's save (checkpoint.Saver: DCP, safetensors, weights + AdamW moments) against one train
+    step of the same model (train.forward_backward + AdamW on `batch`): the seconds the step loop waits for a
+    save, synchronous (the whole write) and asynchronous (the copy to host memory; a thread writes the rest),
+    interleaved, median of `repeats`; and the asynchronous write's whole time."""
+    import checkpoint
+    optimizer = train.adamw(model, 1e-6, 0.1)
+    step = functools.partial(micro_step, model, targs, samples, batch, device, optimizer)
+    step()  # AdamW's moments exist: the state has its full size
+    t_step = race({"step": step}, device, 0, repeats)["step"]
+    waits, whole = {"sync": [], "async": []}, []
+    with tempfile.TemporaryDirectory() as out:
+        for k in range(repeats):
+            for mode in ("sync", "async"):
+                saver = checkpoint.Saver(Path(out) / mode, 0, asynchronous=mode == "async")
+                t0 = time.perf_counter()
+                saver.save(model, optimizer, k + 1, {}, {})
+                waits[mode].append(time.perf_counter() - t0)
+                saver.wait()
+                whole += [time.perf_counter() - t0] * (mode == "async")
+        size = sum(f.stat().st_size for f in (Path(out) / "sync").rglob("*.safetensors"))
+    t = {mode: statistics.median(w) for mode, w in waits.items()}
+    log(f"  state {size / 2**20:.0f} MiB; waits sync {waits['sync']}, async {waits['async']}; async whole {whole}")
+    return [(f"state save s the step loop waits ({size / 2**20:.0f} MiB: weights + AdamW), synchronous / train "
+             f"step s", f"{t['sync']:.3g}", f"{t_step:.3g}", t["sync"] / t_step, "(its cost in steps)", None),
+            ("state save s the step loop waits, asynchronous (copy to host memory) / synchronous",
+             f"{t['async']:.3g}", f"{t['sync']:.3g}", t["async"] / t["sync"], "< 1.0", t["async"] < t["sync"]),
+            ("state save s, asynchronous, until written / train step s", f"{statistics.median(whole):.3g}",
+             f"{t_step:.3g}", statistics.median(whole) / t_step, "(a save every K >= this steps: one in flight)",
+             None)]
+
+
 def trainer_args(args, mode, global_batch, *flags):
     """train.py's flags, as train.parse_args reads train_argv."""
     return train.parse_args(train_argv(args, mode, global_batch, "unused", *flags))
@@ -349,6 +386,15 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = data.load_tokenizer(args.model)
     samples = data.load_dataset(args.data, tok, max_len=args.max_len, verbose=False)[0]
+    if args.only_save:  # 5c alone: no peer to import
+        longest = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))[: args.batch]
+        print(f"machine: {machine(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print("| measure | ours | peer | ratio | goal | met |\n|---|---:|---:|---:|---|---|")
+        for name, value, peer_value, ratio, goal, met in save_rows(
+                M.load_pretrained(args.model, device=device), trainer_args(args, "ntp", args.batch), samples,
+                longest, device, args.steps):
+            print(f"| {name} | {value} | {peer_value} | {ratio:.2f} | {goal} | {'' if met is None else met} |")
+        return
     if len(samples) % args.global_batch:
         raise data.InputError(f"{args.data}: {len(samples)} samples; expected a multiple of --global-batch "
                               f"{args.global_batch}, so that train.py and TRL train on the same examples")
@@ -402,7 +448,9 @@ def main(argv=None):
         steps = {}
         for name, a in variants.items():
             bf16 = amp_dtype(device, a.dtype) is not None
-            m = M.load_pretrained(args.model, device=device, prepare=lambda m, a=a: train.prepare_model(m, a, bf16))
+            prepare = functools.partial(train.prepare_model, lora=(0, 0, ()), activation_checkpointing=False,
+                              compile=a.compile, mesh=None, bf16=bf16)
+            m = M.load_pretrained(args.model, device=device, prepare=prepare)
             optimizer, order = train.adamw(m, a.lr, a.weight_decay, a.betas), itertools.cycle(batches)
             steps[name] = lambda a=a, m=m, o=optimizer, order=order: micro_step(m, a, samples, next(order), device, o)
         warm = {}
@@ -465,6 +513,9 @@ def main(argv=None):
 
     # 7. model FLOP/s vs matmul FLOP/s
     log(f"7/7 {args.matmul_size}^3 matmul")
+    log("5c/7 resumable state save vs train step: synchronous, asynchronous")
+    rows += save_rows(ours, micro["ntp"], samples, longest, device, args.steps)
+
     a = ours.args
     n_params = sum(p.numel() for p in ours.parameters())  # tied embedding counted once: it is the LM-head matmul
     step_flops = 6 * n_params * B * T + 12 * a.num_hidden_layers * a.num_attention_heads * a.head_dim * T * B * T

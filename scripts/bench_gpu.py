@@ -204,7 +204,8 @@ def train_table(args, samples, peer, margs, device):
         with torch.device(device):
             ours = M.Transformer(margs)
         ours.load_state_dict(peer.state_dict())
-        train.prepare_model(ours, train.parse_args(flags + extra), bf16=True)
+        train.prepare_model(ours, lora=(0, 0, ()), activation_checkpointing=False, compile=bool(extra), mesh=None,
+                            bf16=True)
         variants[name] = ours
     optimizers = {name: train.adamw(m, 1e-5, 0.1) for name, m in variants.items()}
     optimizers["peer"] = train.adamw(peer, 1e-5, 0.1)

@@ -14,7 +14,9 @@ ROWS = [  # the start of each row's measure, in the order bench.py prints them
     "padding share of the positions computed, the epoch: train.py / TRL padding_free=True",
     "generation tokens/s", "generation tokens/s", "train step tokens/s", "train step s, SFTMix", "compile s", "micro-batch s", "micro-batch peak tensor MiB",
     "SFTMix micro-batch peak tensor MiB",
-    "s over 8 samples: dynamics pass", "padding share of the positions computed, the dynamics pass", "GFLOP/s",
+    "s over 8 samples: dynamics pass", "padding share of the positions computed, the dynamics pass",
+    "state save s the step loop waits (", "state save s the step loop waits, asynchronous",
+    "state save s, asynchronous, until written", "GFLOP/s",
 ]
 
 
@@ -80,9 +82,9 @@ def test_bench_gpu_model_flops_are_what_torchs_flop_counter_counts():
     g = torch.Generator().manual_seed(0)
     samples = [data.Sample(str(i), torch.randint(0, 50, (12,), generator=g).tolist(),
                            [data.IGNORE] * 5 + torch.randint(0, 50, (7,), generator=g).tolist()) for i in range(3)]
-    targs = T.parse_args(["--model", "-", "--data", "-", "--out", "-", "--micro-batch", "3", "--global-batch", "3"])
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # attention as matmuls
-        T.forward_backward(targs, M.Transformer(args), samples, [0, 1, 2], None, torch.device("cpu"), None, 0, 1)
+        T.forward_backward(M.Transformer(args), samples, [0, 1, 2], None, mu=0.2, mixup_only=False, micro_batch=3,
+                           grad_clip=1.0, device=torch.device("cpu"), amp_dtype=None, rank=0, world=1)
     causal_half = 6 * args.num_hidden_layers * args.num_attention_heads * args.head_dim * 3 * 12 * 12
     assert counter.get_total_flops() == bench_gpu.step_flops(args, [samples])[0] + causal_half
 

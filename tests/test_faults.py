@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import model as M
 import sftmix
 import train as T
 from test_train import COMMON, ROOT, one_line_error, run_train, weights
@@ -36,6 +37,13 @@ def no_leftovers(out):
     (["--warmup-ratio", "1"], "--warmup-ratio: expected in [0, 1), got 1.0"),
     (["--epochs", "0"], "--epochs: expected >= 1, got 0"),
     (["--mixup-only"], "--mixup-only: expected --mode sftmix (the Mixup term needs pairs)"),
+    (["--shard", "fsdp"], "--shard fsdp: expected a launch by torchrun (FSDP2 shards over its process group): "
+                          "torchrun --nproc_per_node=N train.py ..."),
+    (["--shard", "hsdp", "--shard-degree", "2"], "--shard-degree 2: expected a divisor of the 1 ranks"),
+    (["--timeout-minutes", "0"], "--timeout-minutes: expected > 0, got 0.0"),
+    (["--save-every-minutes", "-1"], "--save-every-minutes: expected >= 0 (0 = off), got -1.0"),
+    (["--heldout-every", "-1"], "--heldout-every: expected >= 0 (0 = at epoch ends only), got -1"),
+    (["--final-shard-gb", "0"], "--final-shard-gb: expected > 0, got 0.0"),
 ])
 def test_bad_numeric_flag_gets_one_line_before_anything_loads(flags, expected, chat_data, tmp_path, capsys):
     line = one_line_error(capsys, "--model", tmp_path / "no-model", "--data", chat_data, "--out", tmp_path / "run",
@@ -75,22 +83,34 @@ def latest(state):
     return json.loads((state / "latest.json").read_text())
 
 
-@pytest.mark.parametrize("damage,named", [
-    ("latest.json is not JSON", "latest.json"),
-    ("checkpoint folder missing", "rank-00000.safetensors"),
-    ("state file truncated", "rank-00000.safetensors"),
-])
-def test_corrupt_state_gets_one_line_naming_the_file(damage, named, stopped_run, capsys):
+@pytest.mark.parametrize("damage", ["latest.json is not JSON", "checkpoint folder missing", "state file truncated"])
+def test_corrupt_state_gets_one_line_naming_the_file(damage, stopped_run, capsys):
     base, state = stopped_run
-    file = state / latest(state)["checkpoint"] / "rank-00000.safetensors"
+    folder = state / latest(state)["checkpoint"]
+    named = "latest.json" if damage == "latest.json is not JSON" else folder.name
     if damage == "latest.json is not JSON":
         (state / "latest.json").write_text('{"step": 2, "check')
     elif damage == "checkpoint folder missing":
-        file.unlink()
+        shutil.rmtree(folder)
     else:
-        file.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])
+        for file in folder.glob("*.safetensors"):
+            file.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])
     line = one_line_error(capsys, *base, "--resume")
     assert line.startswith("error: ") and named in line and str(state) in line
+
+
+def test_a_state_of_the_older_layout_is_refused_in_one_line(stopped_run, capsys):
+    """the state of a run before torch.distributed.checkpoint: a safetensors file per rank, a latest.json
+    that names no layout"""
+    base, state = stopped_run
+    old = latest(state)
+    shutil.rmtree(state / old["checkpoint"])
+    (state / old["checkpoint"]).mkdir()
+    (state / old["checkpoint"] / "rank-00000.safetensors").write_bytes(b"")
+    (state / "latest.json").write_text(json.dumps({k: old[k] for k in ("step", "checkpoint", "config", "dynamics")}
+                                                  | {"ranks": 1}))
+    line = one_line_error(capsys, *base, "--resume")
+    assert line.startswith(f"error: {state / 'latest.json'}: an older state layout")
 
 
 def test_resume_refuses_a_crafted_state_without_running_it(stopped_run, tmp_path, capsys):
@@ -103,12 +123,27 @@ def test_resume_refuses_a_crafted_state_without_running_it(stopped_run, tmp_path
             return (os.system, (f"touch {marker}",))
     folder = state / latest(state)["checkpoint"]
     for f in folder.iterdir():
-        f.unlink()
-    (folder / "rank-00000.safetensors").write_bytes(pickle.dumps(Payload()))
-    (folder / ".metadata").write_bytes(pickle.dumps(Payload()))  # the file torch.distributed.checkpoint unpickles
+        f.write_bytes(pickle.dumps(Payload()))  # each state file
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload()))  # the file DCP's FileSystemReader unpickles
     line = one_line_error(capsys, *base, "--resume")
-    assert line.startswith("error: ") and "rank-00000.safetensors" in line
+    assert line.startswith("error: ") and folder.name in line
     assert not marker.exists()
+
+
+def test_resume_never_reads_a_pickle_planted_beside_a_good_state(stopped_run, tmp_path):
+    """torch.distributed.checkpoint's own reader unpickles .metadata (and .distcp files hold pickles): planted
+    beside a complete state, the run resumes to its end and runs none of them"""
+    base, state = stopped_run
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    folder = state / latest(state)["checkpoint"]
+    for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):
+        (folder / name).write_bytes(pickle.dumps(Payload()))
+    run_train(*base, "--resume")
+    assert (state.parent / "final" / "model.safetensors").exists() and not marker.exists()
 
 
 def test_resume_after_the_data_file_was_edited_in_place_is_refused(tiny_model_dir, chat_data, tmp_path, capsys):
@@ -350,3 +385,60 @@ def test_resume_after_an_input_changed_in_place_names_it(changed, tiny_model_dir
             "model": f"{model}: its config.json is not that of the run's model"}[changed]
     line = fails_with_one_line(capsys, T.main, *base, "--resume")
     assert line == f"error: {tmp_path / 'in' / 'run' / 'state'}: was written by a run with other settings: {what}"
+
+
+# ----------------------------------------------------------------------------- killed while writing
+
+def kill_when(proc, ready):
+    """SIGKILL proc at the first moment ready() holds (polled without sleeping), or after it ended."""
+    while proc.poll() is None and not ready():
+        pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def uncommitted(state):
+    """A step-N folder that latest.json does not name: a state being written, or written and not yet committed."""
+    committed = latest(state)["checkpoint"] if (state / "latest.json").exists() else None
+    return any(f.name != committed for f in state.glob("step-*")) if state.exists() else False
+
+
+def test_run_killed_while_a_state_is_written_in_the_background_resumes_bitwise(tiny_model_dir, chat_data, tmp_path):
+    """a state every step, written asynchronously: killed while one is in flight (three times), the run resumes
+    from the last committed state and ends bitwise where the uninterrupted run ends"""
+    base = [str(ROOT / "train.py"), "--model", tiny_model_dir, "--data", chat_data, *COMMON, "--epochs", "2",
+            "--micro-batch", "4"]
+    run_train(*base[1:], "--out", tmp_path / "whole")
+    state, landed = tmp_path / "killed" / "state", 0
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, *map(str, base), "--out", tmp_path / "killed"]
+                                + ["--resume"] * (attempt > 0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kill_when(proc, lambda: uncommitted(state) and (state / "latest.json").exists())
+        landed += uncommitted(state)
+    assert landed >= 1 and not (tmp_path / "killed" / "final").exists()
+    run_train(*base[1:], "--out", tmp_path / "killed", "--resume")
+    whole, resumed = weights(tmp_path / "whole"), weights(tmp_path / "killed")
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
+@pytest.mark.parametrize("files", [0, 3, 8])
+def test_run_killed_while_writing_final_leaves_no_final_and_the_rerun_writes_it_whole(files, tiny_model_dir,
+                                                                                      chat_data, tmp_path):
+    """final/ in bf16, in shards of 1 KB (a file a weight matrix, 15 files): killed once `files` of them are
+    written, the run leaves no final/; --resume removes the leftover and writes final/ equal to an
+    uninterrupted run's"""
+    flags = ["--model", tiny_model_dir, "--data", chat_data, *COMMON, "--save-dtype", "bf16", "--final-shard-gb",
+             "0.000001"]
+    run_train(*flags, "--out", tmp_path / "whole")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = out / "final.tmp"
+    kill_when(proc, lambda: tmp.exists() and len(os.listdir(tmp)) >= files)
+    assert tmp.exists() and not (out / "final").exists(), "the kill did not land while final/ was written"
+    run_train(*flags, "--out", out, "--resume")
+    assert (out / "final").is_dir() and not list(out.rglob("*.tmp"))
+    index = json.loads((out / "final" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 8
+    whole, resumed = (M.load_pretrained(run, dtype=torch.bfloat16).state_dict() for run in (tmp_path / "whole", out))
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)

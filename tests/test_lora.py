@@ -54,10 +54,15 @@ def runs(tiny_model_dir, chat_data, tmp_path_factory):
 
 
 def state_of(run):
-    """The kept state read with safetensors alone: FSDP's per-rank shards of each tensor joined along dim 0."""
+    """The kept state read with safetensors alone: each rank's file (shard-R-...), FSDP's shards of a tensor
+    joined along dim 0 in rank order; a replicated tensor is in one file."""
     latest = json.loads((run / "state" / "latest.json").read_text())
-    files = [load_file(str(f)) for f in sorted((run / "state" / latest["checkpoint"]).glob("rank-*.safetensors"))]
-    return latest["step"], {k: torch.cat([f[k] for f in files]) if files[0][k].dim() else files[0][k] for k in files[0]}
+    files = [load_file(str(f)) for f in sorted((run / "state" / latest["checkpoint"]).glob("shard-*.safetensors"))]
+    pieces = {}
+    for f in files:
+        for k, v in f.items():
+            pieces.setdefault(k, []).append(v)
+    return latest["step"], {k: torch.cat(p) if p[0].dim() else p[0] for k, p in pieces.items()}
 
 
 def adapters_of(run):

@@ -12,7 +12,6 @@ alone. A deliberate mistake in the layout (lambda reversed within a pair, n_mixe
 import os
 import random
 import socket
-from argparse import Namespace
 
 import pytest
 import torch
@@ -89,9 +88,9 @@ def run_forward_backward(rank, world, port, mistake, mode, queue):
             return micro, n_tokens, n_mixed + (mistake == "n_mixed off by one")
         sftmix.micro_batches = wrong
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    args = Namespace(mu=MU, micro_batch=2, shard="ddp", grad_clip=0.0, mixup_only=mode == "mixup only")
     lam = None if mode == "ntp" else sftmix.sample_lambda(0.5, 4, 3, 5)
-    T.forward_backward(args, wrapped, samples, batch, lam, torch.device("cpu"), None, rank, world)
+    T.forward_backward(wrapped, samples, batch, lam, mu=MU, mixup_only=mode == "mixup only", micro_batch=2,
+                       grad_clip=0.0, device=torch.device("cpu"), amp_dtype=None, rank=rank, world=world)
     if rank == 0:
         queue.put({n: p.grad.numpy().copy() for n, p in model.named_parameters()})  # no shared memory
     if world > 1:

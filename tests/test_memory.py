@@ -6,13 +6,14 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 import data
 import model as M
 import train as T
-from scripts.memory_table import memory_per_gpu
+from memory import memory_per_gpu
 
 SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=32, vocab_size=2048)
@@ -43,18 +44,18 @@ def fsdp_step_peak(base, out, mode, checkpoint, tokens):
     """peak_bytes of loading `base` and running train.py's step twice (the second holds AdamW's moments) on one
     gloo rank under FSDP2 in bf16; one micro-batch of 4 random examples of tokens / 4 tokens each."""
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=0, world_size=1)
-    args = T.parse_args(["--model", str(base), "--data", "-", "--out", str(out), "--mode", mode, "--split", "-",
-                         "--shard", "fsdp", "--dtype", "bf16", "--global-batch", "4", "--micro-batch", "4"]
-                        + ["--activation-checkpointing"] * checkpoint)
     V, g = M.ModelArgs.from_model_dir(base).vocab_size, torch.Generator().manual_seed(0)
     samples = [data.Sample(str(i), *torch.randint(0, V, (2, tokens // 4), generator=g).tolist()) for i in range(4)]
     lam = torch.full((2,), 0.3) if mode == "sftmix" else None
 
     def two_steps():
-        model = M.load_pretrained(base, prepare=partial(T.prepare_model, args=args, bf16=True))
+        model = M.load_pretrained(base, prepare=partial(
+            T.prepare_model, lora=(0, 0, ()), activation_checkpointing=checkpoint, compile=False,
+            mesh=init_device_mesh("cpu", (1,)), bf16=True))
         optimizer = T.adamw(model, 1e-3, 0.1)
         for _ in range(2):
-            T.forward_backward(args, model, samples, [0, 1, 2, 3], lam, torch.device("cpu"), None, 0, 1)
+            T.forward_backward(model, samples, [0, 1, 2, 3], lam, mu=0.2, mixup_only=False, micro_batch=4,
+                               grad_clip=1.0, device=torch.device("cpu"), amp_dtype=None, rank=0, world=1)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     try:
@@ -132,3 +133,80 @@ def test_activations_per_block_are_what_autograd_keeps(checkpoint):
     estimated = (memory_per_gpu(four, 1, "fsdp", checkpoint, T)["activations"]
                  - memory_per_gpu(two, 1, "fsdp", checkpoint, T)["activations"])
     assert estimated == pytest.approx(measured, rel=0.02)
+
+
+@pytest.mark.parametrize("limit,advice", [
+    ("small", "nothing does on this many GPUs: more GPUs, or a smaller model"),
+    ("between", "--activation-checkpointing would fit"),
+])
+def test_a_run_whose_estimate_exceeds_the_device_is_refused_before_any_weight_loads(
+        limit, advice, tiny_model_dir, chat_data, tmp_path, monkeypatch, capsys):
+    """SFTMIX_DEVICE_MEMORY_GB stands for the device's memory: below the estimate, one line and exit 2 before
+    load_pretrained runs or the run directory exists, naming the settings that fit (activation checkpointing
+    when the limit lies between the estimates with and without it)"""
+    import data as D
+    from test_train import COMMON, one_line_error
+    m = M.ModelArgs.from_model_dir(tiny_model_dir)
+    samples, _ = D.load_dataset(chat_data, D.load_tokenizer(tiny_model_dir), verbose=False)
+    tokens = sum(sorted(len(s.input_ids) for s in samples)[-4:])  # the 4 longest: the largest micro-batch
+    with_ac, without = (memory_per_gpu(m, 1, "ddp", ac, tokens, mixup=False)["total"] for ac in (True, False))
+    assert with_ac < without
+    least = memory_per_gpu(m, 1, "ddp", True, max(len(s.input_ids) for s in samples), mixup=False)["total"]
+    gb = {"small": least / 2, "between": (with_ac + without) / 2}[limit] / 1e9  # least: 1 example, checkpointing
+    monkeypatch.setenv("SFTMIX_DEVICE_MEMORY_GB", str(gb))
+    monkeypatch.setattr(T, "load_pretrained", lambda *a, **k: pytest.fail("a weight was loaded"))
+    line = one_line_error(capsys, "--model", tiny_model_dir, "--data", chat_data, *COMMON, "--micro-batch", "4",
+                          "--out", tmp_path / "run")
+    assert line.startswith(f"error: --shard ddp: an estimated {without / 1e9:.1f} GB a GPU") and advice in line
+    assert not (tmp_path / "run").exists()
+
+
+FINAL_PEAK = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+import torch
+import model as M
+import train as T
+out, shard_gb = Path(sys.argv[1]), float(sys.argv[2])
+args = M.ModelArgs(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=4, head_dim=64, vocab_size=4096, tie_word_embeddings=True)
+model = M.Transformer(args)
+M.save_pretrained(model, out / "base")
+open("/proc/self/clear_refs", "w").write("5")  # the resident high-water mark (VmHWM) starts again here
+status = lambda key: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+before = status("VmRSS")
+T.write_final(out, model, out / "base", "bf16", None, shard_gb, 0)
+print(status("VmHWM") - before)
+"""
+
+
+def test_final_is_written_holding_about_one_shard_of_host_memory(tmp_path):
+    """train.write_final of a 52 MiB (bf16) model: rank 0's peak resident memory above what it held before is
+    about its largest shard file (4.5 MiB shards: 12 files) and the next tensor (the embedding, 4 MiB), and the
+    whole model when final/ is one file. Measured: 9.4 MiB against 52.9 MiB."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    peak, largest = {}, {}
+    for name, gb in (("shards", 0.0045), ("one file", 1.0)):
+        r = subprocess.run([sys.executable, "-c", FINAL_PEAK, str(tmp_path / name), str(gb), str(root)],
+                           capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "1"})
+        peak[name] = int(r.stdout.split()[-1])
+        largest[name] = max(f.stat().st_size for f in (tmp_path / name / "final").glob("*.safetensors"))
+    assert len(list((tmp_path / "shards" / "final").glob("*.safetensors"))) >= 10
+    assert peak["one file"] >= largest["one file"]  # the measure sees the shard it holds
+    assert peak["shards"] <= 3 * largest["shards"] and peak["shards"] <= peak["one file"] / 4
+
+
+@pytest.mark.parametrize("flags,line", [(["--gpus", "0"], "error: --gpus: expected >= 1, got 0"),
+                                        (["--tokens", "0"], "error: --tokens: expected >= 1, got 0"),
+                                        (["--tokens", "-5"], "error: --tokens: expected >= 1, got -5")])
+def test_memory_table_refuses_a_count_below_one_in_one_line(flags, line):
+    import subprocess
+    import sys
+    from pathlib import Path
+    table = Path(__file__).resolve().parent.parent / "scripts" / "memory_table.py"
+    r = subprocess.run([sys.executable, str(table), *flags], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == line + "\n" and r.stdout == ""

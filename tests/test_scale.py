@@ -14,7 +14,6 @@
 """
 import os
 import socket
-from argparse import Namespace
 from functools import partial
 
 import pytest
@@ -22,8 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import checkpoint as C
 import data
 import model as M
 import sftmix
@@ -56,8 +57,10 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def train_args(**kw):
-    return Namespace(**{"mu": 0.2, "micro_batch": 2, "shard": "ddp", "grad_clip": 1.0, "mixup_only": False, **kw})
+def step_values(**kw):
+    """forward_backward's values but the model, the data and the device: train.py's defaults, 2 a micro-batch."""
+    return {"mu": 0.2, "mixup_only": False, "micro_batch": 2, "grad_clip": 1.0, "amp_dtype": None, "rank": 0,
+            "world": 1, **kw}
 
 
 @pytest.mark.parametrize("mode", ["ntp", "sftmix"])
@@ -69,8 +72,8 @@ def test_a_training_step_reads_the_device_once(mode):
     lam = sftmix.sample_lambda(0.5, 4, 3, 5) if mode == "sftmix" else None
     optimizer = T.adamw(model, 1e-3, 0.1)
     with SyncCounter() as counter:
-        stats, _ = T.forward_backward(train_args(micro_batch=2 if lam is not None else 2), model, samples,
-                                      list(range(8)), lam, torch.device("cpu"), None, 0, 1)
+        stats, _ = T.forward_backward(model, samples, list(range(8)), lam, device=torch.device("cpu"),
+                                      **step_values())
         optimizer.step()
         finite = T.weights_finite(model, 1)
     assert counter.syncs == []
@@ -169,8 +172,8 @@ def test_bf16_autocast_sftmix_gradient_is_within_bf16_tolerance_of_the_float64_f
     samples, model = make_batch()
     model.float()
     lam = sftmix.sample_lambda(0.5, 4, 3, 5)
-    T.forward_backward(train_args(grad_clip=0.0), model, samples, list(range(8)), lam, torch.device("cpu"),
-                       torch.bfloat16, 0, 1)
+    T.forward_backward(model, samples, list(range(8)), lam, device=torch.device("cpu"),
+                       **step_values(grad_clip=0.0, amp_dtype=torch.bfloat16))
     ours = {n: p.grad.double() for n, p in model.named_parameters()}
     assert relative_error(ours, reference_gradient()) <= 3e-2  # bf16 keeps 8 bits: ~4e-3 a rounding
 
@@ -192,7 +195,8 @@ def test_lambda_reaches_the_logit_mix_unrounded_under_bf16_autocast():
 
 
 class FullSizeAllocations(TorchDispatchMode):
-    """Records each new tensor (not a view of an input) that has the full shape of a sharded parameter."""
+    """Records each new floating-point tensor (not a view of an input) that has the full shape of a sharded
+    parameter."""
 
     def __init__(self, full_shapes):
         super().__init__()
@@ -202,7 +206,8 @@ class FullSizeAllocations(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = {storage(t) for t in torch.utils._pytree.tree_leaves((args, kwargs))}
         for t in torch.utils._pytree.tree_leaves(out):
-            if torch.is_tensor(t) and tuple(t.shape) in self.full_shapes and storage(t) not in inputs:
+            if torch.is_tensor(t) and t.is_floating_point() and tuple(t.shape) in self.full_shapes \
+                    and storage(t) not in inputs:  # (DCP's resharding makes integer index ranges of that size)
                 self.seen.append((str(func), tuple(t.shape)))
         return out
 
@@ -227,11 +232,10 @@ def fsdp_rank(rank, world, port, checkpoint, state_dir, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.fsdp import FSDPModule
-    args = Namespace(lora_rank=0, activation_checkpointing=False, compile=False, shard="fsdp", mu=0.2,
-                     micro_batch=2 if world == 1 else 1, grad_clip=0.0, mixup_only=False)
     with torch.device("meta"):
         full = {n: tuple(p.shape) for n, p in M.Transformer(ARGS).named_parameters()}
-    prepare = partial(T.prepare_model, args=args, bf16=False)
+    prepare = partial(T.prepare_model, lora=(0, 0, ()), activation_checkpointing=False, compile=False,
+                      mesh=init_device_mesh("cpu", (world,)), bf16=False)
     # to_empty gives each rank memory for its own shards (FSDP2 made them on meta); it swaps parameters, which
     # fails under a dispatch mode, so it runs outside the count
     to_empty = torch.nn.Module.to_empty
@@ -253,16 +257,19 @@ def fsdp_rank(rank, world, port, checkpoint, state_dir, queue):
     real_backward = torch.autograd.backward
     torch.autograd.backward = check_after
     samples, _ = make_batch()
-    T.forward_backward(args, model, samples, list(range(8)), None, torch.device("cpu"), None, rank, world)
+    T.forward_backward(model, samples, list(range(8)), None, device=torch.device("cpu"),
+                       **step_values(micro_batch=2 if world == 1 else 1, grad_clip=0.0, rank=rank, world=world))
     torch.autograd.backward = real_backward
     grads = {n: p.grad.full_tensor().numpy().copy() for n, p in model.named_parameters()}
     optimizer = T.adamw(model, 1e-3, 0.1)
     optimizer.step()
-    T.save_state(state_dir, model, optimizer, 1, {}, {"x": 1}, rank)
+    saver = C.Saver(state_dir, rank)
+    saver.save(model, optimizer, 1, {}, {"x": 1})
+    saver.wait()
     again = M.load_pretrained(checkpoint, dtype=torch.float64, prepare=prepare)
     optimizer = T.adamw(again, 1e-3, 0.1)
     with FullSizeAllocations(set(full.values()) if world > 1 else set()) as resumed:
-        T.load_state(state_dir, again, optimizer, rank, world)
+        C.load_state(state_dir, again, optimizer)
     same = all(torch.equal(p.full_tensor(), q.full_tensor()) for p, q in zip(model.parameters(), again.parameters()))
     if rank == 0:
         queue.put((grads, len({id(u._get_fsdp_state()) for u in units}), sum(held), len(held), allocations.seen + resumed.seen, same))
@@ -290,7 +297,63 @@ def test_fsdp_holds_no_unsharded_gradient_and_loads_no_full_parameter(world, tmp
             p.terminate()
     assert n_units == ARGS.num_hidden_layers + 3  # each block, the embedding, [norm + LM head], the root
     assert checked > 0 and held == 0
-    assert allocations == []
+    assert allocations == [], str(allocations)
     assert same  # the resumed weights are the saved ones
     grads = {n: torch.from_numpy(g) for n, g in grads.items()}
     assert relative_error(grads, reference_gradient("ntp")) <= 1e-6
+
+
+def tokenizing_rank(rank, world, port, path, tokenizer_dir, cache, queue):
+    """On each gloo rank: data.cached_dataset with local rank 0 tokenizing, counting the calls of
+    data.load_dataset; puts (rank, calls, samples as lists, stats, error line)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls, real = [], data.load_dataset
+    data.load_dataset = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+
+    def barrier(failed):
+        flag = torch.tensor([float(failed)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+    try:
+        samples, stats = data.cached_dataset(path, data.load_tokenizer(tokenizer_dir), None, 64, None, cache,
+                                             rank == 0, barrier)
+        queue.put((rank, len(calls), [(s.id, s.input_ids.tolist(), s.labels.tolist()) for s in samples],
+                   stats["samples"], type(samples[0].input_ids).__name__, None))
+    except data.InputError as e:
+        queue.put((rank, len(calls), None, None, None, str(e)))
+    dist.destroy_process_group()
+
+
+def ranks_tokenizing(path, tokenizer_dir, cache, world=3):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=tokenizing_rank, args=(r, world, port, path, tokenizer_dir, cache, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    return results
+
+
+def test_one_rank_tokenizes_and_the_others_memory_map_its_arrays(tiny_model_dir, chat_data, tmp_path):
+    """3 gloo ranks of one node: rank 0 reads and tokenizes (load_dataset once), ranks 1 and 2 never do and get
+    the same samples, memory-mapped int32 arrays equal to load_dataset's lists; a second start reads the cache
+    (no rank tokenizes); a file rank 0 cannot read is one line on rank 0, and the others stop too"""
+    expected = [(s.id, s.input_ids, s.labels) for s in
+                data.load_dataset(chat_data, data.load_tokenizer(tiny_model_dir), max_len=64, verbose=False)[0]]
+    results = ranks_tokenizing(chat_data, tiny_model_dir, tmp_path / "cache")
+    assert [(r, calls) for r, calls, *_ in results] == [(0, 1), (1, 0), (2, 0)]
+    assert all(samples == expected and n == 40 and kind == "memmap" for _, _, samples, n, kind, _ in results)
+    again = ranks_tokenizing(chat_data, tiny_model_dir, tmp_path / "cache")
+    assert [calls for _, calls, *_ in again] == [0, 0, 0] and again[1][2] == expected
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "Hi"},\n')
+    errors = [e for *_, e in ranks_tokenizing(bad, tiny_model_dir, tmp_path / "cache")]
+    assert errors[0].startswith(f"{bad}:1: invalid JSON") and errors[1:] == [
+        f"{bad}: another rank could not read it (its line says why)"] * 2

@@ -35,9 +35,10 @@ def weights(run: Path):
 
 
 def saved_state(run: Path):
-    """(step, model weights) of the resumable state, read back with safetensors alone."""
+    """(step, model weights) of the resumable state of a one-rank run, read back with safetensors alone."""
     latest = json.loads((run / "state" / "latest.json").read_text())
-    tensors = load_file(str(run / "state" / latest["checkpoint"] / "rank-00000.safetensors"))
+    files = (run / "state" / latest["checkpoint"]).glob("*.safetensors")
+    tensors = {k: v for f in files for k, v in load_file(str(f)).items()}
     return latest["step"], {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
 
 
@@ -246,3 +247,43 @@ def test_weight_decay_shrinks_matrices_and_leaves_norm_weights_untouched():
     for n, p in tiny.named_parameters():
         expected = before[n] if n in norms else before[n] * (1 - 0.1 * 0.5)
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7)
+
+
+def test_no_state_is_written_at_the_last_step_when_final_follows(tiny_model_dir, chat_data, tmp_path, monkeypatch):
+    """--save-every 1 over 5 steps: states after steps 1-4, none after step 5 (final/ follows); --keep-state
+    keeps a state of the end"""
+    import checkpoint
+    saved, real = [], checkpoint.Saver.save
+    monkeypatch.setattr(checkpoint.Saver, "save", lambda self, m, o, step, *a: saved.append(step) or
+                        real(self, m, o, step, *a))
+    base = ["--model", tiny_model_dir, "--data", chat_data, *COMMON]
+    T.main([str(a) for a in (*base, "--out", tmp_path / "run")])
+    assert saved == [1, 2, 3, 4] and (tmp_path / "run" / "final").is_dir() and not (tmp_path / "run" / "state").exists()
+    saved.clear()
+    T.main([str(a) for a in (*base, "--out", tmp_path / "kept", "--keep-state")])
+    assert saved == [1, 2, 3, 4, 5] and json.loads((tmp_path / "kept" / "state" / "latest.json").read_text())["step"] == 5
+
+
+def test_heldout_every_k_steps_appends_each_examples_response_nll(tiny_model_dir, chat_data, tmp_path):
+    """--heldout-every 2 over 2 epochs of 5 steps: a held-out pass after steps 2, 4, 5, 6, 8, 10, each one line of
+    heldout.jsonl; its per-example NLL sums are transformers' on the final weights at step 10, and give the
+    metrics' heldout_nll; lines after the step a run resumes from are dropped"""
+    run = tmp_path / "run"
+    base = ["--model", tiny_model_dir, "--data", chat_data, *COMMON, "--micro-batch", "4", "--epochs", "2",
+            "--heldout", chat_data, "--heldout-every", "2", "--out", run]
+    run_train(*base, "--stop-at-step", "5")
+    with open(run / "heldout.jsonl", "a") as f:  # as a run killed after step 6's pass leaves it
+        f.write(json.dumps({"step": 6, "epoch": 1.2, "nll": {}}) + "\n")
+    run_train(*base, "--resume")
+    lines = [json.loads(line) for line in (run / "heldout.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in lines] == [(2, 0.4), (4, 0.8), (5, 1.0), (6, 1.2), (8, 1.6), (10, 2.0)]
+    metrics = {m["step"]: m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    for r in lines:
+        nll, n = sum(v[0] for v in r["nll"].values()), sum(v[1] for v in r["nll"].values())
+        assert metrics[r["step"]]["heldout_nll"] == pytest.approx(nll / n, rel=1e-12)
+    samples, _ = data.load_dataset(chat_data, data.load_tokenizer(tiny_model_dir), verbose=False)
+    with torch.no_grad():
+        expected = hf_response_nll(hf_model(run), samples)
+    assert lines[-1]["nll"].keys() == expected.keys()
+    for k, (nll, n) in expected.items():
+        assert lines[-1]["nll"][k][1] == n and lines[-1]["nll"][k][0] == pytest.approx(nll, rel=1e-4)
