@@ -439,11 +439,12 @@ class Block(nn.Module):
 
 
 class LMHead(nn.Linear):
-    """logits = h W^T, W (V, D), no bias. Given a loss, it hands the loss W instead of computing every logit
-    (sftmix.head_losses applies W in chunks); the call still goes through this module, so FSDP2 gathers W."""
+    """The LM head, W (V, D) with no bias: logits = h W^T. Given a head function, it hands W to it instead,
+    head(h, W): a loss that applies W itself, in chunks (sftmix.head_losses). Every use of W goes through
+    this module's call, because that call is where FSDP2 gathers W (its forward hooks)."""
 
-    def forward(self, hidden, loss=None):
-        return super().forward(hidden) if loss is None else loss(hidden, self.weight)
+    def forward(self, hidden, head=None):
+        return super().forward(hidden) if head is None else head(hidden, self.weight)
 
 
 class Transformer(nn.Module):
@@ -460,9 +461,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpoint_activations = False  # keep only each block's input; recompute the rest in backward
 
-    def forward(self, input_ids, positions=None, seqs=None, cache=None, logits_at=None, head=None,
-                return_hidden=False):
-        """input_ids (B, T) -> logits (B, T, V); with return_hidden, also the final-norm states (B, T, D).
+    def forward(self, input_ids, positions=None, seqs=None, cache=None, logits_at=None, head=None):
+        """input_ids (B, T) -> logits (B, T, V), or what `head` returns from the final-norm states.
 
         positions (B, T): each token's place in its own sequence. None: every row is one sequence from
         position 0 (after the cache's filled length), and attention is plain causal with no mask. Given, as
@@ -518,10 +518,9 @@ class Transformer(nn.Module):
         hidden = self.model.norm(x)  # (B, T, D): what the LM head reads, and what SFTMix interpolates
         if logits_at is not None:
             hidden = hidden.flatten(0, 1).index_select(0, logits_at)  # (N, D)
-        if head is not None:
+        if head is not None:  # training's loss (the final-norm states are what SFTMix interpolates)
             return self.lm_head(hidden, partial(head, softcap=self.args.final_logit_softcapping))
-        logits = self.softcap(self.lm_head(hidden))  # (B, T, V) or (N, V)
-        return (logits, hidden) if return_hidden else logits
+        return self.softcap(self.lm_head(hidden))  # (B, T, V) or (N, V)
 
     def softcap(self, logits):
         """Gemma 2's final soft-cap, cap tanh(logits / cap); the identity for the other families. It is not

@@ -338,7 +338,7 @@ def parse_args(argv=None):
                    metavar="C",
                    help="record every example's response perplexity at C evenly spaced checkpoints")
     p.add_argument("--heldout", help="held-out data: response perplexity after every epoch, in metrics.jsonl")
-    p.add_argument("--heldout-every", type=data.number("--heldout-every", int, ">= 0 (0 = off)"), default=0,
+    p.add_argument("--heldout-every", type=data.number("--heldout-every", int, ">= 0 (0 = at epoch ends only)"), default=0,
                    metavar="K",
                    help="a held-out pass every K optimizer steps too (0 = at epoch ends only); each pass appends "
                         "its per-example NLL to OUT/heldout.jsonl")

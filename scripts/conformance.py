@@ -272,7 +272,8 @@ def run(kit, samples, batches, args, tok, mistake=None, perplexities=None):
     for step, (rows, lam) in enumerate(batches):
         b = data.collate([samples[i] for i in rows], tok.pad_id)
         labels, W = b["labels"], model.lm_head.weight  # (G, T)
-        logits, hidden = model(b["input_ids"], return_hidden=True)  # (G, T, V), (G, T, D)
+        hidden = model(b["input_ids"], head=lambda h, w, softcap: h)  # (G, T, D): final-norm states
+        logits = hidden @ W.T  # (G, T, V)
         if mistake == "mean of means":
             ntp = torch.stack([F.cross_entropy(x, y, ignore_index=IGNORE)
                                for x, y in zip(logits, labels)]).mean()

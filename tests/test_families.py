@@ -181,7 +181,7 @@ def test_mixup_with_a_soft_capped_head_mixes_logits_before_the_cap(tmp_path):
     labels = targets.clone()
     labels[:, :6], labels[1, 15:], labels[3, 9:] = sftmix.IGNORE, sftmix.IGNORE, sftmix.IGNORE  # responses of 14, 9, 14, 3
     lam = torch.tensor([0.3, 0.8])  # pairs (row 0, row 2) and (row 1, row 3)
-    _, hidden = ours(ids, return_hidden=True)
+    hidden = ours(ids, head=lambda h, w, softcap: h)
     rank_c, rank_u = (labels[:2] != sftmix.IGNORE).cumsum(1), (labels[2:] != sftmix.IGNORE).cumsum(1)  # (2, 20)
     n = torch.minimum(rank_c[:, -1], rank_u[:, -1])[:, None]  # each pair's mixed positions
     mask_c = (labels[:2] != sftmix.IGNORE) & (rank_c <= n)  # the first n response positions of each

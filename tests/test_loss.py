@@ -55,7 +55,8 @@ def whole_batch_loss(model, samples, batch, lam, mu, ntp_weight=1.0):
     states, nll = {}, []
     for i in batch:
         s = samples[i]
-        logits, hidden = model(torch.tensor([s.input_ids]), return_hidden=True)  # (1, T, V), (1, T, D)
+        hidden = model(torch.tensor([s.input_ids]), head=lambda h, w, softcap: h)  # (1, T, D)
+        logits = model.lm_head(hidden)  # (1, T, V)
         positions = [t for t, y in enumerate(s.labels) if y != data.IGNORE]
         states[i] = [(hidden[0, t], s.labels[t]) for t in positions]
         nll += [-torch.log_softmax(logits[0, t], dim=-1)[s.labels[t]] for t in positions]

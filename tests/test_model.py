@@ -64,11 +64,11 @@ def test_logits_and_gradients_equal_transformers(name, tmp_path):
         assert (p.grad - hf_grads[pname].grad).abs().max().item() <= 1e-5, pname
 
 
-def test_return_hidden_is_the_final_norm_output_transformers_exposes(tmp_path):
+def test_a_head_receives_the_final_norm_output_transformers_exposes(tmp_path):
     hf = hf_random_model(CONFIGS["gqa"])
     hf.save_pretrained(tmp_path)
     ids = torch.randint(0, SMALL["vocab_size"], (2, 17))
-    logits, hidden = M.load_pretrained(tmp_path)(ids, return_hidden=True)
+    hidden = M.load_pretrained(tmp_path)(ids, head=lambda h, w, softcap: h)
     hf_hidden = hf(ids, output_hidden_states=True).hidden_states[-1]
     assert hidden.shape == (2, 17, SMALL["hidden_size"])
     assert (hidden - hf_hidden).abs().max().item() <= 1e-5

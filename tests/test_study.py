@@ -145,8 +145,9 @@ def test_ntp_on_sftmixs_batches_takes_ntps_gradient_on_them(paired, tiny_model_d
 
     def gradient(args, lam):
         model.zero_grad(set_to_none=True)
-        stats_ = train.forward_backward(args, model, samples, batch, lam, torch.device("cpu"),
-                                        None, 0, 1)[0]
+        stats_ = train.forward_backward(model, samples, batch, lam, args.mu, args.mixup_only,
+                                        args.micro_batch, args.grad_clip, torch.device("cpu"), None,
+                                        0, 1)[0]
         return torch.cat([q.grad.flatten() for q in model.parameters()]), stats_
 
     g_paired, st_paired = gradient(p, lam)
