@@ -114,8 +114,14 @@ class Saver:
         else:
             dcp.save(tensors, **where)
         ranks = dist.get_world_size() if dist.is_initialized() else 1
-        latest = {"layout": LAYOUT, "step": step, "checkpoint": name, "ranks": ranks,
-                  "config": config, "dynamics": {str(k): v for k, v in dynamics.items()}}
+        latest = {
+            "layout": LAYOUT,
+            "step": step,
+            "checkpoint": name,
+            "ranks": ranks,
+            "config": config,
+            "dynamics": {str(k): v for k, v in dynamics.items()},
+        }
         self.pending = future, latest
         if future is None:
             self.wait()
@@ -143,8 +149,9 @@ def load_state(out, model, optimizer):
     path = Path(out) / "state" / "latest.json"
     try:
         step, folder = int(latest["step"]), Path(out) / "state" / str(latest["checkpoint"])
-        dynamics = {int(k): {str(i): float(x) for i, x in v.items()}
-                    for k, v in latest["dynamics"].items()}
+        dynamics = {
+            int(k): {str(i): float(x) for i, x in v.items()} for k, v in latest["dynamics"].items()
+        }
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(
             f"{path}: unreadable ({e}); expected the latest.json of a run's state"
@@ -156,11 +163,19 @@ def load_state(out, model, optimizer):
             raise FileNotFoundError("no safetensors file")
         reader = dcp.HuggingFaceStorageReader(str(folder))  # safetensors headers, no pickle
         dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())
-    except (OSError, SafetensorError, CheckpointException, RuntimeError, AssertionError,
-            KeyError) as e:
+    except (
+        OSError,
+        SafetensorError,
+        CheckpointException,
+        RuntimeError,
+        AssertionError,
+        KeyError,
+    ) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise InputError(f"{folder}: unreadable or not this run's model ({reason}); expected a "
-                         f"state written by train.py") from None
+        raise InputError(
+            f"{folder}: unreadable or not this run's model ({reason}); expected a "
+            f"state written by train.py"
+        ) from None
     torch.set_rng_state(tensors["rng"])
     return step, dynamics
 

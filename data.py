@@ -1,36 +1,40 @@
 """Instruction data to token ids with response-only labels.
 
-    file --read_examples--> Example(id, messages) --tokenize--> Sample(id, input_ids, labels) --pack--> row
+    file --read_examples--> Example(id, messages) --tokenize--> Sample(id, input_ids, labels)
+    --pack--> row
 
-Data formats (a JSON array, JSON lines, or a parquet file of such records, as UltraChat-200K and Tulu 3's SFT
-mixture are published: read with pyarrow where it is installed), detected from the first record's keys or forced
-with --format:
+Data formats (a JSON array, JSON lines, or a parquet file of such records, as UltraChat-200K and
+Tulu 3's SFT mixture are published: read with pyarrow where it is installed), detected from the
+first record's keys or forced with --format:
     alpaca    {"instruction", "input" (optional), "output"}
     sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}
     messages  {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}
-An optional system turn, then user and assistant turns in alternation, ending with an assistant turn.
-Every example keeps one id through every stage of SFTMix (dynamics, split, mixing), whatever the
-tokenizer: its own "id" field, else "<file name>:<record index>".
+An optional system turn, then user and assistant turns in alternation, ending with an assistant
+turn. Every example keeps one id through every stage of SFTMix (dynamics, split, mixing), whatever
+the tokenizer: its own "id" field, else "<file name>:<record index>".
 
 Prompt formats, detected from the tokenizer's chat template when not given:
     chatml   <|im_start|>role\\ncontent<|im_end|>\\n ...   (SmolLM2, Qwen2, Qwen2.5) no BOS; the default system
-             prompt written in the template is added when a conversation has none, as the template does.
+             prompt written in the template is added when a conversation has none, as the template
+             does.
     llama3   <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|> ...
              content stripped, as Llama-3's template does (3.1's dated system prompt is not added).
     gemma    <bos><start_of_turn>user\\ncontent<end_of_turn>\\n<start_of_turn>model\\ncontent<end_of_turn>\\n ...
              (Gemma, Gemma 2) content stripped, as the template does.
     mistral  <s> [INST] content [/INST] content</s> [INST] ...   (Mistral-7B-Instruct v0.1 and v0.2's template;
-             v0.3's, with no space before [/INST], is not detected as it: pass --prompt-format to use this one).
-             gemma and mistral have no system turn: its content goes before the first user turn's content,
-             then a blank line, as Mistral's template and Gemma 3's do (Gemma 1 and 2's templates refuse one).
+             v0.3's, with no space before [/INST], is not detected as it: pass --prompt-format to
+             use this one). gemma and mistral have no system turn: its content goes before the first
+             user turn's content, then a blank line, as Mistral's template and Gemma 3's do (Gemma 1
+             and 2's templates refuse one).
     alpaca   Stanford Alpaca's prompt (ending "### Response:\\n", as in its README), the response, EOS;
-             for base models (no chat template); BOS only if the tokenizer itself adds one. It holds one
-             instruction and one response: a system turn or several turns is an error (use a chat format).
+             for base models (no chat template); BOS only if the tokenizer itself adds one. It holds
+             one instruction and one response: a system turn or several turns is an error (use a
+             chat format).
 
 Labels. Every assistant turn is trained together with its end-of-turn token (<|im_end|>, <|eot_id|>,
-<end_of_turn>, EOS), so the model learns to stop; all else is -100. The rendered text is tokenized whole, as
-transformers' apply_chat_template does, and a token is trained when its characters overlap an
-assistant turn (tokenizing turn by turn would differ where a response starts with whitespace: BPE
+<end_of_turn>, EOS), so the model learns to stop; all else is -100. The rendered text is tokenized
+whole, as transformers' apply_chat_template does, and a token is trained when its characters overlap
+an assistant turn (tokenizing turn by turn would differ where a response starts with whitespace: BPE
 joins it with the header's newline). Labels are PRE-SHIFTED, so the loss needs no shift:
 
     x_0 .. x_L       the rendered conversation's tokens, truncated on the right to max_len + 1 tokens
@@ -38,8 +42,10 @@ joins it with the header's newline). Labels are PRE-SHIFTED, so the loss needs n
     labels[t]    = x_{t+1} if x_{t+1} is trained, else -100   (the target for position t)
     loss         = cross_entropy(logits[t], labels[t], ignore_index=-100)
 
-An example left with no trained token after truncation is dropped and counted, never trained on nothing.
+An example left with no trained token after truncation is dropped and counted, never trained on
+nothing.
 """
+
 import argparse
 import errno
 import hashlib
@@ -63,18 +69,48 @@ MAX_LEN = 2048
 FORMATS = ("alpaca", "sharegpt", "messages")
 PROMPT_FORMATS = ("chatml", "llama3", "gemma", "mistral", "alpaca")
 TURNS = {  # format: (list key, role key, text key, {role in the file: role here})
-    "sharegpt": ("conversations", "from", "value", {"system": "system", "human": "user", "gpt": "assistant"}),
-    "messages": ("messages", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
+    "sharegpt": (
+        "conversations",
+        "from",
+        "value",
+        {"system": "system", "human": "user", "gpt": "assistant"},
+    ),
+    "messages": (
+        "messages",
+        "role",
+        "content",
+        {"system": "system", "user": "user", "assistant": "assistant"},
+    ),
 }
-NEXT_ROLES = {None: ("system", "user"), "system": ("user",), "user": ("assistant",), "assistant": ("user",)}
+NEXT_ROLES = {
+    None: ("system", "user"),
+    "system": ("user",),
+    "user": ("assistant",),
+    "assistant": ("user",),
+}
 ROLES = ("system", "user", "assistant")
-CHAT = {  # prompt format: (start of text, {role: (header, turn with {} for the content, after it)}, strip content)
+# prompt format: (start of text, {role: (header, turn with {} for the content, after it)}, strip
+# content)
+CHAT = {
     "chatml": ("", {r: (f"<|im_start|>{r}\n", "{}<|im_end|>", "\n") for r in ROLES}, False),
-    "llama3": ("<|begin_of_text|>", {r: (f"<|start_header_id|>{r}<|end_header_id|>\n\n", "{}<|eot_id|>", "")
-                                     for r in ROLES}, True),
-    "gemma": ("{bos}", {"user": ("<start_of_turn>user\n", "{}<end_of_turn>", "\n"),
-                        "assistant": ("<start_of_turn>model\n", "{}<end_of_turn>", "\n")}, True),
-    "mistral": ("{bos}", {"user": (" [INST] ", "{} [/INST]", ""), "assistant": ("", " {}{eos}", "")}, False),
+    "llama3": (
+        "<|begin_of_text|>",
+        {r: (f"<|start_header_id|>{r}<|end_header_id|>\n\n", "{}<|eot_id|>", "") for r in ROLES},
+        True,
+    ),
+    "gemma": (
+        "{bos}",
+        {
+            "user": ("<start_of_turn>user\n", "{}<end_of_turn>", "\n"),
+            "assistant": ("<start_of_turn>model\n", "{}<end_of_turn>", "\n"),
+        },
+        True,
+    ),
+    "mistral": (
+        "{bos}",
+        {"user": (" [INST] ", "{} [/INST]", ""), "assistant": ("", " {}{eos}", "")},
+        False,
+    ),
 }  # {bos}, {eos}: the tokenizer's; an assistant's turn is trained, end-of-turn token included
 ALPACA = (  # Stanford Alpaca's prompts without and with an input; the response and EOS follow
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -86,8 +122,9 @@ ALPACA = (  # Stanford Alpaca's prompts without and with an input; the response 
 
 
 class InputError(Exception):
-    """Bad input (a file, a field, a flag) in any of the five files; every command prints the message as its one
-    line and exits 2: '<file>:<line or record>: <field>: <what was expected>'. A bug of ours keeps its traceback."""
+    """Bad input (a file, a field, a flag) in any of the five files; every command prints the
+    message as its one line and exits 2: '<file>:<line or record>: <field>: <what was expected>'. A
+    bug of ours keeps its traceback."""
 
 
 @contextmanager
@@ -115,6 +152,7 @@ def number(flag: str, kind, expected: str):
     if op:  # ">= low" or "> low"
         within = (lambda v: v >= float(low)) if op == ">=" else (lambda v: v > float(low))
     else:  # "in [a, b)", "in (a, b]", ...
+
         def within(v):
             above = float(a) <= v if left == "[" else float(a) < v
             return above and (v <= float(b) if right == "]" else v < float(b))
@@ -128,6 +166,7 @@ def number(flag: str, kind, expected: str):
         if not (math.isfinite(value) and within(value)):
             raise InputError(f"{flag}: expected {expected}, got {value}")
         return value
+
     return parse
 
 
@@ -157,8 +196,9 @@ def json_field(obj: dict, key: str, path, ok, expected: str):
 
 @contextmanager
 def atomic_path(path):
-    """Yield PATH.tmp to write (its missing directories made); on success rename it to path, so a reader
-    never sees a half-written file (a crash leaves at most PATH.tmp, removed here when the writer raised)."""
+    """Yield PATH.tmp to write (its missing directories made); on success rename it to path, so a
+    reader never sees a half-written file (a crash leaves at most PATH.tmp, removed here when the
+    writer raised)."""
     tmp = Path(str(path) + ".tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -169,9 +209,10 @@ def atomic_path(path):
 
 
 def check_output(path, flag="--out") -> Path:
-    """An output file, checked before any work and nothing made: a directory in its place, a file where
-    a directory of its path must be, or a directory that cannot be written is an InputError. Its missing
-    directories are made when it is written (atomic_path), so a refused command leaves none behind."""
+    """An output file, checked before any work and nothing made: a directory in its place, a file
+    where a directory of its path must be, or a directory that cannot be written is an InputError.
+    Its missing directories are made when it is written (atomic_path), so a refused command leaves
+    none behind."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{flag} {path}: is a directory; expected a file to write")
@@ -200,42 +241,57 @@ class Example:
     """One conversation: messages = [{"role": "system"|"user"|"assistant", "content": str}, ...].
     An Alpaca user turn with an input has content instruction + "\\n\\n" + input, and also keeps
     "instruction" and "input" for the alpaca prompt's "### Input:" section."""
+
     id: str
     messages: list
 
 
 @dataclass
 class Sample:
-    """Token ids of one example; labels pre-shifted (labels[t] is the target for position t, or -100). Lists, or
-    (train.py) int32 views into the flat arrays of token_arrays: no Python object per token."""
+    """Token ids of one example; labels pre-shifted (labels[t] is the target for position t, or
+    -100). Lists, or (train.py) int32 views into the flat arrays of token_arrays: no Python object
+    per token."""
+
     id: str
     input_ids: list
     labels: list
 
 
-# --- reading ---------------------------------------------------------------------------------------------
+# --- reading
+# ---------------------------------------------------------------------------------------------
+
 
 def _kind(value) -> str:
     if value == []:
         return "an empty array"
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}[type(value)]
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }[type(value)]
 
 
 def _text(obj: dict, key: str, where: str, field: str | None = None) -> str:
     field = field or json.dumps(key)
     if not isinstance(obj.get(key), str):
-        raise InputError(f"{where}: {field}: expected a string, got {_kind(obj[key]) if key in obj else 'nothing'}")
+        raise InputError(
+            f"{where}: {field}: expected a string, got {_kind(obj[key]) if key in obj else 'nothing'}"
+        )
     return obj[key]
 
 
 def _msg(e: json.JSONDecodeError) -> str:
-    return f"{e.msg.removesuffix(' starting at')} at column {e.colno}"  # 'Unterminated string starting at'
+    # 'Unterminated string starting at'
+    return f"{e.msg.removesuffix(' starting at')} at column {e.colno}"
 
 
 def read_records(path: Path) -> list:
-    """[(where, record)] of a JSON array ('file:record i'), of JSON lines ('file:line') or of a parquet file's rows
-    ('file:row i', read with pyarrow when it is installed)."""
+    """[(where, record)] of a JSON array ('file:record i'), of JSON lines ('file:line') or of a
+    parquet file's rows ('file:row i', read with pyarrow when it is installed)."""
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -245,36 +301,52 @@ def read_records(path: Path) -> list:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); expected UTF-8 JSON text") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); expected UTF-8 JSON text"
+        ) from None
     if not text.strip():
-        raise InputError(f"{path}: empty file; expected a JSON array of records or one JSON object per line")
+        raise InputError(
+            f"{path}: empty file; expected a JSON array of records or one JSON object per line"
+        )
     if text.lstrip().startswith("["):
         try:
             return [(f"{path}:record {i}", r) for i, r in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
-            cut = "" if text.rstrip().endswith("]") else "; the file ends inside the array (truncated?)"
+            cut = (
+                ""
+                if text.rstrip().endswith("]")
+                else "; the file ends inside the array (truncated?)"
+            )
             raise InputError(f"{path}:{e.lineno}: invalid JSON array: {_msg(e)}{cut}") from None
     records = []
     for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         try:
             records += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
         except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: invalid JSON: {_msg(e)}; expected one object per line") from None
+            raise InputError(
+                f"{path}:{n}: invalid JSON: {_msg(e)}; expected one object per line"
+            ) from None
     return records
 
 
 def parquet_rows(path: Path, raw: bytes) -> list:
-    """The rows of a parquet file as dicts (a list of structs, as a messages column, becomes a list of dicts)."""
+    """The rows of a parquet file as dicts (a list of structs, as a messages column, becomes a list
+    of dicts).
+    """
     try:
         import pyarrow
         import pyarrow.parquet
     except ImportError:
-        raise InputError(f"{path}: a parquet file; reading it needs pyarrow: pip install pyarrow") from None
+        raise InputError(
+            f"{path}: a parquet file; reading it needs pyarrow: pip install pyarrow"
+        ) from None
     try:
         return pyarrow.parquet.read_table(pyarrow.BufferReader(raw)).to_pylist()
     except (pyarrow.ArrowException, OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable parquet file ({e}); truncated or corrupted?") from None
+        raise InputError(
+            f"{path}: not a readable parquet file ({e}); truncated or corrupted?"
+        ) from None
 
 
 def _check_order(roles: list, where: str, field: str, names: dict, last: str) -> None:
@@ -284,11 +356,15 @@ def _check_order(roles: list, where: str, field: str, names: dict, last: str) ->
         if role not in NEXT_ROLES[prev]:
             expected = " or ".join(f'"{names.get(r, r)}"' for r in NEXT_ROLES[prev])
             after = f' after "{names.get(prev, prev)}"' if prev else " first"
-            raise InputError(f'{where}: {field.format(i=i)}: expected {expected}{after}, got "{names.get(role, role)}"')
+            raise InputError(
+                f'{where}: {field.format(i=i)}: expected {expected}{after}, got "{names.get(role, role)}"'
+            )
         prev = role
     if prev != last:
-        raise InputError(f'{where}: {field.format(i=len(roles) - 1)}: expected the last turn from '
-                        f'"{names.get(last, last)}", got "{names.get(prev, prev)}"')
+        raise InputError(
+            f"{where}: {field.format(i=len(roles) - 1)}: expected the last turn from "
+            f'"{names.get(last, last)}", got "{names.get(prev, prev)}"'
+        )
 
 
 def _messages(record, fmt: str, where: str) -> list:
@@ -297,8 +373,16 @@ def _messages(record, fmt: str, where: str) -> list:
     if fmt == "alpaca":
         instruction, output = _text(record, "instruction", where), _text(record, "output", where)
         inp = _text(record, "input", where) if "input" in record else ""
-        user = {"role": "user", "content": f"{instruction}\n\n{inp}", "instruction": instruction, "input": inp} \
-            if inp else {"role": "user", "content": instruction}
+        user = (
+            {
+                "role": "user",
+                "content": f"{instruction}\n\n{inp}",
+                "instruction": instruction,
+                "input": inp,
+            }
+            if inp
+            else {"role": "user", "content": instruction}
+        )
         turns = [(user, '"instruction"'), ({"role": "assistant", "content": output}, '"output"')]
     else:
         key, role_key, text_key, roles = TURNS[fmt]
@@ -312,15 +396,28 @@ def _messages(record, fmt: str, where: str) -> list:
                 raise InputError(f"{where}: {field}: expected an object, got {_kind(turn)}")
             role = _text(turn, role_key, where, f"{field}.{role_key}")
             if role not in roles:
-                raise InputError(f'{where}: {field}.{role_key}: expected one of {", ".join(map(json.dumps, roles))}, '
-                                f"got {json.dumps(role)}")
-            turns.append(({"role": roles[role], "content": _text(turn, text_key, where, f"{field}.{text_key}")},
-                          f"{field}.{text_key}"))
+                raise InputError(
+                    f"{where}: {field}.{role_key}: expected one of {', '.join(map(json.dumps, roles))}, "
+                    f"got {json.dumps(role)}"
+                )
+            turns.append(
+                (
+                    {
+                        "role": roles[role],
+                        "content": _text(turn, text_key, where, f"{field}.{text_key}"),
+                    },
+                    f"{field}.{text_key}",
+                )
+            )
         names = {ours: theirs for theirs, ours in roles.items()}
-        _check_order([m["role"] for m, _ in turns], where, f'"{key}"[{{i}}].{role_key}', names, "assistant")
+        _check_order(
+            [m["role"] for m, _ in turns], where, f'"{key}"[{{i}}].{role_key}', names, "assistant"
+        )
     for m, field in turns:
         if m["role"] == "assistant" and not m["content"].strip():
-            raise InputError(f"{where}: {field}: expected a non-empty response, got {json.dumps(m['content'])}")
+            raise InputError(
+                f"{where}: {field}: expected a non-empty response, got {json.dumps(m['content'])}"
+            )
     return [m for m, _ in turns]
 
 
@@ -335,11 +432,23 @@ def _read(path, fmt: str | None) -> tuple:
     chosen = "--format" if fmt else "detected from the keys"
     where, first = records[0]
     keys = sorted(first) if isinstance(first, dict) else []
-    fmt = fmt or next((f for f, k in (("sharegpt", "conversations"), ("messages", "messages"),
-                                      ("alpaca", "instruction")) if k in keys), None)
+    fmt = fmt or next(
+        (
+            f
+            for f, k in (
+                ("sharegpt", "conversations"),
+                ("messages", "messages"),
+                ("alpaca", "instruction"),
+            )
+            if k in keys
+        ),
+        None,
+    )
     if fmt is None:
-        raise InputError(f'{where}: cannot tell the format: expected key "instruction" (alpaca), "conversations" '
-                        f'(sharegpt) or "messages" (messages), got keys {keys}; or pass --format')
+        raise InputError(
+            f'{where}: cannot tell the format: expected key "instruction" (alpaca), "conversations" '
+            f'(sharegpt) or "messages" (messages), got keys {keys}; or pass --format'
+        )
     examples, seen = [], {}
     for i, (where, record) in enumerate(records):
         messages = _messages(record, fmt, where)
@@ -347,7 +456,9 @@ def _read(path, fmt: str | None) -> tuple:
         if not isinstance(id, (str, int)) or isinstance(id, bool) or id == "":
             raise InputError(f'{where}: "id": expected a non-empty string, got {_kind(id)}')
         if str(id) in seen:
-            raise InputError(f'{where}: "id": duplicate id {json.dumps(str(id))} (first at {seen[str(id)]})')
+            raise InputError(
+                f'{where}: "id": duplicate id {json.dumps(str(id))} (first at {seen[str(id)]})'
+            )
         seen[str(id)] = where
         examples.append(Example(str(id), messages))
     return examples, fmt, chosen
@@ -358,21 +469,29 @@ def read_examples(path, fmt: str | None = None) -> list:
     return _read(path, fmt)[0]
 
 
-# --- tokenizer and prompt formats --------------------------------------------------------------------------
+# --- tokenizer and prompt formats
+# --------------------------------------------------------------------------
+
 
 @dataclass
 class Tokenizer:
-    """A tokenizers.Tokenizer with what its Hugging Face directory says about special tokens and chats."""
+    """A tokenizers.Tokenizer with what its Hugging Face directory says about special tokens and
+    chats.
+    """
+
     hf: tokenizers.Tokenizer
     dir: Path
     bos_token: str | None
     eos_token: str | None
     bos_id: int | None
     eos_id: int | None
-    pad_id: int  # pad, else EOS, else 0: any id will do (right padding, causal attention, label -100)
+    # pad, else EOS, else 0: any id will do (right padding, causal attention, label -100)
+    pad_id: int
     add_bos: bool  # tokenizer.json's post-processor puts BOS before a text (base Llama-3, Mistral)
-    prompt_format: str | None  # from the chat template's markers; alpaca when there is no chat template
-    default_system: str | None  # the system prompt a ChatML template adds when there is none (SmolLM2)
+    # from the chat template's markers; alpaca when there is no chat template
+    prompt_format: str | None
+    # the system prompt a ChatML template adds when there is none (SmolLM2)
+    default_system: str | None
 
     def encode(self, text: str) -> list:
         """Token ids of text, special-token strings included, with nothing added."""
@@ -383,7 +502,9 @@ class Tokenizer:
 
 
 def load_tokenizer(dir) -> Tokenizer:
-    """The tokenizer of a Hugging Face directory: tokenizer.json, and tokenizer_config.json when present."""
+    """The tokenizer of a Hugging Face directory: tokenizer.json, and tokenizer_config.json when
+    present.
+    """
     d = Path(dir)
     if not (d / "tokenizer.json").is_file():
         raise InputError(f"{d}: no tokenizer.json; expected a Hugging Face tokenizer directory")
@@ -393,22 +514,33 @@ def load_tokenizer(dir) -> Tokenizer:
         raise InputError(f"{d / 'tokenizer.json'}: unreadable: {e}") from None
     file = d / "tokenizer_config.json"
     config = read_json(file) if file.is_file() else {}
-    bos, eos, pad = (v["content"] if isinstance(v := config.get(k), dict) else v
-                     for k in ("bos_token", "eos_token", "pad_token"))
+    bos, eos, pad = (
+        v["content"] if isinstance(v := config.get(k), dict) else v
+        for k in ("bos_token", "eos_token", "pad_token")
+    )
     template = chat_template(config.get("chat_template"), file)
     if template is None and (d / "chat_template.jinja").is_file():
         template = (d / "chat_template.jinja").read_text("utf-8")
-    markers = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>", "gemma": "<start_of_turn>",
-               "mistral": " [/INST]"}
-    prompt_format = "alpaca" if template is None else next(
-        (f for f, m in markers.items() if m in template), None)
+    markers = {
+        "chatml": "<|im_start|>",
+        "llama3": "<|start_header_id|>",
+        "gemma": "<start_of_turn>",
+        "mistral": " [/INST]",
+    }
+    prompt_format = (
+        "alpaca"
+        if template is None
+        else next((f for f, m in markers.items() if m in template), None)
+    )
     if template and "<<SYS>>" in template:  # Llama 2's [INST] template: none of ours
         prompt_format = None
     system = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"]+?)<\|im_end\|>", template or "")
     bos_id, eos_id = (hf.token_to_id(t) if t else None for t in (bos, eos))
     pad_id = next((hf.token_to_id(t) for t in (pad, eos) if t), 0)
     add_bos = bos_id is not None and hf.encode("a").ids[:1] == [bos_id]
-    return Tokenizer(hf, d, bos, eos, bos_id, eos_id, pad_id, add_bos, prompt_format, system and system.group(1))
+    return Tokenizer(
+        hf, d, bos, eos, bos_id, eos_id, pad_id, add_bos, prompt_format, system and system.group(1)
+    )
 
 
 def chat_template(template, file):
@@ -418,63 +550,100 @@ def chat_template(template, file):
     --prompt-format must be given); None when absent."""
     named = isinstance(template, list) and all(
         isinstance(t, dict) and all(isinstance(t.get(k), str) for k in ("name", "template"))
-        for t in template)
+        for t in template
+    )
     if not (template is None or isinstance(template, str) or named):
-        raise InputError(f'{file}: chat_template: expected a string or a list of {{"name", '
-                         f'"template"}} objects, got {json.dumps(template)[:60]}')
+        raise InputError(
+            f'{file}: chat_template: expected a string or a list of {{"name", '
+            f'"template"}} objects, got {json.dumps(template)[:60]}'
+        )
     if named:
         return next((t["template"] for t in template if t["name"] == "default"), "")
     return template
 
 
 def _resolve(tok: Tokenizer, prompt_format: str | None) -> str:
-    """The prompt format given, else the tokenizer's; checks that the tokenizer has its special tokens."""
+    """The prompt format given, else the tokenizer's; checks that the tokenizer has its special
+    tokens.
+    """
     prompt_format = prompt_format or tok.prompt_format
     if prompt_format is None:
-        raise InputError(f"{tok.dir}: chat template: cannot tell the prompt format; pass --prompt-format "
-                        f"({', '.join(PROMPT_FORMATS)})")
+        raise InputError(
+            f"{tok.dir}: chat template: cannot tell the prompt format; pass --prompt-format "
+            f"({', '.join(PROMPT_FORMATS)})"
+        )
     if prompt_format not in PROMPT_FORMATS:
-        raise InputError(f'--prompt-format: expected one of {", ".join(PROMPT_FORMATS)}, got "{prompt_format}"')
-    marks = ["{eos}"]  # alpaca's: EOS; a chat format's: its <...> tokens, and BOS or EOS where it says so
+        raise InputError(
+            f'--prompt-format: expected one of {", ".join(PROMPT_FORMATS)}, got "{prompt_format}"'
+        )
+    # alpaca's: EOS; a chat format's: its <...> tokens, and BOS or EOS where it says so
+    marks = ["{eos}"]
     if prompt_format in CHAT:
         start, turns, _ = CHAT[prompt_format]
-        marks = re.findall(r"\{bos\}|\{eos\}|<[^<>\s{}]+>", start + "".join(map("".join, turns.values())))
+        marks = re.findall(
+            r"\{bos\}|\{eos\}|<[^<>\s{}]+>", start + "".join(map("".join, turns.values()))
+        )
     named = {"{bos}": ("bos_token", tok.bos_token), "{eos}": ("eos_token", tok.eos_token)}
     for name, token in (named.get(m, (m, m)) for m in dict.fromkeys(marks)):
         if token is None or len(tok.encode(token)) != 1:
-            raise InputError(f"{tok.dir}: prompt format {prompt_format} needs the special token {token or name}")
+            raise InputError(
+                f"{tok.dir}: prompt format {prompt_format} needs the special token {token or name}"
+            )
     return prompt_format
 
 
-def render(messages: list, tok: Tokenizer, prompt_format: str, generation: bool = False, where: str = "") -> list:
-    """The conversation as [(text, trained)] pieces; generation=True ends with the assistant's header."""
+def render(
+    messages: list, tok: Tokenizer, prompt_format: str, generation: bool = False, where: str = ""
+) -> list:
+    """The conversation as [(text, trained)] pieces; generation=True ends with the assistant's
+    header.
+    """
     if prompt_format == "alpaca":
         roles = [m["role"] for m in messages]
         if roles != (["user"] if generation else ["user", "assistant"]):
-            raise InputError(f"{where}: messages: the alpaca prompt format holds one instruction and one response, "
-                            f"got turns {roles}; use a chat format: --prompt-format chatml, llama3, gemma or mistral")
+            raise InputError(
+                f"{where}: messages: the alpaca prompt format holds one instruction and one response, "
+                f"got turns {roles}; use a chat format: --prompt-format chatml, llama3, gemma or mistral"
+            )
         user = messages[0]
-        prompt = ALPACA[1].format(**user) if user.get("input") else ALPACA[0].format(instruction=user["content"])
+        prompt = (
+            ALPACA[1].format(**user)
+            if user.get("input")
+            else ALPACA[0].format(instruction=user["content"])
+        )
         bos = tok.bos_token if tok.add_bos else ""
-        return [(bos + prompt, False)] + [(m["content"] + tok.eos_token, True) for m in messages[1:]]
+        return [(bos + prompt, False)] + [
+            (m["content"] + tok.eos_token, True) for m in messages[1:]
+        ]
     start, turns, strip = CHAT[prompt_format]
     special = {"bos": tok.bos_token, "eos": tok.eos_token}
-    if prompt_format == "chatml" and messages[0]["role"] != "system" and tok.default_system is not None:
+    if (
+        prompt_format == "chatml"
+        and messages[0]["role"] != "system"
+        and tok.default_system is not None
+    ):
         messages = [{"role": "system", "content": tok.default_system}] + messages
     prefix = ""
-    if messages[0]["role"] == "system" and "system" not in turns:  # before the first user turn's content
+    # before the first user turn's content
+    if messages[0]["role"] == "system" and "system" not in turns:
         prefix, messages = messages[0]["content"] + "\n\n", messages[1:]
     pieces = [(start.format(**special), False)]
     for i, m in enumerate(messages):
         header, turn, after = turns[m["role"]]
         content = (prefix if i == 0 else "") + (m["content"].strip() if strip else m["content"])
-        pieces += [(header, False), (turn.format(content, **special), m["role"] == "assistant"), (after, False)]
+        pieces += [
+            (header, False),
+            (turn.format(content, **special), m["role"] == "assistant"),
+            (after, False),
+        ]
     return pieces + [(turns["assistant"][0], False)] * generation
 
 
-def encode_prompt(messages: list, tok: Tokenizer, prompt_format: str | None = None, where: str = "prompt") -> list:
-    """Token ids of a conversation that ends with a user turn, then the assistant's header (for generation);
-    `where` names the conversation in an error."""
+def encode_prompt(
+    messages: list, tok: Tokenizer, prompt_format: str | None = None, where: str = "prompt"
+) -> list:
+    """Token ids of a conversation that ends with a user turn, then the assistant's header (for
+    generation); `where` names the conversation in an error."""
     prompt_format = _resolve(tok, prompt_format)
     _check_order([m["role"] for m in messages], where, "messages[{i}].role", {}, "user")
     pieces = render(messages, tok, prompt_format, generation=True, where=where)
@@ -491,30 +660,42 @@ def stop_ids(tok: Tokenizer, prompt_format: str | None = None) -> list:
 
 def _sample(id: str, encoding, pieces: list, max_len: int) -> Sample | None:
     """Pre-shifted Sample from the encoding of the whole rendered text; None if no token is trained."""
-    trained_chars = np.concatenate([np.full(len(text), trained) for text, trained in pieces])  # (characters,)
-    before = np.concatenate([[0], np.cumsum(trained_chars)])  # before[c] = trained characters before c
-    offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)  # (L + 1, 2) character spans
+    # (characters,)
+    trained_chars = np.concatenate([np.full(len(text), trained) for text, trained in pieces])
+    # before[c] = trained characters before c
+    before = np.concatenate([[0], np.cumsum(trained_chars)])
+    # (L + 1, 2) character spans
+    offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)
     trained = (before[offsets[:, 1]] > before[offsets[:, 0]])[: max_len + 1]
     ids = encoding.ids[: max_len + 1]
     labels = [x if t else IGNORE for x, t in zip(ids[1:], trained[1:])]
     return Sample(id, ids[:-1], labels) if any(x != IGNORE for x in labels) else None
 
 
-def tokenize(example: Example, tok: Tokenizer, prompt_format: str | None = None, max_len: int = MAX_LEN):
+def tokenize(
+    example: Example, tok: Tokenizer, prompt_format: str | None = None, max_len: int = MAX_LEN
+):
     """Sample of one example, or None if truncation to max_len left no trained token."""
     pieces = render(example.messages, tok, _resolve(tok, prompt_format), where=example.id)
     encoding = tok.hf.encode("".join(text for text, _ in pieces), add_special_tokens=False)
     return _sample(example.id, encoding, pieces, max_len)
 
 
-def load_dataset(path, tok: Tokenizer, prompt_format: str | None = None, max_len: int = MAX_LEN,
-                 fmt: str | None = None, verbose: bool = True) -> tuple:
+def load_dataset(
+    path,
+    tok: Tokenizer,
+    prompt_format: str | None = None,
+    max_len: int = MAX_LEN,
+    fmt: str | None = None,
+    verbose: bool = True,
+) -> tuple:
     """(samples, stats) of a data file; prints (if verbose) its summary line."""
     examples, fmt, fmt_chosen = _read(path, fmt)
     prompt_chosen = "given" if prompt_format else f"detected from {tok.dir}"
     prompt_format = _resolve(tok, prompt_format)
     rendered = [render(e.messages, tok, prompt_format, where=e.id) for e in examples]
-    texts = ["".join(text for text, _ in pieces) for pieces in rendered]  # each example's whole rendered text
+    # each example's whole rendered text
+    texts = ["".join(text for text, _ in pieces) for pieces in rendered]
     encodings = tok.hf.encode_batch(texts, add_special_tokens=False)
     samples = [_sample(e.id, enc, p, max_len) for e, p, enc in zip(examples, rendered, encodings)]
     dropped = [e.id for e, s in zip(examples, samples) if s is None]
@@ -522,13 +703,22 @@ def load_dataset(path, tok: Tokenizer, prompt_format: str | None = None, max_len
     if not samples:
         raise InputError(f"{path}: no example keeps a trained token within max_len {max_len}")
     lengths = np.array([len(s.input_ids) for s in samples])
-    stats = {"path": str(path), "max_len": max_len, "format": fmt, "format_from": fmt_chosen,
-             "prompt_format": prompt_format, "prompt_format_from": prompt_chosen, "examples": len(examples),
-             "samples": len(samples),
-             "truncated": sum(len(e.ids) > max_len + 1 for e in encodings), "dropped": len(dropped),
-             "dropped_ids": dropped, "tokens": int(lengths.sum()),
-             "trained_tokens": sum(sum(x != IGNORE for x in s.labels) for s in samples),
-             "length_percentiles": {p: int(np.percentile(lengths, p)) for p in (50, 90, 99, 100)}}
+    stats = {
+        "path": str(path),
+        "max_len": max_len,
+        "format": fmt,
+        "format_from": fmt_chosen,
+        "prompt_format": prompt_format,
+        "prompt_format_from": prompt_chosen,
+        "examples": len(examples),
+        "samples": len(samples),
+        "truncated": sum(len(e.ids) > max_len + 1 for e in encodings),
+        "dropped": len(dropped),
+        "dropped_ids": dropped,
+        "tokens": int(lengths.sum()),
+        "trained_tokens": sum(sum(x != IGNORE for x in s.labels) for s in samples),
+        "length_percentiles": {p: int(np.percentile(lengths, p)) for p in (50, 90, 99, 100)},
+    }
     if verbose:
         print(summary(stats))
     return samples, stats
@@ -538,39 +728,52 @@ CACHE_VERSION = 1  # bump when tokenization changes what a file gives
 
 
 def token_arrays(samples: list) -> dict:
-    """The token ids and labels of samples as flat int32 arrays (ids, labels (S,), offsets (n + 1,): sample i is
-    [offsets[i], offsets[i + 1])): about 8 bytes a token, against a Python int object per token in lists."""
+    """The token ids and labels of samples as flat int32 arrays (ids, labels (S,), offsets (n + 1,):
+    sample i is [offsets[i], offsets[i + 1])): about 8 bytes a token, against a Python int object
+    per token in lists."""
     offsets = np.cumsum([0] + [len(s.input_ids) for s in samples])
-    return {"ids": np.concatenate([np.asarray(s.input_ids, dtype=np.int32) for s in samples]),
-            "labels": np.concatenate([np.asarray(s.labels, dtype=np.int32) for s in samples]), "offsets": offsets}
+    return {
+        "ids": np.concatenate([np.asarray(s.input_ids, dtype=np.int32) for s in samples]),
+        "labels": np.concatenate([np.asarray(s.labels, dtype=np.int32) for s in samples]),
+        "offsets": offsets,
+    }
 
 
 def array_samples(ids: list, arrays: dict) -> list:
-    """Samples whose input_ids and labels are views into token_arrays' arrays (memory-mapped or not)."""
+    """Samples whose input_ids and labels are views into token_arrays' arrays (memory-mapped or
+    not).
+    """
     o = arrays["offsets"]
-    return [Sample(i, arrays["ids"][o[k]:o[k + 1]], arrays["labels"][o[k]:o[k + 1]]) for k, i in enumerate(ids)]
+    return [
+        Sample(i, arrays["ids"][o[k] : o[k + 1]], arrays["labels"][o[k] : o[k + 1]])
+        for k, i in enumerate(ids)
+    ]
 
 
 def cache_key(path, tok: Tokenizer, prompt_format, max_len, fmt) -> str:
-    """A fingerprint of what tokenizing a data file gives: the file's bytes, the tokenizer's files and the
-    settings (and CACHE_VERSION)."""
+    """A fingerprint of what tokenizing a data file gives: the file's bytes, the tokenizer's files
+    and the settings (and CACHE_VERSION)."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, prompt_format, max_len, fmt]).encode())
     for file in [Path(path)] + sorted(tok.dir.glob("tokenizer*")) + sorted(tok.dir.glob("*.jinja")):
         h.update(file.name.encode() + file.read_bytes())
     return h.hexdigest()[:32]
 
 
-def cached_dataset(path, tok: Tokenizer, prompt_format, max_len, fmt, cache, tokenize_here, barrier) -> tuple:
-    """load_dataset's (samples, stats), tokenized once for the ranks of a node: the rank with tokenize_here
-    (each node's local rank 0) reads and tokenizes the file and writes CACHE/KEY/ (cache_key): ids.npy, labels.npy,
-    offsets.npy and meta.json (sample ids, stats), as a folder renamed into place whole; barrier() then lets
-    the other ranks memory-map the arrays (the page cache holds one copy a node). barrier(failed) returns
-    whether any rank failed before it, so a rank whose reader raised does not leave the others waiting."""
+def cached_dataset(
+    path, tok: Tokenizer, prompt_format, max_len, fmt, cache, tokenize_here, barrier
+) -> tuple:
+    """load_dataset's (samples, stats), tokenized once for the ranks of a node: the rank with
+    tokenize_here (each node's local rank 0) reads and tokenizes the file and writes CACHE/KEY/
+    (cache_key): ids.npy, labels.npy, offsets.npy and meta.json (sample ids, stats), as a folder
+    renamed into place whole; barrier() then lets the other ranks memory-map the arrays (the page
+    cache holds one copy a node). barrier(failed) returns whether any rank failed before it, so a
+    rank whose reader raised does not leave the others waiting."""
     folder = Path(cache) / cache_key(path, tok, prompt_format, max_len, fmt)
     try:
         if tokenize_here and not (folder / "meta.json").exists():
             samples, stats = load_dataset(path, tok, prompt_format, max_len, fmt, verbose=False)
-            tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")  # nodes may share the file system
+            # nodes may share the file system
+            tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
             tmp.mkdir(parents=True, exist_ok=True)
             for name, array in token_arrays(samples).items():
                 np.save(tmp / f"{name}.npy", array)
@@ -588,19 +791,28 @@ def cached_dataset(path, tok: Tokenizer, prompt_format, max_len, fmt, cache, tok
     if barrier(False):
         raise InputError(f"{path}: another rank could not read it (its line says why)")
     meta = json.loads((folder / "meta.json").read_text())
-    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("ids", "labels", "offsets")}
+    arrays = {
+        name: np.load(folder / f"{name}.npy", mmap_mode="r")
+        for name in ("ids", "labels", "offsets")
+    }
     return array_samples(meta["ids"], arrays), meta["stats"]
 
 
 def summary(stats: dict) -> str:
-    """The line that says what load_dataset made of a file: the formats chosen, what was truncated or dropped."""
-    return (f"data: {stats['path']}: format {stats['format']} ({stats['format_from']}), prompt format "
-            f"{stats['prompt_format']} ({stats['prompt_format_from']}); {stats['samples']} samples, "
-            f"{stats['truncated']} truncated to max_len {stats['max_len']}, {stats['dropped']} dropped "
-            f"(no trained token left)")
+    """The line that says what load_dataset made of a file: the formats chosen, what was truncated
+    or dropped.
+    """
+    return (
+        f"data: {stats['path']}: format {stats['format']} ({stats['format_from']}), prompt format "
+        f"{stats['prompt_format']} ({stats['prompt_format_from']}); {stats['samples']} samples, "
+        f"{stats['truncated']} truncated to max_len {stats['max_len']}, {stats['dropped']} dropped "
+        f"(no trained token left)"
+    )
 
 
-# --- batching ----------------------------------------------------------------------------------------------
+# --- batching
+# ----------------------------------------------------------------------------------------------
+
 
 def collate(samples: list, pad_id: int) -> dict:
     """Right-padded batch: input_ids (B, T) padded with pad_id, labels (B, T) with -100 on the pads."""
@@ -615,29 +827,32 @@ def collate(samples: list, pad_id: int) -> dict:
 
 def pack(samples: list) -> dict:
     """Samples end to end in one row, no padding, laid out on the host (no device work, so no sync):
-        input_ids             (1, S), S = sum of lengths
-        seqs                  where each sample lies in the row (packing): the model's positions and attention
-        trained               (N,) flat indices of the positions with a label (the LM head runs there only)
-        targets, sample       (N,) those labels, and the sample each position belongs to
-        ids                   the samples' ids, in row order
+    input_ids             (1, S), S = sum of lengths
+    seqs                  where each sample lies in the row (packing): the model's positions and attention
+    trained               (N,) flat indices of the positions with a label (the LM head runs there only)
+    targets, sample       (N,) those labels, and the sample each position belongs to
+    ids                   the samples' ids, in row order
     """
     labels = np.concatenate([np.asarray(s.labels, dtype=np.int64) for s in samples])  # (S,)
     trained = np.flatnonzero(labels != IGNORE)  # (N,)
     lengths = [len(s.input_ids) for s in samples]
     row = np.concatenate([np.asarray(s.input_ids, dtype=np.int64) for s in samples])
     counts = [int((np.asarray(s.labels) != IGNORE).sum()) for s in samples]
-    return {"input_ids": torch.from_numpy(row)[None],  # (1, S)
-            "seqs": packing(lengths),
-            "trained": torch.from_numpy(trained),  # (N,)
-            "targets": torch.from_numpy(labels[trained]),  # (N,)
-            "sample": torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts),
-                                              output_size=len(trained)),  # (N,)
-            "ids": [s.id for s in samples]}
+    return {
+        "input_ids": torch.from_numpy(row)[None],  # (1, S)
+        "seqs": packing(lengths),
+        "trained": torch.from_numpy(trained),  # (N,)
+        "targets": torch.from_numpy(labels[trained]),  # (N,)
+        "sample": torch.repeat_interleave(
+            torch.arange(len(samples)), torch.tensor(counts), output_size=len(trained)
+        ),  # (N,)
+        "ids": [s.id for s in samples],
+    }
 
 
 def packing(lengths: list) -> tuple:
-    """Sequences of these lengths end to end in a row of S = sum(lengths) tokens, seen as n right-padded sequences
-    of the longest length L (model.unpack):
+    """Sequences of these lengths end to end in a row of S = sum(lengths) tokens, seen as n
+    right-padded sequences of the longest length L (model.unpack):
         index    (n, L) long, the row position of sequence i's t-th token; 0 at the padding places
         inverse  (S,) long, the place of each row position among the flattened (n * L) padded places
     """
@@ -650,14 +865,18 @@ def packing(lengths: list) -> tuple:
 
 
 def to_device(batch: dict, device) -> dict:
-    """The batch's tensors (and tuples of them) on the device, copied asynchronously from pinned memory on CUDA
-    (no stream sync)."""
+    """The batch's tensors (and tuples of them) on the device, copied asynchronously from pinned
+    memory on CUDA (no stream sync)."""
+
     def move(v):
         if isinstance(v, tuple):
             return tuple(move(t) for t in v)
         if not torch.is_tensor(v):
             return v
-        return v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v.to(device)
+        return (
+            v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v.to(device)
+        )
+
     return {k: move(v) for k, v in batch.items()}
 
 
@@ -667,22 +886,25 @@ def shuffled_order(n: int, seed: int, epoch: int) -> list:
 
 
 def length_grouped_batches(lengths: list, batch_size: int) -> list:
-    """Batches of indices for forward-only passes, longest first, so that little of a batch is padding."""
+    """Batches of indices for forward-only passes, longest first, so that little of a batch is
+    padding.
+    """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def shard(items: list, rank: int, world_size: int) -> list:
-    """This rank's items: every world_size-th from rank on. Each item goes to exactly one rank (counts may
-    differ by one: nothing is repeated to even them out), so a gathered per-example result has no duplicate."""
+    """This rank's items: every world_size-th from rank on. Each item goes to exactly one rank
+    (counts may differ by one: nothing is repeated to even them out), so a gathered per-example
+    result has no duplicate."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     return items[rank::world_size]
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """The --help of every command: each flag's default, except for a flag that is required or has none, or that
-    says its default in words."""
+    """The --help of every command: each flag's default, except for a flag that is required or has
+    none, or that says its default in words."""
 
     def _get_help_string(self, action):
         if action.required or action.default is None or "(default:" in action.help:

@@ -1,5 +1,5 @@
-"""Evaluate fine-tuned models the way the paper compares NTP and SFTMix (tables and pictures of several runs:
-scripts/report.py).
+"""Evaluate fine-tuned models the way the paper compares NTP and SFTMix (tables and pictures of
+several runs: scripts/report.py).
 
     python eval.py ppl      --model DIR --data heldout.jsonl [--split split.json] [--out rows.jsonl]
     python eval.py mc       --model DIR --data medmcqa.json [--out per_question.jsonl]
@@ -13,9 +13,10 @@ generate  MT-Bench's model answers or AlpacaEval's model outputs, decoded as the
 Each command loads the weights in --dtype (auto: bf16 on CUDA, fp32 on CPU) and computes in it with
 no autocast: one copy of the weights, and a KV cache of that dtype. Under `torchrun --nproc_per_node
 N eval.py ...` its passes over data are sharded over ranks; rank 0 writes. Every --out is checked
-before any work: its directory is made if missing; a directory, or a place that cannot be written, is
-refused.
+before any work: its directory is made if missing; a directory, or a place that cannot be written,
+is refused.
 """
+
 import argparse
 import json
 import os
@@ -40,19 +41,29 @@ MEDMCQA_OPTIONS = ("opa", "opb", "opc", "opd")
 PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]
 # FastChat's temperature_config (fastchat/llm_judge/common.py): the temperature its gen_model_answer
 # samples each MT-Bench category at; other categories, and AlpacaEval, get DEFAULT_TEMPERATURE.
-MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0,
-                        "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1,
-                        "arena-hard-200": 0.0}
+MT_BENCH_TEMPERATURE = {
+    "writing": 0.7,
+    "roleplay": 0.7,
+    "extraction": 0.0,
+    "math": 0.0,
+    "coding": 0.0,
+    "reasoning": 0.0,
+    "stem": 0.1,
+    "humanities": 0.1,
+    "arena-hard-200": 0.0,
+}
 DEFAULT_TEMPERATURE = 0.7
 MAX_NEW_TOKENS = {"mt_bench": 1024, "alpaca_eval": 2048}
 
 
 # ----------------------------------------------------------------------------- model commands
 
+
 @dataclass
 class Runtime:
     device: torch.device
-    dtype: torch.dtype  # the weights', the compute's and the KV cache's: no autocast, no second copy
+    # the weights', the compute's and the KV cache's: no autocast, no second copy
+    dtype: torch.dtype
     rank: int
     world: int
 
@@ -67,10 +78,14 @@ def setup(dtype="auto") -> Runtime:
     world, cuda = int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    )
     if cuda:
         torch.cuda.set_device(device)
-    return Runtime(device, M.compute_dtype(dtype, device), dist.get_rank() if world > 1 else 0, world)
+    return Runtime(
+        device, M.compute_dtype(dtype, device), dist.get_rank() if world > 1 else 0, world
+    )
 
 
 def load_model(path, rt: Runtime) -> M.Transformer:
@@ -92,9 +107,10 @@ def read_split(path) -> dict:
 
 # ----------------------------------------------------------------------------- ppl
 
+
 def split_members(split, samples) -> dict:
-    """{half: the ids of the samples in it, in data order} (empty without a split); a half that holds
-    none of the samples is an InputError, raised before any model loads."""
+    """{half: the ids of the samples in it, in data order} (empty without a split); a half that
+    holds none of the samples is an InputError, raised before any model loads."""
     members = {half: [s.id for s in samples if s.id in ids] for half, ids in (split or {}).items()}
     for half, ids in members.items():
         if not ids:
@@ -103,36 +119,47 @@ def split_members(split, samples) -> dict:
 
 
 def evaluate_ppl(model, samples, rt, batch_size=8, split=None):
-    """(summary {"all": ..., and per half with a split}, per-example rows {id, nll, tokens, ppl[, half]})."""
+    """(summary {"all": ..., and per half with a split}, per-example rows {id, nll, tokens, ppl[,
+    half]}).
+    """
     members = split_members(split, samples)
-    results = sftmix.response_nll(model, samples, batch_size, rt.device, None, desc="ppl")  # {id: (nll, n)}
+    # {id: (nll, n)}
+    results = sftmix.response_nll(model, samples, batch_size, rt.device, None, desc="ppl")
     summary = {"all": sftmix.token_weighted(results, list(results))}
     summary |= {half: sftmix.token_weighted(results, ids) for half, ids in members.items()}
     half_of = {i: half for half, ids in members.items() for i in ids}
     rows = []
     for s in samples:
         nll, n = results[s.id]
-        rows.append({"id": s.id, "nll": nll, "tokens": n, "ppl": sftmix.perplexity(nll, n)}
-                    | ({"half": half_of.get(s.id)} if split else {}))
+        rows.append(
+            {"id": s.id, "nll": nll, "tokens": n, "ppl": sftmix.perplexity(nll, n)}
+            | ({"half": half_of.get(s.id)} if split else {})
+        )
     return summary, rows
 
 
 def cmd_ppl(args, rt):
     path = M.model_dir(args.model)
     tok = data.load_tokenizer(path)
-    samples, stats = data.load_dataset(args.data, tok, args.prompt_format, args.max_len, verbose=False)
+    samples, stats = data.load_dataset(
+        args.data, tok, args.prompt_format, args.max_len, verbose=False
+    )
     split = read_split(args.split) if args.split else None
-    split_members(split, samples)  # checked before the model loads; the data's line follows once all is read
+    # checked before the model loads; the data's line follows once all is read
+    split_members(split, samples)
     model = load_model(path, rt)
     rt.say(data.summary(stats))
     summary, rows = evaluate_ppl(model, samples, rt, args.batch_size, split)
     for part, s in summary.items():
-        rt.say(f"{part:>11}: ppl {s['ppl']:.4f}  NLL/token {s['nll_per_token']:.4f}  "
-               f"({s['examples']} examples, {s['tokens']} response tokens)")
+        rt.say(
+            f"{part:>11}: ppl {s['ppl']:.4f}  NLL/token {s['nll_per_token']:.4f}  "
+            f"({s['examples']} examples, {s['tokens']} response tokens)"
+        )
     write_out(args, rt, rows)
 
 
 # ----------------------------------------------------------------------------- mc (multiple choice)
+
 
 @dataclass
 class Question:
@@ -143,39 +170,50 @@ class Question:
 
 
 def mc_records(path) -> list:
-    """[(where, record)]: data.read_records, or PubMedQA's ori_pqal.json (one object {PMID: record})."""
+    """[(where, record)]: data.read_records, or PubMedQA's ori_pqal.json (one object {PMID:
+    record}).
+    """
     try:
         whole = json.loads(Path(path).read_bytes())
     except (OSError, ValueError):
         whole = None  # not one JSON document: read_records says what is wrong, if anything
-    if isinstance(whole, dict) and whole and all(isinstance(r, dict) and "QUESTION" in r
-                                                 for r in whole.values()):
+    if (
+        isinstance(whole, dict)
+        and whole
+        and all(isinstance(r, dict) and "QUESTION" in r for r in whole.values())
+    ):
         return [(f"{path}:{pmid}", r | {"id": pmid}) for pmid, r in whole.items()]
     return data.read_records(Path(path))
 
 
 def medmcqa_base(path, records, base=None):
-    """The number MedMCQA's "cop" gives the first option: 1 in its release (1..4), 0 in the HF copy (0..3).
-    A file holding a 0 and no 4 is 0-based, a 4 and no 0 1-based; any other cannot tell (base must be given)."""
-    cops = {r.get("cop") for _, r in records
-            if isinstance(r, dict) and "opa" in r and type(r.get("cop")) is int}
+    """The number MedMCQA's "cop" gives the first option: 1 in its release (1..4), 0 in the HF copy
+    (0..3). A file holding a 0 and no 4 is 0-based, a 4 and no 0 1-based; any other cannot tell
+    (base must be given)."""
+    cops = {
+        r.get("cop")
+        for _, r in records
+        if isinstance(r, dict) and "opa" in r and type(r.get("cop")) is int
+    }
     if base is not None or not cops:
         return base
     if (0 in cops) == (4 in cops):
-        raise InputError(f'{path}: "cop": {"both 0 and 4" if 0 in cops else "neither 0 nor 4"} among '
-                         f"its values, so the file cannot tell 1-based answers (MedMCQA's release) "
-                         f"from 0-based ones (the HF copy); pass --cop-base 1 or 0")
+        raise InputError(
+            f'{path}: "cop": {"both 0 and 4" if 0 in cops else "neither 0 nor 4"} among '
+            f"its values, so the file cannot tell 1-based answers (MedMCQA's release) "
+            f"from 0-based ones (the HF copy); pass --cop-base 1 or 0"
+        )
     return 0 if 0 in cops else 1
 
 
 def mc_question(where, r, default_id, base) -> Question:
     """One question, its answer as a 0-based index, of any of these layouts:
-        MedQA     {"question", "options": {"A": text, ...}, "answer_idx": "B"}
-        MedMCQA   {"question", "opa", "opb", "opc", "opd", "cop"}, cop counting from base (medmcqa_base)
-        PubMedQA  ori_pqal.json's {"QUESTION", "CONTEXTS", "final_decision"}, or the HF layout
-                  {"question", "context": {"contexts"}, "final_decision"}: options yes / no / maybe,
-                  the question asked as the contexts (one per line), a blank line, the question
-        ours      {"question", "options": [...] or {"A": text, ...}, "answer": "B" or a 0-based index}
+    MedQA     {"question", "options": {"A": text, ...}, "answer_idx": "B"}
+    MedMCQA   {"question", "opa", "opb", "opc", "opd", "cop"}, cop counting from base (medmcqa_base)
+    PubMedQA  ori_pqal.json's {"QUESTION", "CONTEXTS", "final_decision"}, or the HF layout
+              {"question", "context": {"contexts"}, "final_decision"}: options yes / no / maybe,
+              the question asked as the contexts (one per line), a blank line, the question
+    ours      {"question", "options": [...] or {"A": text, ...}, "answer": "B" or a 0-based index}
     """
     if not isinstance(r, dict):
         raise InputError(f"{where}: expected an object with a question")
@@ -183,39 +221,62 @@ def mc_question(where, r, default_id, base) -> Question:
         key, options, answer = '"question"', [r.get(k) for k in MEDMCQA_OPTIONS], r.get("cop")
         question, id_ = r.get("question"), r.get("id", default_id)
         if base is None or not (type(answer) is int and 0 <= answer - base < 4):
-            counts = f"this file counts from {base}" if base is not None else "from 1 as released, 0 in the HF copy"
-            raise InputError(f'{where}: "cop": expected the correct option\'s number ({counts}), '
-                             f"got {json.dumps(answer)}")
+            counts = (
+                f"this file counts from {base}"
+                if base is not None
+                else "from 1 as released, 0 in the HF copy"
+            )
+            raise InputError(
+                f'{where}: "cop": expected the correct option\'s number ({counts}), '
+                f"got {json.dumps(answer)}"
+            )
         answer -= base
     elif "final_decision" in r:  # PubMedQA: the HF layout, or ori_pqal.json's
         hf = "question" in r
-        key, id_ = ('"question"', r.get("pubid", default_id)) if hf else ('"QUESTION"', r.get("id", default_id))
+        key, id_ = (
+            ('"question"', r.get("pubid", default_id))
+            if hf
+            else ('"QUESTION"', r.get("id", default_id))
+        )
         context = r.get("context") if isinstance(r.get("context"), dict) else {}
         contexts = context.get("contexts") if hf else r.get("CONTEXTS")
         if not (isinstance(contexts, list) and all(isinstance(c, str) for c in contexts)):
-            raise InputError(f'{where}: {"context.contexts" if hf else "CONTEXTS"}: expected a list of strings')
+            raise InputError(
+                f"{where}: {'context.contexts' if hf else 'CONTEXTS'}: expected a list of strings"
+            )
         question = r.get("question" if hf else "QUESTION")
         if isinstance(question, str) and question.strip():
             question = "\n".join(contexts) + "\n\n" + question
         options, answer = PUBMEDQA_OPTIONS, r["final_decision"]
         if answer not in options:
-            raise InputError(f'{where}: "final_decision": expected yes, no or maybe, got {json.dumps(answer)}')
+            raise InputError(
+                f'{where}: "final_decision": expected yes, no or maybe, got {json.dumps(answer)}'
+            )
         answer = options.index(answer)
     else:  # MedQA, or ours
-        key, question, options, id_ = '"question"', r.get("question"), r.get("options"), r.get("id", default_id)
+        key, question, options, id_ = (
+            '"question"',
+            r.get("question"),
+            r.get("options"),
+            r.get("id", default_id),
+        )
         if isinstance(options, list) and len(options) <= len(LETTERS):
             options = dict(zip(LETTERS, options))
-        lettered = isinstance(options, dict) and list(options) == list(LETTERS[:len(options)])
+        lettered = isinstance(options, dict) and list(options) == list(LETTERS[: len(options)])
         if not (lettered and len(options) >= 2):
-            raise InputError(f'{where}: "options": expected 2 or more non-empty strings, as a list or as '
-                             f'{{"A": text, "B": text, ...}} with keys A, B, C, ... in order')
+            raise InputError(
+                f'{where}: "options": expected 2 or more non-empty strings, as a list or as '
+                f'{{"A": text, "B": text, ...}} with keys A, B, C, ... in order'
+            )
         field = "answer_idx" if "answer_idx" in r else "answer"
         options, answer, n = list(options.values()), r.get(field), len(options)
         if isinstance(answer, str) and answer.strip() in LETTERS[:n]:
             answer = LETTERS.index(answer.strip())
         elif not (type(answer) is int and 0 <= answer < n):
-            raise InputError(f'{where}: "{field}": expected one of {", ".join(LETTERS[:n])} or an index '
-                             f"0..{n - 1}, got {json.dumps(answer)}")
+            raise InputError(
+                f'{where}: "{field}": expected one of {", ".join(LETTERS[:n])} or an index '
+                f"0..{n - 1}, got {json.dumps(answer)}"
+            )
     if not isinstance(question, str) or not question.strip():
         raise InputError(f"{where}: {key}: expected a non-empty string")
     if not all(isinstance(t, str) and t.strip() for t in options):
@@ -227,16 +288,24 @@ def read_mc(path, cop_base=None) -> list:
     """Multiple-choice questions of a file in any layout of mc_question."""
     records = mc_records(path)
     base = medmcqa_base(path, records, cop_base)
-    return [mc_question(where, r, f"{Path(path).name}:{i}", base) for i, (where, r) in enumerate(records)]
+    return [
+        mc_question(where, r, f"{Path(path).name}:{i}", base)
+        for i, (where, r) in enumerate(records)
+    ]
 
 
 def mc_prompt(q: Question) -> str:
     """The user turn: the question, a blank line, then one 'A. text' line per option."""
-    return q.question + "\n\n" + "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, q.options))
+    return (
+        q.question
+        + "\n\n"
+        + "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, q.options))
+    )
 
 
 def mc_samples(questions, tok, prompt_format=None) -> list:
-    """One Sample per (question i, option k), id "i:k": prompt + option ids, trained on the option only.
+    """One Sample per (question i, option k), id "i:k": prompt + option ids, trained on the option
+    only.
 
     ids = prompt (P tokens, ending with the assistant header) + y (the option text's tokens);
     labels are pre-shifted: labels[t] = ids[t + 1] for t >= P - 1, IGNORE before.
@@ -246,7 +315,7 @@ def mc_samples(questions, tok, prompt_format=None) -> list:
         prompt = data.encode_prompt([{"role": "user", "content": mc_prompt(q)}], tok, prompt_format)
         for k, text in enumerate(q.options):
             ids = prompt + tok.encode(text)
-            labels = [IGNORE] * (len(prompt) - 1) + ids[len(prompt):]
+            labels = [IGNORE] * (len(prompt) - 1) + ids[len(prompt) :]
             samples.append(data.Sample(f"{i}:{k}", ids[:-1], labels))
     return samples
 
@@ -254,23 +323,42 @@ def mc_samples(questions, tok, prompt_format=None) -> list:
 def option_logliks(model, tok, questions, rt, prompt_format=None, batch_size=8) -> list:
     """Per question, per option: (log p(y | prompt) = sum_t log p(y_t | prompt, y_<t), |y|)."""
     samples = mc_samples(questions, tok, prompt_format)
-    results = sftmix.response_nll(model, samples, batch_size, rt.device, None, desc="mc")  # {"i:k": (nll, n)}
-    return [[(-results[f"{i}:{k}"][0], results[f"{i}:{k}"][1]) for k in range(len(q.options))]
-            for i, q in enumerate(questions)]
+    # {"i:k": (nll, n)}
+    results = sftmix.response_nll(model, samples, batch_size, rt.device, None, desc="mc")
+    return [
+        [(-results[f"{i}:{k}"][0], results[f"{i}:{k}"][1]) for k in range(len(q.options))]
+        for i, q in enumerate(questions)
+    ]
 
 
 def mc_accuracy(questions, logliks) -> tuple:
-    """Accuracy of argmax_k s_k for each score s: summed s_k = LL_k, per-token s_k = LL_k / |y_k| (tokens),
-    per-character s_k = LL_k / len(y_k) (characters: lm-eval's acc_norm). Ties go to the first option."""
+    """Accuracy of argmax_k s_k for each score s: summed s_k = LL_k, per-token s_k = LL_k / |y_k|
+    (tokens), per-character s_k = LL_k / len(y_k) (characters: lm-eval's acc_norm). Ties go to the
+    first option."""
     rows = []
     for q, scores in zip(questions, logliks):
-        ll, tokens, chars = [ll for ll, _ in scores], [n for _, n in scores], [len(t) for t in q.options]
-        by = {"summed": ll, "per-token": np.divide(ll, tokens), "per-character": np.divide(ll, chars)}
-        preds = {f"pred_{kind.replace('-', '_')}": LETTERS[int(np.argmax(s))] for kind, s in by.items()}
-        rows.append({"id": q.id, "answer": LETTERS[q.answer]} | preds
-                    | {"loglik": ll, "tokens": tokens, "chars": chars})
-    accuracy = {kind: sum(r[f"pred_{kind.replace('-', '_')}"] == r["answer"] for r in rows) / len(rows)
-                for kind in SCORES}
+        ll, tokens, chars = (
+            [ll for ll, _ in scores],
+            [n for _, n in scores],
+            [len(t) for t in q.options],
+        )
+        by = {
+            "summed": ll,
+            "per-token": np.divide(ll, tokens),
+            "per-character": np.divide(ll, chars),
+        }
+        preds = {
+            f"pred_{kind.replace('-', '_')}": LETTERS[int(np.argmax(s))] for kind, s in by.items()
+        }
+        rows.append(
+            {"id": q.id, "answer": LETTERS[q.answer]}
+            | preds
+            | {"loglik": ll, "tokens": tokens, "chars": chars}
+        )
+    accuracy = {
+        kind: sum(r[f"pred_{kind.replace('-', '_')}"] == r["answer"] for r in rows) / len(rows)
+        for kind in SCORES
+    }
     return {"questions": len(rows), "accuracy": accuracy}, rows
 
 
@@ -278,19 +366,22 @@ def cmd_mc(args, rt):
     questions = read_mc(args.data, args.cop_base)  # bad input fails before the model loads
     path = M.model_dir(args.model)
     tok = data.load_tokenizer(path)
-    logliks = option_logliks(load_model(path, rt), tok, questions, rt, args.prompt_format, args.batch_size)
+    logliks = option_logliks(
+        load_model(path, rt), tok, questions, rt, args.prompt_format, args.batch_size
+    )
     summary, rows = mc_accuracy(questions, logliks)
     accuracy = ", ".join(f"{a:.4f} ({kind})" for kind, a in summary["accuracy"].items())
     rt.say(f"{summary['questions']} questions: accuracy {accuracy}")
     write_out(args, rt, rows)
 
 
-# ----------------------------------------------------------------------------- generate (MT-Bench, AlpacaEval)
+# ------------------------------------------------------------------ generate (MT-Bench, AlpacaEval)
+
 
 def read_questions(path) -> tuple:
     """(benchmark, questions): "mt_bench" for MT-Bench's question.jsonl ({"question_id", "category",
-    "turns"}), "alpaca_eval" for AlpacaEval's set ({"instruction", ...}, given "turns": [instruction]);
-    the first record decides."""
+    "turns"}), "alpaca_eval" for AlpacaEval's set ({"instruction", ...}, given "turns":
+    [instruction]); the first record decides."""
     records = data.read_records(Path(path))
     if not records:
         raise InputError(f"{path}: no questions")
@@ -299,16 +390,28 @@ def read_questions(path) -> tuple:
     questions, seen = [], set()
     for where, r in records:
         if benchmark == "alpaca_eval":
-            if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not r["instruction"].strip():
-                raise InputError(f'{where}: "instruction": expected a non-empty string (AlpacaEval\'s '
-                                 f"layout, as the first record)")
+            if (
+                not isinstance(r, dict)
+                or not isinstance(r.get("instruction"), str)
+                or not r["instruction"].strip()
+            ):
+                raise InputError(
+                    f'{where}: "instruction": expected a non-empty string (AlpacaEval\'s '
+                    f"layout, as the first record)"
+                )
             questions.append(r | {"turns": [r["instruction"]]})
             continue
         if not isinstance(r, dict) or "question_id" not in r:
-            raise InputError(f'{where}: "question_id": missing; expected an object with "question_id" '
-                             f'and "turns"')
+            raise InputError(
+                f'{where}: "question_id": missing; expected an object with "question_id" '
+                f'and "turns"'
+            )
         turns = r.get("turns")
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        if (
+            not isinstance(turns, list)
+            or not turns
+            or not all(isinstance(t, str) and t.strip() for t in turns)
+        ):
             raise InputError(f'{where}: "turns": expected a non-empty list of non-empty strings')
         if r["question_id"] in seen:
             raise InputError(f'{where}: "question_id": duplicate {json.dumps(r["question_id"])}')
@@ -318,22 +421,37 @@ def read_questions(path) -> tuple:
 
 
 def temperature_of(question, temperature=None) -> float:
-    """temperature, or FastChat's for the question's MT-Bench category; below 1e-4 it is 0 (greedy), as in FastChat."""
+    """temperature, or FastChat's for the question's MT-Bench category; below 1e-4 it is 0 (greedy),
+    as in FastChat.
+    """
     if temperature is None:
         temperature = MT_BENCH_TEMPERATURE.get(question.get("category"), DEFAULT_TEMPERATURE)
     return temperature if temperature >= 1e-4 else 0.0
 
 
 def conversation(turns, answers) -> list:
-    """Messages user 1, assistant 1, ..., user k from k questions and the model's k - 1 answers so far."""
+    """Messages user 1, assistant 1, ..., user k from k questions and the model's k - 1 answers so
+    far.
+    """
     messages = []
     for user, answer in zip(turns, answers):
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return messages + [{"role": "user", "content": turns[len(answers)]}]
 
 
-def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_tokens=1024,
-                     temperature=None, top_p=1.0, batch_size=8, seed=0, compile=False) -> list:
+def answer_questions(
+    model,
+    tok,
+    questions,
+    rt,
+    prompt_format=None,
+    max_new_tokens=1024,
+    temperature=None,
+    top_p=1.0,
+    batch_size=8,
+    seed=0,
+    compile=False,
+) -> list:
     """The model's answers, a list of turn texts per question, on every rank (questions sharded).
 
     Turn by turn: all first turns, then all second turns with each conversation holding the model's
@@ -345,26 +463,47 @@ def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_toke
     (the batch size and cache length turn dynamic after their first change); eager's tokens.
     """
     stops = data.stop_ids(tok, prompt_format)
-    for i, q in enumerate(questions):  # every last turn renders (alpaca's holds one) before any is answered
-        data.encode_prompt(conversation(q["turns"], [""] * (len(q["turns"]) - 1)), tok, prompt_format,
-                           f"question {q.get('question_id', i)}")
+    # every last turn renders (alpaca's holds one) before any is answered
+    for i, q in enumerate(questions):
+        data.encode_prompt(
+            conversation(q["turns"], [""] * (len(q["turns"]) - 1)),
+            tok,
+            prompt_format,
+            f"question {q.get('question_id', i)}",
+        )
     temperatures = [temperature_of(q, temperature) for q in questions]
     answers = {i: [] for i in data.shard(list(range(len(questions))), rt.rank, rt.world)}
     turns = max(len(q["turns"]) for q in questions)
-    progress = tqdm(desc="generate", unit=" tokens", disable=rt.rank != 0)  # generated tokens, their rate
+    # generated tokens, their rate
+    progress = tqdm(desc="generate", unit=" tokens", disable=rt.rank != 0)
     for turn in range(turns):
-        prompts = {i: data.encode_prompt(conversation(questions[i]["turns"][:turn + 1], a), tok, prompt_format)
-                   for i, a in answers.items() if turn < len(questions[i]["turns"])}
+        prompts = {
+            i: data.encode_prompt(
+                conversation(questions[i]["turns"][: turn + 1], a), tok, prompt_format
+            )
+            for i, a in answers.items()
+            if turn < len(questions[i]["turns"])
+        }
         same_temperature = {}
         for i in sorted(prompts, key=lambda i: len(prompts[i])):
             same_temperature.setdefault(temperatures[i], []).append(i)
-        batches = [group[k:k + batch_size] for group in same_temperature.values()
-                   for k in range(0, len(group), batch_size)]
+        batches = [
+            group[k : k + batch_size]
+            for group in same_temperature.values()
+            for k in range(0, len(group), batch_size)
+        ]
         for j, batch in enumerate(batches):
             progress.set_postfix_str(f"turn {turn + 1}/{turns}, batch {j + 1}/{len(batches)}")
-            new = M.generate(model, [prompts[i] for i in batch], max_new_tokens, temperatures[batch[0]],
-                             top_p, eos_ids=stops, seed=seed + 1000 * turn + j,
-                             compile="inductor" if compile else None)
+            new = M.generate(
+                model,
+                [prompts[i] for i in batch],
+                max_new_tokens,
+                temperatures[batch[0]],
+                top_p,
+                eos_ids=stops,
+                seed=seed + 1000 * turn + j,
+                compile="inductor" if compile else None,
+            )
             for i, ids in zip(batch, new):
                 answers[i].append(tok.decode(ids[:-1] if ids and ids[-1] in stops else ids).strip())
             progress.update(sum(map(len, new)))
@@ -377,24 +516,50 @@ def answer_questions(model, tok, questions, rt, prompt_format=None, max_new_toke
 
 
 def answer_records(benchmark, questions, answers, name) -> list:
-    """FastChat's model-answer records (MT-Bench), or alpaca_eval's model outputs, name as model_id / generator."""
+    """FastChat's model-answer records (MT-Bench), or alpaca_eval's model outputs, name as model_id
+    / generator.
+    """
     if benchmark == "alpaca_eval":
-        return [{"instruction": q["instruction"], "output": a[0], "generator": name}
-                | ({"dataset": q["dataset"]} if "dataset" in q else {}) for q, a in zip(questions, answers)]
-    return [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": name,
-             "choices": [{"index": 0, "turns": a}], "tstamp": time.time()} for q, a in zip(questions, answers)]
+        return [
+            {"instruction": q["instruction"], "output": a[0], "generator": name}
+            | ({"dataset": q["dataset"]} if "dataset" in q else {})
+            for q, a in zip(questions, answers)
+        ]
+    return [
+        {
+            "question_id": q["question_id"],
+            "answer_id": uuid.uuid4().hex,
+            "model_id": name,
+            "choices": [{"index": 0, "turns": a}],
+            "tstamp": time.time(),
+        }
+        for q, a in zip(questions, answers)
+    ]
 
 
 def cmd_generate(args, rt):
     benchmark, questions = read_questions(args.questions)  # bad input fails before the model loads
-    suffix = {"mt_bench": ".jsonl", "alpaca_eval": ".json"}[benchmark]  # what FastChat / alpaca_eval read
+    # what FastChat / alpaca_eval read
+    suffix = {"mt_bench": ".jsonl", "alpaca_eval": ".json"}[benchmark]
     if Path(args.out).suffix != suffix:
-        raise InputError(f"--out {args.out}: expected a {suffix} file for {benchmark} (what its judge reads)")
+        raise InputError(
+            f"--out {args.out}: expected a {suffix} file for {benchmark} (what its judge reads)"
+        )
     path = M.model_dir(args.model)
     max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS[benchmark]
-    answers = answer_questions(load_model(path, rt), data.load_tokenizer(path), questions, rt,
-                               args.prompt_format, max_new_tokens, args.temperature, args.top_p,
-                               args.batch_size, args.seed, args.compile)
+    answers = answer_questions(
+        load_model(path, rt),
+        data.load_tokenizer(path),
+        questions,
+        rt,
+        args.prompt_format,
+        max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.batch_size,
+        args.seed,
+        args.compile,
+    )
     name = args.model_id or Path(args.model).resolve().name
     records = answer_records(benchmark, questions, answers, name)
     write_out(args, rt, records, lines=benchmark == "mt_bench")
@@ -402,19 +567,32 @@ def cmd_generate(args, rt):
 
 # ----------------------------------------------------------------------------- command line
 
+
 def model_flags(s) -> None:
     """The flags of every command that runs a model: prompt format, batch size, dtype."""
-    s.add_argument("--prompt-format", choices=data.PROMPT_FORMATS, help="(default: from the chat template)")
-    s.add_argument("--batch-size", type=data.number("--batch-size", int, ">= 1"), default=8,
-                   help="rows per forward pass")
-    s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="the model's weights, compute and KV cache, loaded so (no autocast, no fp32 "
-                        "copy): auto = bf16 on CUDA, fp32 on CPU")
+    s.add_argument(
+        "--prompt-format", choices=data.PROMPT_FORMATS, help="(default: from the chat template)"
+    )
+    s.add_argument(
+        "--batch-size",
+        type=data.number("--batch-size", int, ">= 1"),
+        default=8,
+        help="rows per forward pass",
+    )
+    s.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="the model's weights, compute and KV cache, loaded so (no autocast, no fp32 "
+        "copy): auto = bf16 on CUDA, fp32 on CPU",
+    )
 
 
 MODEL_HELP = "HF model directory, or a run directory with final/"
-COP_BASE_HELP = ("MedMCQA's cop: 1 = its release (1..4), 0 = the HF copy (0..3) (default: decided from "
-                 "the file: a 0 is 0-based, a 4 is 1-based)")
+COP_BASE_HELP = (
+    "MedMCQA's cop: 1 = its release (1..4), 0 = the HF copy (0..3) (default: decided from "
+    "the file: a 0 is 0-based, a 4 is 1-based)"
+)
 
 
 def command(sub, name, run, help) -> argparse.ArgumentParser:
@@ -432,38 +610,76 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help=MODEL_HELP)
     s.add_argument("--data", required=True, help="conversations (alpaca / sharegpt / messages)")
     s.add_argument("--split", help="split.json; adds ppl per half")
-    s.add_argument("--max-len", type=data.number("--max-len", int, ">= 2"), default=data.MAX_LEN,
-                   help="tokens per example; longer cut on the right")
+    s.add_argument(
+        "--max-len",
+        type=data.number("--max-len", int, ">= 2"),
+        default=data.MAX_LEN,
+        help="tokens per example; longer cut on the right",
+    )
     model_flags(s)
     s.add_argument("--out", help="per-example JSONL")
 
     s = command(sub, "mc", cmd_mc, "multiple-choice accuracy (MedQA, MedMCQA, PubMedQA, ...)")
     s.add_argument("--model", required=True, help=MODEL_HELP)
-    s.add_argument("--data", required=True, help="multiple-choice questions: MedQA, MedMCQA, PubMedQA or our layout")
+    s.add_argument(
+        "--data",
+        required=True,
+        help="multiple-choice questions: MedQA, MedMCQA, PubMedQA or our layout",
+    )
     s.add_argument("--cop-base", type=int, choices=(0, 1), help=COP_BASE_HELP)
     model_flags(s)
     s.add_argument("--out", help="per-question JSONL")
 
-    s = command(sub, "generate", cmd_generate, "MT-Bench or AlpacaEval answers, as judges read them")
+    s = command(
+        sub, "generate", cmd_generate, "MT-Bench or AlpacaEval answers, as judges read them"
+    )
     s.add_argument("--model", required=True, help=MODEL_HELP)
-    s.add_argument("--questions", required=True, help="MT-Bench's question.jsonl, or AlpacaEval's evaluation "
-                                                      "set (a JSON array of {instruction, dataset, ...})")
-    s.add_argument("--out", required=True, help="MT-Bench: answers JSONL, e.g. model_answer/NAME.jsonl; "
-                                                "AlpacaEval: model outputs JSON, e.g. NAME/model_outputs.json")
-    s.add_argument("--model-id", help="model_id (MT-Bench) or generator (AlpacaEval) (default: the model "
-                                      "or run directory's name)")
-    s.add_argument("--max-new-tokens", type=data.number("--max-new-tokens", int, ">= 1"),
-                   help="per turn (default: 1024 for MT-Bench, as FastChat; 2048 for AlpacaEval)")
-    s.add_argument("--temperature", type=data.number("--temperature", float, ">= 0 and finite"),
-                   help="for every question; below 1e-4 is greedy (default: FastChat's per "
-                        "MT-Bench category, 0.7 for AlpacaEval)")
-    s.add_argument("--top-p", type=data.number("--top-p", float, "in (0, 1]"), default=1.0,
-                   help="nucleus sampling mass when sampling")
-    s.add_argument("--seed", type=data.number("--seed", int, ">= 0"), default=0,
-                   help="sampling seed: the same flags give the same answers")
-    s.add_argument("--compile", action="store_true",
-                   help="torch.compile each decoding step (inductor, fullgraph): the same answers, "
-                        "faster on a GPU once compiled")
+    s.add_argument(
+        "--questions",
+        required=True,
+        help="MT-Bench's question.jsonl, or AlpacaEval's evaluation "
+        "set (a JSON array of {instruction, dataset, ...})",
+    )
+    s.add_argument(
+        "--out",
+        required=True,
+        help="MT-Bench: answers JSONL, e.g. model_answer/NAME.jsonl; "
+        "AlpacaEval: model outputs JSON, e.g. NAME/model_outputs.json",
+    )
+    s.add_argument(
+        "--model-id",
+        help="model_id (MT-Bench) or generator (AlpacaEval) (default: the model "
+        "or run directory's name)",
+    )
+    s.add_argument(
+        "--max-new-tokens",
+        type=data.number("--max-new-tokens", int, ">= 1"),
+        help="per turn (default: 1024 for MT-Bench, as FastChat; 2048 for AlpacaEval)",
+    )
+    s.add_argument(
+        "--temperature",
+        type=data.number("--temperature", float, ">= 0 and finite"),
+        help="for every question; below 1e-4 is greedy (default: FastChat's per "
+        "MT-Bench category, 0.7 for AlpacaEval)",
+    )
+    s.add_argument(
+        "--top-p",
+        type=data.number("--top-p", float, "in (0, 1]"),
+        default=1.0,
+        help="nucleus sampling mass when sampling",
+    )
+    s.add_argument(
+        "--seed",
+        type=data.number("--seed", int, ">= 0"),
+        default=0,
+        help="sampling seed: the same flags give the same answers",
+    )
+    s.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each decoding step (inductor, fullgraph): the same answers, "
+        "faster on a GPU once compiled",
+    )
     model_flags(s)
 
     return p

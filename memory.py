@@ -1,5 +1,5 @@
-"""How much memory a train.py step takes per GPU, estimated before anything loads (train.py refuses a run that
-would not fit; scripts/memory_table.py prints the table for the paper's models)."""
+"""How much memory a train.py step takes per GPU, estimated before anything loads (train.py refuses
+a run that would not fit; scripts/memory_table.py prints the table for the paper's models)."""
 
 from sftmix import CHUNK
 
@@ -7,18 +7,20 @@ from sftmix import CHUNK
 def memory_per_gpu(
     m, gpus, shard, activation_checkpointing, tokens_per_gpu, mixup=True, chunk=CHUNK
 ):
-    """Estimated peak bytes per GPU of one train.py step (bf16 compute, fp32 weights, AdamW), by term; SFTMix's
-    step, or NTP's with mixup=False.
+    """Estimated peak bytes per GPU of one train.py step (bf16 compute, fp32 weights, AdamW), by
+    term; SFTMix's step, or NTP's with mixup=False.
 
-    ModelArgs m (no biases); P parameters, P_b in one block, E = V D in the embedding (and in an untied LM
-    head); N = gpus under FSDP2, 1 under DDP; T tokens per micro-batch, one packed row of sequences of equal length
-    (attention sees them right-padded to the longest: unequal lengths add padding to its terms below); n =
-    min(T, chunk) positions per LM-head chunk (sftmix.CHUNK). Resident:
+    ModelArgs m (no biases); P parameters, P_b in one block, E = V D in the embedding (and in an
+    untied LM head); N = gpus under FSDP2, 1 under DDP; T tokens per micro-batch, one packed row of
+    sequences of equal length (attention sees them right-padded to the longest: unequal lengths add
+    padding to its terms below); n = min(T, chunk) positions per LM-head chunk (sftmix.CHUNK).
+    Resident:
         weights    4P/N   fp32 (FSDP2: this rank's shards)
         optimizer  8P/N   AdamW's two fp32 moments
         grads      4P/N   fp32. FSDP2 reduce-scatters each unit after every micro-batch: no unsharded gradient
-                          stays between micro-batches; the shards fill up during backward (at its start only the
-                          LM head's exist). DDP's buckets hold all of them all the time.
+                          stays between micro-batches; the shards fill up during backward (at its
+                          start only the LM head's exist). DDP's buckets hold all of them all the
+                          time.
         load       4P/N   model.load_pretrained: the shards; the one full tensor read at a time stays on the host
     Working set:
         activations  kept for backward, per token and block (bf16, fp32 where the code computes in fp32):
@@ -32,28 +34,33 @@ def memory_per_gpu(
                      --activation-checkpointing: each block's bf16 input (2D per token and block), plus one
                      block recomputed in backward, a per token.
         head         the backward of one chunk: its fp32 log-probabilities (kept), their gradient and the
-                     logits' gradient, 12 n V; SFTMix's chunk of pairs holds one more (n, V) fp32 tensor, the
-                     mixed logits' gradient returned to the two halves of the logits, 16 n V. And the LM head's
-                     weight gradient in bf16, 2E (DDP: and its fp32 cast, 4E more). No (T, V) logits exist.
+                     logits' gradient, 12 n V; SFTMix's chunk of pairs holds one more (n, V) fp32
+                     tensor, the mixed logits' gradient returned to the two halves of the logits, 16
+                     n V. And the LM head's weight gradient in bf16, 2E (DDP: and its fp32 cast, 4E
+                     more). No (T, V) logits exist.
         buffers      FSDP2's, per unit (each block; the embedding; final norm + LM head together, as torchtitan;
-                     a tied model keeps embedding = LM head and final norm in the root unit): the bf16 weights
-                     gathered, the unit's bf16 gradient and its fp32 reduce-scatter input; the input of the
-                     previous unit's reduce-scatter stays until this unit's begins. DDP: autocast's bf16 copy of
-                     every weight, kept for backward, 2P, and the embedding's fp32 gradient before it joins its
-                     bucket, 4E.
-    The peak is the largest of the step's fullest moments (FSDP2's terms; under DDP every gradient exists
-    throughout) and loading:
+                     a tied model keeps embedding = LM head and final norm in the root unit): the
+                     bf16 weights gathered, the unit's bf16 gradient and its fp32 reduce-scatter
+                     input; the input of the previous unit's reduce-scatter stays until this unit's
+                     begins. DDP: autocast's bf16 copy of every weight, kept for backward, 2P, and
+                     the embedding's fp32 gradient before it joins its bucket, 4E.
+    The peak is the largest of the step's fullest moments (FSDP2's terms; under DDP every gradient
+    exists throughout) and loading:
         head      the LM head's backward: every activation kept, the head's working set; gathered, the head's
                   unit (kept from its forward) and block L-1 (prefetched); no gradient made yet.
         top       block L-1's backward, the first: every activation kept (with checkpointing: every block's
-                  input, and this block recomputed); the head's gradients made; this block and the next
-                  gathered; its bf16 gradient; the head's reduce-scatter input in flight.
+                  input, and this block recomputed); the head's gradients made; this block and the
+                  next gathered; its bf16 gradient; the head's reduce-scatter input in flight.
         bottom    block 0's backward, the last: its activations alone; every gradient made but its own and the
-                  last unit's; it gathered, its bf16 gradient, block 1's reduce-scatter input in flight.
-        last unit the embedding's backward (the tied root's): every other gradient made; the unit gathered
-                  (size U), its bf16 gradient and block 0's reduce-scatter input, then that gradient, a bf16
-                  staging copy of it and its fp32 reduce-scatter input: 4U + 4 max(P_b, U).
-    The tied root is gathered all step, and its bf16 gradient kept from the head's backward to the end.
+                  last unit's; it gathered, its bf16 gradient, block 1's reduce-scatter input in
+                  flight.
+        last unit the embedding's backward (the tied root's): every other gradient made; the unit
+        gathered
+                  (size U), its bf16 gradient and block 0's reduce-scatter input, then that
+                  gradient, a bf16 staging copy of it and its fp32 reduce-scatter input: 4U + 4
+                  max(P_b, U).
+    The tied root is gathered all step, and its bf16 gradient kept from the head's backward to the
+    end.
     """
     D, I, L, H, hd, V = (
         m.hidden_size,

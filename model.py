@@ -1,12 +1,14 @@
-"""The decoder-only transformer of the Llama, Mistral, Qwen2, Gemma and Gemma 2 families, HF checkpoint
-load/save, and KV-cached generation.
+"""The decoder-only transformer of the Llama, Mistral, Qwen2, Gemma and Gemma 2 families, HF
+checkpoint load/save, and KV-cached generation.
 
-Parameter names are those of HF's *ForCausalLM classes (model.layers.N.self_attn.q_proj.weight, ...),
-so a safetensors checkpoint maps onto this model one to one, and RoPE uses HF's rotate-half layout,
-so no weight permutation is needed. A family is not a class here: it is a few fields of ModelArgs
-(biases, norm offset, embedding scale, activation, sliding window, soft-caps, extra norms), read from
-config.json. Shapes: B batch, T time, S keys, D hidden_size, H heads, K kv heads, hd head_dim, V vocab_size.
+Parameter names are those of HF's *ForCausalLM classes (model.layers.N.self_attn.q_proj.weight,
+...), so a safetensors checkpoint maps onto this model one to one, and RoPE uses HF's rotate-half
+layout, so no weight permutation is needed. A family is not a class here: it is a few fields of
+ModelArgs (biases, norm offset, embedding scale, activation, sliding window, soft-caps, extra
+norms), read from config.json. Shapes: B batch, T time, S keys, D hidden_size, H heads, K kv heads,
+hd head_dim, V vocab_size.
 """
+
 import json
 import math
 import os
@@ -27,30 +29,58 @@ from torch.distributed.tensor import DTensor
 from data import InputError, atomic_path, read_json, write_json
 
 GEMMA = dict(mlp_bias=False, norm_offset=1.0, embed_scale=True)
-FAMILIES = {  # model_type: (transformers' class, its defaults that config.json files omit, what the family fixes)
+# model_type: (transformers' class, its defaults that config.json files omit, what the family fixes)
+FAMILIES = {
     "llama": ("LlamaForCausalLM", {}, {}),
     "mistral": ("MistralForCausalLM", {}, dict(attention_bias=False, mlp_bias=False)),
     "qwen2": ("Qwen2ForCausalLM", {}, dict(qkv_bias=True, attention_bias=False, mlp_bias=False)),
-    "gemma": ("GemmaForCausalLM", dict(tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh"), GEMMA),
-    "gemma2": ("Gemma2ForCausalLM", dict(tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
-                                         query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
-                                         final_logit_softcapping=30.0), dict(GEMMA, sandwich_norms=True)),
+    "gemma": (
+        "GemmaForCausalLM",
+        dict(tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh"),
+        GEMMA,
+    ),
+    "gemma2": (
+        "Gemma2ForCausalLM",
+        dict(
+            tie_word_embeddings=True,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=256,
+            sliding_window=4096,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        ),
+        dict(GEMMA, sandwich_norms=True),
+    ),
 }
-FIXED = ("qkv_bias", "norm_offset", "embed_scale", "sandwich_norms")  # set by the family, never in config.json
-OWN = ("sliding_window", "layer_types", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
-# Fields of the five families' config classes (and RoPE parameters) that change the computation and that this model
-# does not implement: field: (the values that compute as this model does, what another value would ask for). Any
-# other value is refused, naming the field; tests/test_families.py walks every field of transformers' classes.
+# set by the family, never in config.json
+FIXED = ("qkv_bias", "norm_offset", "embed_scale", "sandwich_norms")
+OWN = (
+    "sliding_window",
+    "layer_types",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+)
+# Fields of the five families' config classes (and RoPE parameters) that change the computation and
+# that this model does not implement: field: (the values that compute as this model does, what
+# another value would ask for). Any other value is refused, naming the field; tests/test_families.py
+# walks every field of transformers' classes.
 REFUSED = {
     "attention_dropout": ((None, 0.0), "dropout on the attention probabilities in training"),
     "partial_rotary_factor": ((None, 1.0), "RoPE on a part of each head only"),
     "use_bidirectional_attention": ((None, False), "attention to the tokens after each one"),
     "use_sliding_window": ((None, False), "Qwen2's sliding window"),
 }
-ROPE_TYPES = ("default", "llama3")  # the rope_type values rope_inv_freq computes; transformers' others are refused
+# the rope_type values rope_inv_freq computes; transformers' others are refused
+ROPE_TYPES = ("default", "llama3")
 LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "vocab_size")
+REQUIRED = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+)
 
 
 def _count(v):
@@ -68,18 +98,39 @@ def _positive(v):
 # config.json's fields, each checked as what it is before any is used: field: (ok, expected). null
 # is the field left out (a default, or the feature off), except for REQUIRED fields.
 CHECKS = {
-    **dict.fromkeys(REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings",
-                                "sliding_window", "original_max_position_embeddings"),
-                    (_count, "an integer >= 1")),
+    **dict.fromkeys(
+        REQUIRED
+        + (
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "sliding_window",
+            "original_max_position_embeddings",
+        ),
+        (_count, "an integer >= 1"),
+    ),
     "bos_token_id": (_token_id, "a token id (an integer >= 0)"),
-    "eos_token_id": (lambda v: _token_id(v) or isinstance(v, list) and v and all(map(_token_id, v)),
-                     "a token id (an integer >= 0) or a list of them"),
-    **dict.fromkeys(("rope_theta", "rms_norm_eps", "query_pre_attn_scalar",
-                     "attn_logit_softcapping", "final_logit_softcapping", "factor",
-                     "low_freq_factor", "high_freq_factor"),
-                    (_positive, "a finite number > 0")),
-    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias"),
-                    (lambda v: type(v) is bool, "true or false")),
+    "eos_token_id": (
+        lambda v: _token_id(v) or isinstance(v, list) and v and all(map(_token_id, v)),
+        "a token id (an integer >= 0) or a list of them",
+    ),
+    **dict.fromkeys(
+        (
+            "rope_theta",
+            "rms_norm_eps",
+            "query_pre_attn_scalar",
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+        ),
+        (_positive, "a finite number > 0"),
+    ),
+    **dict.fromkeys(
+        ("tie_word_embeddings", "attention_bias", "mlp_bias"),
+        (lambda v: type(v) is bool, "true or false"),
+    ),
 }
 
 
@@ -95,13 +146,15 @@ def check_fields(cfg: dict, source: str, prefix: str = "") -> None:
 
 
 def rope_scaling(rope: dict, key: str, theta: float, source: str) -> tuple:
-    """(rope_theta, rope_scaling) of ModelArgs from the RoPE parameters `rope` that config.json holds under `key`,
-    read as transformers 5 reads them: "type" is the old name of rope_type, and their own rope_theta wins over the
-    top level's (`theta`)."""
+    """(rope_theta, rope_scaling) of ModelArgs from the RoPE parameters `rope` that config.json
+    holds under `key`, read as transformers 5 reads them: "type" is the old name of rope_type, and
+    their own rope_theta wins over the top level's (`theta`)."""
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise InputError(f"{source}: {key}.rope_type: expected {' or '.join(map(json.dumps, ROPE_TYPES))} (the RoPE "
-                         f"implemented here), got {json.dumps(rope_type)}")
+        raise InputError(
+            f"{source}: {key}.rope_type: expected {' or '.join(map(json.dumps, ROPE_TYPES))} (the RoPE "
+            f"implemented here), got {json.dumps(rope_type)}"
+        )
     check_fields(rope, source, f"{key}.")
     theta = rope.get("rope_theta", theta)
     if rope_type == "default":
@@ -123,7 +176,8 @@ class ModelArgs:
     head_dim: int = 64
     vocab_size: int = 49152
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # None, or {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    # None, or {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on q, k, v and o
@@ -131,55 +185,92 @@ class ModelArgs:
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    hidden_act: str = "silu"  # silu: SwiGLU MLP; gelu_pytorch_tanh: Gemma's GeGLU (gelu, tanh approximation)
-    sliding_window: int | None = None  # W: a query attends to the last W positions only (itself included) ...
-    layer_types: list | None = None  # ... in the layers marked "sliding_attention" here (None: every layer)
-    query_pre_attn_scalar: float | None = None  # attention scores scaled by 1/sqrt(this), else 1/sqrt(head_dim)
+    # silu: SwiGLU MLP; gelu_pytorch_tanh: Gemma's GeGLU (gelu, tanh approximation)
+    hidden_act: str = "silu"
+    # W: a query attends to the last W positions only (itself included) ...
+    sliding_window: int | None = None
+    # ... in the layers marked "sliding_attention" here (None: every layer)
+    layer_types: list | None = None
+    # attention scores scaled by 1/sqrt(this), else 1/sqrt(head_dim)
+    query_pre_attn_scalar: float | None = None
     attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap tanh(scores / cap)
     final_logit_softcapping: float | None = None  # Gemma 2: logits -> cap tanh(logits / cap)
     qkv_bias: bool = False  # Qwen2: bias on q, k, v (and not o)
     norm_offset: float = 0.0  # Gemma: RMSNorm scales by (1 + w), in fp32
     embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
-    sandwich_norms: bool = False  # Gemma 2: a norm after attention, and norms before and after the MLP
+    # Gemma 2: a norm after attention, and norms before and after the MLP
+    sandwich_norms: bool = False
 
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
-        """Fill from an HF config.json dict; anything this model would get wrong is an error naming the field."""
+        """Fill from an HF config.json dict; anything this model would get wrong is an error naming
+        the field.
+        """
         family = cfg.get("model_type")
         if family not in FAMILIES:
-            raise InputError(f"{source}: model_type: expected one of {', '.join(FAMILIES)}, got {family!r}")
+            raise InputError(
+                f"{source}: model_type: expected one of {', '.join(FAMILIES)}, got {family!r}"
+            )
         cfg = {**FAMILIES[family][1], **cfg}
         check_fields(cfg, source)
         act_key = "hidden_activation" if family == "gemma2" else "hidden_act"
-        acts = {"gemma": ("gelu", "gelu_pytorch_tanh"), "gemma2": ("gelu_pytorch_tanh",)}.get(family, ("silu",))
-        if cfg.get(act_key, "silu") not in acts:  # Gemma's "gelu" is the tanh approximation, as in transformers
-            raise InputError(f"{source}: {act_key}: expected {' or '.join(map(json.dumps, acts))}, "
-                             f"got {cfg[act_key]!r}")
-        rope_key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"  # the old key wins, as in HF
+        acts = {"gemma": ("gelu", "gelu_pytorch_tanh"), "gemma2": ("gelu_pytorch_tanh",)}.get(
+            family, ("silu",)
+        )
+        # Gemma's "gelu" is the tanh approximation, as in transformers
+        if cfg.get(act_key, "silu") not in acts:
+            raise InputError(
+                f"{source}: {act_key}: expected {' or '.join(map(json.dumps, acts))}, "
+                f"got {cfg[act_key]!r}"
+            )
+        # the old key wins, as in HF
+        rope_key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
         rope = cfg.get(rope_key) or {}
         if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
-            raise InputError(f"{source}: {rope_key}: expected one object of RoPE parameters for every layer")
-        for field, (ok, what) in REFUSED.items():  # partial_rotary_factor may stand at the top level or in rope
+            raise InputError(
+                f"{source}: {rope_key}: expected one object of RoPE parameters for every layer"
+            )
+        # partial_rotary_factor may stand at the top level or in rope
+        for field, (ok, what) in REFUSED.items():
             for name, value in ((field, cfg.get(field)), (f"{rope_key}.{field}", rope.get(field))):
                 if value not in ok:
-                    raise InputError(f"{source}: {name}: expected {json.dumps(ok[-1])} ({what} is not implemented),"
-                                     f" got {json.dumps(value)}")
+                    raise InputError(
+                        f"{source}: {name}: expected {json.dumps(ok[-1])} ({what} is not implemented),"
+                        f" got {json.dumps(value)}"
+                    )
         theta, scaling = rope_scaling(rope, rope_key, cfg.get("rope_theta", 10000.0), source)
         if family == "qwen2" and "sliding_attention" in (cfg.get("layer_types") or []):
-            raise InputError(f'{source}: layer_types: expected only "full_attention" (Qwen2\'s sliding window is not '
-                             f'implemented)')
+            raise InputError(
+                f'{source}: layer_types: expected only "full_attention" (Qwen2\'s sliding window is not '
+                f"implemented)"
+            )
         fixed = FAMILIES[family][2]
-        names = {f.name for f in fields(cls)} - {"rope_scaling", "rope_theta", "hidden_act", "sliding_window",
-                                                 "layer_types", *fixed}
-        args = cls(**{k: cfg[k] for k in names if cfg.get(k) is not None}, rope_theta=theta, rope_scaling=scaling,
-                   hidden_act=acts[-1], **fixed)
-        if family in ("mistral", "gemma2") and cfg.get("sliding_window") is not None:  # Mistral: in every layer
-            L = args.num_hidden_layers  # Gemma 2: in layers 0, 2, 4, ... unless config.json lists layer_types
+        names = {f.name for f in fields(cls)} - {
+            "rope_scaling",
+            "rope_theta",
+            "hidden_act",
+            "sliding_window",
+            "layer_types",
+            *fixed,
+        }
+        args = cls(
+            **{k: cfg[k] for k in names if cfg.get(k) is not None},
+            rope_theta=theta,
+            rope_scaling=scaling,
+            hidden_act=acts[-1],
+            **fixed,
+        )
+        # Mistral: in every layer
+        if family in ("mistral", "gemma2") and cfg.get("sliding_window") is not None:
+            # Gemma 2: in layers 0, 2, 4, ... unless config.json lists layer_types
+            L = args.num_hidden_layers
             alternating = [("sliding_attention", "full_attention")[i % 2] for i in range(L)]
             types = cfg.get("layer_types") or (None if family == "mistral" else alternating)
             known = {"sliding_attention", "full_attention"}
             if types is not None and (len(types) != L or not set(types) <= known):
-                raise InputError(f"{source}: layer_types: expected {L} of \"sliding_attention\" or \"full_attention\"")
+                raise InputError(
+                    f'{source}: layer_types: expected {L} of "sliding_attention" or "full_attention"'
+                )
             args.sliding_window, args.layer_types = cfg["sliding_window"], types
         if "num_key_value_heads" not in cfg or cfg["num_key_value_heads"] is None:
             args.num_key_value_heads = args.num_attention_heads
@@ -189,8 +280,9 @@ class ModelArgs:
             raise InputError(f"{source}: num_key_value_heads: must divide num_attention_heads")
         if args.head_dim % 2:  # RoPE rotates pairs (x_i, x_{i + hd/2})
             given = "" if cfg.get("head_dim") else " (hidden_size / num_attention_heads)"
-            raise InputError(f"{source}: head_dim: expected an even integer, "
-                             f"got {args.head_dim}{given}")
+            raise InputError(
+                f"{source}: head_dim: expected an even integer, got {args.head_dim}{given}"
+            )
         return args
 
     @classmethod
@@ -201,19 +293,28 @@ class ModelArgs:
         return checked_model(path)[1]
 
     def to_hf_config(self, dtype: torch.dtype) -> dict:
-        """config.json for transformers' class of this family. A family's own field that is unset is left out
-        unless the class's default differs (transformers reads a Mistral config with layer_types as Ministral)."""
+        """config.json for transformers' class of this family. A family's own field that is unset is
+        left out unless the class's default differs (transformers reads a Mistral config with
+        layer_types as Ministral)."""
         architecture, defaults, _ = FAMILIES[self.model_type]
         cfg = {"architectures": [architecture], "torch_dtype": str(dtype).removeprefix("torch.")}
-        cfg.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in FIXED and (
-            getattr(self, f.name) is not None or f.name not in OWN or f.name in defaults)})
+        cfg.update(
+            {
+                f.name: getattr(self, f.name)
+                for f in fields(self)
+                if f.name not in FIXED
+                and (getattr(self, f.name) is not None or f.name not in OWN or f.name in defaults)
+            }
+        )
         if self.model_type == "gemma2":
             cfg["hidden_activation"] = self.hidden_act
         return cfg
 
 
 def compute_dtype(flag, device) -> torch.dtype:
-    """The --dtype of train.py and eval.py: "bf16", "fp32", or "auto" = bf16 on CUDA, fp32 on the CPU."""
+    """The --dtype of train.py and eval.py: "bf16", "fp32", or "auto" = bf16 on CUDA, fp32 on the
+    CPU.
+    """
     cuda = torch.device(device).type == "cuda"
     return torch.bfloat16 if flag == "bf16" or (flag == "auto" and cuda) else torch.float32
 
@@ -221,23 +322,33 @@ def compute_dtype(flag, device) -> torch.dtype:
 def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
     """inv_freq_i = theta^(-2i/hd), i < hd/2, with Llama 3's long-context rescaling when configured."""
     hd = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    inv_freq = 1.0 / (
+        args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
+    )
     if args.rope_scaling is None:
         return inv_freq
-    s = args.rope_scaling  # llama3: low frequencies divided by factor, high kept, a smooth ramp between
+    # llama3: low frequencies divided by factor, high kept, a smooth ramp between
+    s = args.rope_scaling
     old_len = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / s["low_freq_factor"], inv_freq / s["factor"], inv_freq)
-    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smooth = (old_len / wavelen - s["low_freq_factor"]) / (
+        s["high_freq_factor"] - s["low_freq_factor"]
+    )
     smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
-    is_medium = (wavelen >= old_len / s["high_freq_factor"]) & (wavelen <= old_len / s["low_freq_factor"])
+    is_medium = (wavelen >= old_len / s["high_freq_factor"]) & (
+        wavelen <= old_len / s["low_freq_factor"]
+    )
     return torch.where(is_medium, smoothed, scaled)
 
 
 def rope_cos_sin(args: ModelArgs, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of angle position * inv_freq, duplicated over both halves of head_dim: (B, 1, T, hd) each."""
+    """cos, sin of angle position * inv_freq, duplicated over both halves of head_dim: (B, 1, T, hd)
+    each.
+    """
     inv_freq = rope_inv_freq(args, positions.device)
-    angles = positions[..., None].float() * inv_freq  # (B, T, hd/2), in fp32 whatever the model dtype
+    # (B, T, hd/2), in fp32 whatever the model dtype
+    angles = positions[..., None].float() * inv_freq
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, hd)
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
 
@@ -249,8 +360,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), the normalisation computed in fp32; with an offset (Gemma),
-    y = (offset + w) * x / sqrt(mean(x^2) + eps), all of it in fp32."""
+    """y = w * x / sqrt(mean(x^2) + eps), the normalisation computed in fp32; with an offset
+    (Gemma), y = (offset + w) * x / sqrt(mean(x^2) + eps), all of it in fp32."""
 
     def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
@@ -276,8 +387,12 @@ class KVCache:
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype, device):
         shape = (batch_size, args.num_key_value_heads, max_len, args.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
+        self.k = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)
+        ]
+        self.v = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)
+        ]
         self.length = 0  # positions [0, length) are filled by the prompts
         self.slot = None  # decoding: the (1,) position each row's new token is written at
 
@@ -287,8 +402,8 @@ class KVCache:
         (T = 1), at slot, returning the whole cache (B, K, max_len, hd)."""
         if self.slot is None:
             end = self.length + k.shape[2]
-            self.k[layer][:, :, self.length:end] = k
-            self.v[layer][:, :, self.length:end] = v
+            self.k[layer][:, :, self.length : end] = k
+            self.v[layer][:, :, self.length : end] = v
             return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
         self.k[layer].index_copy_(2, self.slot, k)
         self.v[layer].index_copy_(2, self.slot, v)
@@ -305,14 +420,20 @@ class KVCache:
 class Attention(nn.Module):
     """Grouped-query attention: H query heads share K key/value heads (H % K == 0).
 
-    softmax(q k^T s + mask) v with s = 1/sqrt(query_pre_attn_scalar or hd); Gemma 2 soft-caps the scores,
-    softmax(cap tanh(q k^T s / cap) + mask) v, which SDPA cannot do: that path is written out.
+    softmax(q k^T s + mask) v with s = 1/sqrt(query_pre_attn_scalar or hd); Gemma 2 soft-caps the
+    scores, softmax(cap tanh(q k^T s / cap) + mask) v, which SDPA cannot do: that path is written
+    out.
     """
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer, self.args = layer, args
-        H, K, hd, D = args.num_attention_heads, args.num_key_value_heads, args.head_dim, args.hidden_size
+        H, K, hd, D = (
+            args.num_attention_heads,
+            args.num_key_value_heads,
+            args.head_dim,
+            args.hidden_size,
+        )
         self.q_proj = nn.Linear(D, H * hd, bias=args.attention_bias or args.qkv_bias)
         self.k_proj = nn.Linear(D, K * hd, bias=args.attention_bias or args.qkv_bias)
         self.v_proj = nn.Linear(D, K * hd, bias=args.attention_bias or args.qkv_bias)
@@ -330,10 +451,13 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # (B, K, S, hd), S = the positions attended over
         if seqs is None:
             y = self.attend(q, k, v, mask).transpose(1, 2)  # (B, T, H, hd)
-        else:  # a packed row as its n sequences side by side, right-padded to L: one call, each plain causal
+        # a packed row as its n sequences side by side, right-padded to L: one call, each plain
+        # causal
+        else:
             index, inverse = seqs
             y = self.attend(*(unpack(t, index) for t in (q, k, v)), mask)  # (n, H, L, hd)
-            y = y.transpose(1, 2).flatten(0, 1).index_select(0, inverse)  # (B*T, H, hd): back to the row's order
+            # (B*T, H, hd): back to the row's order
+            y = y.transpose(1, 2).flatten(0, 1).index_select(0, inverse)
         return self.o_proj(y.reshape(B, T, -1))  # (B, T, D)
 
     def attend(self, q, k, v, mask):
@@ -346,8 +470,9 @@ class Attention(nn.Module):
         no mask together with enable_gqa."""
         cap = self.args.attn_logit_softcapping
         if cap is None and mask is None:  # GQA inside the kernel
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                                  enable_gqa=True)
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.scale, enable_gqa=True
+            )
         B, H, T, hd = q.shape
         K, S = k.shape[1], k.shape[2]
         if mask is None:  # soft-capped: the causal mask written out
@@ -366,12 +491,13 @@ def attention_mask(positions, S, window=None, start=None):
     """(B, 1, T, S) bool, True where query i may attend to key j; the T queries are the last of the
     S keys, or, given start ((1,) long, a decoding step's cache slot), keys start .. start + T - 1.
 
-    positions (B, T) count each token's place in its own sequence, so they say where sequences start:
-    query i's sequence began at key i - pos_i. Query i sees key j when
+    positions (B, T) count each token's place in its own sequence, so they say where sequences
+    start: query i's sequence began at key i - pos_i. Query i sees key j when
         i - pos_i <= j <= i           (its own sequence, causal)
         i - j < window                (a sliding layer: the last `window` positions, itself included)
-    One mask covers a packed row (positions restart at each sequence), a left-padded row of generation
-    (positions start at the first real token; a padding query sees itself alone) and the KV cache.
+    One mask covers a packed row (positions restart at each sequence), a left-padded row of
+    generation (positions start at the first real token; a padding query sees itself alone) and the
+    KV cache.
     """
     T = positions.shape[1]
     i = (S - T if start is None else start) + torch.arange(T, device=positions.device)
@@ -385,20 +511,23 @@ def attention_mask(positions, S, window=None, start=None):
 
 
 def unpack(t, index):
-    """(B, h, T, hd) -> (n, h, L, hd): the n sequences of packed rows, right-padded to the longest, L.
-    index (n, L) long holds the flat (B*T) position of each sequence's t-th token; a padding place holds any
-    position (data.packing: 0). Padding sits after each sequence's tokens, so under a causal mask no real
-    query sees it, and its own outputs are never read back: the result is exact, whatever the padding holds."""
+    """(B, h, T, hd) -> (n, h, L, hd): the n sequences of packed rows, right-padded to the longest,
+    L. index (n, L) long holds the flat (B*T) position of each sequence's t-th token; a padding
+    place holds any position (data.packing: 0). Padding sits after each sequence's tokens, so under
+    a causal mask no real query sees it, and its own outputs are never read back: the result is
+    exact, whatever the padding holds."""
     B, h, T, hd = t.shape
     flat = t.transpose(1, 2).reshape(B * T, h, hd)  # (B*T, h, hd)
-    return flat.index_select(0, index.flatten()).view(*index.shape, h, hd).transpose(1, 2)  # (n, h, L, hd)
+    # (n, h, L, hd)
+    return flat.index_select(0, index.flatten()).view(*index.shape, h, hd).transpose(1, 2)
 
 
 def softcapped_attention(q, k, v, mask, scale, cap):
     """softmax(cap tanh(q k^T scale / cap) + mask) v, the softmax in fp32. q, k, v (B, H, T|S, hd);
     mask (B, 1, T, S), True = may attend."""
     scores = cap * torch.tanh(q @ k.transpose(2, 3) * scale / cap)  # (B, H, T, S)
-    return torch.softmax(scores.masked_fill(~mask, -math.inf).float(), dim=-1).to(q.dtype) @ v  # (B, H, T, hd)
+    # (B, H, T, hd)
+    return torch.softmax(scores.masked_fill(~mask, -math.inf).float(), dim=-1).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -417,15 +546,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). With sandwich norms (Gemma 2)
-    each sub-layer's output is normalised too: x + norm(attn(norm(x))), then + norm(mlp(norm(x)))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). With sandwich norms (Gemma
+    2) each sub-layer's output is normalised too: x + norm(attn(norm(x))), then +
+    norm(mlp(norm(x)))."""
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         norm = partial(RMSNorm, args.hidden_size, args.rms_norm_eps, args.norm_offset)
         self.input_layernorm = norm()
         self.self_attn = Attention(args, layer)
-        self.post_attention_layernorm = norm()  # Gemma 2: on the attention output; others: before the MLP
+        # Gemma 2: on the attention output; others: before the MLP
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(args)
         if args.sandwich_norms:
             self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
@@ -434,14 +565,17 @@ class Block(nn.Module):
         if not self.self_attn.args.sandwich_norms:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, seqs)
             return x + self.mlp(self.post_attention_layernorm(x))
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, seqs))
+        x = x + self.post_attention_layernorm(
+            self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, seqs)
+        )
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class LMHead(nn.Linear):
-    """The LM head, W (V, D) with no bias: logits = h W^T. Given a head function, it hands W to it instead,
-    head(h, W): a loss that applies W itself, in chunks (sftmix.head_losses). Every use of W goes through
-    this module's call, because that call is where FSDP2 gathers W (its forward hooks)."""
+    """The LM head, W (V, D) with no bias: logits = h W^T. Given a head function, it hands W to it
+    instead, head(h, W): a loss that applies W itself, in chunks (sftmix.head_losses). Every use of
+    W goes through this module's call, because that call is where FSDP2 gathers W (its forward
+    hooks)."""
 
     def forward(self, hidden, head=None):
         return super().forward(hidden) if head is None else head(hidden, self.weight)
@@ -451,34 +585,38 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(args.vocab_size, args.hidden_size),
-            layers=nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers)),
-            norm=RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_offset),
-        ))
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(args.vocab_size, args.hidden_size),
+                layers=nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers)),
+                norm=RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_offset),
+            )
+        )
         self.lm_head = LMHead(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.checkpoint_activations = False  # keep only each block's input; recompute the rest in backward
+        # keep only each block's input; recompute the rest in backward
+        self.checkpoint_activations = False
 
     def forward(self, input_ids, positions=None, seqs=None, cache=None, logits_at=None, head=None):
         """input_ids (B, T) -> logits (B, T, V), or what `head` returns from the final-norm states.
 
-        positions (B, T): each token's place in its own sequence. None: every row is one sequence from
-        position 0 (after the cache's filled length), and attention is plain causal with no mask. Given, as
-        for a left-padded row (generation) or a packed one (positions restart at each sequence), attention_mask
-        keeps each query inside its own sequence: the boundaries are data, not a loop.
-        seqs (index (n, L), inverse (B*T,)), from data.packing, for packed rows in place of positions: the
-        same result by a faster path, attention on the n sequences right-padded to L (unpack) with SDPA's own
-        causal mask, so no score crosses a sequence and none is masked out: n L^2 scores, not T^2.
-        A sliding layer (window W) also limits query i to its last W keys; that band is built only when a
-        sequence is longer than W, as no score changes otherwise.
-        logits_at (N,) long: the LM head only at these positions of the flattened (B*T) rows, in that order,
-        returning logits (N, V): a loss needs only the trained positions (an index, not a boolean mask: no
-        host sync). head(hidden (N, D), W (V, D), softcap=final-logit cap or None) replaces the LM head and
-        its result is returned: a loss that applies W itself, in chunks (sftmix.head_losses).
-        cache (KVCache): the prompts' keys and values are stored after its filled length; once its
-        slot is set, a call is a decoding step, one token a row at positions (B, 1) (decode_step).
+        positions (B, T): each token's place in its own sequence. None: every row is one sequence
+        from position 0 (after the cache's filled length), and attention is plain causal with no
+        mask. Given, as for a left-padded row (generation) or a packed one (positions restart at
+        each sequence), attention_mask keeps each query inside its own sequence: the boundaries are
+        data, not a loop. seqs (index (n, L), inverse (B*T,)), from data.packing, for packed rows in
+        place of positions: the same result by a faster path, attention on the n sequences
+        right-padded to L (unpack) with SDPA's own causal mask, so no score crosses a sequence and
+        none is masked out: n L^2 scores, not T^2. A sliding layer (window W) also limits query i to
+        its last W keys; that band is built only when a sequence is longer than W, as no score
+        changes otherwise. logits_at (N,) long: the LM head only at these positions of the flattened
+        (B*T) rows, in that order, returning logits (N, V): a loss needs only the trained positions
+        (an index, not a boolean mask: no host sync). head(hidden (N, D), W (V, D),
+        softcap=final-logit cap or None) replaces the LM head and its result is returned: a loss
+        that applies W itself, in chunks (sftmix.head_losses). cache (KVCache): the prompts' keys
+        and values are stored after its filled length; once its slot is set, a call is a decoding
+        step, one token a row at positions (B, 1) (decode_step).
         """
         B, T = input_ids.shape
         W = self.args.sliding_window
@@ -491,9 +629,14 @@ class Transformer(nn.Module):
                 band = attention_mask(positions, S, W, start=cache.slot)
         elif seqs is not None:  # packed: n padded sequences of L, causal, a (1, 1, L, L) band > W
             L = seqs[0].shape[1]
-            positions = (seqs[1] % L).view(B, T)  # a token's place in its sequence: its padded place mod L
+            # a token's place in its sequence: its padded place mod L
+            positions = (seqs[1] % L).view(B, T)
             full = None
-            band = attention_mask(torch.arange(L, device=input_ids.device)[None], L, W) if W and L > W else None
+            band = (
+                attention_mask(torch.arange(L, device=input_ids.device)[None], L, W)
+                if W and L > W
+                else None
+            )
         else:
             start = cache.length if cache is not None else 0
             S = start + T  # keys: the cached positions, then these
@@ -503,19 +646,23 @@ class Transformer(nn.Module):
             full = attention_mask(positions, S) if masked else None  # (B, 1, T, S) or None
             band = attention_mask(positions, S, W) if W is not None and S > W else full
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        if self.args.embed_scale:  # Gemma: times sqrt(D), rounded to the model's dtype as transformers does
-            x = x * torch.tensor(self.args.hidden_size ** 0.5).to(x.dtype)
+        # Gemma: times sqrt(D), rounded to the model's dtype as transformers does
+        if self.args.embed_scale:
+            x = x * torch.tensor(self.args.hidden_size**0.5).to(x.dtype)
         cos, sin = rope_cos_sin(self.args, positions, x.dtype)
         for layer, block in enumerate(self.model.layers):
             types = self.args.layer_types
             mask = band if types is None or types[layer] == "sliding_attention" else full
             if self.checkpoint_activations and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, seqs, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, cos, sin, mask, cache, seqs, use_reentrant=False
+                )
             else:
                 x = block(x, cos, sin, mask, cache, seqs)
         if cache is not None and not decoding:
             cache.length += T
-        hidden = self.model.norm(x)  # (B, T, D): what the LM head reads, and what SFTMix interpolates
+        # (B, T, D): what the LM head reads, and what SFTMix interpolates
+        hidden = self.model.norm(x)
         if logits_at is not None:
             hidden = hidden.flatten(0, 1).index_select(0, logits_at)  # (N, D)
         if head is not None:  # training's loss (the final-norm states are what SFTMix interpolates)
@@ -523,8 +670,9 @@ class Transformer(nn.Module):
         return self.softcap(self.lm_head(hidden))  # (B, T, V) or (N, V)
 
     def softcap(self, logits):
-        """Gemma 2's final soft-cap, cap tanh(logits / cap); the identity for the other families. It is not
-        linear: SFTMix's Mixup mixes the LM head's outputs (W Z~ = lam W Z^c + (1 - lam) W Z^u), then caps."""
+        """Gemma 2's final soft-cap, cap tanh(logits / cap); the identity for the other families. It
+        is not linear: SFTMix's Mixup mixes the LM head's outputs (W Z~ = lam W Z^c + (1 - lam) W
+        Z^u), then caps."""
         cap = self.args.final_logit_softcapping
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
@@ -535,8 +683,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 class LoRALinear(nn.Module):
-    """y = x W^T + b + (alpha / r) x A^T B^T (Hu et al., LoRA): the frozen base W (out, in) and b keep their HF
-    names (weight, bias); A (r, in) starts Kaiming-uniform and B (out, r) at zero, as peft, so step 0 is the base."""
+    """y = x W^T + b + (alpha / r) x A^T B^T (Hu et al., LoRA): the frozen base W (out, in) and b
+    keep their HF names (weight, bias); A (r, in) starts Kaiming-uniform and B (out, r) at zero, as
+    peft, so step 0 is the base."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float):
         super().__init__()
@@ -544,21 +693,28 @@ class LoRALinear(nn.Module):
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **like))
-        if not base.weight.is_meta:  # else load_pretrained initialises them once the model has memory
+        # else load_pretrained initialises them once the model has memory
+        if not base.weight.is_meta:
             self.reset_lora()
 
     @torch.no_grad()
     def reset_lora(self):
         """A Kaiming-uniform, drawn on the CPU (the same on every rank: each keeps its part), B = 0."""
-        load_into(self.lora_A, nn.init.kaiming_uniform_(torch.empty(self.lora_A.shape), a=math.sqrt(5)))
+        load_into(
+            self.lora_A, nn.init.kaiming_uniform_(torch.empty(self.lora_A.shape), a=math.sqrt(5))
+        )
         load_into(self.lora_B, torch.zeros(self.lora_B.shape))
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(
+            F.linear(x, self.lora_A), self.lora_B
+        )
 
 
 def add_lora(model: Transformer, r: int, alpha: float, targets=LORA_TARGETS) -> Transformer:
-    """Freeze every parameter, then wrap each projection named in targets (HF names) in a LoRALinear."""
+    """Freeze every parameter, then wrap each projection named in targets (HF names) in a
+    LoRALinear.
+    """
     model.requires_grad_(False)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -569,14 +725,19 @@ def add_lora(model: Transformer, r: int, alpha: float, targets=LORA_TARGETS) -> 
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def model_dir(path) -> Path:
-    """The checkpoint a path names: an HF model directory (config.json), or a train.py run directory's final/."""
+    """The checkpoint a path names: an HF model directory (config.json), or a train.py run
+    directory's final/.
+    """
     path = Path(path)
     if (path / "final" / "config.json").is_file():
         return path / "final"
     if not (path / "config.json").is_file():
-        raise InputError(f"{path}: config.json: not found; expected an HF model directory "
-                         f"or a run directory with final/")
+        raise InputError(
+            f"{path}: config.json: not found; expected an HF model directory "
+            f"or a run directory with final/"
+        )
     return path
 
 
@@ -585,7 +746,9 @@ def checkpoint_files(path: Path) -> list:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) for f in weight_map.values()
+        ):
             raise InputError(f"{index}: weight_map: expected an object of tensor name -> file name")
         files = sorted(set(weight_map.values()))
         for file in files:
@@ -599,10 +762,12 @@ def checkpoint_files(path: Path) -> list:
 
 @torch.no_grad()
 def load_into(param, full):
-    """Copy a full tensor (on the CPU) into a parameter, cast to its dtype: all of it, or under FSDP2 (a DTensor
-    sharded on dim 0 as torch.chunk cuts it) this rank's part alone, so the device never holds the full tensor."""
+    """Copy a full tensor (on the CPU) into a parameter, cast to its dtype: all of it, or under
+    FSDP2 (a DTensor sharded on dim 0 as torch.chunk cuts it) this rank's part alone, so the device
+    never holds the full tensor."""
     if isinstance(param, DTensor):
-        mesh, dim = param.device_mesh, [p.is_shard() for p in param.placements].index(True)  # HSDP: (R, S)
+        # HSDP: (R, S)
+        mesh, dim = param.device_mesh, [p.is_shard() for p in param.placements].index(True)
         chunks = full.chunk(mesh.size(dim), dim=0)
         rank = mesh.get_local_rank(dim)
         full, param = (chunks[rank] if rank < len(chunks) else full[:0]), param.to_local()
@@ -618,8 +783,9 @@ def checkpoint_tensors(path: Path, files: list) -> dict:
             with safe_open(str(path / file), framework="pt", device="cpu") as f:
                 tensors |= {name: (file, tuple(f.get_slice(name).get_shape())) for name in f.keys()}
         except (OSError, SafetensorError) as e:
-            raise InputError(f"{path / file}: not a readable safetensors file ({e}); "
-                             f"truncated or corrupted?") from None
+            raise InputError(
+                f"{path / file}: not a readable safetensors file ({e}); truncated or corrupted?"
+            ) from None
     return tensors
 
 
@@ -631,8 +797,10 @@ def untie_if_heads_differ(path: Path, args: ModelArgs, tensors: dict) -> bool:
     head, embed = "lm_head.weight", "model.embed_tokens.weight"
     if not (args.tie_word_embeddings and {head, embed} <= tensors.keys()):
         return False
-    with safe_open(str(path / tensors[head][0]), "pt") as h, \
-            safe_open(str(path / tensors[embed][0]), "pt") as e:
+    with (
+        safe_open(str(path / tensors[head][0]), "pt") as h,
+        safe_open(str(path / tensors[embed][0]), "pt") as e,
+    ):
         same = torch.equal(h.get_tensor(head), e.get_tensor(embed))
     if same:
         del tensors["lm_head.weight"]
@@ -644,27 +812,36 @@ def check_checkpoint(path: Path, tensors: dict, params: dict) -> None:
     """Every parameter of the model config.json describes has its tensor, of its shape, and no other
     tensor is there: else an InputError naming the file and the tensor, before any weight is
     read."""
-    where = "model.safetensors.index.json" if (path / "model.safetensors.index.json").is_file() \
+    where = (
+        "model.safetensors.index.json"
+        if (path / "model.safetensors.index.json").is_file()
         else "model.safetensors"
+    )
     missing = [n for n in params if n not in tensors]
     if missing:
-        why = {"lm_head.weight": " (config.json: tie_word_embeddings false, so the head is its own "
-                                 "tensor)",
-               ".bias": " (config.json: attention_bias or mlp_bias true, or the family's q, k, v "
-                        "bias)"}
+        why = {
+            "lm_head.weight": " (config.json: tie_word_embeddings false, so the head is its own "
+            "tensor)",
+            ".bias": " (config.json: attention_bias or mlp_bias true, or the family's q, k, v "
+            "bias)",
+        }
         reason = next((w for end, w in why.items() if missing[0].endswith(end)), "")
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise InputError(f"{path / where}: {missing[0]}: missing{reason}{more}; expected the "
-                         f"checkpoint of the model config.json describes")
+        raise InputError(
+            f"{path / where}: {missing[0]}: missing{reason}{more}; expected the "
+            f"checkpoint of the model config.json describes"
+        )
     for name, p in params.items():
         file, shape = tensors[name]
         if shape != tuple(p.shape):
-            raise InputError(f"{path / file}: {name}: shape {shape}, but config.json makes it "
-                             f"{tuple(p.shape)}")
+            raise InputError(
+                f"{path / file}: {name}: shape {shape}, but config.json makes it {tuple(p.shape)}"
+            )
     for name, (file, _) in tensors.items():
         if name not in params:
-            raise InputError(f"{path / file}: {name}: not a parameter of the model config.json "
-                             f"describes")
+            raise InputError(
+                f"{path / file}: {name}: not a parameter of the model config.json describes"
+            )
 
 
 def checked_model(path, say=False) -> tuple:
@@ -676,16 +853,20 @@ def checked_model(path, say=False) -> tuple:
     files = checkpoint_files(path)
     tensors = checkpoint_tensors(path, files)
     if untie_if_heads_differ(path, args, tensors) and say:
-        print(f"note: {path / tensors['lm_head.weight'][0]}: lm_head.weight differs from "
-              f"model.embed_tokens.weight though config.json says tie_word_embeddings true; kept "
-              f"as an untied head, as transformers loads it", file=sys.stderr)
+        print(
+            f"note: {path / tensors['lm_head.weight'][0]}: lm_head.weight differs from "
+            f"model.embed_tokens.weight though config.json says tie_word_embeddings true; kept "
+            f"as an untied head, as transformers loads it",
+            file=sys.stderr,
+        )
     with torch.device("meta"):
         check_checkpoint(path, tensors, dict(Transformer(args).named_parameters()))
     return path, args, files
 
 
 def load_pretrained(path, dtype=torch.float32, device="cpu", prepare=None) -> Transformer:
-    """Load a model (see model_dir): model.safetensors, or shards listed in model.safetensors.index.json.
+    """Load a model (see model_dir): model.safetensors, or shards listed in
+    model.safetensors.index.json.
 
     The checkpoint's headers are checked against config.json first (checked_model). The model is
     built on the meta device; prepare(model), if given, changes it there, before any memory is taken
@@ -702,7 +883,8 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", prepare=None) -> Tr
         prepare(model)
     model.to_empty(device=device)
     if args.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # one Parameter again (to_empty makes two)
+        # one Parameter again (to_empty makes two)
+        model.lm_head.weight = model.model.embed_tokens.weight
     params = {n: p for n, p in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))}
     for file in files:
         try:
@@ -711,24 +893,33 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", prepare=None) -> Tr
                     if name in params:  # a tied checkpoint's second copy of the head is not
                         load_into(params[name], f.get_tensor(name))
         except (OSError, SafetensorError) as e:
-            raise InputError(f"{path / file}: not a readable safetensors file ({e}); truncated or corrupted?") from None
+            raise InputError(
+                f"{path / file}: not a readable safetensors file ({e}); truncated or corrupted?"
+            ) from None
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.reset_lora()
     return model
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
-def save_pretrained(model: Transformer, path, tokenizer_dir=None, state_dict=None, max_shard_bytes=5 * 2**30):
-    """Write config.json and model.safetensors (sharded with an index above max_shard_bytes), loadable by
-    transformers' class of the family (LlamaForCausalLM, Gemma2ForCausalLM, ...). A tied LM head is written
-    once, as model.embed_tokens.weight.
-    state_dict (name -> full CPU tensor, or an iterable of (name, tensor) pairs) replaces model.state_dict(),
-    for callers that gather it: pairs are consumed one shard at a time, so only one shard is held at once.
-    Every file is written to a temporary name and renamed, so a crash never leaves a half-written file.
+def save_pretrained(
+    model: Transformer, path, tokenizer_dir=None, state_dict=None, max_shard_bytes=5 * 2**30
+):
+    """Write config.json and model.safetensors (sharded with an index above max_shard_bytes),
+    loadable by transformers' class of the family (LlamaForCausalLM, Gemma2ForCausalLM, ...). A tied
+    LM head is written once, as model.embed_tokens.weight. state_dict (name -> full CPU tensor, or
+    an iterable of (name, tensor) pairs) replaces model.state_dict(), for callers that gather it:
+    pairs are consumed one shard at a time, so only one shard is held at once. Every file is written
+    to a temporary name and renamed, so a crash never leaves a half-written file.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -739,6 +930,7 @@ def save_pretrained(model: Transformer, path, tokenizer_dir=None, state_dict=Non
     def write(shard):  # each shard under a temporary name until the count of shards is known
         parts.append(path / f"model-{len(parts) + 1:05d}.safetensors.tmp")
         save_file(shard, str(parts[-1]), metadata={"format": "pt"})
+
     for name, t in pairs:
         if model.args.tie_word_embeddings and name == "lm_head.weight":
             continue
@@ -750,13 +942,21 @@ def save_pretrained(model: Transformer, path, tokenizer_dir=None, state_dict=Non
         shard[name], size, total = t, size + nbytes, total + nbytes
         weight_map[name] = len(parts)
     write(shard)
-    names = ["model.safetensors"] if len(parts) == 1 else [
-        f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    names = (
+        ["model.safetensors"]
+        if len(parts) == 1
+        else [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    )
     for part, name in zip(parts, names):
         os.replace(part, path / name)
     if len(parts) > 1:
-        write_json(path / "model.safetensors.index.json",
-                   {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}})
+        write_json(
+            path / "model.safetensors.index.json",
+            {
+                "metadata": {"total_size": total},
+                "weight_map": {k: names[i] for k, i in weight_map.items()},
+            },
+        )
     write_json(path / "config.json", model.args.to_hf_config(dtype))
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
@@ -767,9 +967,18 @@ def save_pretrained(model: Transformer, path, tokenizer_dir=None, state_dict=Non
 
 # ----------------------------------------------------------------------------- generation
 
+
 @torch.no_grad()
-def generate(model: Transformer, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, eos_ids=(),
-             seed=None, compile=None):
+def generate(
+    model: Transformer,
+    prompt_ids,
+    max_new_tokens,
+    temperature=0.0,
+    top_p=1.0,
+    eos_ids=(),
+    seed=None,
+    compile=None,
+):
     """Continue each prompt (a list of token-id lists, any lengths) with a KV cache.
 
     Prompts are left-padded; positions count real tokens only, so padding is masked out of attention
@@ -840,8 +1049,10 @@ def _sample(logits, temperature, top_p, noise=None):
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # tokens after the top-p mass is reached
+    # tokens after the top-p mass is reached
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    # p_i / q_i with q_i ~ Exp(1) peaks at i with probability p_i / sum p: torch.multinomial's own one-sample draw
+    # p_i / q_i with q_i ~ Exp(1) peaks at i with probability p_i / sum p: torch.multinomial's own
+    # one-sample draw
     choice = (sorted_probs / noise).argmax(-1, keepdim=True)
     return order.gather(-1, choice).squeeze(-1)

@@ -1,4 +1,5 @@
-"""Instruction tuning with next-token prediction (NTP) or SFTMix, one process or torchrun (DDP or FSDP2).
+"""Instruction tuning with next-token prediction (NTP) or SFTMix, one process or torchrun (DDP or
+FSDP2).
 
     python train.py --mode ntp --model BASE --data train.jsonl --out runs/ref --dynamics 4   # stage 1
     python sftmix.py split --dynamics runs/ref/dynamics.jsonl --out runs/split.json           # stage 2
@@ -7,25 +8,28 @@
     torchrun --nproc_per_node=8 train.py --shard fsdp --activation-checkpointing ...         # 8B-14B models
     python train.py ... --lora-rank 16 --lr 1e-4                                             # LoRA, merged into final/
 
-Loss per global batch of G examples (NTP tokens counted over all micro-batches and ranks, not a mean of means):
+Loss per global batch of G examples (NTP tokens counted over all micro-batches and ranks, not a mean
+of means):
     L_NTP   = sum over trained tokens of -log p(y_t | x, y_<t)  /  number of trained tokens
     L_Mixup = sum over mixed positions of the Mixup CE          /  number of mixed positions
     L       = L_NTP + mu * L_Mixup                                (sftmix; ntp has L = L_NTP; --mixup-only L_Mixup)
-sftmix.micro_batches lays a global batch out over ranks and packed micro-batches; sftmix.head_losses computes
-both terms from the final hidden states, the LM head in chunks. Writes OUT/metrics.jsonl, OUT/state/ (resumable:
-safetensors and JSON, no pickle, made current by an atomic rename of OUT/state/latest.json; deleted at the end
-unless --keep-state), OUT/final/ (HF checkpoint), and with --dynamics C, OUT/dynamics.jsonl (per example:
-perplexity at C checkpoints, confidence, variability).
+sftmix.micro_batches lays a global batch out over ranks and packed micro-batches; sftmix.head_losses
+computes both terms from the final hidden states, the LM head in chunks. Writes OUT/metrics.jsonl,
+OUT/state/ (resumable: safetensors and JSON, no pickle, made current by an atomic rename of
+OUT/state/latest.json; deleted at the end unless --keep-state), OUT/final/ (HF checkpoint), and with
+--dynamics C, OUT/dynamics.jsonl (per example: perplexity at C checkpoints, confidence,
+variability).
 """
+
 import argparse
 import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache, partial
 from pathlib import Path
@@ -44,20 +48,46 @@ import data
 import sftmix
 from data import InputError
 from memory import memory_per_gpu
-from model import LORA_TARGETS, ModelArgs, add_lora, compute_dtype, load_pretrained, model_dir, save_pretrained
+from model import (
+    LORA_TARGETS,
+    ModelArgs,
+    add_lora,
+    compute_dtype,
+    load_pretrained,
+    model_dir,
+    save_pretrained,
+)
 
 # Flags that may change between a run and its resumption; every other flag, and what the inputs hold, must match
 # the saved state. --lr and --grad-clip may change to rescue a run that diverged (the schedule is lr_at with the new
 # --lr); --out, so that a run directory moved elsewhere resumes.
-RESUMABLE_FLAGS = {"resume", "stop_at_step", "save_every", "save_every_minutes", "eval_batch", "keep_state", "lr",
-                   "grad_clip", "out", "compile", "deterministic", "save_dtype", "final_shard_gb",
-                   "timeout_minutes", "shard_degree", "heldout_every"}
-# The inputs' paths may change too (moved with the run or not): what each holds must match instead, through a
-# fingerprint in run_config (model: its config.json as ModelArgs reads it; data, heldout: token ids; split: halves).
-FINGERPRINTS = {"model": "its config.json is not that of the run's model",
-                "data": "the data changed since the run started",
-                "heldout": "the held-out data changed since the run started",
-                "split": "the split changed since the run started"}
+RESUMABLE_FLAGS = {
+    "resume",
+    "stop_at_step",
+    "save_every",
+    "save_every_minutes",
+    "eval_batch",
+    "keep_state",
+    "lr",
+    "grad_clip",
+    "out",
+    "compile",
+    "deterministic",
+    "save_dtype",
+    "final_shard_gb",
+    "timeout_minutes",
+    "shard_degree",
+    "heldout_every",
+}
+# The inputs' paths may change too (moved with the run or not): what each holds must match instead,
+# through a fingerprint in run_config (model: its config.json as ModelArgs reads it; data, heldout:
+# token ids; split: halves).
+FINGERPRINTS = {
+    "model": "its config.json is not that of the run's model",
+    "data": "the data changed since the run started",
+    "heldout": "the held-out data changed since the run started",
+    "split": "the split changed since the run started",
+}
 
 
 def main(argv=None):
@@ -68,11 +98,16 @@ def main(argv=None):
         try:
             check_args(args, world)
             if args.shard != "ddp" and "RANK" not in os.environ:
-                raise InputError(f"--shard {args.shard}: expected a launch by torchrun (FSDP2 shards over "
-                                 f"its process group): torchrun --nproc_per_node=N train.py ...")
-            if "RANK" in os.environ:  # under torchrun, even on one rank (FSDP2 shards over a process group)
-                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                        timeout=timedelta(minutes=args.timeout_minutes))
+                raise InputError(
+                    f"--shard {args.shard}: expected a launch by torchrun (FSDP2 shards over "
+                    f"its process group): torchrun --nproc_per_node=N train.py ..."
+                )
+            # under torchrun, even on one rank (FSDP2 shards over a process group)
+            if "RANK" in os.environ:
+                dist.init_process_group(
+                    "nccl" if torch.cuda.is_available() else "gloo",
+                    timeout=timedelta(minutes=args.timeout_minutes),
+                )
             train(args, rank, local_rank, world)
         finally:
             if dist.is_initialized():
@@ -80,22 +115,133 @@ def main(argv=None):
 
 
 def train(args, rank, local_rank, world):
-    """Every input checked before anything is written or loaded; then the model, and the steps: step, record
-    (dynamics, held-out passes, metrics), save, stop; then final/."""
+    """Every input checked before anything is written or loaded (read_inputs); then the model and
+    its state (build); then the steps: step, record (dynamics, held-out passes, metrics), save,
+    stop; then final/."""
     device = pick_device(local_rank, args.deterministic)
     bf16 = compute_dtype(args.dtype, device) == torch.bfloat16
-    amp_dtype = torch.bfloat16 if bf16 and args.shard == "ddp" else None  # FSDP2 casts through its policy
-    out = Path(args.out)
-    base = model_dir(args.model)  # an HF directory, or a run directory's final/
-    model_args = ModelArgs.from_model_dir(base)  # a config.json we cannot run exactly fails here, not after loading
+    amp_dtype = torch.bfloat16 if bf16 and args.shard == "ddp" else None  # FSDP2: its policy casts
+    run = read_inputs(args, local_rank, world, device)
+    if rank == 0:  # every input checked: now the run directory
+        prepare_out(run.out, run.resuming)
+    model, wrapped, optimizer, saver, step, dynamics = build(args, run, device, world, bf16, rank)
+    if rank == 0:  # every check passed, the state loaded: what was read, and what runs
+        print("\n".join(data.summary(s) for s in run.stats if s))
+        print(
+            f"train: {args.mode}, {len(run.samples)} samples, {run.total} steps of "
+            f"{args.global_batch} examples on {world} rank(s) ({args.shard}), {device.type}, "
+            f"{'bf16' if bf16 else 'fp32'}{f', resuming after step {step}' if step else ''}"
+        )
+        keep_lines_until(run.out / "metrics.jsonl", step)
+        keep_lines_until(run.out / "heldout.jsonl", step)
+
+    lr = partial(lr_at, total=run.total, lr=args.lr, warmup_ratio=args.warmup_ratio)
+    loss = dict(mu=args.mu, mixup_only=args.mixup_only, micro_batch=args.micro_batch)
+    step_fn = partial(
+        train_step,
+        wrapped,
+        model,
+        optimizer,
+        run.samples,
+        device=device,
+        amp_dtype=amp_dtype,
+        rank=rank,
+        world=world,
+        loss=loss,
+        grad_clip=args.grad_clip,
+        lr=lr,
+    )
+    evaluate = partial(
+        sftmix.response_nll, wrapped, batch_size=args.eval_batch, device=device, amp_dtype=amp_dtype
+    )
+    due = SaveSchedule(
+        args.save_every,
+        args.save_every_minutes,
+        run.total,
+        args.keep_state,
+        args.stop_at_step,
+        saver.clock,
+    )
+    with tqdm(total=run.total, initial=step, desc=args.mode, disable=rank != 0) as progress:
+        while step < run.total:
+            epoch = step // run.steps_per_epoch
+            try:
+                record = step_fn(step, *run.batches_of(epoch)[step % run.steps_per_epoch])
+            except InputError as e:  # diverged: the state in flight completes, the message names it
+                saver.wait()
+                raise InputError(f"{e}; stopped. {last_state(run.out, saver.committed)}") from None
+            step += 1
+            progress.update(1)
+            progress.set_postfix({k: f"{record[k + '_loss']:.4f}" for k in ("ntp", "mixup")})
+            record_step(
+                record | {"step": step, "epoch": epoch},
+                run,
+                evaluate,
+                dynamics,
+                args.heldout_every,
+                rank,
+            )
+            if due(step):
+                saver.save(model, optimizer, step, dynamics, run.config)
+            if step == args.stop_at_step and step < run.total:
+                saver.wait()
+                if rank == 0:
+                    print(f"stopped after step {step}; continue with --resume")
+                return
+    saver.wait()
+    lora_scale = args.lora_alpha / args.lora_rank if args.lora_rank else None
+    write_final(run.out, model, run.base, args.save_dtype, lora_scale, args.final_shard_gb, rank)
+    if rank == 0:
+        finish(run.out, run.samples, run.points, dynamics, args.keep_state)
+
+
+@dataclass
+class Run:
+    """What a run reads before anything is written: its paths, data, batches, schedule and settings."""
+
+    out: Path
+    base: Path  # the model directory (an HF directory, or a run directory's final/)
+    samples: list
+    heldout: list | None
+    stats: tuple  # the data's and the held-out data's summaries (data.summary)
+    batches_of: object  # epoch -> that epoch's [(batch, lambdas)], kept while the epoch lasts
+    steps_per_epoch: int
+    total: int
+    points: list  # the steps after which the dynamics are recorded
+    config: dict  # run_config: what a resumed run must share
+    resuming: bool
+
+
+def read_inputs(args, local_rank, world, device):
+    """Every input read and checked, nothing written: the model's config and checkpoint headers, the
+    data (tokenized once a node: read_data), the split, the schedule, a resumed state's settings, and
+    the memory estimate."""
+    out, base = Path(args.out), model_dir(args.model)
+    model_args = ModelArgs.from_model_dir(
+        base
+    )  # config.json and checkpoint checked, nothing loaded
     tok = data.load_tokenizer(base)
-    read = partial(read_data, tok=tok, prompt_format=args.prompt_format, max_len=args.max_len, out=out,
-                   local_rank=local_rank)
+    read = partial(
+        read_data,
+        tok=tok,
+        prompt_format=args.prompt_format,
+        max_len=args.max_len,
+        out=out,
+        local_rank=local_rank,
+    )
     samples, stats = read(args.data, fmt=args.format)
     heldout, heldout_stats = read(args.heldout, fmt=None) if args.heldout else (None, None)
     halves = split_indices(args.split, samples) if args.mode == "sftmix" else None
-    batches_of = lru_cache(maxsize=1)(partial(  # an epoch's batches, kept while it lasts
-        epoch_batches, len(samples), halves, G=args.global_batch, seed=args.seed, alpha=args.alpha))
+    batches_of = lru_cache(maxsize=1)(
+        partial(
+            epoch_batches,
+            len(samples),
+            halves,
+            G=args.global_batch,
+            seed=args.seed,
+            alpha=args.alpha,
+        )
+    )
     steps_per_epoch = len(batches_of(0))
     check_batches(args, samples, halves, steps_per_epoch)
     total = steps_per_epoch * args.epochs
@@ -105,119 +251,144 @@ def train(args, rank, local_rank, world):
     if resuming:
         check_settings(out, config)
     check_memory(model_args, args, samples, world, device)
-    if rank == 0:  # every input checked: now the run directory
-        prepare_out(out, resuming)
+    return Run(
+        out,
+        base,
+        samples,
+        heldout,
+        (stats, heldout_stats),
+        batches_of,
+        steps_per_epoch,
+        total,
+        points,
+        config,
+        resuming,
+    )
 
-    # the model: built on meta, prepared (LoRA, compile, FSDP2 units), then filled; the optimizer; the state
+
+def build(args, run, device, world, bf16, rank):
+    """The model built on the meta device, prepared (LoRA, compile, FSDP2 units), then filled; what
+    forward and backward go through (the model itself, FSDP2's in place, or DDP around it); AdamW;
+    the resumed state; the saver. Returns (model, wrapped, optimizer, saver, step, dynamics)."""
     torch.manual_seed(args.seed)  # LoRA's initial A
-    prepare = partial(prepare_model, lora=(args.lora_rank, args.lora_alpha, args.lora_targets),
-                      activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-                      mesh=shard_mesh(args.shard, args.shard_degree, world, device), bf16=bf16)
-    model = load_pretrained(base, device=device, prepare=prepare)
-    # what forward and backward go through: the model itself, FSDP2's in place, or DDP around it
-    wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                  gradient_as_bucket_view=True) if args.shard == "ddp" and world > 1 else model
+    prepare = partial(
+        prepare_model,
+        lora=(args.lora_rank, args.lora_alpha, args.lora_targets),
+        activation_checkpointing=args.activation_checkpointing,
+        compile=args.compile,
+        mesh=shard_mesh(args.shard, args.shard_degree, world, device),
+        bf16=bf16,
+    )
+    model = load_pretrained(run.base, device=device, prepare=prepare)
+    wrapped = model
+    if args.shard == "ddp" and world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = DDP(model, device_ids=ids, gradient_as_bucket_view=True)
     optimizer = adamw(model, args.lr, args.weight_decay, args.betas)
-    step, dynamics = checkpoint.load_state(out, model, optimizer) if resuming else (0, {})
-    saver = checkpoint.Saver(out, rank)
+    step, dynamics = checkpoint.load_state(run.out, model, optimizer) if run.resuming else (0, {})
+    saver = checkpoint.Saver(run.out, rank)
     saver.committed = step
-    if rank == 0:  # every check passed, the state loaded: what was read, and what runs
-        print("\n".join(data.summary(s) for s in (stats, heldout_stats) if s))
-        print(f"train: {args.mode}, {len(samples)} samples, {total} steps of {args.global_batch} examples "
-              f"on {world} rank(s) ({args.shard}), {device.type}, {'bf16' if bf16 else 'fp32'}"
-              f"{f', resuming after step {step}' if step else ''}")
-        keep_lines_until(out / "metrics.jsonl", step)
-        keep_lines_until(out / "heldout.jsonl", step)
-
-    step_fn = partial(train_step, wrapped, model, optimizer, samples, device=device, amp_dtype=amp_dtype,
-                      rank=rank, world=world, loss=(args.mu, args.mixup_only), micro_batch=args.micro_batch,
-                      grad_clip=args.grad_clip, lr=partial(lr_at, total=total, lr=args.lr,
-                                                           warmup_ratio=args.warmup_ratio))
-    evaluate = partial(sftmix.response_nll, wrapped, batch_size=args.eval_batch, device=device,
-                       amp_dtype=amp_dtype)
-    due = SaveSchedule(args.save_every, args.save_every_minutes, total, args.keep_state, args.stop_at_step,
-                       saver.clock)
-    with tqdm(total=total, initial=step, desc=args.mode, disable=rank != 0) as progress:
-        while step < total:
-            epoch = step // steps_per_epoch
-            try:
-                record = step_fn(step, *batches_of(epoch)[step % steps_per_epoch])
-            except InputError as e:  # diverged: the state in flight completes, and the message names it
-                saver.wait()
-                raise InputError(f"{e}; stopped. {last_state(out, saver.committed)}") from None
-            step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", ntp=f"{record['ntp_loss']:.4f}",
-                                 mixup=f"{record['mixup_loss']:.4f}")
-            record_step(record | {"step": step, "epoch": epoch}, out, evaluate, samples, heldout, points,
-                        dynamics, steps_per_epoch, args.heldout_every, rank)
-            if due(step):
-                saver.save(model, optimizer, step, dynamics, config)
-            if step == args.stop_at_step and step < total:
-                saver.wait()
-                if rank == 0:
-                    print(f"stopped after step {step}; continue with --resume")
-                return
-    saver.wait()
-    write_final(out, model, base, args.save_dtype, args.lora_alpha / args.lora_rank if args.lora_rank else None,
-                args.final_shard_gb, rank)
-    if rank == 0:
-        finish(out, samples, points, dynamics, args.keep_state)
+    return model, wrapped, optimizer, saver, step, dynamics
 
 
 # ----------------------------------------------------------------------------- the phases of a step
 
-def train_step(wrapped, model, optimizer, samples, step, batch, lam, device, amp_dtype, rank, world, loss,
-               micro_batch, grad_clip, lr):
-    """One optimizer step on global batch `batch` (lam: its lambdas, or None) at the learning rate lr(step);
-    returns its metrics record. The step's one read from the device: the losses, the grad norm, and whether the
-    weights are finite; a divergence is an InputError (the caller writes nothing of it)."""
+
+def train_step(
+    wrapped,
+    model,
+    optimizer,
+    samples,
+    step,
+    batch,
+    lam,
+    device,
+    amp_dtype,
+    rank,
+    world,
+    loss,
+    grad_clip,
+    lr,
+):
+    """One optimizer step on global batch `batch` (lam: its lambdas, or None) at the learning rate
+    lr(step); returns its metrics record. The step's one read from the device: the losses, the grad
+    norm, and whether the weights are finite; a divergence is an InputError (the caller writes
+    nothing of it)."""
     for group in optimizer.param_groups:
         group["lr"] = lr(step)
     t0 = time.perf_counter()
-    stats, n_input = forward_backward(wrapped, samples, batch, lam, *loss, micro_batch, grad_clip, device,
-                                      amp_dtype, rank, world)
+    stats, n_input = forward_backward(
+        wrapped,
+        samples,
+        batch,
+        lam,
+        **loss,
+        grad_clip=grad_clip,
+        device=device,
+        amp_dtype=amp_dtype,
+        rank=rank,
+        world=world,
+    )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     read = torch.cat([stats, weights_finite(model, world)])  # (5,)
     total_loss, ntp_loss, mix_loss, grad_norm, finite = read.tolist()
     if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm)):
-        raise InputError(f"step {step + 1}: loss is not finite (ntp {ntp_loss}, mixup {mix_loss}, grad norm "
-                         f"{grad_norm})")
+        raise InputError(
+            f"step {step + 1}: loss is not finite (ntp {ntp_loss}, mixup {mix_loss}, grad norm "
+            f"{grad_norm})"
+        )
     if not finite:
         raise InputError(f"step {step + 1}: the update made weights inf or NaN (lr {lr(step):.3g})")
-    return {"lr": optimizer.param_groups[0]["lr"], "loss": total_loss, "ntp_loss": ntp_loss, "mixup_loss": mix_loss,
-            "grad_norm": grad_norm, "tokens_per_s": n_input / (time.perf_counter() - t0)}
+    return {
+        "lr": optimizer.param_groups[0]["lr"],
+        "loss": total_loss,
+        "ntp_loss": ntp_loss,
+        "mixup_loss": mix_loss,
+        "grad_norm": grad_norm,
+        "tokens_per_s": n_input / (time.perf_counter() - t0),
+    }
 
 
-def record_step(record, out, evaluate, samples, heldout, points, dynamics, steps_per_epoch, heldout_every, rank):
-    """After step record["step"]: the training dynamics (stage 1: every example's response perplexity at this
-    checkpoint), a held-out pass at the end of each epoch and every heldout_every steps (its per-example NLL
-    appended to OUT/heldout.jsonl), and the metrics line of OUT/metrics.jsonl."""
-    step = record["step"]
+def record_step(record, run, evaluate, dynamics, heldout_every, rank):
+    """After step record["step"]: the training dynamics (stage 1: every example's response
+    perplexity at this checkpoint), a held-out pass at the end of each epoch and every heldout_every
+    steps (its per-example NLL appended to OUT/heldout.jsonl), and the metrics line of
+    OUT/metrics.jsonl."""
+    step, out, points, steps_per_epoch = record["step"], run.out, run.points, run.steps_per_epoch
     if step in points:
-        nll = evaluate(samples, desc=f"dynamics {points.index(step) + 1}/{len(points)}")
+        nll = evaluate(run.samples, desc=f"dynamics {points.index(step) + 1}/{len(points)}")
         dynamics[step] = {k: sftmix.perplexity(*v) for k, v in nll.items()}
         if not all(map(math.isfinite, dynamics[step].values())):
             worst = max(nll, key=lambda k: nll[k][0] / nll[k][1])
-            raise InputError(f"step {step}: example {worst}: mean response NLL {nll[worst][0] / nll[worst][1]:.1f} "
-                             f"nats, its perplexity overflows a float: the model has diverged (lower --lr)")
-    if heldout and (step % steps_per_epoch == 0 or (heldout_every and step % heldout_every == 0)):
-        nll = evaluate(heldout, desc="held-out")
+            raise InputError(
+                f"step {step}: example {worst}: mean response NLL {nll[worst][0] / nll[worst][1]:.1f} "
+                f"nats, its perplexity overflows a float: the model has diverged (lower --lr)"
+            )
+    if run.heldout and (
+        step % steps_per_epoch == 0 or (heldout_every and step % heldout_every == 0)
+    ):
+        nll = evaluate(run.heldout, desc="held-out")
         weighted = sftmix.token_weighted(nll, list(nll))
         record.update(heldout_nll=weighted["nll_per_token"], heldout_ppl=weighted["ppl"])
         if rank == 0:
-            append_line(out / "heldout.jsonl", {"step": step, "epoch": step / steps_per_epoch,
-                                                "nll": {k: [float(s), int(n)] for k, (s, n) in nll.items()}})
+            append_line(
+                out / "heldout.jsonl",
+                {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "nll": {k: [float(s), int(n)] for k, (s, n) in nll.items()},
+                },
+            )
     if rank == 0:
         append_line(out / "metrics.jsonl", record)
 
 
 class SaveSchedule:
-    """When a state is written: every `steps` steps and every `minutes` minutes (either may be 0 = off), and at
-    --stop-at-step; never at the last step unless --keep-state (final/ follows, and a run killed while
-    writing it resumes from the state before). Ranks follow rank 0's clock (one broadcast a step on the CPU
-    group `clock`), so they all save at the same step."""
+    """When a state is written: every `steps` steps and every `minutes` minutes (either may be 0 =
+    off), and at --stop-at-step; never at the last step unless --keep-state (final/ follows, and a
+    run killed while writing it resumes from the state before). Ranks follow rank 0's clock (one
+    broadcast a step on the CPU group `clock`), so they all save at the same step."""
 
     def __init__(self, steps, minutes, total, keep_state, stop_at_step, clock):
         self.steps, self.seconds, self.total = steps, minutes * 60, total
@@ -239,8 +410,9 @@ class SaveSchedule:
 
 
 def write_final(out, model, base, save_dtype, lora_scale, shard_gb, rank):
-    """OUT/final/: the weights in the save dtype as HF sharded safetensors, tensor by tensor (rank 0's host holds
-    one shard file's worth), written as OUT/final.tmp/ and renamed, so final/ is whole or absent."""
+    """OUT/final/: the weights in the save dtype as HF sharded safetensors, tensor by tensor (rank
+    0's host holds one shard file's worth), written as OUT/final.tmp/ and renamed, so final/ is
+    whole or absent."""
     tensors = checkpoint.final_tensors(model, final_dtype(save_dtype, base), lora_scale)
     if rank != 0:
         for _ in tensors:  # every rank takes part in gathering each tensor
@@ -248,14 +420,18 @@ def write_final(out, model, base, save_dtype, lora_scale, shard_gb, rank):
         return
     tmp = out / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp, tokenizer_dir=base, state_dict=tensors, max_shard_bytes=int(shard_gb * 2**30))
-    shutil.rmtree(out / "final", ignore_errors=True)  # a complete final/ of this same state, from a killed rerun
+    save_pretrained(
+        model, tmp, tokenizer_dir=base, state_dict=tensors, max_shard_bytes=int(shard_gb * 2**30)
+    )
+    # a complete final/ of this same state, from a killed rerun
+    shutil.rmtree(out / "final", ignore_errors=True)
     os.replace(tmp, out / "final")
 
 
 def prepare_out(out, resuming):
-    """Create the run directory, and clear what a killed run left: the state folders latest.json does not
-    name and final.tmp/ (resuming), or the whole state of an earlier run (starting again)."""
+    """Create the run directory, and clear what a killed run left: the state folders latest.json
+    does not name and final.tmp/ (resuming), or the whole state of an earlier run (starting
+    again)."""
     writable_dir(out)
     if resuming:
         checkpoint.remove_stale(out, keep=checkpoint.read_latest(out)["checkpoint"])
@@ -274,42 +450,68 @@ def finish(out, samples, points, dynamics, keep_state):
 
 
 def final_dtype(flag, base):
-    """--save-dtype's dtype; auto = the base checkpoint's (config.json's dtype or torch_dtype), else fp32."""
+    """--save-dtype's dtype; auto = the base checkpoint's (config.json's dtype or torch_dtype), else
+    fp32.
+    """
     base_config = json.loads((base / "config.json").read_text())
-    named = base_config.get("dtype") or base_config.get("torch_dtype")  # transformers 5 writes "dtype"
+    # transformers 5 writes "dtype"
+    named = base_config.get("dtype") or base_config.get("torch_dtype")
     return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(flag) or {
-        "bfloat16": torch.bfloat16, "float16": torch.float16}.get(named, torch.float32)
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }.get(named, torch.float32)
 
 
-def forward_backward(wrapped, samples, batch, lam, mu, mixup_only, micro_batch, grad_clip, device, amp_dtype, rank,
-                     world):
-    """Accumulate the gradient of L over this rank's micro-batches of one global batch, then clip it.
+def forward_backward(
+    wrapped,
+    samples,
+    batch,
+    lam,
+    mu,
+    mixup_only,
+    micro_batch,
+    grad_clip,
+    device,
+    amp_dtype,
+    rank,
+    world,
+):
+    """Accumulate the gradient of L over this rank's micro-batches of one global batch, then clip
+    it.
 
-    L = L_NTP + mu L_Mixup, or L_Mixup alone with mixup_only; each term normalised over the whole global batch
-    (sftmix.micro_batches gives the normalisers), so micro-batch and rank boundaries do not change the gradient.
-    batch holds G sample indices, and lam (G/2,) makes it G/2 pairs (epoch_batches), or is None (plain NTP).
-    Both terms come from sftmix.head_losses, which the model's LM head calls on the final hidden states (so
-    that FSDP2 gathers the head's weight). Nothing here waits for the device: every index is laid out on the
-    host (data.pack, sftmix.micro_batches) and copied asynchronously, and the sums stay on the device. Returns
-    (stats, input tokens of the global batch): stats (4,) on the device = (L, L_NTP, L_Mixup, grad norm before
-    clipping), for the caller to read.
+    L = L_NTP + mu L_Mixup, or L_Mixup alone with mixup_only; each term normalised over the whole
+    global batch (sftmix.micro_batches gives the normalisers), so micro-batch and rank boundaries do
+    not change the gradient. batch holds G sample indices, and lam (G/2,) makes it G/2 pairs
+    (epoch_batches), or is None (plain NTP). Both terms come from sftmix.head_losses, which the
+    model's LM head calls on the final hidden states (so that FSDP2 gathers the head's weight).
+    Nothing here waits for the device: every index is laid out on the host (data.pack,
+    sftmix.micro_batches) and copied asynchronously, and the sums stay on the device. Returns
+    (stats, input tokens of the global batch): stats (4,) on the device = (L, L_NTP, L_Mixup, grad
+    norm before clipping), for the caller to read.
     """
     micro, n_tokens, n_mixed = sftmix.micro_batches(batch, samples, rank, world, micro_batch, lam)
     ntp_weight, mix_weight = (0.0, 1.0) if mixup_only else (1.0, mu)
     sums = torch.zeros(2, device=device)  # NTP NLL sum, Mixup CE sum
     for j, mb in enumerate(micro):
         b = data.to_device(data.pack([samples[i] for i in mb.rows]), device)
-        pairs = data.to_device({"mix_c": mb.mix_c, "mix_u": mb.mix_u, "lam": mb.lam, "rest": mb.rest}, device)
+        pairs = data.to_device(
+            {"mix_c": mb.mix_c, "mix_u": mb.mix_u, "lam": mb.lam, "rest": mb.rest}, device
+        )
         head = partial(sftmix.head_losses, targets=b["targets"], **pairs)
-        # DDP all-reduces gradients after the last micro-batch only; FSDP2 reduce-scatters after every one, so
-        # no rank holds an unsharded gradient between micro-batches (4 bytes a parameter at fp32 reduction)
+        # DDP all-reduces gradients after the last micro-batch only; FSDP2 reduce-scatters after
+        # every one, so no rank holds an unsharded gradient between micro-batches (4 bytes a
+        # parameter at fp32 reduction)
         last = j == len(micro) - 1
         with wrapped.no_sync() if isinstance(wrapped, DDP) and not last else nullcontext():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                nll, mix = wrapped(b["input_ids"], seqs=b["seqs"], logits_at=b["trained"], head=head)  # (N,), (M,)
+                # (N,), (M,)
+                nll, mix = wrapped(
+                    b["input_ids"], seqs=b["seqs"], logits_at=b["trained"], head=head
+                )
             L_ntp, L_mixup = nll.sum() / n_tokens, mix.sum() / max(n_mixed, 1)
             L = ntp_weight * L_ntp + mix_weight * L_mixup  # L = L_NTP + mu L_Mixup
-            (L * world).backward()  # ranks average gradients; * world makes it the sum over the global batch
+            # ranks average gradients; * world makes it the sum over the global batch
+            (L * world).backward()
         sums += torch.stack([nll.detach().sum(), mix.detach().sum()])
     if world > 1:
         dist.all_reduce(sums)
@@ -317,110 +519,255 @@ def forward_backward(wrapped, samples, batch, lam, mu, mixup_only, micro_batch, 
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
     ntp, mixup = sums[0] / n_tokens, sums[1] / max(n_mixed, 1)
-    stats = torch.stack([ntp_weight * ntp + mix_weight * mixup, ntp, mixup, grad_norm.to(ntp.dtype)])
+    stats = torch.stack(
+        [ntp_weight * ntp + mix_weight * mixup, ntp, mixup, grad_norm.to(ntp.dtype)]
+    )
     return stats, sum(len(samples[i].input_ids) for i in batch)
 
 
 # ----------------------------------------------------------------------------- flags
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.Help)
-    p.add_argument("--mode", choices=["ntp", "sftmix"], default="ntp", help="plain SFT, or SFTMix (needs --split)")
-    p.add_argument("--model", required=True,
-                   help="base model: HF directory (config.json, safetensors, tokenizer), or a run directory "
-                        "(its final/)")
-    p.add_argument("--data", required=True, help="training data (alpaca / sharegpt / messages; JSON or JSONL)")
+    p.add_argument(
+        "--mode",
+        choices=["ntp", "sftmix"],
+        default="ntp",
+        help="plain SFT, or SFTMix (needs --split)",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="base model: HF directory (config.json, safetensors, tokenizer), or a run directory "
+        "(its final/)",
+    )
+    p.add_argument(
+        "--data", required=True, help="training data (alpaca / sharegpt / messages; JSON or JSONL)"
+    )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--split", help="split.json from `sftmix.py split` (sftmix mode)")
-    p.add_argument("--mixup-only", action="store_true",
-                   help="sftmix: L = L_Mixup, no NTP term and mu unused (the paper's 'Mixup only' ablation)")
-    p.add_argument("--dynamics", type=data.number("--dynamics", int, ">= 0 (0 = off)"), default=0,
-                   metavar="C",
-                   help="record every example's response perplexity at C evenly spaced checkpoints")
-    p.add_argument("--heldout", help="held-out data: response perplexity after every epoch, in metrics.jsonl")
-    p.add_argument("--heldout-every", type=data.number("--heldout-every", int, ">= 0 (0 = at epoch ends only)"), default=0,
-                   metavar="K",
-                   help="a held-out pass every K optimizer steps too (0 = at epoch ends only); each pass appends "
-                        "its per-example NLL to OUT/heldout.jsonl")
-    p.add_argument("--alpha", type=data.number("--alpha", float, "> 0 (Beta(alpha, alpha))"),
-                   default=0.5, help="lambda ~ Beta(alpha, alpha) [paper]")
-    p.add_argument("--mu", type=data.number("--mu", float, ">= 0"),
-                   default=0.2, help="weight of the Mixup loss [paper]")
-    p.add_argument("--epochs", type=data.number("--epochs", int, ">= 1"),
-                   default=1, help="passes over the data [paper: 3 Alpaca, 1 UltraChat]")
-    p.add_argument("--lr", type=data.number("--lr", float, "> 0 and finite"),
-                   default=2e-6, help="peak learning rate [paper]")
-    p.add_argument("--weight-decay", type=data.number("--weight-decay", float, ">= 0 and finite"),
-                   default=0.1,
-                   help="AdamW weight decay of the weight matrices; norms and biases are not decayed [paper: 0.1]")
-    p.add_argument("--betas", type=data.number("--betas", float, "in [0, 1)"), nargs=2,
-                   default=(0.9, 0.999), help="AdamW betas [ours]")
-    p.add_argument("--warmup-ratio", type=data.number("--warmup-ratio", float, "in [0, 1)"),
-                   default=0.1,
-                   help="linear warm-up share W of the steps; step k runs at lr (k+1)/W (HF: lr k/W) [paper: 0.1]")
-    p.add_argument("--grad-clip", type=data.number("--grad-clip", float,
-                                                   ">= 0 and finite (0 = off)"),
-                   default=1.0, help="max global grad norm, 0 = off [ours]")
-    p.add_argument("--global-batch", type=data.number("--global-batch", int, ">= 1"),
-                   default=32, help="examples per optimizer step, all ranks [paper]")
-    p.add_argument("--micro-batch", type=data.number("--micro-batch", int, ">= 1"),
-                   default=4, help="examples per forward on one rank [ours]")
-    p.add_argument("--max-len", type=data.number("--max-len", int, ">= 2"),
-                   default=data.MAX_LEN, help="tokens per example, cut on the right [ours]")
-    p.add_argument("--format", choices=data.FORMATS, help="data format (detected from the keys if not given)")
-    p.add_argument("--prompt-format", choices=data.PROMPT_FORMATS, help="(detected from the tokenizer if not given)")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="compute precision: auto = bf16 on CUDA, fp32 on CPU; weights and optimizer stay fp32")
-    p.add_argument("--save-dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="dtype of the weights in final/: auto = the base checkpoint's (its config.json's torch_dtype "
-                        "or dtype; fp32 when it names none): bf16 for the paper's models, fp32 for the demo's")
-    p.add_argument("--shard", choices=["ddp", "fsdp", "hsdp"],
-                   help="ddp: every rank holds the whole model; fsdp: FSDP2, weights/grads/optimizer sharded over "
-                        "all ranks; hsdp: sharded within groups of --shard-degree ranks (a node), replicated across "
-                        "them. Default: fsdp under torchrun with more than one rank, else ddp. A run whose "
-                        "estimated peak exceeds the GPU's memory ($SFTMIX_DEVICE_MEMORY_GB when set) is "
-                        "refused before loading, naming what would fit")
-    p.add_argument("--shard-degree", type=data.number("--shard-degree", int, ">= 1"), default=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                   help="hsdp: ranks that shard the model among them (default: the ranks of a node, torchrun's "
-                        "LOCAL_WORLD_SIZE); the world is replicated over world / degree groups")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="keep only each block's input, recompute the block in backward")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile each transformer block (whole graph, lengths dynamic after the first)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels on CUDA (slower), so a resumed run repeats bitwise there too; on the "
-                        "CPU every run is deterministic already")
-    p.add_argument("--seed", type=data.number("--seed", int, ">= 0"),
-                   default=0, help="data order and lambda draws")
-    p.add_argument("--eval-batch", type=data.number("--eval-batch", int, ">= 1"),
-                   default=16, help="examples per forward in the dynamics pass")
-    p.add_argument("--save-every", type=data.number("--save-every", int, ">= 1"), default=500,
-                   help="steps between resumable states (written in the background while training goes on; "
-                        "none at the last step, unless --keep-state)")
-    p.add_argument("--save-every-minutes", type=data.number("--save-every-minutes", float, ">= 0 (0 = off)"),
-                   default=30.0, help="minutes between resumable states as well (0 = by steps only)")
-    p.add_argument("--timeout-minutes", type=data.number("--timeout-minutes", float, "> 0"), default=30.0,
-                   help="how long a collective (a barrier after a save on a slow file system) may wait before "
-                        "the process group gives up [torch: 10]")
-    p.add_argument("--final-shard-gb", type=data.number("--final-shard-gb", float, "> 0"), default=5.0,
-                   help="largest safetensors file of final/ (more files, with an index, above it) [HF: 5]")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/state/ if it holds a state; the data and every flag must be the same, but "
-                        "--lr, --grad-clip, --stop-at-step, --save-every(-minutes), --eval-batch, --keep-state "
-                        "and the number of ranks may change")
-    p.add_argument("--keep-state", action="store_true",
-                   help="keep OUT/state/ (weights + AdamW moments, ~4x the model) after final/ is written")
-    p.add_argument("--stop-at-step", type=data.number("--stop-at-step", int, ">= 0 (0 = off)"),
-                   default=0,
-                   help="save the state and exit after this step, to continue later with --resume (0 = run to the end)")
-    p.add_argument("--lora-rank", type=data.number("--lora-rank", int, ">= 0 (0 = off)"), default=0,
-                   metavar="R",
-                   help="train rank-R LoRA adapters only, the base frozen; final/ holds the merged weights "
-                        "W + (alpha/R) B A (0 = off: all weights train). Adapters usually want a larger --lr (~1e-4)")
-    p.add_argument("--lora-alpha", type=data.number("--lora-alpha", float, "> 0 and finite"),
-                   default=16.0, help="LoRA scale alpha/R [ours; peft: 8]")
-    p.add_argument("--lora-targets", nargs="+", choices=LORA_TARGETS, default=list(LORA_TARGETS), metavar="NAME",
-                   help="projections (HF names) that get adapters [ours: all seven, as QLoRA; peft: q_proj v_proj]")
+    p.add_argument(
+        "--mixup-only",
+        action="store_true",
+        help="sftmix: L = L_Mixup, no NTP term and mu unused (the paper's 'Mixup only' ablation)",
+    )
+    p.add_argument(
+        "--dynamics",
+        type=data.number("--dynamics", int, ">= 0 (0 = off)"),
+        default=0,
+        metavar="C",
+        help="record every example's response perplexity at C evenly spaced checkpoints",
+    )
+    p.add_argument(
+        "--heldout", help="held-out data: response perplexity after every epoch, in metrics.jsonl"
+    )
+    p.add_argument(
+        "--heldout-every",
+        type=data.number("--heldout-every", int, ">= 0 (0 = at epoch ends only)"),
+        default=0,
+        metavar="K",
+        help="a held-out pass every K optimizer steps too (0 = at epoch ends only); each pass appends "
+        "its per-example NLL to OUT/heldout.jsonl",
+    )
+    p.add_argument(
+        "--alpha",
+        type=data.number("--alpha", float, "> 0 (Beta(alpha, alpha))"),
+        default=0.5,
+        help="lambda ~ Beta(alpha, alpha) [paper]",
+    )
+    p.add_argument(
+        "--mu",
+        type=data.number("--mu", float, ">= 0"),
+        default=0.2,
+        help="weight of the Mixup loss [paper]",
+    )
+    p.add_argument(
+        "--epochs",
+        type=data.number("--epochs", int, ">= 1"),
+        default=1,
+        help="passes over the data [paper: 3 Alpaca, 1 UltraChat]",
+    )
+    p.add_argument(
+        "--lr",
+        type=data.number("--lr", float, "> 0 and finite"),
+        default=2e-6,
+        help="peak learning rate [paper]",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=data.number("--weight-decay", float, ">= 0 and finite"),
+        default=0.1,
+        help="AdamW weight decay of the weight matrices; norms and biases are not decayed [paper: 0.1]",
+    )
+    p.add_argument(
+        "--betas",
+        type=data.number("--betas", float, "in [0, 1)"),
+        nargs=2,
+        default=(0.9, 0.999),
+        help="AdamW betas [ours]",
+    )
+    p.add_argument(
+        "--warmup-ratio",
+        type=data.number("--warmup-ratio", float, "in [0, 1)"),
+        default=0.1,
+        help="linear warm-up share W of the steps; step k runs at lr (k+1)/W (HF: lr k/W) [paper: 0.1]",
+    )
+    p.add_argument(
+        "--grad-clip",
+        type=data.number("--grad-clip", float, ">= 0 and finite (0 = off)"),
+        default=1.0,
+        help="max global grad norm, 0 = off [ours]",
+    )
+    p.add_argument(
+        "--global-batch",
+        type=data.number("--global-batch", int, ">= 1"),
+        default=32,
+        help="examples per optimizer step, all ranks [paper]",
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=data.number("--micro-batch", int, ">= 1"),
+        default=4,
+        help="examples per forward on one rank [ours]",
+    )
+    p.add_argument(
+        "--max-len",
+        type=data.number("--max-len", int, ">= 2"),
+        default=data.MAX_LEN,
+        help="tokens per example, cut on the right [ours]",
+    )
+    p.add_argument(
+        "--format", choices=data.FORMATS, help="data format (detected from the keys if not given)"
+    )
+    p.add_argument(
+        "--prompt-format",
+        choices=data.PROMPT_FORMATS,
+        help="(detected from the tokenizer if not given)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="compute precision: auto = bf16 on CUDA, fp32 on CPU; weights and optimizer stay fp32",
+    )
+    p.add_argument(
+        "--save-dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="dtype of the weights in final/: auto = the base checkpoint's (its config.json's torch_dtype "
+        "or dtype; fp32 when it names none): bf16 for the paper's models, fp32 for the demo's",
+    )
+    p.add_argument(
+        "--shard",
+        choices=["ddp", "fsdp", "hsdp"],
+        help="ddp: every rank holds the whole model; fsdp: FSDP2, weights/grads/optimizer sharded over "
+        "all ranks; hsdp: sharded within groups of --shard-degree ranks (a node), replicated across "
+        "them. Default: fsdp under torchrun with more than one rank, else ddp. A run whose "
+        "estimated peak exceeds the GPU's memory ($SFTMIX_DEVICE_MEMORY_GB when set) is "
+        "refused before loading, naming what would fit",
+    )
+    p.add_argument(
+        "--shard-degree",
+        type=data.number("--shard-degree", int, ">= 1"),
+        default=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        help="hsdp: ranks that shard the model among them (default: the ranks of a node, torchrun's "
+        "LOCAL_WORLD_SIZE); the world is replicated over world / degree groups",
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="keep only each block's input, recompute the block in backward",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each transformer block (whole graph, lengths dynamic after the first)",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels on CUDA (slower), so a resumed run repeats bitwise there too; on the "
+        "CPU every run is deterministic already",
+    )
+    p.add_argument(
+        "--seed",
+        type=data.number("--seed", int, ">= 0"),
+        default=0,
+        help="data order and lambda draws",
+    )
+    p.add_argument(
+        "--eval-batch",
+        type=data.number("--eval-batch", int, ">= 1"),
+        default=16,
+        help="examples per forward in the dynamics pass",
+    )
+    p.add_argument(
+        "--save-every",
+        type=data.number("--save-every", int, ">= 1"),
+        default=500,
+        help="steps between resumable states (written in the background while training goes on; "
+        "none at the last step, unless --keep-state)",
+    )
+    p.add_argument(
+        "--save-every-minutes",
+        type=data.number("--save-every-minutes", float, ">= 0 (0 = off)"),
+        default=30.0,
+        help="minutes between resumable states as well (0 = by steps only)",
+    )
+    p.add_argument(
+        "--timeout-minutes",
+        type=data.number("--timeout-minutes", float, "> 0"),
+        default=30.0,
+        help="how long a collective (a barrier after a save on a slow file system) may wait before "
+        "the process group gives up [torch: 10]",
+    )
+    p.add_argument(
+        "--final-shard-gb",
+        type=data.number("--final-shard-gb", float, "> 0"),
+        default=5.0,
+        help="largest safetensors file of final/ (more files, with an index, above it) [HF: 5]",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/state/ if it holds a state; the data and every flag must be the same, but "
+        "--lr, --grad-clip, --stop-at-step, --save-every(-minutes), --eval-batch, --keep-state "
+        "and the number of ranks may change",
+    )
+    p.add_argument(
+        "--keep-state",
+        action="store_true",
+        help="keep OUT/state/ (weights + AdamW moments, ~4x the model) after final/ is written",
+    )
+    p.add_argument(
+        "--stop-at-step",
+        type=data.number("--stop-at-step", int, ">= 0 (0 = off)"),
+        default=0,
+        help="save the state and exit after this step, to continue later with --resume (0 = run to the end)",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=data.number("--lora-rank", int, ">= 0 (0 = off)"),
+        default=0,
+        metavar="R",
+        help="train rank-R LoRA adapters only, the base frozen; final/ holds the merged weights "
+        "W + (alpha/R) B A (0 = off: all weights train). Adapters usually want a larger --lr (~1e-4)",
+    )
+    p.add_argument(
+        "--lora-alpha",
+        type=data.number("--lora-alpha", float, "> 0 and finite"),
+        default=16.0,
+        help="LoRA scale alpha/R [ours; peft: 8]",
+    )
+    p.add_argument(
+        "--lora-targets",
+        nargs="+",
+        choices=LORA_TARGETS,
+        default=list(LORA_TARGETS),
+        metavar="NAME",
+        help="projections (HF names) that get adapters [ours: all seven, as QLoRA; peft: q_proj v_proj]",
+    )
     return p.parse_args(argv)
 
 
@@ -432,20 +779,31 @@ def check_args(args, world):
     if args.mode == "sftmix" and not args.split:
         raise InputError("--mode sftmix needs --split FILE (from `python sftmix.py split`)")
     if args.global_batch % (world * args.micro_batch):
-        raise InputError(f"--global-batch {args.global_batch}: expected a multiple of ranks x --micro-batch "
-                         f"= {world} x {args.micro_batch}")
+        raise InputError(
+            f"--global-batch {args.global_batch}: expected a multiple of ranks x --micro-batch "
+            f"= {world} x {args.micro_batch}"
+        )
     args.shard = args.shard or ("fsdp" if world > 1 else "ddp")
-    if args.shard == "hsdp" and not (1 <= args.shard_degree <= world and world % args.shard_degree == 0):
-        raise InputError(f"--shard-degree {args.shard_degree}: expected a divisor of the {world} ranks")
+    if args.shard == "hsdp" and not (
+        1 <= args.shard_degree <= world and world % args.shard_degree == 0
+    ):
+        raise InputError(
+            f"--shard-degree {args.shard_degree}: expected a divisor of the {world} ranks"
+        )
     if args.mode == "sftmix" and args.micro_batch % 2:
-        raise InputError(f"--micro-batch {args.micro_batch}: an SFTMix micro-batch holds confident/unconfident "
-                         f"pairs, expected an even number")
+        raise InputError(
+            f"--micro-batch {args.micro_batch}: an SFTMix micro-batch holds confident/unconfident "
+            f"pairs, expected an even number"
+        )
 
 
-# ----------------------------------------------------------------------------- data, schedule, optimizer
+# ------------------------------------------------------------------------ data, schedule, optimizer
+
 
 def split_indices(path, samples):
-    """split.json -> (confident, unconfident) sample indices; every id of the data in exactly one half."""
+    """split.json -> (confident, unconfident) sample indices; every id of the data in exactly one
+    half.
+    """
     halves = sftmix.read_split(path)
     halves = [halves["confident"], halves["unconfident"]]
     index = {s.id: i for i, s in enumerate(samples)}
@@ -453,32 +811,38 @@ def split_indices(path, samples):
     unknown = [i for i in halves[0] + halves[1] if i not in index]
     missing = [i for i in index if i not in in_split]
     if unknown or missing or set(halves[0]) & set(halves[1]):
-        raise InputError(f"{path}: ids must match the data: {len(unknown)} not in the data {unknown[:3]}, "
-                         f"{len(missing)} of the data not in the split {missing[:3]}, "
-                         f"{len(set(halves[0]) & set(halves[1]))} in both halves")
+        raise InputError(
+            f"{path}: ids must match the data: {len(unknown)} not in the data {unknown[:3]}, "
+            f"{len(missing)} of the data not in the split {missing[:3]}, "
+            f"{len(set(halves[0]) & set(halves[1]))} in both halves"
+        )
     return [index[i] for i in halves[0]], [index[i] for i in halves[1]]
 
 
 def epoch_batches(n, halves, epoch, G, seed, alpha):
-    """The global batches of one epoch as (sample indices, lambdas); an incomplete last batch is dropped.
+    """The global batches of one epoch as (sample indices, lambdas); an incomplete last batch is
+    dropped.
 
     halves None (ntp): a shuffled order of the n samples cut into batches of G, no lambdas. halves =
-    (confident, unconfident) sample indices (sftmix): G/2 confident then G/2 unconfident examples, pair
-    i = (batch[i], batch[G/2 + i]) with lambda lam[i] ~ Beta(alpha, alpha), drawn from (seed, step).
+    (confident, unconfident) sample indices (sftmix): G/2 confident then G/2 unconfident examples,
+    pair i = (batch[i], batch[G/2 + i]) with lambda lam[i] ~ Beta(alpha, alpha), drawn from (seed,
+    step).
     """
     if halves is not None:
         batches = sftmix.paired_batches(*halves, G, seed, epoch)
-        return [(b, sftmix.sample_lambda(alpha, G // 2, seed, epoch * len(batches) + i))
-                for i, b in enumerate(batches)]
+        return [
+            (b, sftmix.sample_lambda(alpha, G // 2, seed, epoch * len(batches) + i))
+            for i, b in enumerate(batches)
+        ]
     order = data.shuffled_order(n, seed, epoch)
-    return [(order[b * G:(b + 1) * G], None) for b in range(len(order) // G)]
+    return [(order[b * G : (b + 1) * G], None) for b in range(len(order) // G)]
 
 
 def lr_at(step, total, lr, warmup_ratio):
     """Linear warm-up over W = ceil(warmup_ratio * total) steps to --lr, then cosine decay to 0.
 
-    Step k (0-based) of the warm-up runs at lr (k + 1) / W, so the first step already learns (HF's linear
-    warm-up runs its first step at lr 0)."""
+    Step k (0-based) of the warm-up runs at lr (k + 1) / W, so the first step already learns (HF's
+    linear warm-up runs its first step at lr 0)."""
     warmup = math.ceil(warmup_ratio * total)
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -487,12 +851,14 @@ def lr_at(step, total, lr, warmup_ratio):
 
 
 def adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
-    """AdamW with weight decay on the matrices only: RMSNorm weights and biases (1-D) are not decayed, as in
-    nanoGPT and HF's Trainer (decaying a norm weight pulls it towards 0, not towards the identity). Frozen
-    parameters (the base under LoRA) are left out."""
+    """AdamW with weight decay on the matrices only: RMSNorm weights and biases (1-D) are not
+    decayed, as in nanoGPT and HF's Trainer (decaying a norm weight pulls it towards 0, not towards
+    the identity). Frozen parameters (the base under LoRA) are left out."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
 
 
@@ -504,23 +870,29 @@ def dynamics_points(total, C):
     return points
 
 
-# ----------------------------------------------------------------------------- model, state and outputs
+# ------------------------------------------------------------------------- model, state and outputs
+
 
 def prepare_model(model, lora, activation_checkpointing, compile, mesh, bf16):
-    """What train.py does to the model on the meta device, before any weight has memory: LoRA adapters
-    (lora = (rank, alpha, targets), rank 0 = none), activation checkpointing, `torch.compile` of each block,
-    and FSDP2's units over `mesh` (None: no sharding; 1-D: FSDP; 2-D (replicate, shard): HSDP), as torchtitan
-    lays them out: each block, the embedding, and the final norm with the LM head (kept gathered after forward:
-    backward needs them first). A tied LM head is the embedding's weight, so both stay in the root unit then.
-    FSDP2 computes in bf16 under bf16 (its policy casts the gathered weights), reducing gradients in fp32."""
+    """What train.py does to the model on the meta device, before any weight has memory: LoRA
+    adapters (lora = (rank, alpha, targets), rank 0 = none), activation checkpointing,
+    `torch.compile` of each block, and FSDP2's units over `mesh` (None: no sharding; 1-D: FSDP; 2-D
+    (replicate, shard): HSDP), as torchtitan lays them out: each block, the embedding, and the final
+    norm with the LM head (kept gathered after forward: backward needs them first). A tied LM head
+    is the embedding's weight, so both stay in the root unit then. FSDP2 computes in bf16 under bf16
+    (its policy casts the gathered weights), reducing gradients in fp32."""
     if lora[0]:
         add_lora(model, *lora)
     model.checkpoint_activations = activation_checkpointing
     for block in model.model.layers if compile else []:
-        block.compile(fullgraph=True)  # lengths vary: the second length makes the graph dynamic, no more
+        # lengths vary: the second length makes the graph dynamic, no more
+        block.compile(fullgraph=True)
     if mesh is not None:
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-            MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if bf16
+            else MixedPrecisionPolicy()
+        )
         shard = partial(fully_shard, mesh=mesh, mp_policy=mp)
         for block in model.model.layers:
             shard(block)
@@ -531,13 +903,15 @@ def prepare_model(model, lora, activation_checkpointing, compile, mesh, bf16):
 
 
 def shard_mesh(shard, degree, world, device):
-    """The device mesh FSDP2 shards over: all ranks (fsdp), (world / degree replicas, degree shards) (hsdp:
-    each node holds one copy, sharded among its ranks; gradients are reduce-scattered within a node and
-    all-reduced across nodes), or None (ddp)."""
+    """The device mesh FSDP2 shards over: all ranks (fsdp), (world / degree replicas, degree shards)
+    (hsdp: each node holds one copy, sharded among its ranks; gradients are reduce-scattered within
+    a node and all-reduced across nodes), or None (ddp)."""
     if shard == "fsdp":
         return init_device_mesh(device.type, (world,))
     if shard == "hsdp":
-        return init_device_mesh(device.type, (world // degree, degree), mesh_dim_names=("replicate", "shard"))
+        return init_device_mesh(
+            device.type, (world // degree, degree), mesh_dim_names=("replicate", "shard")
+        )
     return None
 
 
@@ -553,17 +927,17 @@ def pick_device(local_rank, deterministic):
 
 
 def device_memory(device):
-    """Bytes of memory a GPU has: $SFTMIX_DEVICE_MEMORY_GB if set (to plan for another device, or to test),
-    else CUDA's total memory; None on the CPU (no limit checked)."""
+    """Bytes of memory a GPU has: $SFTMIX_DEVICE_MEMORY_GB if set (to plan for another device, or to
+    test), else CUDA's total memory; None on the CPU (no limit checked)."""
     if os.environ.get("SFTMIX_DEVICE_MEMORY_GB"):
         return float(os.environ["SFTMIX_DEVICE_MEMORY_GB"]) * 1e9
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
 def check_memory(model_args, args, samples, world, device):
-    """Before any weight loads: refuse a run whose estimated peak per GPU (memory.memory_per_gpu, for the
-    longest micro-batch of the data) exceeds the device's memory, naming settings that would fit. LoRA runs
-    are not checked (the estimate counts every weight as trained)."""
+    """Before any weight loads: refuse a run whose estimated peak per GPU (memory.memory_per_gpu,
+    for the longest micro-batch of the data) exceeds the device's memory, naming settings that would
+    fit. LoRA runs are not checked (the estimate counts every weight as trained)."""
     limit = device_memory(device)
     if limit is None or args.lora_rank:
         return
@@ -571,34 +945,57 @@ def check_memory(model_args, args, samples, world, device):
 
     def peak(shard, checkpointing, micro_batch):
         gpus = {"ddp": 1, "fsdp": world, "hsdp": args.shard_degree}[shard]
-        return memory_per_gpu(model_args, gpus, "ddp" if shard == "ddp" else "fsdp", checkpointing,
-                              sum(lengths[-micro_batch:]), mixup=args.mode == "sftmix")["total"]
+        return memory_per_gpu(
+            model_args,
+            gpus,
+            "ddp" if shard == "ddp" else "fsdp",
+            checkpointing,
+            sum(lengths[-micro_batch:]),
+            mixup=args.mode == "sftmix",
+        )["total"]
+
     now = peak(args.shard, args.activation_checkpointing, args.micro_batch)
     if now <= limit:
         return
     shards = [args.shard] + (["fsdp"] if world > 1 and args.shard != "fsdp" else [])
-    micro = [m for m in (args.micro_batch // 2, args.micro_batch // 4, 2 if args.mode == "sftmix" else 1)
-             if 1 <= m < args.micro_batch]
-    fits = [(s, c, m) for s in shards for m in [args.micro_batch, *micro] for c in (args.activation_checkpointing, True)
-            if peak(s, c, m) <= limit]  # preferred: sharding, then checkpointing, then a smaller micro-batch
+    micro = [
+        m
+        for m in (args.micro_batch // 2, args.micro_batch // 4, 2 if args.mode == "sftmix" else 1)
+        if 1 <= m < args.micro_batch
+    ]
+    fits = [
+        (s, c, m)
+        for s in shards
+        for m in [args.micro_batch, *micro]
+        for c in (args.activation_checkpointing, True)
+        # preferred: sharding, then checkpointing, then a smaller micro-batch
+        if peak(s, c, m) <= limit
+    ]
     advice = "nothing does on this many GPUs: more GPUs, or a smaller model"
     if fits:
         s, c, m = fits[0]
-        change = [f"--shard {s}"] * (s != args.shard) + ["--activation-checkpointing"] * (
-            c != args.activation_checkpointing) + [f"--micro-batch {m}"] * (m != args.micro_batch)
+        change = (
+            [f"--shard {s}"] * (s != args.shard)
+            + ["--activation-checkpointing"] * (c != args.activation_checkpointing)
+            + [f"--micro-batch {m}"] * (m != args.micro_batch)
+        )
         advice = f"{' '.join(change)} would fit ({peak(s, c, m) / 1e9:.1f} GB)"
-    raise InputError(f"--shard {args.shard}: an estimated {now / 1e9:.1f} GB a GPU (memory.memory_per_gpu), more "
-                     f"than the device's {limit / 1e9:.1f} GB; {advice}")
+    raise InputError(
+        f"--shard {args.shard}: an estimated {now / 1e9:.1f} GB a GPU (memory.memory_per_gpu), more "
+        f"than the device's {limit / 1e9:.1f} GB; {advice}"
+    )
 
 
 def _local(t):
-    """The part of a tensor this rank holds: its shard under FSDP (a DTensor), else the tensor itself."""
+    """The part of a tensor this rank holds: its shard under FSDP (a DTensor), else the tensor
+    itself.
+    """
     return t.to_local() if isinstance(t, DTensor) else t
 
 
 def weights_finite(model, world):
-    """(1,) 1.0 on every rank when no weight is inf or NaN, else 0.0, left on the device (no host sync): one
-    fused max-abs over all of this rank's tensors, then the minimum over ranks."""
+    """(1,) 1.0 on every rank when no weight is inf or NaN, else 0.0, left on the device (no host
+    sync): one fused max-abs over all of this rank's tensors, then the minimum over ranks."""
     max_abs = torch._foreach_norm([_local(p).detach() for p in model.parameters()], ord=math.inf)
     finite = torch.stack(max_abs).isfinite().all().float()[None]
     if world > 1:
@@ -607,19 +1004,31 @@ def weights_finite(model, world):
 
 
 def run_config(args, model_args, samples, heldout, halves):
-    """The settings a resumed run must share, as they read back from JSON: every flag but RESUMABLE_FLAGS, and
-    INPUT_sha256, a fingerprint of what each input of FINGERPRINTS holds (None when not given). Their paths are
-    kept to name an input in a message, and what_changed does not compare them."""
-    content = {"model": vars(model_args), "split": halves and [[samples[i].id for i in half] for half in halves]}
-    digest = {k: v and hashlib.sha256(json.dumps(v).encode()).hexdigest() for k, v in content.items()}
+    """The settings a resumed run must share, as they read back from JSON: every flag but
+    RESUMABLE_FLAGS, and INPUT_sha256, a fingerprint of what each input of FINGERPRINTS holds (None
+    when not given). Their paths are kept to name an input in a message, and what_changed does not
+    compare them."""
+    content = {
+        "model": vars(model_args),
+        "split": halves and [[samples[i].id for i in half] for half in halves],
+    }
+    digest = {
+        k: v and hashlib.sha256(json.dumps(v).encode()).hexdigest() for k, v in content.items()
+    }
     config = {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}
-    config |= {"model_sha256": digest["model"], "data_sha256": token_fingerprint(samples),
-               "heldout_sha256": heldout and token_fingerprint(heldout), "split_sha256": digest["split"]}
+    config |= {
+        "model_sha256": digest["model"],
+        "data_sha256": token_fingerprint(samples),
+        "heldout_sha256": heldout and token_fingerprint(heldout),
+        "split_sha256": digest["split"],
+    }
     return json.loads(json.dumps(config))
 
 
 def what_changed(saved, config):
-    """Each setting of config (run_config) that differs from the saved run's, in words; a path alone never does."""
+    """Each setting of config (run_config) that differs from the saved run's, in words; a path alone
+    never does.
+    """
     changed = []
     for k, v in config.items():
         flag = k.removesuffix("_sha256")
@@ -628,17 +1037,21 @@ def what_changed(saved, config):
         if flag in FINGERPRINTS and v and saved.get(k):
             changed.append(f"{config[flag]}: {FINGERPRINTS[flag]}")
         else:  # a flag, or an input given now and not then (or the reverse)
-            changed.append(f"--{flag.replace('_', '-')}: saved {saved.get(flag)!r}, now {config[flag]!r}")
+            changed.append(
+                f"--{flag.replace('_', '-')}: saved {saved.get(flag)!r}, now {config[flag]!r}"
+            )
     return changed
 
 
 def check_settings(out, config):
-    """Before the model loads: the state in OUT/state/ was written with the settings of config (run_config), or
-    one line names each that differs (what_changed)."""
+    """Before the model loads: the state in OUT/state/ was written with the settings of config
+    (run_config), or one line names each that differs (what_changed)."""
     saved = checkpoint.read_latest(out)["config"]
     changed = what_changed(saved, config)
     if changed:
-        raise InputError(f"{out / 'state'}: was written by a run with other settings: {'; '.join(changed)}")
+        raise InputError(
+            f"{out / 'state'}: was written by a run with other settings: {'; '.join(changed)}"
+        )
 
 
 def writable_dir(out):
@@ -649,32 +1062,46 @@ def writable_dir(out):
             probe.write_text("")
         (out / ".write-test").unlink()
     except OSError as e:
-        raise InputError(f"--out {out}: cannot write there ({e.strerror}); expected a directory that can be created "
-                         f"and written") from None
+        raise InputError(
+            f"--out {out}: cannot write there ({e.strerror}); expected a directory that can be created "
+            f"and written"
+        ) from None
 
 
 def last_state(out, saved):
-    """What a run stopped by divergence leaves: the last state saved on schedule (the weights in memory, though
-    finite, are those that diverged, so nothing is written), and how to go on."""
+    """What a run stopped by divergence leaves: the last state saved on schedule (the weights in
+    memory, though finite, are those that diverged, so nothing is written), and how to go on."""
     if saved == 0:
         return "No state was saved yet: start again with a lower --lr"
     return f"The state after step {saved} is in {out / 'state'}: continue with --resume and a lower --lr"
 
 
 def write_dynamics(path, samples, points, dynamics):
-    """dynamics.jsonl: {"id", "perplexities": [Perp at each point], "confidence", "variability"} per example."""
+    """dynamics.jsonl: {"id", "perplexities": [Perp at each point], "confidence", "variability"} per
+    example.
+    """
     perps = [[dynamics[s][sample.id] for s in points] for sample in samples]
     conf, var = sftmix.confidence(perps), sftmix.variability(perps)
-    data.write_json(path, [
-        {"id": s.id, "perplexities": p, "confidence": float(c), "variability": float(v)}
-        for s, p, c, v in zip(samples, perps, conf, var)], lines=True)
+    data.write_json(
+        path,
+        [
+            {"id": s.id, "perplexities": p, "confidence": float(c), "variability": float(v)}
+            for s, p, c, v in zip(samples, perps, conf, var)
+        ],
+        lines=True,
+    )
 
 
 def keep_lines_until(path, step):
-    """Drop JSON lines after `step` (and a half-written last line), left by a run that died after its last state."""
+    """Drop JSON lines after `step` (and a half-written last line), left by a run that died after
+    its last state.
+    """
     if path.exists():
-        lines = [line for line in path.read_text().splitlines(keepends=True)
-                 if line.endswith("\n") and json.loads(line)["step"] <= step]
+        lines = [
+            line
+            for line in path.read_text().splitlines(keepends=True)
+            if line.endswith("\n") and json.loads(line)["step"] <= step
+        ]
         with data.atomic_path(path) as tmp:
             tmp.write_text("".join(lines))
 
@@ -686,9 +1113,10 @@ def append_line(path, record):
 
 
 def read_data(path, tok, prompt_format, max_len, fmt, out, local_rank):
-    """(samples, stats) of a data file, the samples' tokens in flat int32 arrays (data.token_arrays). Under
-    torchrun each node's local rank 0 tokenizes it into OUT/cache/ and the node's other ranks memory-map that
-    (data.cached_dataset); alone, the process tokenizes it and writes nothing."""
+    """(samples, stats) of a data file, the samples' tokens in flat int32 arrays
+    (data.token_arrays). Under torchrun each node's local rank 0 tokenizes it into OUT/cache/ and
+    the node's other ranks memory-map that (data.cached_dataset); alone, the process tokenizes it
+    and writes nothing."""
     if not dist.is_initialized():
         samples, stats = data.load_dataset(path, tok, prompt_format, max_len, fmt, verbose=False)
         return data.array_samples([s.id for s in samples], data.token_arrays(samples)), stats
@@ -698,25 +1126,38 @@ def read_data(path, tok, prompt_format, max_len, fmt, out, local_rank):
         flag = torch.tensor([float(failed)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host)
         return bool(flag)
-    return data.cached_dataset(path, tok, prompt_format, max_len, fmt, out / "cache", local_rank == 0, barrier)
+
+    return data.cached_dataset(
+        path, tok, prompt_format, max_len, fmt, out / "cache", local_rank == 0, barrier
+    )
 
 
 def token_fingerprint(samples):
-    """sha256 of what samples hold: each id, its token ids and labels (as int32), however they are stored."""
+    """sha256 of what samples hold: each id, its token ids and labels (as int32), however they are
+    stored.
+    """
     h = hashlib.sha256()
     for s in samples:
-        h.update(s.id.encode() + b"\0" + np.asarray(s.input_ids, np.int32).tobytes()
-                 + np.asarray(s.labels, np.int32).tobytes())
+        h.update(
+            s.id.encode()
+            + b"\0"
+            + np.asarray(s.input_ids, np.int32).tobytes()
+            + np.asarray(s.labels, np.int32).tobytes()
+        )
     return h.hexdigest()
 
 
 def check_batches(args, samples, halves, steps_per_epoch):
     """One line when the data (or the split's pairs) fill no global batch."""
     if steps_per_epoch == 0 and halves:
-        raise InputError(f"{args.split}: {len(halves[0])} confident and {len(halves[1])} unconfident examples make "
-                         f"{min(map(len, halves))} pairs, fewer than the {args.global_batch // 2} of one global batch")
+        raise InputError(
+            f"{args.split}: {len(halves[0])} confident and {len(halves[1])} unconfident examples make "
+            f"{min(map(len, halves))} pairs, fewer than the {args.global_batch // 2} of one global batch"
+        )
     if steps_per_epoch == 0:
-        raise InputError(f"{args.data}: {len(samples)} samples fill no global batch of {args.global_batch}")
+        raise InputError(
+            f"{args.data}: {len(samples)} samples fill no global batch of {args.global_batch}"
+        )
 
 
 if __name__ == "__main__":

@@ -11,21 +11,22 @@ hidden_states[-1]. Nothing of this project is imported but kit_example.py, its c
 function by the corresponding piece of your own code and check again (on TRL:
 scripts/conformance_trl.py). It runs whole global batches, so it leaves stage 7 (micro-batches) out.
 """
+
 import json
 import math
 import statistics
 from pathlib import Path
 
+import kit_example  # the command line: KIT --out FILE
 import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
-
-import kit_example  # the command line: KIT --out FILE
 
 IGNORE = -100  # PyTorch's ignore_index: the label of a position that is not trained
 
 
 # ------------------------------------------------------------------------ stage 1: tokens
+
 
 def trained_spans(tok, messages):
     """(rendered text, character spans [start, end) of every assistant turn's content and its
@@ -39,8 +40,9 @@ def trained_spans(tok, messages):
     spans = []
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            prompt = tok.apply_chat_template(messages[:i], tokenize=False,
-                                             add_generation_prompt=True)
+            prompt = tok.apply_chat_template(
+                messages[:i], tokenize=False, add_generation_prompt=True
+            )
             assert text.startswith(prompt), "the chat template renders a prefix differently"
             end = text.index(tok.eos_token, len(prompt) + len(m["content"])) + len(tok.eos_token)
             spans.append((len(prompt), end))
@@ -56,24 +58,29 @@ def tokens(tok, messages, max_len):
     """
     text, spans = trained_spans(tok, messages)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    x = enc["input_ids"][:max_len + 1]
-    y = [t if any(a < end and b > start for start, end in spans) else IGNORE
-         for t, (a, b) in zip(x, enc["offset_mapping"])]
+    x = enc["input_ids"][: max_len + 1]
+    y = [
+        t if any(a < end and b > start for start, end in spans) else IGNORE
+        for t, (a, b) in zip(x, enc["offset_mapping"])
+    ]
     return x[:-1], y[1:]
 
 
 # ------------------------------------------------------------------------ stage 2: response NLL
+
 
 @torch.no_grad()
 def response_nll(model, input_ids, labels):
     """(sum of -log p over the trained positions, their number) of one example, alone."""
     logits = model(torch.tensor([input_ids])).logits[0]  # (T, V)
     y = torch.tensor(labels)  # (T,)
-    return F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum").item(), \
-        int((y != IGNORE).sum())
+    return F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum").item(), int(
+        (y != IGNORE).sum()
+    )
 
 
 # ------------------------------------------------------------------------ stages 3 to 6: training
+
 
 def ntp_loss(logits, labels):
     """L_NTP over the global batch: logits (G, T, V), labels (G, T); every trained token weighs
@@ -99,8 +106,9 @@ def mixup_loss(hidden, labels, lam, lm_head, reduction="mean"):
         z = lam[p] * logits[:n] + (1 - lam[p]) * logits[n:]  # lm_head(lam z^c + (1 - lam) z^u)
         logp = torch.log_softmax(z, dim=-1)  # (n, V)
         y_c, y_u = labels[p, pos_c], labels[P + p, pos_u]
-        losses.append(-(lam[p] * logp[torch.arange(n), y_c]
-                        + (1 - lam[p]) * logp[torch.arange(n), y_u]))
+        losses.append(
+            -(lam[p] * logp[torch.arange(n), y_c] + (1 - lam[p]) * logp[torch.arange(n), y_u])
+        )
     losses = torch.cat(losses)  # (M,)
     return losses.sum() if reduction == "sum" else losses.mean()
 
@@ -116,9 +124,13 @@ def collate(rows, pad_id):
 
 def adamw(model, settings):
     """AdamW as the kit states it: weight decay on the tensors of 2 or more dimensions only."""
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2],
-               "weight_decay": settings["weight_decay"]},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {
+            "params": [p for p in model.parameters() if p.dim() >= 2],
+            "weight_decay": settings["weight_decay"],
+        },
+        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, betas=tuple(settings["betas"]), eps=settings["eps"])
 
 
@@ -131,8 +143,9 @@ def lr_at(step, total, lr, warmup_ratio):
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train(model, batches, settings, warmup_ratio, pad_id, lambdas=None, grad_entries=(),
-          after_step=None):
+def train(
+    model, batches, settings, warmup_ratio, pad_id, lambdas=None, grad_entries=(), after_step=None
+):
     """Optimizer steps on the global batches [[(input_ids, labels)]]: NTP, or SFTMix with lambdas
     (per step, the P lambdas; a batch holds its P confident examples, then their P partners). Each
     step: the loss, the gradient's norm and entries before clipping, clip, AdamW at lr_at.
@@ -144,8 +157,10 @@ def train(model, batches, settings, warmup_ratio, pad_id, lambdas=None, grad_ent
         input_ids, labels, attention_mask = collate(rows, pad_id)
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         ntp = ntp_loss(out.logits, labels)
-        record = {"lr": lr_at(step, len(batches), settings["lr"], warmup_ratio),
-                  "ntp_loss": ntp.item()}
+        record = {
+            "lr": lr_at(step, len(batches), settings["lr"], warmup_ratio),
+            "ntp_loss": ntp.item(),
+        }
         loss = ntp
         if lambdas is not None:  # hidden_states[-1]: after the final norm
             lam = torch.tensor(lambdas[step])
@@ -153,10 +168,12 @@ def train(model, batches, settings, warmup_ratio, pad_id, lambdas=None, grad_ent
             loss = ntp + settings["mu"] * mix
             record.update(mixup_loss=mix.item(), loss=loss.item())
         loss.backward()
-        record["grad_entries"] = [params[name].grad[tuple(index)].item()
-                                  for name, index in grad_entries]
-        record["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                             settings["grad_clip"]).item()
+        record["grad_entries"] = [
+            params[name].grad[tuple(index)].item() for name, index in grad_entries
+        ]
+        record["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), settings["grad_clip"]
+        ).item()
         for group in optimizer.param_groups:
             group["lr"] = record["lr"]
         optimizer.step()
@@ -182,10 +199,15 @@ def reference_run(kit, examples, run, settings, pad_id):
     train(model, batches, settings, run["warmup_ratio"], pad_id, after_step=record_perplexities)
     confidence = {i: -statistics.fmean(p) for i, p in perplexities.items()}
     ranked = sorted(examples, key=lambda i: (-confidence[i], i))
-    return {"perplexities": perplexities, "confidence": confidence,
-            "variability": {i: statistics.pstdev(p) for i, p in perplexities.items()},
-            "split": {"confident": ranked[:len(ranked) // 2],
-                      "unconfident": ranked[len(ranked) // 2:]}}
+    return {
+        "perplexities": perplexities,
+        "confidence": confidence,
+        "variability": {i: statistics.pstdev(p) for i, p in perplexities.items()},
+        "split": {
+            "confident": ranked[: len(ranked) // 2],
+            "unconfident": ranked[len(ranked) // 2 :],
+        },
+    }
 
 
 def compute(kit):
@@ -199,17 +221,27 @@ def compute(kit):
     examples = {c["id"]: tokens(tok, c["messages"], settings["max_len"]) for c in conversations}
     nll = {i: response_nll(model, *x) for i, x in examples.items()}
     run = inputs["sftmix_run"]
-    batches = [[examples[c] for c, _ in pairs] + [examples[u] for _, u in pairs]
-               for pairs in run["pairs"]]
-    steps = train(model, batches, settings, run["warmup_ratio"], tok.pad_token_id, run["lambda"],
-                  run["grad_entries"])
-    return {"input_ids": {i: x for i, (x, _) in examples.items()},
-            "labels": {i: y for i, (_, y) in examples.items()},
-            "response_nll": {i: v for i, (v, _) in nll.items()},
-            "n_tokens": {i: n for i, (_, n) in nll.items()},
-            **reference_run(kit, examples, inputs["reference_run"], settings, tok.pad_token_id),
-            "sftmix_steps": steps,
-            "weight_norms": {name: p.norm().item() for name, p in model.named_parameters()}}
+    batches = [
+        [examples[c] for c, _ in pairs] + [examples[u] for _, u in pairs] for pairs in run["pairs"]
+    ]
+    steps = train(
+        model,
+        batches,
+        settings,
+        run["warmup_ratio"],
+        tok.pad_token_id,
+        run["lambda"],
+        run["grad_entries"],
+    )
+    return {
+        "input_ids": {i: x for i, (x, _) in examples.items()},
+        "labels": {i: y for i, (_, y) in examples.items()},
+        "response_nll": {i: v for i, (v, _) in nll.items()},
+        "n_tokens": {i: n for i, (_, n) in nll.items()},
+        **reference_run(kit, examples, inputs["reference_run"], settings, tok.pad_token_id),
+        "sftmix_steps": steps,
+        "weight_norms": {name: p.norm().item() for name, p in model.named_parameters()},
+    }
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ Nothing of this project is imported but the other worked example's mixup_loss
 (conformance_transformers.py: transformers and torch only) and kit_example.py, the command line
 both share (standard library only).
 """
+
 import json
 import math
 import os
@@ -28,15 +29,14 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import kit_example  # the command line: KIT --out FILE
 import torch
 import torch.nn.functional as F
+from conformance_transformers import mixup_loss  # L_Mixup over (G, T) rows, pre-shifted labels
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
-
-import kit_example  # the command line: KIT --out FILE
-from conformance_transformers import mixup_loss  # L_Mixup over (G, T) rows, pre-shifted labels
 
 # SmolLM2's chat template with {% generation %} around what is trained: each assistant turn's
 # content and its <|im_end|>, not the newline after it (TRL patches a few families' templates
@@ -48,7 +48,8 @@ TRAINING_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}"
     "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
     "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 class SFTMixTrainer(SFTTrainer):
@@ -62,19 +63,26 @@ class SFTMixTrainer(SFTTrainer):
     """
 
     def __init__(self, model, args, *, batches, lambdas=None, mu=0.2, **kwargs):
-        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
-            args.world_size
+        per_step = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        )
         if args.packing or args.padding_free:
-            raise ValueError("SFTMixTrainer: packing and padding_free take a pair's examples out "
-                             "of their rows; set both to False")
+            raise ValueError(
+                "SFTMixTrainer: packing and padding_free take a pair's examples out "
+                "of their rows; set both to False"
+            )
         if args.lr_scheduler_type.value != "cosine":
-            raise ValueError(f"SFTMixTrainer: lr_scheduler_type {args.lr_scheduler_type.value}: "
-                             f"expected cosine (create_scheduler's warm-up from lr / W, then "
-                             f"cosine)")
+            raise ValueError(
+                f"SFTMixTrainer: lr_scheduler_type {args.lr_scheduler_type.value}: "
+                f"expected cosine (create_scheduler's warm-up from lr / W, then "
+                f"cosine)"
+            )
         if per_step != len(batches[0]) or (lambdas and args.per_device_train_batch_size % 2):
-            raise ValueError(f"SFTMixTrainer: per_device_train_batch_size x gradient_accumulation_"
-                             f"steps x world_size = {per_step}: expected the {len(batches[0])} "
-                             f"rows of a global batch, in micro-batches of whole pairs")
+            raise ValueError(
+                f"SFTMixTrainer: per_device_train_batch_size x gradient_accumulation_"
+                f"steps x world_size = {per_step}: expected the {len(batches[0])} "
+                f"rows of a global batch, in micro-batches of whole pairs"
+            )
         super().__init__(model, args, **kwargs)
         self.batches, self.lambdas, self.mu = batches, lambdas, mu
         self._micro, self._terms, self._logged = 0, 0, 0  # micro-batches; (L_NTP, L_Mixup) sums
@@ -86,12 +94,17 @@ class SFTMixTrainer(SFTTrainer):
         h, order = self.args.per_device_train_batch_size // 2, []
         for batch in self.batches:
             P = len(batch) // 2
-            order += [i for q in range(0, P, h) for i in batch[q:q + h] + batch[P + q:P + q + h]] \
-                if self.lambdas else batch
+            order += (
+                [i for q in range(0, P, h) for i in batch[q : q + h] + batch[P + q : P + q + h]]
+                if self.lambdas
+                else batch
+            )
         at = {i: k for k, i in enumerate(self.train_dataset["id"])}  # TRL drops, may shuffle
         if missing := sorted(set(order) - set(at)):
-            raise ValueError(f"SFTMixTrainer: examples {missing[:3]} are not in the training set "
-                             f"(TRL drops those that truncation leaves untrained)")
+            raise ValueError(
+                f"SFTMixTrainer: examples {missing[:3]} are not in the training set "
+                f"(TRL drops those that truncation leaves untrained)"
+            )
         return [at[i] for i in order]
 
     def create_scheduler(self, num_training_steps, optimizer=None):
@@ -103,6 +116,7 @@ class SFTMixTrainer(SFTTrainer):
             if k < W:
                 return (k + 1) / W
             return 0.5 * (1 + math.cos(math.pi * (k - W) / max(1, num_training_steps - W)))
+
         self.lr_scheduler = LambdaLR(optimizer or self.optimizer, factor)
         return self.lr_scheduler
 
@@ -133,10 +147,19 @@ class SFTMixTrainer(SFTTrainer):
         world = a.world_size if a.average_tokens_across_devices else 1
         h, step = len(inputs["labels"]) // 2, self.lambdas[self.state.global_step]
         q = (self._micro % a.gradient_accumulation_steps) * a.world_size + a.process_index
-        lam = torch.tensor(step[q * h:(q + 1) * h], device=ntp.device)  # (h,) this micro-batch's
+        lam = torch.tensor(step[q * h : (q + 1) * h], device=ntp.device)  # (h,) this micro-batch's
         # TRL's labels are unshifted (-100 where not trained): the state at t predicts token t + 1
-        mix = mixup_loss(hidden[0][:, :-1], inputs["labels"][:, 1:], lam,
-                         self.model.get_output_embeddings(), "sum") / self.n_mixed * world
+        mix = (
+            mixup_loss(
+                hidden[0][:, :-1],
+                inputs["labels"][:, 1:],
+                lam,
+                self.model.get_output_embeddings(),
+                "sum",
+            )
+            / self.n_mixed
+            * world
+        )
         self._micro += 1
         # summed over micro-batches and ranks: the global batch's terms (no host sync)
         self._terms = self._terms + torch.stack([ntp, mix]).detach() / a.world_size
@@ -155,6 +178,7 @@ class SFTMixTrainer(SFTTrainer):
 
 # ----------------------------------------------------------------------------- the kit's runs
 
+
 class KitTrainer(SFTMixTrainer):
     """SFTMixTrainer that reads the kit's gradient entries of every step just before TRL clips the
     gradient (after the last micro-batch's backward and DDP's all-reduce)."""
@@ -164,8 +188,12 @@ class KitTrainer(SFTMixTrainer):
         self.grad_entries, self.grads = grad_entries, []
 
     def _clip_grad_norm(self, model):
-        self.grads.append([self.model.get_parameter(name).grad[tuple(index)].item()
-                           for name, index in self.grad_entries])
+        self.grads.append(
+            [
+                self.model.get_parameter(name).grad[tuple(index)].item()
+                for name, index in self.grad_entries
+            ]
+        )
         return super()._clip_grad_norm(model)
 
 
@@ -186,33 +214,56 @@ def response_nll(model, input_ids, labels):
     """(summed NLL of the trained tokens, their number) of one example, labels as TRL makes them."""
     logits = model(input_ids=torch.tensor([input_ids], device=model.device)).logits[0, :-1]
     y = torch.tensor(labels[1:], device=model.device)  # (T - 1,)
-    return F.cross_entropy(logits, y, ignore_index=-100, reduction="sum").item(), \
-        int((y != -100).sum())
+    return F.cross_entropy(logits, y, ignore_index=-100, reduction="sum").item(), int(
+        (y != -100).sum()
+    )
 
 
-def kit_trainer(kit, settings, batches, warmup_ratio, micro_batch, trainer_class=KitTrainer,
-                **kwargs):
+def kit_trainer(
+    kit, settings, batches, warmup_ratio, micro_batch, trainer_class=KitTrainer, **kwargs
+):
     """A KitTrainer for one of the kit's runs on batches (example ids), its data.jsonl tokenized,
     each global batch in micro-batches of micro_batch rows over this run's ranks (torchrun's)."""
     conversations = [json.loads(line) for line in (kit / "data.jsonl").read_text().splitlines()]
     tok = AutoTokenizer.from_pretrained(kit / "model")
     for c in conversations:  # the training template renders as the kit's own
         assert tok.apply_chat_template(c["messages"], tokenize=False) == tok.apply_chat_template(
-            c["messages"], tokenize=False, chat_template=TRAINING_TEMPLATE), "not SmolLM2's"
+            c["messages"], tokenize=False, chat_template=TRAINING_TEMPLATE
+        ), "not SmolLM2's"
     tok.chat_template = TRAINING_TEMPLATE
     world = int(os.environ.get("WORLD_SIZE", 1))
     config = SFTConfig(
-        output_dir=tempfile.mkdtemp(), assistant_only_loss=True, max_length=settings["max_len"] + 1,
+        output_dir=tempfile.mkdtemp(),
+        assistant_only_loss=True,
+        max_length=settings["max_len"] + 1,
         per_device_train_batch_size=micro_batch,
-        gradient_accumulation_steps=len(batches[0]) // (micro_batch * world), num_train_epochs=1,
-        learning_rate=settings["lr"], lr_scheduler_type="cosine", warmup_steps=warmup_ratio,
-        weight_decay=settings["weight_decay"], adam_beta1=settings["betas"][0],
-        adam_beta2=settings["betas"][1], adam_epsilon=settings["eps"],
-        max_grad_norm=settings["grad_clip"], activation_checkpointing=False, bf16=False,
-        use_cpu=True, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True)
+        gradient_accumulation_steps=len(batches[0]) // (micro_batch * world),
+        num_train_epochs=1,
+        learning_rate=settings["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=warmup_ratio,
+        weight_decay=settings["weight_decay"],
+        adam_beta1=settings["betas"][0],
+        adam_beta2=settings["betas"][1],
+        adam_epsilon=settings["eps"],
+        max_grad_norm=settings["grad_clip"],
+        activation_checkpointing=False,
+        bf16=False,
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
     model = AutoModelForCausalLM.from_pretrained(kit / "model", dtype=torch.float32)
-    return trainer_class(model, config, train_dataset=Dataset.from_list(conversations),
-                         processing_class=tok, batches=batches, **kwargs)
+    return trainer_class(
+        model,
+        config,
+        train_dataset=Dataset.from_list(conversations),
+        processing_class=tok,
+        batches=batches,
+        **kwargs,
+    )
 
 
 def sftmix_run(kit, micro_batch, trainer_class=KitTrainer):
@@ -222,14 +273,30 @@ def sftmix_run(kit, micro_batch, trainer_class=KitTrainer):
     expected = json.loads((kit / "expected.json").read_text("utf-8"))
     sft = expected["inputs"]["sftmix_run"]
     batches = [[c for c, _ in pairs] + [u for _, u in pairs] for pairs in sft["pairs"]]
-    trainer = kit_trainer(kit, expected["settings"], batches, sft["warmup_ratio"], micro_batch,
-                          trainer_class, lambdas=sft["lambda"], mu=expected["settings"]["mu"],
-                          grad_entries=sft["grad_entries"])
+    trainer = kit_trainer(
+        kit,
+        expected["settings"],
+        batches,
+        sft["warmup_ratio"],
+        micro_batch,
+        trainer_class,
+        lambdas=sft["lambda"],
+        mu=expected["settings"]["mu"],
+        grad_entries=sft["grad_entries"],
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "grad_norm" in h]  # one per step
-    return [{"lr": h["learning_rate"], "ntp_loss": h["ntp_loss"], "mixup_loss": h["mixup_loss"],
-             "loss": h["loss"], "grad_norm": h["grad_norm"], "grad_entries": g}
-            for h, g in zip(logs, trainer.grads)], trainer
+    return [
+        {
+            "lr": h["learning_rate"],
+            "ntp_loss": h["ntp_loss"],
+            "mixup_loss": h["mixup_loss"],
+            "loss": h["loss"],
+            "grad_norm": h["grad_norm"],
+            "grad_entries": g,
+        }
+        for h, g in zip(logs, trainer.grads)
+    ], trainer
 
 
 def compute(kit, micro_batch=2):
@@ -239,8 +306,10 @@ def compute(kit, micro_batch=2):
     ref = expected["inputs"]["reference_run"]
     whole = len(ref["batches"][0]) // int(os.environ.get("WORLD_SIZE", 1))  # a batch a rank
     trainer = kit_trainer(kit, expected["settings"], ref["batches"], ref["warmup_ratio"], whole)
-    examples = {row["id"]: (row["input_ids"], row["labels"])  # as TRL tokenized them
-                for row in trainer.train_dataset}
+    examples = {
+        row["id"]: (row["input_ids"], row["labels"])  # as TRL tokenized them
+        for row in trainer.train_dataset
+    }
     base = AutoModelForCausalLM.from_pretrained(kit / "model", dtype=torch.float32)
     nll = {i: response_nll(base, *x) for i, x in examples.items()}
     perplexities = Perplexities(examples)
@@ -249,17 +318,22 @@ def compute(kit, micro_batch=2):
     confidence = {i: -statistics.fmean(p) for i, p in perplexities.values.items()}
     ranked = sorted(examples, key=lambda i: (-confidence[i], i))
     steps, trainer = sftmix_run(kit, whole)
-    return {"input_ids": {i: x[:-1] for i, (x, _) in examples.items()},
-            "labels": {i: y[1:] for i, (_, y) in examples.items()},
-            "response_nll": {i: v for i, (v, _) in nll.items()},
-            "n_tokens": {i: n for i, (_, n) in nll.items()},
-            "perplexities": perplexities.values, "confidence": confidence,
-            "variability": {i: statistics.pstdev(p) for i, p in perplexities.values.items()},
-            "split": {"confident": ranked[:len(ranked) // 2],
-                      "unconfident": ranked[len(ranked) // 2:]},
-            "sftmix_steps": steps,
-            "weight_norms": {name: p.norm().item() for name, p in trainer.model.named_parameters()},
-            "sftmix_steps_micro": sftmix_run(kit, micro_batch)[0]}
+    return {
+        "input_ids": {i: x[:-1] for i, (x, _) in examples.items()},
+        "labels": {i: y[1:] for i, (_, y) in examples.items()},
+        "response_nll": {i: v for i, (v, _) in nll.items()},
+        "n_tokens": {i: n for i, (_, n) in nll.items()},
+        "perplexities": perplexities.values,
+        "confidence": confidence,
+        "variability": {i: statistics.pstdev(p) for i, p in perplexities.values.items()},
+        "split": {
+            "confident": ranked[: len(ranked) // 2],
+            "unconfident": ranked[len(ranked) // 2 :],
+        },
+        "sftmix_steps": steps,
+        "weight_norms": {name: p.norm().item() for name, p in trainer.model.named_parameters()},
+        "sftmix_steps_micro": sftmix_run(kit, micro_batch)[0],
+    }
 
 
 if __name__ == "__main__":

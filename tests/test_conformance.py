@@ -1,6 +1,7 @@
 """The conformance kit: deterministic, reachable from transformers alone and from TRL, agreeing
 with train.py, its schedule stage able to tell schedules apart, and naming the stage of each usual
 mistake."""
+
 import json
 import math
 import os
@@ -54,8 +55,11 @@ def run_check(kit, submission, tmp_path):
     """(exit status, output lines) of `conformance.py check` on a submission."""
     path = tmp_path / "theirs.json"
     path.write_text(json.dumps(submission))
-    r = subprocess.run([sys.executable, str(KIT_TOOL), "check", str(kit), str(path)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(KIT_TOOL), "check", str(kit), str(path)],
+        capture_output=True,
+        text=True,
+    )
     return r.returncode, (r.stdout + r.stderr).strip().splitlines()
 
 
@@ -75,9 +79,14 @@ def test_two_makes_write_byte_identical_kits(kit, smollm2_dir, tmp_path):
         kit_tool.make(tmp_path / name, smollm2=tmp_path / "absent")
     for a, b in ((kit, tmp_path / "b"), (tmp_path / "c", tmp_path / "d")):
         files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-        assert [str(f) for f in files] == ["data.jsonl", "expected.json", "model/config.json",
-                                           "model/model.safetensors", "model/tokenizer.json",
-                                           "model/tokenizer_config.json"]
+        assert [str(f) for f in files] == [
+            "data.jsonl",
+            "expected.json",
+            "model/config.json",
+            "model/model.safetensors",
+            "model/tokenizer.json",
+            "model/tokenizer_config.json",
+        ]
         for f in files:
             assert (a / f).read_bytes() == (b / f).read_bytes(), f
     about = json.loads((tmp_path / "c" / "expected.json").read_text())["kit"]["tokenizer"]
@@ -103,10 +112,14 @@ def test_kit_holds_the_cases_it_promises(kit, expected):
 def test_a_token_that_straddles_the_prompt_and_the_reply_is_trained(kit, expected):
     tok = AutoTokenizer.from_pretrained(kit / "model")
     messages = conversation(kit, "leading-space-and-newline")
-    reply_start = len(tok.apply_chat_template(messages[:1], tokenize=False,
-                                              add_generation_prompt=True))
-    enc = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False,
-              return_offsets_mapping=True)
+    reply_start = len(
+        tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    )
+    enc = tok(
+        tok.apply_chat_template(messages, tokenize=False),
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+    )
     straddling = [j for j, (a, b) in enumerate(enc["offset_mapping"]) if a < reply_start < b]
     assert len(straddling) == 1  # SmolLM2's "\n ": the header's newline, the reply's first space
     j = straddling[0]
@@ -130,8 +143,12 @@ def test_the_schedule_stage_tells_the_usual_schedules_apart_and_clips_every_step
     run, s = expected["inputs"]["sftmix_run"], expected["settings"]
     steps = expected["expected"]["sftmix_steps"]
     assert len(steps) == run["steps"] == len(run["pairs"]) == len(run["lambda"]) >= 3
-    lrs = {kind: [schedule(kind, k, len(steps), s["lr"], run["warmup_ratio"])
-                  for k in range(len(steps))] for kind in ("cosine", "warm-up from 0", "linear")}
+    lrs = {
+        kind: [
+            schedule(kind, k, len(steps), s["lr"], run["warmup_ratio"]) for k in range(len(steps))
+        ]
+        for kind in ("cosine", "warm-up from 0", "linear")
+    }
     assert [step["lr"] for step in steps] == pytest.approx(lrs["cosine"], rel=1e-12)
     for mistake in ("warm-up from 0", "linear"):
         assert max(abs(a - b) / a for a, b in zip(lrs["cosine"], lrs[mistake])) > 0.2, mistake
@@ -162,10 +179,23 @@ def test_trl_example_on_two_gloo_ranks_agrees_at_every_stage(kit, tmp_path):
     """torchrun, 2 CPU processes: stages 3 to 6 with a global batch's half on each rank, stage 7
     with one pair a micro-batch, 2 accumulation steps on each rank."""
     out = tmp_path / "theirs.json"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        str(ROOT / "scripts" / "conformance_trl.py"), str(kit), "--out", str(out)],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       timeout=1200)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "scripts" / "conformance_trl.py"),
+            str(kit),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     status, lines = run_check(kit, json.loads(out.read_text()), tmp_path)
     assert status == 0, lines
@@ -188,26 +218,40 @@ def test_trl_example_weighs_mixup_as_train_py_under_accumulation(kit, expected, 
     steps, _ = ctrl.sftmix_run(kit, 2, MixupPerMicroBatch)
     ours = expected["expected"]["sftmix_steps_micro"]
     for s, o in zip(steps, ours):  # its loss is L_NTP + mu x (the sum of 4 micro-batch means)
-        assert s["loss"] == pytest.approx(s["ntp_loss"] + expected["settings"]["mu"]
-                                          * s["mixup_loss"], rel=1e-5)
+        assert s["loss"] == pytest.approx(
+            s["ntp_loss"] + expected["settings"]["mu"] * s["mixup_loss"], rel=1e-5
+        )
     assert steps[0]["mixup_loss"] > 3 * ours[0]["mixup_loss"]
     status, lines = run_check(kit, {"sftmix_steps_micro": steps}, tmp_path)
-    assert status == 1 and "the values of: L_Mixup averaged per micro-batch and summed over 4 " \
-        "accumulation steps" in stage_lines(lines)[7], lines
+    assert (
+        status == 1
+        and "the values of: L_Mixup averaged per micro-batch and summed over 4 accumulation steps"
+        in stage_lines(lines)[7]
+    ), lines
 
 
-@pytest.mark.parametrize("setting,message", [
-    ({"packing": True}, "packing and padding_free take a pair's examples out of their rows"),
-    ({"padding_free": True}, "packing and padding_free take a pair's examples out of their rows"),
-    ({"lr_scheduler_type": "linear"}, "lr_scheduler_type linear: expected cosine"),
-    ({"gradient_accumulation_steps": 3}, "per_device_train_batch_size x gradient_accumulation_"
-                                         "steps x world_size = 6: expected the 8 rows"),
-])
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"packing": True}, "packing and padding_free take a pair's examples out of their rows"),
+        (
+            {"padding_free": True},
+            "packing and padding_free take a pair's examples out of their rows",
+        ),
+        ({"lr_scheduler_type": "linear"}, "lr_scheduler_type linear: expected cosine"),
+        (
+            {"gradient_accumulation_steps": 3},
+            "per_device_train_batch_size x gradient_accumulation_"
+            "steps x world_size = 6: expected the 8 rows",
+        ),
+    ],
+)
 def test_trl_example_refuses_what_breaks_the_pairs_in_one_line(setting, message, kit, monkeypatch):
     config = ctrl.SFTConfig
 
     def with_setting(**kwargs):
         return config(**{**kwargs, **setting})
+
     monkeypatch.setattr(ctrl, "SFTConfig", with_setting)
     with pytest.raises(ValueError) as e:
         ctrl.sftmix_run(kit, 2)
@@ -223,26 +267,40 @@ def test_trl_example_lays_pairs_out_by_id_in_the_data_set_trl_keeps(kit, expecte
     ids = [c["id"] for c in conversations]
     pairs = expected["inputs"]["sftmix_run"]["pairs"][:2]
     batches = [[c for c, _ in step] + [u for _, u in step] for step in pairs]
-    long_prompt = {"id": "long-prompt", "messages": [{"role": "user", "content": "word " * 200},
-                                                     {"role": "assistant", "content": "Yes."}]}
+    long_prompt = {
+        "id": "long-prompt",
+        "messages": [
+            {"role": "user", "content": "word " * 200},
+            {"role": "assistant", "content": "Yes."},
+        ],
+    }
     (kit / "data.jsonl").rename(kit / "data.jsonl.kit")
     try:
-        (kit / "data.jsonl").write_text("".join(json.dumps(c) + "\n"
-                                                for c in [long_prompt, *conversations]))
-        trainer = ctrl.kit_trainer(kit, expected["settings"], batches, 0.25, 2,
-                                   lambdas=[[0.5] * 4] * 2)
+        (kit / "data.jsonl").write_text(
+            "".join(json.dumps(c) + "\n" for c in [long_prompt, *conversations])
+        )
+        trainer = ctrl.kit_trainer(
+            kit, expected["settings"], batches, 0.25, 2, lambdas=[[0.5] * 4] * 2
+        )
         with pytest.raises(ValueError) as e:
-            ctrl.kit_trainer(kit, expected["settings"], [[*b[:3], "long-prompt", *b[4:]]
-                                                         for b in batches], 0.25, 2,
-                             lambdas=[[0.5] * 4] * 2)._get_train_sampler()
+            ctrl.kit_trainer(
+                kit,
+                expected["settings"],
+                [[*b[:3], "long-prompt", *b[4:]] for b in batches],
+                0.25,
+                2,
+                lambdas=[[0.5] * 4] * 2,
+            )._get_train_sampler()
     finally:
         (kit / "data.jsonl").unlink()
         (kit / "data.jsonl.kit").rename(kit / "data.jsonl")
     assert trainer.train_dataset["id"] == ids  # long-prompt dropped
     rows = [trainer.train_dataset[k]["id"] for k in trainer._get_train_sampler()]
     assert rows == [i for step in pairs for pair in step for i in pair]  # c, u of each pair
-    assert str(e.value) == "SFTMixTrainer: examples ['long-prompt'] are not in the training set " \
-                           "(TRL drops those that truncation leaves untrained)"
+    assert (
+        str(e.value) == "SFTMixTrainer: examples ['long-prompt'] are not in the training set "
+        "(TRL drops those that truncation leaves untrained)"
+    )
 
 
 def test_trl_example_mixes_a_bf16_model_in_fp32(kit):
@@ -264,14 +322,20 @@ def test_trl_example_mixes_a_bf16_model_in_fp32(kit):
         n = min(len(pc), len(pu))
         z = lam[p].double() * logits[p, pc[:n]] + (1 - lam[p].double()) * logits[2 + p, pu[:n]]
         logp = torch.log_softmax(z, -1)
-        terms += [-(lam[p].double() * logp[k, labels[p, pc[k]]]
-                    + (1 - lam[p].double()) * logp[k, labels[2 + p, pu[k]]]) for k in range(n)]
+        terms += [
+            -(
+                lam[p].double() * logp[k, labels[p, pc[k]]]
+                + (1 - lam[p].double()) * logp[k, labels[2 + p, pu[k]]]
+            )
+            for k in range(n)
+        ]
     assert got.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["stated", "2 ranks, one pair a micro-batch"])
-def test_stages_4_to_7_agree_with_train_py_running_the_stated_command(layout, kit, expected,
-                                                                      tmp_path):
+def test_stages_4_to_7_agree_with_train_py_running_the_stated_command(
+    layout, kit, expected, tmp_path
+):
     """The stated command (micro-batches of 4, one rank) gives stages 4 to 6; on 2 gloo ranks with
     micro-batches of one pair (2 accumulation steps each) it gives the same: stage 7's values."""
     run = expected["inputs"]["sftmix_run"]
@@ -282,10 +346,21 @@ def test_stages_4_to_7_agree_with_train_py_running_the_stated_command(layout, ki
     launch = [sys.executable, str(ROOT / "train.py")]
     if layout != "stated":
         flags[flags.index("--micro-batch") + 1] = "2"
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                  str(ROOT / "train.py")]
-    subprocess.run([*launch, *flags, "--out", "run"], cwd=tmp_path, check=True,
-                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "train.py"),
+        ]
+    subprocess.run(
+        [*launch, *flags, "--out", "run"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     key, stage = ("sftmix_steps", 4) if layout == "stated" else ("sftmix_steps_micro", 7)
     steps, tol = expected["expected"][key], expected["stages"][stage - 1]["tolerance"]
@@ -301,34 +376,43 @@ def test_stages_4_to_7_agree_with_train_py_running_the_stated_command(layout, ki
 
 # ------------------------------------------------------------------ deliberately wrong submissions
 
+
 def extend_to_the_newline(trained_spans):
     def spans(tok, messages):
         text, spans = trained_spans(tok, messages)
         return text, [(start, end + 1) for start, end in spans]  # the "\n" after <|im_end|> too
+
     return spans
 
 
 def starting_inside_the_reply(_):
     """cx.tokens with another rule: a token is trained when it starts inside a trained span."""
+
     def tokens(tok, messages, max_len):
         text, spans = cx.trained_spans(tok, messages)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        x = enc["input_ids"][:max_len + 1]
-        y = [t if any(start <= a < end for start, end in spans) else cx.IGNORE
-             for t, (a, _) in zip(x, enc["offset_mapping"])]
+        x = enc["input_ids"][: max_len + 1]
+        y = [
+            t if any(start <= a < end for start, end in spans) else cx.IGNORE
+            for t, (a, _) in zip(x, enc["offset_mapping"])
+        ]
         return x[:-1], y[1:]
+
     return tokens
 
 
 def mean_of_example_means(logits, labels):
-    per_example = [torch.nn.functional.cross_entropy(x, y, ignore_index=cx.IGNORE)
-                   for x, y in zip(logits, labels)]
+    per_example = [
+        torch.nn.functional.cross_entropy(x, y, ignore_index=cx.IGNORE)
+        for x, y in zip(logits, labels)
+    ]
     return torch.stack(per_example).mean()
 
 
 def wrong_mixup(kind):
     """The Mixup loss written out per pair with one mistake: 'lambda' on the wrong member, or
     'unaligned' positions (position t of c with position t of u, where both are trained)."""
+
     def loss(hidden, labels, lam, lm_head):
         P, terms = len(lam), []
         for p in range(P):
@@ -344,38 +428,64 @@ def wrong_mixup(kind):
             z = lam_c * hidden[p, pos_c] + lam_u * hidden[P + p, pos_u]
             logp = torch.log_softmax(lm_head(z), -1)
             for k in range(len(pos_c)):
-                terms.append(-(lam_c * logp[k, labels[p, pos_c[k]]]
-                               + lam_u * logp[k, labels[P + p, pos_u[k]]]))
+                terms.append(
+                    -(
+                        lam_c * logp[k, labels[p, pos_c[k]]]
+                        + lam_u * logp[k, labels[P + p, pos_u[k]]]
+                    )
+                )
         return torch.stack(terms).mean()
+
     return loss
 
 
 def whole_sequence_nll(kit, expected, theirs, monkeypatch):
     """Stage 2 with every next token a target: the perplexity over the whole sequence."""
+
     def whole_text(tok, messages):
         text = tok.apply_chat_template(messages, tokenize=False)
         return text, [(0, len(text))]
+
     monkeypatch.setattr(cx, "trained_spans", whole_text)
     tok = AutoTokenizer.from_pretrained(kit / "model")
     model = LlamaForCausalLM.from_pretrained(kit / "model", dtype=torch.float32)
     conversations = [json.loads(line) for line in (kit / "data.jsonl").read_text().splitlines()]
     max_len = expected["settings"]["max_len"]
-    nll = {c["id"]: cx.response_nll(model, *cx.tokens(tok, c["messages"], max_len))
-           for c in conversations}
-    return {**theirs, "response_nll": {i: v for i, (v, _) in nll.items()},
-            "n_tokens": {i: n for i, (_, n) in nll.items()}}
+    nll = {
+        c["id"]: cx.response_nll(model, *cx.tokens(tok, c["messages"], max_len))
+        for c in conversations
+    }
+    return {
+        **theirs,
+        "response_nll": {i: v for i, (v, _) in nll.items()},
+        "n_tokens": {i: n for i, (_, n) in nll.items()},
+    }
 
 
 def halves_swapped(kit, expected, theirs, monkeypatch):
-    return {**theirs, "split": {"confident": theirs["split"]["unconfident"],
-                                "unconfident": theirs["split"]["confident"]}}
+    return {
+        **theirs,
+        "split": {
+            "confident": theirs["split"]["unconfident"],
+            "unconfident": theirs["split"]["confident"],
+        },
+    }
 
 
 def entries_after_clipping(kit, expected, theirs, monkeypatch):
     clip = expected["settings"]["grad_clip"]
-    return {**theirs, "sftmix_steps": [
-        {**s, "grad_entries": [g * min(1, clip / (s["grad_norm"] + 1e-6))
-                               for g in s["grad_entries"]]} for s in theirs["sftmix_steps"]]}
+    return {
+        **theirs,
+        "sftmix_steps": [
+            {
+                **s,
+                "grad_entries": [
+                    g * min(1, clip / (s["grad_norm"] + 1e-6)) for g in s["grad_entries"]
+                ],
+            }
+            for s in theirs["sftmix_steps"]
+        ],
+    }
 
 
 def clipping_per_tensor(kit, expected, theirs, monkeypatch):
@@ -387,6 +497,7 @@ def clipping_per_tensor(kit, expected, theirs, monkeypatch):
         for p in params:
             clip([p], max_norm)
         return norm
+
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", per_tensor)
     return cx.compute(kit)
 
@@ -396,8 +507,15 @@ def stripped_responses(kit, expected, theirs, monkeypatch):
     tokens = cx.tokens
 
     def stripped(tok, messages, max_len):
-        return tokens(tok, [{**m, "content": m["content"].strip()} if m["role"] == "assistant"
-                            else m for m in messages], max_len)
+        return tokens(
+            tok,
+            [
+                {**m, "content": m["content"].strip()} if m["role"] == "assistant" else m
+                for m in messages
+            ],
+            max_len,
+        )
+
     monkeypatch.setattr(cx, "tokens", stripped)
     return cx.compute(kit)
 
@@ -412,6 +530,7 @@ def patched(name, make_wrong):
     def submission(kit, expected, theirs, monkeypatch):
         monkeypatch.setattr(cx, name, make_wrong(getattr(cx, name)))
         return cx.compute(kit)
+
     return submission
 
 
@@ -419,34 +538,92 @@ def scheduled(kind):
     return patched("lr_at", lambda _: lambda *args: schedule(kind, *args))
 
 
-@pytest.mark.parametrize("mistake,submission,stage,also_differing,names", [
-    ("newline after <|im_end|> trained", patched("trained_spans", extend_to_the_newline), 1, [],
-     ["labels[", "the token after the end-of-turn token <|im_end|> (its newline) is trained"]),
-    ("a token straddling prompt and reply not trained",
-     patched("tokens", starting_inside_the_reply), 1, [],
-     ['labels["leading-space-and-newline"]', "one that straddles the prompt and the reply is"]),
-    ("perplexity over the whole sequence", whole_sequence_nll, 2, [],
-     ["n_tokens[", "the perplexity is over the whole sequence"]),
-    ("split halves swapped", halves_swapped, 3, [], ["split[", "halves swapped"]),
-    ("mean of per-example means", patched("ntp_loss", lambda _: mean_of_example_means), 3, [],
-     ["perplexities[", "the values of: a mean of per-example means"]),
-    ("lambda on the wrong member", patched("mixup_loss", lambda _: wrong_mixup("lambda")), 4, [],
-     ["sftmix_steps[0].mixup_loss", "lambda applied to the unconfident member"]),
-    ("unaligned Mixup positions", patched("mixup_loss", lambda _: wrong_mixup("unaligned")), 4, [],
-     ["sftmix_steps[0].mixup_loss", "Mixup over unaligned positions"]),
-    ("gradient entries read after clipping", entries_after_clipping, 4, [],
-     ["sftmix_steps[0].grad_entries[0]", "gradient entries read after clipping"]),
-    ("warm-up from lr 0 (transformers' cosine schedule)", scheduled("warm-up from 0"), 5, [],
-     ["sftmix_steps[0].lr", "warm-up from lr 0"]),
-    ("linear decay", scheduled("linear"), 5, [],
-     ["sftmix_steps[3].lr", "linear decay after the warm-up"]),
-    ("gradient clipping off", clipping_off, 3, [], ["the values of: gradient clipping off"]),
-    ("each tensor clipped on its own", clipping_per_tensor, 3, [],
-     ["the values of: each tensor clipped to grad_clip on its own"]),
-])
+@pytest.mark.parametrize(
+    "mistake,submission,stage,also_differing,names",
+    [
+        (
+            "newline after <|im_end|> trained",
+            patched("trained_spans", extend_to_the_newline),
+            1,
+            [],
+            [
+                "labels[",
+                "the token after the end-of-turn token <|im_end|> (its newline) is trained",
+            ],
+        ),
+        (
+            "a token straddling prompt and reply not trained",
+            patched("tokens", starting_inside_the_reply),
+            1,
+            [],
+            [
+                'labels["leading-space-and-newline"]',
+                "one that straddles the prompt and the reply is",
+            ],
+        ),
+        (
+            "perplexity over the whole sequence",
+            whole_sequence_nll,
+            2,
+            [],
+            ["n_tokens[", "the perplexity is over the whole sequence"],
+        ),
+        ("split halves swapped", halves_swapped, 3, [], ["split[", "halves swapped"]),
+        (
+            "mean of per-example means",
+            patched("ntp_loss", lambda _: mean_of_example_means),
+            3,
+            [],
+            ["perplexities[", "the values of: a mean of per-example means"],
+        ),
+        (
+            "lambda on the wrong member",
+            patched("mixup_loss", lambda _: wrong_mixup("lambda")),
+            4,
+            [],
+            ["sftmix_steps[0].mixup_loss", "lambda applied to the unconfident member"],
+        ),
+        (
+            "unaligned Mixup positions",
+            patched("mixup_loss", lambda _: wrong_mixup("unaligned")),
+            4,
+            [],
+            ["sftmix_steps[0].mixup_loss", "Mixup over unaligned positions"],
+        ),
+        (
+            "gradient entries read after clipping",
+            entries_after_clipping,
+            4,
+            [],
+            ["sftmix_steps[0].grad_entries[0]", "gradient entries read after clipping"],
+        ),
+        (
+            "warm-up from lr 0 (transformers' cosine schedule)",
+            scheduled("warm-up from 0"),
+            5,
+            [],
+            ["sftmix_steps[0].lr", "warm-up from lr 0"],
+        ),
+        (
+            "linear decay",
+            scheduled("linear"),
+            5,
+            [],
+            ["sftmix_steps[3].lr", "linear decay after the warm-up"],
+        ),
+        ("gradient clipping off", clipping_off, 3, [], ["the values of: gradient clipping off"]),
+        (
+            "each tensor clipped on its own",
+            clipping_per_tensor,
+            3,
+            [],
+            ["the values of: each tensor clipped to grad_clip on its own"],
+        ),
+    ],
+)
 def test_wrong_submission_fails_at_the_stage_of_its_mistake_and_is_named(
-        mistake, submission, stage, also_differing, names, kit, expected, theirs, tmp_path,
-        monkeypatch):
+    mistake, submission, stage, also_differing, names, kit, expected, theirs, tmp_path, monkeypatch
+):
     status, lines = run_check(kit, submission(kit, expected, theirs, monkeypatch), tmp_path)
     table = stage_lines(lines)
     assert status == 1, lines
@@ -459,9 +636,9 @@ def test_wrong_submission_fails_at_the_stage_of_its_mistake_and_is_named(
 
 
 @pytest.mark.parametrize("submission", [stripped_responses, clipping_per_tensor])
-def test_a_mistake_is_named_only_where_it_gives_every_differing_value(submission, kit, expected,
-                                                                       theirs, tmp_path,
-                                                                       monkeypatch):
+def test_a_mistake_is_named_only_where_it_gives_every_differing_value(
+    submission, kit, expected, theirs, tmp_path, monkeypatch
+):
     """Stripped responses and per-tensor clipping share some values with clipping off, never
     all: no stage names clipping off, and a "closest to" gives its share below 1."""
     status, lines = run_check(kit, submission(kit, expected, theirs, monkeypatch), tmp_path)
@@ -473,32 +650,48 @@ def test_a_mistake_is_named_only_where_it_gives_every_differing_value(submission
             assert 2 * k >= n and k < n, line
 
 
-@pytest.mark.parametrize("content,message", [
-    ("{not json", "invalid JSON"),
-    ('{"input_ids": {}, "perplexity": {}}', "unknown keys ['perplexity']"),
-    ('{"n_tokens": {"plain": 3}}',
-     "n_tokens: expected one entry per example id of the kit; missing"),
-    ('{"sftmix_steps": [{"ntp_loss": 1.0, "grad_entries": [1.0]}]}',
-     "sftmix_steps[0].grad_entries: expected a list of 5 numbers"),
-    ('{"sftmix_steps": [{"lr": "1e-2"}]}', "sftmix_steps[0].lr: expected a number"),
-    ('[1, 2]', "expected a JSON object"),
-    ('{}', "no key; expected one or more of ['input_ids', 'labels', "),
-    ('{"split": {"confident": [1, 2], "unconfident": [3]}}',
-     'split: expected {"confident": [ids], "unconfident": [ids]}, ids as strings'),
-    ('{"sftmix_steps_micro": [{"loss": null}]}', "sftmix_steps_micro[0].loss: expected a number"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("{not json", "invalid JSON"),
+        ('{"input_ids": {}, "perplexity": {}}', "unknown keys ['perplexity']"),
+        (
+            '{"n_tokens": {"plain": 3}}',
+            "n_tokens: expected one entry per example id of the kit; missing",
+        ),
+        (
+            '{"sftmix_steps": [{"ntp_loss": 1.0, "grad_entries": [1.0]}]}',
+            "sftmix_steps[0].grad_entries: expected a list of 5 numbers",
+        ),
+        ('{"sftmix_steps": [{"lr": "1e-2"}]}', "sftmix_steps[0].lr: expected a number"),
+        ("[1, 2]", "expected a JSON object"),
+        ("{}", "no key; expected one or more of ['input_ids', 'labels', "),
+        (
+            '{"split": {"confident": [1, 2], "unconfident": [3]}}',
+            'split: expected {"confident": [ids], "unconfident": [ids]}, ids as strings',
+        ),
+        (
+            '{"sftmix_steps_micro": [{"loss": null}]}',
+            "sftmix_steps_micro[0].loss: expected a number",
+        ),
+    ],
+)
 def test_bad_submission_gets_one_line_and_exit_2(content, message, kit, tmp_path):
     path = tmp_path / "theirs.json"
     path.write_text(content)
-    r = subprocess.run([sys.executable, str(KIT_TOOL), "check", str(kit), str(path)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(KIT_TOOL), "check", str(kit), str(path)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {path}: "), r.stderr
     assert message in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("case", ["out is a file", "a file named model in out",
-                                  "expected.json is a directory"])
+@pytest.mark.parametrize(
+    "case", ["out is a file", "a file named model in out", "expected.json is a directory"]
+)
 def test_make_into_an_out_it_cannot_fill_gets_one_line_and_writes_nothing(case, tmp_path):
     out = tmp_path / "kit"
     if case == "out is a file":
@@ -507,34 +700,50 @@ def test_make_into_an_out_it_cannot_fill_gets_one_line_and_writes_nothing(case, 
     elif case == "a file named model in out":
         out.mkdir()
         (out / "model").write_text("x")
-        message = f"--out {out}: {out / 'model'} is a file; expected the kit's model directory, " \
-                  f"or nothing"
+        message = (
+            f"--out {out}: {out / 'model'} is a file; expected the kit's model directory, "
+            f"or nothing"
+        )
     else:
         (out / "expected.json").mkdir(parents=True)
         message = f"--out {out / 'expected.json'}: is a directory; expected a file to write"
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    r = subprocess.run([sys.executable, str(KIT_TOOL), "make", "--out", str(out)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(KIT_TOOL), "make", "--out", str(out)], capture_output=True, text=True
+    )
     assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {message}\n")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 @pytest.mark.parametrize("example", ["conformance_transformers.py", "conformance_trl.py"])
 def test_worked_example_without_a_kit_gets_one_line_and_exit_2(example, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / example), str(tmp_path), "--out",
-                        str(tmp_path / "theirs.json")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / example),
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "theirs.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert (r.returncode, r.stdout) == (2, "") and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"error: {tmp_path}: no expected.json"), r.stderr
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("case,message", [
-    ("no expected", "no expected; expected a kit of this version's make"),
-    ("no known_mistakes", "no known_mistakes; expected a kit of this version's make"),
-    ("no stage 7", "no expected.sftmix_steps_micro; expected a kit of this version's make"),
-])
-def test_check_on_a_kit_of_another_version_gets_one_line_and_exit_2(case, message, kit, expected,
-                                                                    tmp_path):
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("no expected", "no expected; expected a kit of this version's make"),
+        ("no known_mistakes", "no known_mistakes; expected a kit of this version's make"),
+        ("no stage 7", "no expected.sftmix_steps_micro; expected a kit of this version's make"),
+    ],
+)
+def test_check_on_a_kit_of_another_version_gets_one_line_and_exit_2(
+    case, message, kit, expected, tmp_path
+):
     old = tmp_path / "old-kit"
     old.mkdir()
     written = json.loads(json.dumps(expected))
@@ -547,8 +756,11 @@ def test_check_on_a_kit_of_another_version_gets_one_line_and_exit_2(case, messag
     (old / "expected.json").write_text(json.dumps(written))
     (tmp_path / "theirs.json").write_text('{"n_tokens": {}}')
     before = sorted(tmp_path.rglob("*"))
-    r = subprocess.run([sys.executable, str(KIT_TOOL), "check", str(old),
-                        str(tmp_path / "theirs.json")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(KIT_TOOL), "check", str(old), str(tmp_path / "theirs.json")],
+        capture_output=True,
+        text=True,
+    )
     assert (r.returncode, r.stdout) == (2, "") and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"error: {old / 'expected.json'}: {message}"), r.stderr
     assert sorted(tmp_path.rglob("*")) == before
@@ -560,19 +772,27 @@ def test_make_into_an_unwritable_model_dir_gets_one_line_and_writes_nothing(tmp_
     out = tmp_path / "kit"
     (out / "model").mkdir(parents=True)
     (out / "model" / "config.json").write_text("{}")
-    lock, unlock = (["chattr", "+i"], ["chattr", "-i"]) if os.geteuid() == 0 else (
-        ["chmod", "555"], ["chmod", "755"])
+    lock, unlock = (
+        (["chattr", "+i"], ["chattr", "-i"])
+        if os.geteuid() == 0
+        else (["chmod", "555"], ["chmod", "755"])
+    )
     subprocess.run([*lock, str(out / "model")], check=True)
     try:
         before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-        r = subprocess.run([sys.executable, str(KIT_TOOL), "make", "--out", str(out)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, str(KIT_TOOL), "make", "--out", str(out)],
+            capture_output=True,
+            text=True,
+        )
         after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     finally:
         subprocess.run([*unlock, str(out / "model")], check=True)
     assert (r.returncode, r.stdout) == (2, ""), r.stderr
-    assert r.stderr == f"error: --out {out}: cannot write in {out / 'model'}; expected a " \
-                       f"writable directory\n"
+    assert (
+        r.stderr == f"error: --out {out}: cannot write in {out / 'model'}; expected a "
+        f"writable directory\n"
+    )
     assert after == before
 
 
@@ -583,8 +803,9 @@ def test_a_killed_make_leaves_no_kit_and_a_rerun_clears_its_leftover(smollm2_dir
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
     make = [sys.executable, str(KIT_TOOL), "make", "--out", str(out)]
-    proc = subprocess.Popen(make, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        make, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     leftover = tmp_path / ".kit.making"
     try:
         for _ in range(600):  # until the reference run has written its first file

@@ -1,6 +1,7 @@
 """Bad input through every command's one checked path: each case is exit code 2, one line naming the
 file, field or flag, and nothing written; a list of named chat templates reads as transformers reads
 it."""
+
 import json
 import shutil
 import sys
@@ -9,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_data import CONVERSATION, FAMILY_TOKENIZERS, hf_ids
+from test_eval import CONVERSATIONS, MC, run_main, write_jsonl
 from transformers import AutoTokenizer
 
 import data as D
 import eval as E
 import model as M
 import train as T
-from test_data import CONVERSATION, FAMILY_TOKENIZERS, hf_ids
-from test_eval import CONVERSATIONS, MC, run_main, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -50,26 +51,47 @@ def model_copy(src: Path, dst: Path, config=None, add=None) -> Path:
 
 # ------------------------------------------------------------------------ config.json, checkpoint
 
-@pytest.mark.parametrize("change, named", [
-    ({"head_dim": "8"}, 'head_dim: expected an integer >= 1, got "8"'),
-    ({"num_key_value_heads": 0}, "num_key_value_heads: expected an integer >= 1, got 0"),
-    ({"hidden_size": None}, "hidden_size: expected an integer >= 1, got null"),
-    ({"num_hidden_layers": 2.0}, "num_hidden_layers: expected an integer >= 1, got 2.0"),
-    ({"rms_norm_eps": -1e-5}, "rms_norm_eps: expected a finite number > 0, got -1e-05"),
-    ({"rope_theta": "10000"}, 'rope_theta: expected a finite number > 0, got "10000"'),
-    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}},
-     "rope_parameters.rope_theta: expected a finite number > 0, got 0"),
-    ({"rope_parameters": {"rope_type": "llama3", "factor": -8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
-     "rope_parameters.factor: expected a finite number > 0, got -8.0"),
-    ({"tie_word_embeddings": "true"}, 'tie_word_embeddings: expected true or false, got "true"'),
-    ({"eos_token_id": -1},
-     "eos_token_id: expected a token id (an integer >= 0) or a list of them, got -1"),
-    ({"head_dim": 7, "num_attention_heads": 4}, "head_dim: expected an even integer, got 7"),
-])
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"head_dim": "8"}, 'head_dim: expected an integer >= 1, got "8"'),
+        ({"num_key_value_heads": 0}, "num_key_value_heads: expected an integer >= 1, got 0"),
+        ({"hidden_size": None}, "hidden_size: expected an integer >= 1, got null"),
+        ({"num_hidden_layers": 2.0}, "num_hidden_layers: expected an integer >= 1, got 2.0"),
+        ({"rms_norm_eps": -1e-5}, "rms_norm_eps: expected a finite number > 0, got -1e-05"),
+        ({"rope_theta": "10000"}, 'rope_theta: expected a finite number > 0, got "10000"'),
+        (
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 0}},
+            "rope_parameters.rope_theta: expected a finite number > 0, got 0",
+        ),
+        (
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "factor": -8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            },
+            "rope_parameters.factor: expected a finite number > 0, got -8.0",
+        ),
+        (
+            {"tie_word_embeddings": "true"},
+            'tie_word_embeddings: expected true or false, got "true"',
+        ),
+        (
+            {"eos_token_id": -1},
+            "eos_token_id: expected a token id (an integer >= 0) or a list of them, got -1",
+        ),
+        ({"head_dim": 7, "num_attention_heads": 4}, "head_dim: expected an even integer, got 7"),
+    ],
+)
 @pytest.mark.parametrize("command", ["train", "eval ppl"])
 def test_a_config_field_of_the_wrong_kind_is_one_line_naming_config_json_and_the_field(
-        command, change, named, tiny_model_dir, chat_data, tmp_path, capsys):
+    command, change, named, tiny_model_dir, chat_data, tmp_path, capsys
+):
     bad = model_copy(tiny_model_dir, tmp_path / "model", change)
     out = tmp_path / ("run" if command == "train" else "ppl.jsonl")
     argv = ["--model", bad, "--data", chat_data, "--out", out]
@@ -78,19 +100,29 @@ def test_a_config_field_of_the_wrong_kind_is_one_line_naming_config_json_and_the
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case", ["attention_bias without biases", "untied without lm_head",
-                                  "a stray tensor"])
+@pytest.mark.parametrize(
+    "case", ["attention_bias without biases", "untied without lm_head", "a stray tensor"]
+)
 @pytest.mark.parametrize("command", ["train", "eval ppl"])
 def test_a_checkpoint_unlike_config_json_is_one_line_naming_file_and_tensor_before_anything(
-        command, case, tiny_model_dir, chat_data, tmp_path, monkeypatch):
+    command, case, tiny_model_dir, chat_data, tmp_path, monkeypatch
+):
     change, tensor, reason = {
-        "attention_bias without biases": ({"attention_bias": True},
-                                          "model.layers.0.self_attn.q_proj.bias",
-                                          ": missing (config.json: attention_bias or mlp_bias"),
-        "untied without lm_head": ({"tie_word_embeddings": False}, "lm_head.weight",
-                                   ": missing (config.json: tie_word_embeddings false"),
-        "a stray tensor": ({}, "model.extra.weight",
-                           ": not a parameter of the model config.json describes"),
+        "attention_bias without biases": (
+            {"attention_bias": True},
+            "model.layers.0.self_attn.q_proj.bias",
+            ": missing (config.json: attention_bias or mlp_bias",
+        ),
+        "untied without lm_head": (
+            {"tie_word_embeddings": False},
+            "lm_head.weight",
+            ": missing (config.json: tie_word_embeddings false",
+        ),
+        "a stray tensor": (
+            {},
+            "model.extra.weight",
+            ": not a parameter of the model config.json describes",
+        ),
     }[case]
     add = {"model.extra.weight": torch.zeros(2, 2)} if case == "a stray tensor" else None
     bad = model_copy(tiny_model_dir, tmp_path / "model", change, add=add)
@@ -98,17 +130,20 @@ def test_a_checkpoint_unlike_config_json_is_one_line_naming_file_and_tensor_befo
     out = tmp_path / ("run" if command == "train" else "ppl.jsonl")
     argv = ["--model", bad, "--data", chat_data, "--out", out]
     code, stdout, err = run_command(command, argv)
-    assert one_line(code, stdout, err).startswith(f"error: {bad / 'model.safetensors'}: {tensor}"
-                                                  f"{reason}")
+    assert one_line(code, stdout, err).startswith(
+        f"error: {bad / 'model.safetensors'}: {tensor}{reason}"
+    )
     assert not out.exists()
 
 
 # ------------------------------------------------------------------------------- chat templates
 
+
 @pytest.fixture
 def named_templates(smollm2_dir, tmp_path):
     """SmolLM2's tokenizer with its chat template as the "default" entry of HF's list of named
     templates, after another (Gemma's) that would render otherwise."""
+
     def make(names):
         path = tmp_path / "-".join(names)
         path.mkdir()
@@ -118,6 +153,7 @@ def named_templates(smollm2_dir, tmp_path):
         config["chat_template"] = [{"name": n, "template": templates[n]} for n in names]
         (path / "tokenizer_config.json").write_text(json.dumps(config))
         return path
+
     return make
 
 
@@ -133,7 +169,8 @@ def test_a_list_of_named_chat_templates_renders_its_default_as_transformers_does
 
 
 def test_a_list_of_named_chat_templates_without_default_needs_prompt_format_as_in_transformers(
-        named_templates):
+    named_templates,
+):
     path = named_templates(["gemma"])
     with pytest.raises(ValueError):  # transformers: no template to choose without a name
         hf_ids(AutoTokenizer.from_pretrained(path), CONVERSATION)
@@ -146,8 +183,9 @@ def test_a_list_of_named_chat_templates_without_default_needs_prompt_format_as_i
 
 
 @pytest.mark.parametrize("template", [42, [{"name": "default"}], ["{{ messages }}"]])
-def test_a_chat_template_of_another_kind_is_one_line_naming_the_file(template, smollm2_dir,
-                                                                      tmp_path):
+def test_a_chat_template_of_another_kind_is_one_line_naming_the_file(
+    template, smollm2_dir, tmp_path
+):
     shutil.copy(smollm2_dir / "tokenizer.json", tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     expected = f"^{tmp_path / 'tokenizer_config.json'}: chat_template: expected a string or a list"
@@ -157,75 +195,121 @@ def test_a_chat_template_of_another_kind_is_one_line_naming_the_file(template, s
 
 # ---------------------------------------------------------------------- numeric flags, JSON files
 
-@pytest.mark.parametrize("flags, message", [
-    (["-n", "-1"], "-n: expected >= 0, got -1"),
-    (["--max-len", "-5"], "--max-len: expected >= 2, got -5"),
-    (["--batch-size", "0"], "--batch-size: expected >= 1, got 0"),
-    (["--batch-size", "eight"], "--batch-size: expected an integer >= 1, got 'eight'"),
-])
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["-n", "-1"], "-n: expected >= 0, got -1"),
+        (["--max-len", "-5"], "--max-len: expected >= 2, got -5"),
+        (["--batch-size", "0"], "--batch-size: expected >= 1, got 0"),
+        (["--batch-size", "eight"], "--batch-size: expected an integer >= 1, got 'eight'"),
+    ],
+)
 def test_inspect_data_numbers_out_of_range_are_one_line(flags, message, smollm2_dir, chat_data):
     out = run_main(inspect_data.main, "--data", chat_data, "--tokenizer", smollm2_dir, *flags)
     assert one_line(*out) == f"error: {message}"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--lr", "-1"], "--lr: expected > 0 and finite, got -1.0"),
-    (["--betas", "0.9", "1.5"], "--betas: expected in [0, 1), got 1.5"),
-    (["--grad-clip", "inf"], "--grad-clip: expected >= 0 and finite (0 = off), got inf"),
-    (["--global-batch", "8.5"], "--global-batch: expected an integer >= 1, got '8.5'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "-1"], "--lr: expected > 0 and finite, got -1.0"),
+        (["--betas", "0.9", "1.5"], "--betas: expected in [0, 1), got 1.5"),
+        (["--grad-clip", "inf"], "--grad-clip: expected >= 0 and finite (0 = off), got inf"),
+        (["--global-batch", "8.5"], "--global-batch: expected an integer >= 1, got '8.5'"),
+    ],
+)
 def test_train_numbers_are_checked_as_they_are_parsed(flags, message, tmp_path):
-    out = run_main(T.main, "--model", tmp_path / "m", "--data", tmp_path / "d",
-                   "--out", tmp_path / "run", *flags)
+    out = run_main(
+        T.main,
+        "--model",
+        tmp_path / "m",
+        "--data",
+        tmp_path / "d",
+        "--out",
+        tmp_path / "run",
+        *flags,
+    )
     assert one_line(*out) == f"error: {message}"
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"confident": ["a"]', "not a JSON file"),
-    ('["a", "b"]', "expected a JSON object, got an array"),
-    ('{"confident": ["a"]}', "unconfident: expected a list of example ids, got nothing"),
-    ('{"confident": ["a"], "unconfident": "b"}',
-     'unconfident: expected a list of example ids, got "b"'),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"confident": ["a"]', "not a JSON file"),
+        ('["a", "b"]', "expected a JSON object, got an array"),
+        ('{"confident": ["a"]}', "unconfident: expected a list of example ids, got nothing"),
+        (
+            '{"confident": ["a"], "unconfident": "b"}',
+            'unconfident: expected a list of example ids, got "b"',
+        ),
+    ],
+)
 def test_a_split_file_is_read_by_the_one_json_reader_naming_the_file_and_key(
-        text, message, tiny_model_dir, chat_data, tmp_path):
+    text, message, tiny_model_dir, chat_data, tmp_path
+):
     split = tmp_path / "split.json"
     split.write_text(text)
-    out = run_main(E.main, "ppl", "--model", tiny_model_dir, "--data", chat_data, "--split", split,
-                   "--out", tmp_path / "ppl.jsonl")
+    out = run_main(
+        E.main,
+        "ppl",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        chat_data,
+        "--split",
+        split,
+        "--out",
+        tmp_path / "ppl.jsonl",
+    )
     assert one_line(*out).startswith(f"error: {split}: {message}")
     assert not (tmp_path / "ppl.jsonl").exists()
 
 
 # ----------------------------------------------------------------------------- report.py compare
 
+
 def test_compare_checks_every_run_before_loading_the_first(tiny_model_dir, tmp_path, monkeypatch):
     weightless = model_copy(tiny_model_dir, tmp_path / "b")
     (weightless / "model.safetensors").unlink()
     monkeypatch.setattr(E, "load_model", lambda *a: pytest.fail("loaded before all were checked"))
     heldout = write_jsonl(tmp_path / "heldout.jsonl", CONVERSATIONS)
-    code, stdout, err = run_main(report.main, "compare", tiny_model_dir, weightless,
-                                 "--data", heldout, "--out", tmp_path / "table.md")
-    assert one_line(code, stdout, err) == f"error: {weightless}: no model.safetensors or " \
-                                          f"model.safetensors.index.json"
+    code, stdout, err = run_main(
+        report.main,
+        "compare",
+        tiny_model_dir,
+        weightless,
+        "--data",
+        heldout,
+        "--out",
+        tmp_path / "table.md",
+    )
+    assert (
+        one_line(code, stdout, err) == f"error: {weightless}: no model.safetensors or "
+        f"model.safetensors.index.json"
+    )
     assert not (tmp_path / "table.md").exists()
 
 
 def test_compare_mc_with_an_empty_path_names_the_flag_and_the_benchmark(tiny_model_dir, tmp_path):
     write_jsonl(tmp_path / "mc.jsonl", MC)
-    out = run_main(report.main, "compare", tiny_model_dir, "--mc", "MedQA=",
-                   "--out", tmp_path / "table.md")
+    out = run_main(
+        report.main, "compare", tiny_model_dir, "--mc", "MedQA=", "--out", tmp_path / "table.md"
+    )
     assert one_line(*out) == "error: --mc MedQA=: MedQA: expected NAME=FILE, got no FILE"
     assert not (tmp_path / "table.md").exists()
 
 
 # ----------------------------------------------------------------------------- pipeline
 
-@pytest.mark.parametrize("case", ["MODEL missing", "--lr -1", "--epochs 3", "--stop-at-step 2",
-                                  "bad data"])
+
+@pytest.mark.parametrize(
+    "case", ["MODEL missing", "--lr -1", "--epochs 3", "--stop-at-step 2", "bad data"]
+)
 def test_a_refused_pipeline_start_leaves_no_lock_and_writes_nothing(
-        case, tiny_model_dir, chat_data, tmp_path, monkeypatch, capfd):
+    case, tiny_model_dir, chat_data, tmp_path, monkeypatch, capfd
+):
     model, data_file, flags = tiny_model_dir, chat_data, ["--global-batch", "8"]
     if case == "MODEL missing":
         model = tmp_path / "no-model"
@@ -238,11 +322,13 @@ def test_a_refused_pipeline_start_leaves_no_lock_and_writes_nothing(
     with pytest.raises(SystemExit) as e:
         pipeline.main([str(model), str(data_file), str(out), *flags])
     err = capfd.readouterr().err.strip().splitlines()
-    expected = {"MODEL missing": f"error: {model}: config.json: not found",
-                "--lr -1": "error: --lr: expected > 0 and finite, got -1.0",
-                "--epochs 3": "error: --epochs: set by the pipeline for each stage",
-                "--stop-at-step 2": "error: --stop-at-step: set by the pipeline for each stage",
-                "bad data": f"error: {data_file}:1: cannot tell the format"}[case]
+    expected = {
+        "MODEL missing": f"error: {model}: config.json: not found",
+        "--lr -1": "error: --lr: expected > 0 and finite, got -1.0",
+        "--epochs 3": "error: --epochs: set by the pipeline for each stage",
+        "--stop-at-step 2": "error: --stop-at-step: set by the pipeline for each stage",
+        "bad data": f"error: {data_file}:1: cannot tell the format",
+    }[case]
     assert e.value.code == 2 and err[0].startswith(expected), err
     assert len(err) == (2 if case == "bad data" else 1)  # train.py's line, then which stage failed
     assert not out.exists()
@@ -250,12 +336,14 @@ def test_a_refused_pipeline_start_leaves_no_lock_and_writes_nothing(
 
 # ----------------------------------------------------------------------------------------- outputs
 
+
 @pytest.mark.parametrize("command", ["ppl", "mc"])
 def test_a_refused_command_makes_no_directory_of_its_out(command, chat_data, tmp_path):
     """--out's missing directories are made when it is written, not when it is checked."""
     data_file = chat_data if command == "ppl" else write_jsonl(tmp_path / "mc.jsonl", MC)
     out = tmp_path / "new" / "deeper" / "out.jsonl"
-    code, stdout, err = run_main(E.main, command, "--model", tmp_path / "no-model", "--data", data_file,
-                                 "--out", out)
+    code, stdout, err = run_main(
+        E.main, command, "--model", tmp_path / "no-model", "--data", data_file, "--out", out
+    )
     assert one_line(code, stdout, err).startswith(f"error: {tmp_path / 'no-model'}: config.json")
     assert not (tmp_path / "new").exists()

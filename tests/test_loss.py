@@ -1,14 +1,16 @@
 """The loss training assembles equals the paper's whole-batch formula, over micro-batches and ranks.
 
-train.forward_backward cuts a global batch into this rank's packed micro-batches (sftmix.micro_batches),
-applies the LM head in chunks (sftmix.head_losses) and accumulates gradients; here the gradient it leaves
-is compared, in float64, with the gradient of
+train.forward_backward cuts a global batch into this rank's packed micro-batches
+(sftmix.micro_batches), applies the LM head in chunks (sftmix.head_losses) and accumulates
+gradients; here the gradient it leaves is compared, in float64, with the gradient of
 
     L = (1 / n_tokens) sum_x sum_t -log p(y_t | x, y_<t)  +  mu (1 / n_mixed) sum_pairs sum_{k < n} CE(W Z~_k, Y~_k)
 
-written out for the whole batch one example and one position at a time, each example run through the model
-alone. A deliberate mistake in the layout (lambda reversed within a pair, n_mixed off by one) must fail.
+written out for the whole batch one example and one position at a time, each example run through the
+model alone. A deliberate mistake in the layout (lambda reversed within a pair, n_mixed off by one)
+must fail.
 """
+
 import os
 import random
 import socket
@@ -25,12 +27,22 @@ import sftmix
 import train as T
 
 V, MU = 37, 0.2
-ARGS = M.ModelArgs(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=4, vocab_size=V, tie_word_embeddings=False)
+ARGS = M.ModelArgs(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=4,
+    vocab_size=V,
+    tie_word_embeddings=False,
+)
 
 
 def make_batch():
-    """8 examples of unequal lengths (prompt spans, one or two response spans) as 4 pairs, and their model."""
+    """8 examples of unequal lengths (prompt spans, one or two response spans) as 4 pairs, and their
+    model.
+    """
     rng = random.Random(0)
     samples = []
     for i in range(8):
@@ -42,14 +54,22 @@ def make_batch():
             trained[t] = True
         if i % 3 == 0 and start > 3:
             trained[1] = True  # a second, earlier assistant turn
-        samples.append(data.Sample(f"ex{i}", ids[:-1], [ids[t + 1] if trained[t] else data.IGNORE for t in range(length)]))
+        samples.append(
+            data.Sample(
+                f"ex{i}",
+                ids[:-1],
+                [ids[t + 1] if trained[t] else data.IGNORE for t in range(length)],
+            )
+        )
     torch.manual_seed(0)
     model = M.Transformer(ARGS).double()
     return samples, model
 
 
 def whole_batch_loss(model, samples, batch, lam, mu, ntp_weight=1.0):
-    """The paper's L for one global batch, position by position, each example through the model alone."""
+    """The paper's L for one global batch, position by position, each example through the model
+    alone.
+    """
     P = len(batch) // 2
     W = model.lm_head.weight
     states, nll = {}, []
@@ -63,15 +83,20 @@ def whole_batch_loss(model, samples, batch, lam, mu, ntp_weight=1.0):
     mixed = []
     for p in range(P):
         c, u = states[batch[p]], states[batch[P + p]]
-        for (z_c, y_c), (z_u, y_u) in zip(c, u):  # the first n = min(n_c, n_u) response positions, aligned
+        # the first n = min(n_c, n_u) response positions, aligned
+        for (z_c, y_c), (z_u, y_u) in zip(c, u):
             z = lam[p] * z_c + (1 - lam[p]) * z_u
-            y = lam[p] * F.one_hot(torch.tensor(y_c), V) + (1 - lam[p]) * F.one_hot(torch.tensor(y_u), V)
+            y = lam[p] * F.one_hot(torch.tensor(y_c), V) + (1 - lam[p]) * F.one_hot(
+                torch.tensor(y_u), V
+            )
             mixed.append(-(y * torch.log_softmax(W @ z, dim=-1)).sum())
     return ntp_weight * torch.stack(nll).mean() + mu * torch.stack(mixed).mean()
 
 
 def run_forward_backward(rank, world, port, mistake, mode, queue):
-    """train.forward_backward on `world` gloo ranks; rank 0 puts the summed-over-ranks gradient in the queue."""
+    """train.forward_backward on `world` gloo ranks; rank 0 puts the summed-over-ranks gradient in
+    the queue.
+    """
     torch.set_num_threads(1)
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -87,13 +112,27 @@ def run_forward_backward(rank, world, port, mistake, mode, queue):
                 for mb in micro:
                     mb.lam = 1 - mb.lam
             return micro, n_tokens, n_mixed + (mistake == "n_mixed off by one")
+
         sftmix.micro_batches = wrong
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     lam = None if mode == "ntp" else sftmix.sample_lambda(0.5, 4, 3, 5)
-    T.forward_backward(wrapped, samples, batch, lam, mu=MU, mixup_only=mode == "mixup only", micro_batch=2,
-                       grad_clip=0.0, device=torch.device("cpu"), amp_dtype=None, rank=rank, world=world)
+    T.forward_backward(
+        wrapped,
+        samples,
+        batch,
+        lam,
+        mu=MU,
+        mixup_only=mode == "mixup only",
+        micro_batch=2,
+        grad_clip=0.0,
+        device=torch.device("cpu"),
+        amp_dtype=None,
+        rank=rank,
+        world=world,
+    )
     if rank == 0:
-        queue.put({n: p.grad.numpy().copy() for n, p in model.named_parameters()})  # no shared memory
+        # no shared memory
+        queue.put({n: p.grad.numpy().copy() for n, p in model.named_parameters()})
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -105,12 +144,15 @@ def training_gradient(world, mistake=None, mode="sftmix"):
     with socket.socket() as s:  # a free port for the ranks to meet on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=run_forward_backward, args=(r, world, port, mistake, mode, queue))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=run_forward_backward, args=(r, world, port, mistake, mode, queue))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     grads = {n: torch.from_numpy(g) for n, g in queue.get(timeout=300).items()}
-    for p in procs:  # the gradient arrived, so every rank finished forward_backward; only teardown is left
+    # the gradient arrived, so every rank finished forward_backward; only teardown is left
+    for p in procs:
         p.join(timeout=60)
         if p.is_alive():
             p.terminate()
@@ -152,21 +194,33 @@ def test_plain_ntp_and_mixup_only_give_the_gradient_of_their_term_alone(mode):
 
 
 def test_warm_up_step_k_runs_at_lr_times_k_plus_1_over_w_then_cosine_to_zero():
-    """documented difference from HF's schedule (step 1 at lr 0): W = ceil(0.25 * 10) = 3 warm-up steps"""
+    """documented difference from HF's schedule (step 1 at lr 0): W = ceil(0.25 * 10) = 3 warm-up
+    steps
+    """
     lrs = [T.lr_at(k, 10, lr=0.3, warmup_ratio=0.25) for k in range(10)]
     import math
+
     expected = [0.1, 0.2, 0.3] + [0.3 * 0.5 * (1 + math.cos(math.pi * j / 7)) for j in range(7)]
     assert lrs == pytest.approx(expected)
 
 
 def test_the_pad_tokens_embedding_row_is_trained_unlike_transformers_padding_idx():
-    """documented difference: HF's Llama embedding has padding_idx = pad_token_id (that row never gets a gradient);
-    ours has none, so the pad token (SmolLM2: <|im_end|>, also the end-of-turn token) trains as an input too"""
+    """documented difference: HF's Llama embedding has padding_idx = pad_token_id (that row never
+    gets a gradient); ours has none, so the pad token (SmolLM2: <|im_end|>, also the end-of-turn
+    token) trains as an input too"""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     pad = 3
     ids = torch.tensor([[5, pad, 7, 9]])
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=V, pad_token_id=pad)
+    cfg = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=V,
+        pad_token_id=pad,
+    )
     hf = LlamaForCausalLM(cfg)
     hf(ids, labels=ids).loss.backward()
     assert hf.model.embed_tokens.weight.grad[pad].abs().sum() == 0

@@ -1,17 +1,23 @@
 """At the paper's scale it fits and runs at the device's speed, proven on the CPU.
 
 - The micro-batch loop never waits for the device: every op that would synchronise host and device
-  (an `.item()`, `nonzero`, a boolean-mask index, `repeat_interleave` without `output_size`) is counted
-  under a TorchDispatchMode while train.forward_backward runs; the step then reads the device once.
-- A packed row is one attention call per layer, and `torch.compile` of a block has no graph break and
+  (an `.item()`, `nonzero`, a boolean-mask index, `repeat_interleave` without `output_size`) is
+  counted under a TorchDispatchMode while train.forward_backward runs; the step then reads the
+  device once.
+- A packed row is one attention call per layer, and `torch.compile` of a block has no graph break
+and
   compiles at most twice over rows of three lengths.
-- SDPA never gets a mask together with `enable_gqa` (no fused kernel takes both), and no mask at all when
+- SDPA never gets a mask together with `enable_gqa` (no fused kernel takes both), and no mask at all
+when
   rows are single sequences inside the sliding window.
-- Under bf16 autocast the SFTMix gradient stays within bf16 tolerance of the float64 formula, and lambda
+- Under bf16 autocast the SFTMix gradient stays within bf16 tolerance of the float64 formula, and
+lambda
   reaches the logit mix unrounded.
-- FSDP2: no unsharded gradient is held between micro-batches, the gradient equals the float64 formula, and
+- FSDP2: no unsharded gradient is held between micro-batches, the gradient equals the float64
+formula, and
   loading or resuming never allocates a full-size parameter on the compute device.
 """
+
 import os
 import socket
 from functools import partial
@@ -21,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_loss import ARGS, make_batch, reference_gradient, relative_error
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -29,11 +36,17 @@ import data
 import model as M
 import sftmix
 import train as T
-from test_loss import ARGS, make_batch, reference_gradient, relative_error
 
 aten = torch.ops.aten
-SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.is_nonzero, aten.equal, aten.unique_dim,
-           aten._unique2}
+SYNCING = {
+    aten._local_scalar_dense,
+    aten.nonzero,
+    aten.masked_select,
+    aten.is_nonzero,
+    aten.equal,
+    aten.unique_dim,
+    aten._unique2,
+}
 INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 
 
@@ -51,29 +64,44 @@ class SyncCounter(TorchDispatchMode):
             self.syncs.append(str(func))
         elif op in INDEXING and any(t is not None and t.dtype == torch.bool for t in args[1]):
             self.syncs.append(f"{func} with a boolean mask")
-        elif op is aten.repeat_interleave and torch.is_tensor(args[0]) and kwargs.get("output_size") is None \
-                and (len(args) < 2 or torch.is_tensor(args[1])):
+        elif (
+            op is aten.repeat_interleave
+            and torch.is_tensor(args[0])
+            and kwargs.get("output_size") is None
+            and (len(args) < 2 or torch.is_tensor(args[1]))
+        ):
             self.syncs.append(f"{func} without output_size")
         return func(*args, **kwargs)
 
 
 def step_values(**kw):
-    """forward_backward's values but the model, the data and the device: train.py's defaults, 2 a micro-batch."""
-    return {"mu": 0.2, "mixup_only": False, "micro_batch": 2, "grad_clip": 1.0, "amp_dtype": None, "rank": 0,
-            "world": 1, **kw}
+    """forward_backward's values but the model, the data and the device: train.py's defaults, 2 a
+    micro-batch.
+    """
+    return {
+        "mu": 0.2,
+        "mixup_only": False,
+        "micro_batch": 2,
+        "grad_clip": 1.0,
+        "amp_dtype": None,
+        "rank": 0,
+        "world": 1,
+        **kw,
+    }
 
 
 @pytest.mark.parametrize("mode", ["ntp", "sftmix"])
 def test_a_training_step_reads_the_device_once(mode):
-    """forward_backward over 4 micro-batches, the AdamW update and the divergence check: 0 syncs; train.py then
-    reads the losses, grad norm and finiteness in one `.tolist()`: 1 sync per step"""
+    """forward_backward over 4 micro-batches, the AdamW update and the divergence check: 0 syncs;
+    train.py then reads the losses, grad norm and finiteness in one `.tolist()`: 1 sync per step"""
     samples, model = make_batch()
     model.float()
     lam = sftmix.sample_lambda(0.5, 4, 3, 5) if mode == "sftmix" else None
     optimizer = T.adamw(model, 1e-3, 0.1)
     with SyncCounter() as counter:
-        stats, _ = T.forward_backward(model, samples, list(range(8)), lam, device=torch.device("cpu"),
-                                      **step_values())
+        stats, _ = T.forward_backward(
+            model, samples, list(range(8)), lam, device=torch.device("cpu"), **step_values()
+        )
         optimizer.step()
         finite = T.weights_finite(model, 1)
     assert counter.syncs == []
@@ -87,12 +115,16 @@ def test_the_sync_counter_sees_the_syncs_it_claims_to():
         x[x > 0]
         x.nonzero()
         torch.repeat_interleave(torch.arange(3), torch.tensor([1, 2, 3]))
-        torch.repeat_interleave(torch.arange(3), torch.tensor([1, 2, 3]), output_size=6)  # not a sync
+        torch.repeat_interleave(
+            torch.arange(3), torch.tensor([1, 2, 3]), output_size=6
+        )  # not a sync
     assert len(counter.syncs) == 4
 
 
 def packed_inputs(lengths, args=ARGS):
-    """A packed row of sequences of these lengths: x (1, T, D), cos, sin, and its layout (data.packing)."""
+    """A packed row of sequences of these lengths: x (1, T, D), cos, sin, and its layout
+    (data.packing).
+    """
     positions = torch.cat([torch.arange(n) for n in lengths])[None]  # (1, T)
     T_ = positions.shape[1]
     cos, sin = M.rope_cos_sin(args, positions, torch.float32)
@@ -102,12 +134,19 @@ def packed_inputs(lengths, args=ARGS):
 
 def test_a_compiled_block_has_no_graph_break_and_compiles_at_most_twice():
     from torch._dynamo.testing import CompileCounterWithBackend
+
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = M.Block(ARGS, 0)
     counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(block, fullgraph=True, backend=counter)  # fullgraph: a graph break is an error
-    for lengths in ([5, 8], [7, 3, 11], [4, 4, 4, 9]):  # three micro-batches of different packed lengths
+    compiled = torch.compile(
+        block, fullgraph=True, backend=counter
+    )  # fullgraph: a graph break is an error
+    for lengths in (
+        [5, 8],
+        [7, 3, 11],
+        [4, 4, 4, 9],
+    ):  # three micro-batches of different packed lengths
         x, cos, sin, seqs = packed_inputs(lengths)
         ours = compiled(x.requires_grad_(), cos, sin, None, None, seqs)
         ours.sum().backward()
@@ -116,8 +155,9 @@ def test_a_compiled_block_has_no_graph_break_and_compiles_at_most_twice():
 
 
 def test_a_packed_row_is_one_attention_call_per_layer_that_equals_each_sequence_alone():
-    """Both ways of attending a packed row, the padded sequences (seqs, what training runs) and the whole-row mask
-    from positions (attention_mask), equal each sequence computed on its own, in one SDPA call per layer"""
+    """Both ways of attending a packed row, the padded sequences (seqs, what training runs) and the
+    whole-row mask from positions (attention_mask), equal each sequence computed on its own, in one
+    SDPA call per layer"""
     torch.manual_seed(0)
     model = M.Transformer(ARGS)
     calls = []
@@ -129,15 +169,21 @@ def test_a_packed_row_is_one_attention_call_per_layer_that_equals_each_sequence_
     for seqs in (data.packing(lengths), None):
         calls.clear()
         with pytest.MonkeyPatch.context() as mp_:
-            mp_.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+            mp_.setattr(
+                F, "scaled_dot_product_attention", lambda *a, **k: calls.append(k) or real(*a, **k)
+            )
             packed = model(ids, positions=positions, seqs=seqs)[0]
         assert len(calls) == ARGS.num_hidden_layers
-        assert all((k.get("attn_mask") is None) == (seqs is not None) for k in calls)  # padded: SDPA's causal mask
+        assert all(
+            (k.get("attn_mask") is None) == (seqs is not None) for k in calls
+        )  # padded: SDPA's causal mask
         torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
 
 
 def test_packing_lays_each_sequence_out_right_padded_and_back():
-    """index (n, L) holds each sequence's row positions then 0s; inverse sends every row position back"""
+    """index (n, L) holds each sequence's row positions then 0s; inverse sends every row position
+    back
+    """
     index, inverse = data.packing([2, 4, 1])
     assert index.tolist() == [[0, 1, 0, 0], [2, 3, 4, 5], [6, 0, 0, 0]]
     assert inverse.tolist() == [0, 1, 4, 5, 6, 7, 8]
@@ -146,8 +192,17 @@ def test_packing_lays_each_sequence_out_right_padded_and_back():
 
 
 def test_sdpa_gets_no_mask_inside_the_window_and_never_a_mask_with_enable_gqa():
-    args = M.ModelArgs(model_type="mistral", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=4, vocab_size=37, sliding_window=16)
+    args = M.ModelArgs(
+        model_type="mistral",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=4,
+        vocab_size=37,
+        sliding_window=16,
+    )
     torch.manual_seed(0)
     model = M.Transformer(args)
     calls = []
@@ -156,14 +211,21 @@ def test_sdpa_gets_no_mask_inside_the_window_and_never_a_mask_with_enable_gqa():
     def spy(*a, **k):
         calls.append((k.get("attn_mask") is not None, k.get("enable_gqa", False)))
         return real(*a, **k)
+
     with pytest.MonkeyPatch.context() as mp_:
         mp_.setattr(F, "scaled_dot_product_attention", spy)
         model(torch.randint(0, 37, (2, 12)))  # rows of one sequence each, shorter than the window
         assert calls and not any(mask for mask, _ in calls)
         model(torch.randint(0, 37, (2, 24)))  # longer than the window: the band
-        model(torch.randint(0, 37, (1, 20)), positions=torch.cat([torch.arange(8), torch.arange(12)])[None])
-        model(torch.randint(0, 37, (1, 30)), positions=torch.cat([torch.arange(20), torch.arange(10)])[None],
-              seqs=data.packing([20, 10]))  # padded sequences longer than the window: the band
+        model(
+            torch.randint(0, 37, (1, 20)),
+            positions=torch.cat([torch.arange(8), torch.arange(12)])[None],
+        )
+        model(
+            torch.randint(0, 37, (1, 30)),
+            positions=torch.cat([torch.arange(20), torch.arange(10)])[None],
+            seqs=data.packing([20, 10]),
+        )  # padded sequences longer than the window: the band
     assert any(mask for mask, _ in calls)
     assert not any(mask and gqa for mask, gqa in calls)
 
@@ -172,8 +234,14 @@ def test_bf16_autocast_sftmix_gradient_is_within_bf16_tolerance_of_the_float64_f
     samples, model = make_batch()
     model.float()
     lam = sftmix.sample_lambda(0.5, 4, 3, 5)
-    T.forward_backward(model, samples, list(range(8)), lam, device=torch.device("cpu"),
-                       **step_values(grad_clip=0.0, amp_dtype=torch.bfloat16))
+    T.forward_backward(
+        model,
+        samples,
+        list(range(8)),
+        lam,
+        device=torch.device("cpu"),
+        **step_values(grad_clip=0.0, amp_dtype=torch.bfloat16),
+    )
     ours = {n: p.grad.double() for n, p in model.named_parameters()}
     assert relative_error(ours, reference_gradient()) <= 3e-2  # bf16 keeps 8 bits: ~4e-3 a rounding
 
@@ -184,8 +252,15 @@ def test_lambda_reaches_the_logit_mix_unrounded_under_bf16_autocast():
     h, W = torch.randn(2, 16, generator=g), torch.randn(50, 16, generator=g)
     y = torch.tensor([3, 7])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, mix = sftmix.head_losses(h, W, y, torch.tensor([0]), torch.tensor([1]), torch.tensor([0.3]),
-                                    torch.tensor([], dtype=torch.long))
+        _, mix = sftmix.head_losses(
+            h,
+            W,
+            y,
+            torch.tensor([0]),
+            torch.tensor([1]),
+            torch.tensor([0.3]),
+            torch.tensor([], dtype=torch.long),
+        )
         z = (h @ W.T).double()  # the bf16 logits autocast gives, exactly, in float64
     logp = torch.log_softmax(0.3 * z[0] + 0.7 * z[1], dim=0)
     expected = -(0.3 * logp[3] + 0.7 * logp[7])
@@ -195,8 +270,8 @@ def test_lambda_reaches_the_logit_mix_unrounded_under_bf16_autocast():
 
 
 class FullSizeAllocations(TorchDispatchMode):
-    """Records each new floating-point tensor (not a view of an input) that has the full shape of a sharded
-    parameter."""
+    """Records each new floating-point tensor (not a view of an input) that has the full shape of a
+    sharded parameter."""
 
     def __init__(self, full_shapes):
         super().__init__()
@@ -206,16 +281,26 @@ class FullSizeAllocations(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = {storage(t) for t in torch.utils._pytree.tree_leaves((args, kwargs))}
         for t in torch.utils._pytree.tree_leaves(out):
-            if torch.is_tensor(t) and t.is_floating_point() and tuple(t.shape) in self.full_shapes \
-                    and storage(t) not in inputs:  # (DCP's resharding makes integer index ranges of that size)
+            if (
+                torch.is_tensor(t)
+                and t.is_floating_point()
+                and tuple(t.shape) in self.full_shapes
+                and storage(t) not in inputs
+            ):  # (DCP's resharding makes integer index ranges of that size)
                 self.seen.append((str(func), tuple(t.shape)))
         return out
 
 
 def storage(t):
-    """Where a tensor's memory starts (None for what has none: not a tensor, meta, a wrapper subclass)."""
+    """Where a tensor's memory starts (None for what has none: not a tensor, meta, a wrapper
+    subclass).
+    """
     try:
-        return t.untyped_storage().data_ptr() if torch.is_tensor(t) and t.device.type != "meta" else None
+        return (
+            t.untyped_storage().data_ptr()
+            if torch.is_tensor(t) and t.device.type != "meta"
+            else None
+        )
     except RuntimeError:
         return None
 
@@ -226,18 +311,26 @@ def _outside_modes(fn, *args, **kwargs):
 
 
 def fsdp_rank(rank, world, port, checkpoint, state_dir, queue):
-    """On each gloo rank: load the checkpoint sharded by FSDP2, run forward_backward over 4 micro-batches,
-    checking after each backward that no unsharded gradient is held; save and resume the state."""
+    """On each gloo rank: load the checkpoint sharded by FSDP2, run forward_backward over 4
+    micro-batches, checking after each backward that no unsharded gradient is held; save and resume
+    the state."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.fsdp import FSDPModule
+
     with torch.device("meta"):
         full = {n: tuple(p.shape) for n, p in M.Transformer(ARGS).named_parameters()}
-    prepare = partial(T.prepare_model, lora=(0, 0, ()), activation_checkpointing=False, compile=False,
-                      mesh=init_device_mesh("cpu", (world,)), bf16=False)
-    # to_empty gives each rank memory for its own shards (FSDP2 made them on meta); it swaps parameters, which
-    # fails under a dispatch mode, so it runs outside the count
+    prepare = partial(
+        T.prepare_model,
+        lora=(0, 0, ()),
+        activation_checkpointing=False,
+        compile=False,
+        mesh=init_device_mesh("cpu", (world,)),
+        bf16=False,
+    )
+    # to_empty gives each rank memory for its own shards (FSDP2 made them on meta); it swaps
+    # parameters, which fails under a dispatch mode, so it runs outside the count
     to_empty = torch.nn.Module.to_empty
     torch.nn.Module.to_empty = lambda self, **k: _outside_modes(to_empty, self, **k)
     with FullSizeAllocations(set(full.values()) if world > 1 else set()) as allocations:
@@ -252,13 +345,22 @@ def fsdp_rank(rank, world, port, checkpoint, state_dir, queue):
             group = unit._get_fsdp_state()._fsdp_param_group
             for p in group.fsdp_params if group else []:
                 unsharded = getattr(p, "_unsharded_param", None)
-                held.append(p.unsharded_accumulated_grad is not None or (unsharded is not None
-                                                                         and unsharded.grad is not None))
+                held.append(
+                    p.unsharded_accumulated_grad is not None
+                    or (unsharded is not None and unsharded.grad is not None)
+                )
+
     real_backward = torch.autograd.backward
     torch.autograd.backward = check_after
     samples, _ = make_batch()
-    T.forward_backward(model, samples, list(range(8)), None, device=torch.device("cpu"),
-                       **step_values(micro_batch=2 if world == 1 else 1, grad_clip=0.0, rank=rank, world=world))
+    T.forward_backward(
+        model,
+        samples,
+        list(range(8)),
+        None,
+        device=torch.device("cpu"),
+        **step_values(micro_batch=2 if world == 1 else 1, grad_clip=0.0, rank=rank, world=world),
+    )
     torch.autograd.backward = real_backward
     grads = {n: p.grad.full_tensor().numpy().copy() for n, p in model.named_parameters()}
     optimizer = T.adamw(model, 1e-3, 0.1)
@@ -270,9 +372,21 @@ def fsdp_rank(rank, world, port, checkpoint, state_dir, queue):
     optimizer = T.adamw(again, 1e-3, 0.1)
     with FullSizeAllocations(set(full.values()) if world > 1 else set()) as resumed:
         C.load_state(state_dir, again, optimizer)
-    same = all(torch.equal(p.full_tensor(), q.full_tensor()) for p, q in zip(model.parameters(), again.parameters()))
+    same = all(
+        torch.equal(p.full_tensor(), q.full_tensor())
+        for p, q in zip(model.parameters(), again.parameters())
+    )
     if rank == 0:
-        queue.put((grads, len({id(u._get_fsdp_state()) for u in units}), sum(held), len(held), allocations.seen + resumed.seen, same))
+        queue.put(
+            (
+                grads,
+                len({id(u._get_fsdp_state()) for u in units}),
+                sum(held),
+                len(held),
+                allocations.seen + resumed.seen,
+                same,
+            )
+        )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -286,8 +400,12 @@ def test_fsdp_holds_no_unsharded_gradient_and_loads_no_full_parameter(world, tmp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=fsdp_rank, args=(r, world, port, tmp_path / "ckpt", tmp_path / "run", queue))
-             for r in range(world)]
+    procs = [
+        ctx.Process(
+            target=fsdp_rank, args=(r, world, port, tmp_path / "ckpt", tmp_path / "run", queue)
+        )
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     grads, n_units, held, checked, allocations, same = queue.get(timeout=300)
@@ -295,7 +413,9 @@ def test_fsdp_holds_no_unsharded_gradient_and_loads_no_full_parameter(world, tmp
         p.join(timeout=60)
         if p.is_alive():
             p.terminate()
-    assert n_units == ARGS.num_hidden_layers + 3  # each block, the embedding, [norm + LM head], the root
+    assert (
+        n_units == ARGS.num_hidden_layers + 3
+    )  # each block, the embedding, [norm + LM head], the root
     assert checked > 0 and held == 0
     assert allocations == [], str(allocations)
     assert same  # the resumed weights are the saved ones
@@ -315,11 +435,21 @@ def tokenizing_rank(rank, world, port, path, tokenizer_dir, cache, queue):
         flag = torch.tensor([float(failed)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag)
+
     try:
-        samples, stats = data.cached_dataset(path, data.load_tokenizer(tokenizer_dir), None, 64, None, cache,
-                                             rank == 0, barrier)
-        queue.put((rank, len(calls), [(s.id, s.input_ids.tolist(), s.labels.tolist()) for s in samples],
-                   stats["samples"], type(samples[0].input_ids).__name__, None))
+        samples, stats = data.cached_dataset(
+            path, data.load_tokenizer(tokenizer_dir), None, 64, None, cache, rank == 0, barrier
+        )
+        queue.put(
+            (
+                rank,
+                len(calls),
+                [(s.id, s.input_ids.tolist(), s.labels.tolist()) for s in samples],
+                stats["samples"],
+                type(samples[0].input_ids).__name__,
+                None,
+            )
+        )
     except data.InputError as e:
         queue.put((rank, len(calls), None, None, None, str(e)))
     dist.destroy_process_group()
@@ -331,8 +461,12 @@ def ranks_tokenizing(path, tokenizer_dir, cache, world=3):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=tokenizing_rank, args=(r, world, port, path, tokenizer_dir, cache, queue))
-             for r in range(world)]
+    procs = [
+        ctx.Process(
+            target=tokenizing_rank, args=(r, world, port, path, tokenizer_dir, cache, queue)
+        )
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     results = sorted(queue.get(timeout=300) for _ in procs)
@@ -341,19 +475,31 @@ def ranks_tokenizing(path, tokenizer_dir, cache, world=3):
     return results
 
 
-def test_one_rank_tokenizes_and_the_others_memory_map_its_arrays(tiny_model_dir, chat_data, tmp_path):
-    """3 gloo ranks of one node: rank 0 reads and tokenizes (load_dataset once), ranks 1 and 2 never do and get
-    the same samples, memory-mapped int32 arrays equal to load_dataset's lists; a second start reads the cache
-    (no rank tokenizes); a file rank 0 cannot read is one line on rank 0, and the others stop too"""
-    expected = [(s.id, s.input_ids, s.labels) for s in
-                data.load_dataset(chat_data, data.load_tokenizer(tiny_model_dir), max_len=64, verbose=False)[0]]
+def test_one_rank_tokenizes_and_the_others_memory_map_its_arrays(
+    tiny_model_dir, chat_data, tmp_path
+):
+    """3 gloo ranks of one node: rank 0 reads and tokenizes (load_dataset once), ranks 1 and 2 never
+    do and get the same samples, memory-mapped int32 arrays equal to load_dataset's lists; a second
+    start reads the cache (no rank tokenizes); a file rank 0 cannot read is one line on rank 0, and
+    the others stop too"""
+    expected = [
+        (s.id, s.input_ids, s.labels)
+        for s in data.load_dataset(
+            chat_data, data.load_tokenizer(tiny_model_dir), max_len=64, verbose=False
+        )[0]
+    ]
     results = ranks_tokenizing(chat_data, tiny_model_dir, tmp_path / "cache")
     assert [(r, calls) for r, calls, *_ in results] == [(0, 1), (1, 0), (2, 0)]
-    assert all(samples == expected and n == 40 and kind == "memmap" for _, _, samples, n, kind, _ in results)
+    assert all(
+        samples == expected and n == 40 and kind == "memmap"
+        for _, _, samples, n, kind, _ in results
+    )
     again = ranks_tokenizing(chat_data, tiny_model_dir, tmp_path / "cache")
     assert [calls for _, calls, *_ in again] == [0, 0, 0] and again[1][2] == expected
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "Hi"},\n')
     errors = [e for *_, e in ranks_tokenizing(bad, tiny_model_dir, tmp_path / "cache")]
-    assert errors[0].startswith(f"{bad}:1: invalid JSON") and errors[1:] == [
-        f"{bad}: another rank could not read it (its line says why)"] * 2
+    assert (
+        errors[0].startswith(f"{bad}:1: invalid JSON")
+        and errors[1:] == [f"{bad}: another rank could not read it (its line says why)"] * 2
+    )

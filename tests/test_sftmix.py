@@ -1,4 +1,5 @@
 """The method's pieces against hand calculations and independent per-position computations."""
+
 import json
 import subprocess
 import sys
@@ -18,27 +19,38 @@ IGNORE = -100
 def random_pairs(P=3, T=9, D=6, V=11, seed=0, dtype=torch.float64):
     """P pairs with response spans of different lengths and offsets (prompt and padding are IGNORE)."""
     g = torch.Generator().manual_seed(seed)
-    hidden_c, hidden_u = torch.randn(P, T, D, generator=g, dtype=dtype), torch.randn(P, T, D, generator=g, dtype=dtype)
+    hidden_c, hidden_u = (
+        torch.randn(P, T, D, generator=g, dtype=dtype),
+        torch.randn(P, T, D, generator=g, dtype=dtype),
+    )
     labels_c = torch.full((P, T), IGNORE)
     labels_u = torch.full((P, T), IGNORE)
     spans_c, spans_u = [(2, 7), (1, 3), (4, 9)], [(3, 5), (0, 8), (5, 9)]
     for p in range(P):
-        labels_c[p, slice(*spans_c[p])] = torch.randint(0, V, (spans_c[p][1] - spans_c[p][0],), generator=g)
-        labels_u[p, slice(*spans_u[p])] = torch.randint(0, V, (spans_u[p][1] - spans_u[p][0],), generator=g)
+        labels_c[p, slice(*spans_c[p])] = torch.randint(
+            0, V, (spans_c[p][1] - spans_c[p][0],), generator=g
+        )
+        labels_u[p, slice(*spans_u[p])] = torch.randint(
+            0, V, (spans_u[p][1] - spans_u[p][0],), generator=g
+        )
     W = torch.randn(V, D, generator=g, dtype=dtype)
     lam = torch.tensor([0.3, 0.9, 0.55], dtype=dtype)
     return hidden_c, labels_c, hidden_u, labels_u, lam, W
 
 
 def per_position_mixup(hidden_c, labels_c, hidden_u, labels_u, lam, W):
-    """The paper's definition written out one pair and one position at a time, with explicit soft labels."""
+    """The paper's definition written out one pair and one position at a time, with explicit soft
+    labels.
+    """
     losses = []
     for p in range(len(lam)):
         pos_c = [t for t in range(labels_c.shape[1]) if labels_c[p, t] != IGNORE]
         pos_u = [t for t in range(labels_u.shape[1]) if labels_u[p, t] != IGNORE]
         for tc, tu in zip(pos_c, pos_u):  # zip stops at n = min(n_c, n_u)
             z = lam[p] * hidden_c[p, tc] + (1 - lam[p]) * hidden_u[p, tu]
-            y = lam[p] * F.one_hot(labels_c[p, tc], W.shape[0]) + (1 - lam[p]) * F.one_hot(labels_u[p, tu], W.shape[0])
+            y = lam[p] * F.one_hot(labels_c[p, tc], W.shape[0]) + (1 - lam[p]) * F.one_hot(
+                labels_u[p, tu], W.shape[0]
+            )
             losses.append(-(y * torch.log_softmax(W @ z, dim=0)).sum())
     return torch.stack(losses)
 
@@ -55,24 +67,35 @@ def test_mixup_with_lambda_one_is_ntp_on_the_confident_examples_first_n_position
     hidden_c, labels_c, hidden_u, labels_u, _, W = random_pairs()
     lam = torch.ones(3, dtype=torch.float64)
     n = [2, 2, 4]
-    ntp = [F.cross_entropy(hidden_c[p] @ W.T, labels_c[p], ignore_index=IGNORE, reduction="none")
-           [labels_c[p] != IGNORE][:n[p]] for p in range(3)]
-    torch.testing.assert_close(sftmix.mixup_loss(hidden_c, labels_c, hidden_u, labels_u, lam, W), torch.cat(ntp).mean())
+    ntp = [
+        F.cross_entropy(hidden_c[p] @ W.T, labels_c[p], ignore_index=IGNORE, reduction="none")[
+            labels_c[p] != IGNORE
+        ][: n[p]]
+        for p in range(3)
+    ]
+    torch.testing.assert_close(
+        sftmix.mixup_loss(hidden_c, labels_c, hidden_u, labels_u, lam, W), torch.cat(ntp).mean()
+    )
 
 
 def test_mixup_loss_gradient_matches_finite_differences():
     hidden_c, labels_c, hidden_u, labels_u, lam, W = random_pairs()
     inputs = tuple(t.clone().requires_grad_() for t in (hidden_c, hidden_u, W))
     assert torch.autograd.gradcheck(
-        lambda hc, hu, w: sftmix.mixup_loss(hc, labels_c, hu, labels_u, lam, w), inputs)
+        lambda hc, hu, w: sftmix.mixup_loss(hc, labels_c, hu, labels_u, lam, w), inputs
+    )
 
 
 @pytest.mark.parametrize("chunk", [1024, 2])
 def test_head_losses_logit_form_equals_hidden_state_form_and_per_position_ntp(chunk):
-    """training's chunked logit form (mixed logits from NTP's logits) = mixup_loss's hidden form, values and grads"""
+    """training's chunked logit form (mixed logits from NTP's logits) = mixup_loss's hidden form,
+    values and grads
+    """
     hidden_c, labels_c, hidden_u, labels_u, lam, W = random_pairs()
     at_c, at_u = labels_c != IGNORE, labels_u != IGNORE
-    hidden = torch.cat([hidden_c[at_c], hidden_u[at_u]]).requires_grad_()  # (N, D): confident rows, then partners
+    hidden = torch.cat(
+        [hidden_c[at_c], hidden_u[at_u]]
+    ).requires_grad_()  # (N, D): confident rows, then partners
     targets = torch.cat([labels_c[at_c], labels_u[at_u]])
     n_c, n_u = at_c.sum(1).tolist(), at_u.sum(1).tolist()
     off_c, off_u = np.cumsum([0] + n_c), sum(n_c) + np.cumsum([0] + n_u)
@@ -80,14 +103,19 @@ def test_head_losses_logit_form_equals_hidden_state_form_and_per_position_ntp(ch
     mix_c = torch.tensor([off_c[p] + k for p in range(3) for k in range(n[p])])
     mix_u = torch.tensor([off_u[p] + k for p in range(3) for k in range(n[p])])
     lam_pos = torch.cat([lam[p].repeat(n[p]) for p in range(3)])
-    rest = torch.tensor(sorted(set(range(len(targets))) - set(mix_c.tolist()) - set(mix_u.tolist())))
+    rest = torch.tensor(
+        sorted(set(range(len(targets))) - set(mix_c.tolist()) - set(mix_u.tolist()))
+    )
     nll, mix = sftmix.head_losses(hidden, W, targets, mix_c, mix_u, lam_pos, rest, chunk=chunk)
     torch.testing.assert_close(nll, F.cross_entropy(hidden @ W.T, targets, reduction="none"))
-    torch.testing.assert_close(mix, per_position_mixup(hidden_c, labels_c, hidden_u, labels_u, lam, W))
-    grad, = torch.autograd.grad(nll.sum() + mix.sum(), hidden)
+    torch.testing.assert_close(
+        mix, per_position_mixup(hidden_c, labels_c, hidden_u, labels_u, lam, W)
+    )
+    (grad,) = torch.autograd.grad(nll.sum() + mix.sum(), hidden)
     hc, hu = hidden_c.clone().requires_grad_(), hidden_u.clone().requires_grad_()
-    ref = F.cross_entropy(torch.cat([hc[at_c], hu[at_u]]) @ W.T, targets, reduction="sum") \
-        + sftmix.mixup_loss(hc, labels_c, hu, labels_u, lam, W, reduction="sum")
+    ref = F.cross_entropy(
+        torch.cat([hc[at_c], hu[at_u]]) @ W.T, targets, reduction="sum"
+    ) + sftmix.mixup_loss(hc, labels_c, hu, labels_u, lam, W, reduction="sum")
     ref_c, ref_u = torch.autograd.grad(ref, (hc, hu))
     torch.testing.assert_close(grad, torch.cat([ref_c[at_c], ref_u[at_u]]))
 
@@ -97,12 +125,22 @@ def test_head_losses_soft_caps_the_mixed_logits_after_mixing():
     hidden_c, labels_c, hidden_u, labels_u, lam, W = random_pairs(P=1)
     h = torch.stack([hidden_c[0, 2], hidden_u[0, 3]])  # one confident and one unconfident position
     y = torch.stack([labels_c[0, 2], labels_u[0, 3]])
-    nll, mix = sftmix.head_losses(h, W, y, torch.tensor([0]), torch.tensor([1]), lam[:1], torch.tensor([], dtype=torch.long),
-                                  softcap=2.0)
+    nll, mix = sftmix.head_losses(
+        h,
+        W,
+        y,
+        torch.tensor([0]),
+        torch.tensor([1]),
+        lam[:1],
+        torch.tensor([], dtype=torch.long),
+        softcap=2.0,
+    )
     z = lam[0] * h[0] + (1 - lam[0]) * h[1]
     logp = torch.log_softmax(2.0 * torch.tanh(W @ z / 2.0), dim=0)
     torch.testing.assert_close(mix[0], -(lam[0] * logp[y[0]] + (1 - lam[0]) * logp[y[1]]))
-    torch.testing.assert_close(nll, F.cross_entropy(2.0 * torch.tanh(h @ W.T / 2.0), y, reduction="none"))
+    torch.testing.assert_close(
+        nll, F.cross_entropy(2.0 * torch.tanh(h @ W.T / 2.0), y, reduction="none")
+    )
 
 
 def test_confidence_is_minus_mean_perplexity_and_variability_its_population_std():
@@ -147,10 +185,18 @@ def test_lambda_is_beta_distributed_and_the_same_for_the_same_step():
 
 def test_split_command_writes_halves_and_reports_them(tmp_path):
     dyn = tmp_path / "dynamics.jsonl"
-    dyn.write_text("".join(json.dumps({"id": f"x{i}", "perplexities": [i + 1.0, i + 3.0]}) + "\n" for i in range(5)))
+    dyn.write_text(
+        "".join(
+            json.dumps({"id": f"x{i}", "perplexities": [i + 1.0, i + 3.0]}) + "\n" for i in range(5)
+        )
+    )
     out = tmp_path / "split.json"
-    r = subprocess.run([sys.executable, ROOT / "sftmix.py", "split", "--dynamics", dyn, "--out", out],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, ROOT / "sftmix.py", "split", "--dynamics", dyn, "--out", out],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     split = json.loads(out.read_text())
     assert split == {"confident": ["x0", "x1"], "unconfident": ["x2", "x3", "x4"]}
     assert "confident:      2 examples, confidence -3 .. -2" in r.stdout
@@ -159,7 +205,18 @@ def test_split_command_writes_halves_and_reports_them(tmp_path):
 def test_split_command_rejects_a_malformed_line_in_one_line(tmp_path):
     dyn = tmp_path / "dynamics.jsonl"
     dyn.write_text('{"id": "a", "perplexities": [1.0]}\n{"id": "b"}\n')
-    r = subprocess.run([sys.executable, ROOT / "sftmix.py", "split", "--dynamics", dyn, "--out", tmp_path / "s.json"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            ROOT / "sftmix.py",
+            "split",
+            "--dynamics",
+            dyn,
+            "--out",
+            tmp_path / "s.json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "dynamics.jsonl:2:" in r.stderr
     assert not (tmp_path / "s.json").exists()

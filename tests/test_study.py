@@ -7,10 +7,11 @@ the report from synthetic records of train.py's heldout.jsonl, and from the firs
 records (results/study/). As a command, at toy size (a tiny random model, 32 conversations, 2
 epochs, seeds 0 and 1): a part of the study, then the whole continuing from it, each table checked
 against the runs' own records, recomputed here."""
+
 import itertools
-import re
 import json
 import math
+import re
 import shutil
 import statistics
 import subprocess
@@ -25,14 +26,21 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import study  # noqa: E402
+
 import data  # noqa: E402
+import model as M  # noqa: E402
 import sftmix  # noqa: E402
 import train  # noqa: E402
 from data import InputError  # noqa: E402
-import model as M  # noqa: E402
 
-ARMS = {"ntp": "NTP", "ntp_paired": "NTP, SFTMix's batches", "sftmix": "SFTMix",
-        "random": "SFTMix, random split", "mu1": "SFTMix, μ = 1", "mixup": "Mixup only"}
+ARMS = {
+    "ntp": "NTP",
+    "ntp_paired": "NTP, SFTMix's batches",
+    "sftmix": "SFTMix",
+    "random": "SFTMix, random split",
+    "mu1": "SFTMix, μ = 1",
+    "mixup": "Mixup only",
+}
 SEEDS = [0, 1]
 EPOCHS, MIXUP_EPOCHS, EVERY, VALIDATION = 2, 3, 2, 3
 
@@ -41,14 +49,14 @@ def table_row(text, *first_cells):
     """The cells of the Markdown table row whose first cells are first_cells."""
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells[:len(first_cells)] == list(first_cells):
+        if cells[: len(first_cells)] == list(first_cells):
             return cells
     raise AssertionError(f"no row {first_cells} in\n{text}")
 
 
 def section(text, title):
     """The text from the line that starts with title to the next blank line after its table."""
-    return text[text.index(title):]
+    return text[text.index(title) :]
 
 
 def ppl(nll, n):
@@ -63,15 +71,32 @@ def t_half(values, level=0.95):
 def settings(tmp, **change):
     """The settings of a study of the second design, as study.json holds them."""
     s = {k: None for k in study.STUDY_KEYS} | {
-        "model": ".assets/SmolLM2-135M-Instruct", "train": 64, "heldout": 150,
-        "validation": VALIDATION, "heldout_every": EVERY, "max_chars": 400, "questions": 3,
-        "max_len": 96, "epochs": EPOCHS, "mixup_epochs": MIXUP_EPOCHS, "lr": 2e-4,
-        "global_batch": 8, "micro_batch": 4, "dynamics": 4, "max_new_tokens": 8, "bootstrap": 400,
-        "nproc": 1, "shard": "ddp", "train_flags": "", "design": 2}
+        "model": ".assets/SmolLM2-135M-Instruct",
+        "train": 64,
+        "heldout": 150,
+        "validation": VALIDATION,
+        "heldout_every": EVERY,
+        "max_chars": 400,
+        "questions": 3,
+        "max_len": 96,
+        "epochs": EPOCHS,
+        "mixup_epochs": MIXUP_EPOCHS,
+        "lr": 2e-4,
+        "global_batch": 8,
+        "micro_batch": 4,
+        "dynamics": 4,
+        "max_new_tokens": 8,
+        "bootstrap": 400,
+        "nproc": 1,
+        "shard": "ddp",
+        "train_flags": "",
+        "design": 2,
+    }
     return s | change
 
 
 # ----------------------------------------------------------------------------- validation and test
+
 
 def test_validation_is_the_last_conversations_and_test_the_others():
     ids = [f"c{i}" for i in range(10)]
@@ -84,6 +109,7 @@ def test_validation_is_the_last_conversations_and_test_the_others():
 
 
 # ----------------------------------------------------------------------------- the pairing
+
 
 @pytest.fixture(scope="module")
 def paired(tiny_model_dir, chat_data, tmp_path_factory):
@@ -99,8 +125,7 @@ def paired(tiny_model_dir, chat_data, tmp_path_factory):
     for seed in SEEDS:
         c, u = sftmix.random_split(ids, seed)
         data.write_json(out / f"split-random-s{seed}.json", {"confident": c, "unconfident": u})
-    s = settings(out, model=str(tiny_model_dir), data=str(chat_data),
-                 heldout_data=str(chat_data))
+    s = settings(out, model=str(tiny_model_dir), data=str(chat_data), heldout_data=str(chat_data))
     return study.Study(out, s), samples
 
 
@@ -110,8 +135,9 @@ def arm_args(st, arm, seed):
 
 def batches(args, samples, epoch):
     halves = train.split_indices(args.split, samples) if args.mode == "sftmix" else None
-    return train.epoch_batches(len(samples), halves, epoch, args.global_batch, args.seed,
-                               args.alpha)
+    return train.epoch_batches(
+        len(samples), halves, epoch, args.global_batch, args.seed, args.alpha
+    )
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -131,8 +157,9 @@ def test_ntp_on_sftmixs_batches_sees_sftmixs_examples_in_the_same_steps(paired, 
             assert [m.rows for m in layout_p[0]] == [m.rows for m in layout_s[0]]
             assert layout_p[1:] == layout_s[1:]  # the normalisers: tokens and mixed positions
     # plain NTP of the same seed shuffles all examples its own way: paired with SFTMix by seed only
-    assert [set(b) for b, _ in batches(ntp, samples, 0)] != \
-        [set(b) for b, _ in batches(s, samples, 0)]
+    assert [set(b) for b, _ in batches(ntp, samples, 0)] != [
+        set(b) for b, _ in batches(s, samples, 0)
+    ]
 
 
 def test_ntp_on_sftmixs_batches_takes_ntps_gradient_on_them(paired, tiny_model_dir):
@@ -145,9 +172,20 @@ def test_ntp_on_sftmixs_batches_takes_ntps_gradient_on_them(paired, tiny_model_d
 
     def gradient(args, lam):
         model.zero_grad(set_to_none=True)
-        stats_ = train.forward_backward(model, samples, batch, lam, args.mu, args.mixup_only,
-                                        args.micro_batch, args.grad_clip, torch.device("cpu"), None,
-                                        0, 1)[0]
+        stats_ = train.forward_backward(
+            model,
+            samples,
+            batch,
+            lam,
+            args.mu,
+            args.mixup_only,
+            args.micro_batch,
+            args.grad_clip,
+            torch.device("cpu"),
+            None,
+            0,
+            1,
+        )[0]
         return torch.cat([q.grad.flatten() for q in model.parameters()]), stats_
 
     g_paired, st_paired = gradient(p, lam)
@@ -169,17 +207,17 @@ def test_random_split_draws_sftmixs_batch_structure_and_lambdas(paired, seed):
     hs, hr = train.split_indices(s.split, samples), train.split_indices(r.split, samples)
     place = {i: (h, k) for h, half in enumerate(hs) for k, i in enumerate(half)}  # i: (half, place)
     for epoch in range(EPOCHS):
-        for (bs, lam_s), (br, lam_r) in zip(batches(s, samples, epoch),
-                                            batches(r, samples, epoch)):
+        for (bs, lam_s), (br, lam_r) in zip(batches(s, samples, epoch), batches(r, samples, epoch)):
             assert [hr[place[i][0]][place[i][1]] for i in bs] == br and torch.equal(lam_s, lam_r)
 
 
 # ----------------------------------------------------------------------------- statistics by hand
 
+
 def test_interval_with_the_held_out_noise_is_welch_satterthwaite_over_seeds_and_conversations():
     d, v, conversations = [0.30, 0.10, 0.20, 0.45], 0.004, 40
     a = statistics.variance(d) / 4  # the seeds' share: s^2 / S
-    df = (a + v) ** 2 / (a ** 2 / 3 + v ** 2 / 39)
+    df = (a + v) ** 2 / (a**2 / 3 + v**2 / 39)
     mean, half = study.combined_interval(d, v, conversations)
     assert mean == pytest.approx(0.2625)
     assert half == pytest.approx(stats.t.ppf(0.975, df) * math.sqrt(a + v), rel=1e-4)
@@ -194,29 +232,38 @@ def test_held_out_noise_of_a_difference_is_the_bootstrap_variance_with_each_runs
     val, test = ["v0", "v1"], ["t0", "t1"]
     n = {"v0": 4, "v1": 6, "t0": 5, "t1": 3}
     # summed NLL (point 0, point 1) of each conversation: the validation ones disagree on the best
-    runs = {("A", 0): {"v0": (4.0, 2.0), "v1": (3.0, 6.0), "t0": (6.0, 4.0), "t1": (2.0, 3.5)},
-            ("A", 1): {"v0": (3.5, 2.5), "v1": (4.0, 5.0), "t0": (5.0, 5.5), "t1": (3.0, 2.0)},
-            ("B", 0): {"v0": (2.0, 3.0), "v1": (6.0, 4.5), "t0": (4.0, 6.5), "t1": (1.5, 3.0)},
-            ("B", 1): {"v0": (5.0, 3.0), "v1": (2.0, 4.0), "t0": (7.0, 5.0), "t1": (2.5, 2.0)}}
+    runs = {
+        ("A", 0): {"v0": (4.0, 2.0), "v1": (3.0, 6.0), "t0": (6.0, 4.0), "t1": (2.0, 3.5)},
+        ("A", 1): {"v0": (3.5, 2.5), "v1": (4.0, 5.0), "t0": (5.0, 5.5), "t1": (3.0, 2.0)},
+        ("B", 0): {"v0": (2.0, 3.0), "v1": (6.0, 4.5), "t0": (4.0, 6.5), "t1": (1.5, 3.0)},
+        ("B", 1): {"v0": (5.0, 3.0), "v1": (2.0, 4.0), "t0": (7.0, 5.0), "t1": (2.5, 2.0)},
+    }
 
     def scored(nll, v_draw, t_draw):
         curve = [ppl([nll[i][p] for i in v_draw], [n[i] for i in v_draw]) for p in (0, 1)]
         best = curve.index(min(curve))
         return ppl([nll[i][best] for i in t_draw], [n[i] for i in t_draw])
 
-    exact = [np.mean([scored(runs["A", s], vd, td) - scored(runs["B", s], vd, td) for s in (0, 1)])
-             for vd in itertools.product(val, repeat=2)
-             for td in itertools.product(test, repeat=2)]
+    exact = [
+        np.mean([scored(runs["A", s], vd, td) - scored(runs["B", s], vd, td) for s in (0, 1)])
+        for vd in itertools.product(val, repeat=2)
+        for td in itertools.product(test, repeat=2)
+    ]
     held = study.HeldOut({"validation": val, "test": test}, draws=40_000)
-    curves = {arm: {s: held.curve([0.5, 1.0], {i: (np.array(runs[arm, s][i]), n[i])
-                                              for i in val + test})
-                    for s in (0, 1)} for arm in ("A", "B")}
+    curves = {
+        arm: {
+            s: held.curve([0.5, 1.0], {i: (np.array(runs[arm, s][i]), n[i]) for i in val + test})
+            for s in (0, 1)
+        }
+        for arm in ("A", "B")
+    }
     rec = study.Records(curves, {}, [], None, held)
     seeds, d, draws = study.difference(rec, "A", "best", "B", "best")
     assert seeds == [0, 1] and np.var(exact) > 0.01
     assert draws.var() == pytest.approx(np.var(exact), rel=0.05)
-    assert d == pytest.approx([scored(runs["A", s], val, test) - scored(runs["B", s], val, test)
-                               for s in (0, 1)])
+    assert d == pytest.approx(
+        [scored(runs["A", s], val, test) - scored(runs["B", s], val, test) for s in (0, 1)]
+    )
 
 
 def test_spreads_and_their_log_ratio_interval_against_hand_computations():
@@ -229,17 +276,26 @@ def test_spreads_and_their_log_ratio_interval_against_hand_computations():
     logs = [math.log(r) for r in ratios]
     g, lo, hi = study.ratio_interval(ratios)
     assert g == pytest.approx(math.exp(statistics.mean(logs)))
-    assert (lo, hi) == pytest.approx((math.exp(statistics.mean(logs) - t_half(logs)),
-                                      math.exp(statistics.mean(logs) + t_half(logs))), rel=1e-4)
+    assert (lo, hi) == pytest.approx(
+        (
+            math.exp(statistics.mean(logs) - t_half(logs)),
+            math.exp(statistics.mean(logs) + t_half(logs)),
+        ),
+        rel=1e-4,
+    )
     assert lo > 0  # a ratio's bound, unlike a t interval on the raw ratios (mean - half < 0 here)
     assert statistics.mean(ratios) - t_half(ratios) < 0
 
 
-@pytest.mark.parametrize("df, closed_form", [
-    (1, lambda p: math.tan(math.pi * (p - 0.5))),  # Cauchy
-    (2, lambda p: (2 * p - 1) / math.sqrt(2 * p * (1 - p))),
-    (7.3, lambda p: stats.t.ppf(p, 7.3)),  # Welch-Satterthwaite's df is not whole
-    (10_000, lambda p: statistics.NormalDist().inv_cdf(p))])  # the normal limit (t: ~1e-4 off)
+@pytest.mark.parametrize(
+    "df, closed_form",
+    [
+        (1, lambda p: math.tan(math.pi * (p - 0.5))),  # Cauchy
+        (2, lambda p: (2 * p - 1) / math.sqrt(2 * p * (1 - p))),
+        (7.3, lambda p: stats.t.ppf(p, 7.3)),  # Welch-Satterthwaite's df is not whole
+        (10_000, lambda p: statistics.NormalDist().inv_cdf(p)),
+    ],
+)  # the normal limit (t: ~1e-4 off)
 def test_t_quantile_matches_closed_forms(df, closed_form):
     for p in (0.9, 0.975, 0.995):
         assert study.t_quantile(p, df) == pytest.approx(closed_form(p), rel=1e-3)
@@ -262,6 +318,7 @@ def test_bootstrap_std_matches_the_ratio_estimators_standard_error():
 
 # ----------------------------------------------------------------------------- the report
 
+
 def synthetic_study(out, chat_data):
     """OUT of a finished second-design study of NTP and SFTMix at seeds 0 and 1 (4 points: epochs
     0.5 .. 2), 3 validation and 4 test conversations, whose records are heldout.jsonl and
@@ -276,31 +333,50 @@ def synthetic_study(out, chat_data):
         base[:, :3] += 0.3 * (np.arange(4) != best_val)[:, None]
         base[:, 3:] += 0.3 * (np.arange(4) != 0)[:, None]
         tokens = rng.integers(3, 30, size=7)
-        runs[arm, seed] = {i: [(float(base[p, j] * tokens[j]), int(tokens[j])) for p in range(4)]
-                           for j, i in enumerate(val + test)}
+        runs[arm, seed] = {
+            i: [(float(base[p, j] * tokens[j]), int(tokens[j])) for p in range(4)]
+            for j, i in enumerate(val + test)
+        }
         run = out / "runs" / f"{arm}-s{seed}"
         run.mkdir(parents=True)
-        points = [{"step": 2 * (p + 1), "epoch": (p + 1) / 2,
-                   "nll": {i: list(v[p]) for i, v in runs[arm, seed].items()}} for p in range(4)]
+        points = [
+            {
+                "step": 2 * (p + 1),
+                "epoch": (p + 1) / 2,
+                "nll": {i: list(v[p]) for i, v in runs[arm, seed].items()},
+            }
+            for p in range(4)
+        ]
         data.write_json(run / "heldout.jsonl", points, lines=True)
-        data.write_json(run / "dynamics.jsonl", [{"id": f"x{k}", "perplexities": [float(x)]}
-                                                 for k, x in enumerate(rng.uniform(1, 3, size=9))],
-                        lines=True)
+        data.write_json(
+            run / "dynamics.jsonl",
+            [
+                {"id": f"x{k}", "perplexities": [float(x)]}
+                for k, x in enumerate(rng.uniform(1, 3, size=9))
+            ],
+            lines=True,
+        )
     data.write_json(out / "heldout-split.json", {"validation": val, "test": test})
-    data.write_json(out / "study.json", settings(out, data=str(chat_data),
-                                                 heldout_data=str(chat_data), bootstrap=300))
+    data.write_json(
+        out / "study.json",
+        settings(out, data=str(chat_data), heldout_data=str(chat_data), bootstrap=300),
+    )
     return runs, val, test
 
 
-def test_report_chooses_each_runs_best_point_on_validation_and_scores_it_on_test(chat_data,
-                                                                                  tmp_path):
+def test_report_chooses_each_runs_best_point_on_validation_and_scores_it_on_test(
+    chat_data, tmp_path
+):
     runs, val, test = synthetic_study(tmp_path, chat_data)
     study.write_report(study.Study(tmp_path, study.read_settings(tmp_path / "study.json")))
     text = (tmp_path / "results.md").read_text()
 
     def curve(arm, seed, ids):
-        return [ppl([runs[arm, seed][i][p][0] for i in ids],
-                    [runs[arm, seed][i][p][1] for i in ids]) for p in range(4)]
+        return [
+            ppl([runs[arm, seed][i][p][0] for i in ids], [runs[arm, seed][i][p][1] for i in ids])
+            for p in range(4)
+        ]
+
     best = {}
     for arm, name in (("ntp", "NTP"), ("sftmix", "SFTMix")):
         chosen = [int(np.argmin(curve(arm, seed, val))) for seed in SEEDS]
@@ -311,15 +387,19 @@ def test_report_chooses_each_runs_best_point_on_validation_and_scores_it_on_test
             ", ".join(f"{(c + 1) / 2:.3g}" for c in chosen),
             f"0 / {sum(c == 3 for c in chosen)} of 2",
             f"{statistics.mean(best[arm]):.3f} ± {statistics.stdev(best[arm]):.3f}",
-            f"{statistics.mean(last):.3f} ± {statistics.stdev(last):.3f}", "2"]
+            f"{statistics.mean(last):.3f} ± {statistics.stdev(last):.3f}",
+            "2",
+        ]
     d = [x - y for x, y in zip(best["sftmix"], best["ntp"])]
     row = table_row(text, "SFTMix − NTP", "best")
     mean, half = statistics.mean(d), t_half(d)
     assert row[2] == f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
     lo, hi = (float(x) for x in row[3].split("[")[1].rstrip("]").split(","))
     assert row[3].startswith(f"{mean:+.3f} [") and (lo + hi) / 2 == pytest.approx(mean, abs=1e-3)
-    assert row[4:] == [f"{sum(x < 0 for x in d)} of 2",
-                       ", ".join(f"{s}: {x:+.3f}" for s, x in zip(SEEDS, d))]
+    assert row[4:] == [
+        f"{sum(x < 0 for x in d)} of 2",
+        ", ".join(f"{s}: {x:+.3f}" for s, x in zip(SEEDS, d)),
+    ]
     assert "NTP, SFTMix's batches seeds none" in text
     assert "Missing from the full study: ntp seeds 2, 3, 4, 5;" in text
 
@@ -334,57 +414,84 @@ def test_report_only_rebuilds_the_first_designs_numbers_from_its_committed_recor
     assert "What these records cannot give (the first design)" in text
 
     def lines(arm, seed, name):
-        return [json.loads(x) for x in (out / "runs" / f"{arm}-s{seed}" / name).read_text()
-                .splitlines()]
+        return [
+            json.loads(x) for x in (out / "runs" / f"{arm}-s{seed}" / name).read_text().splitlines()
+        ]
 
     def curve(arm, seed):
         return [r["heldout_ppl"] for r in lines(arm, seed, "metrics.jsonl") if "heldout_ppl" in r]
+
     d = [min(curve("random", s)) - min(curve("ntp", s)) for s in range(6)]
     mean, half = statistics.mean(d), t_half(d)
     assert table_row(text, "SFTMix, random split − NTP", "best")[2:5] == [
-        f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]", "—", "1 of 6"]
+        f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]",
+        "—",
+        "1 of 6",
+    ]
     assert f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]" == "+0.141 [+0.002, +0.281]"
     rise = [curve("sftmix", s)[-1] - min(curve("sftmix", s)) for s in range(6)]
     mean, half = statistics.mean(rise), t_half(rise)
-    assert table_row(text, "SFTMix", f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]")[2:] \
-        == ["—", "6 of 6"]
+    assert table_row(text, "SFTMix", f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]")[
+        2:
+    ] == ["—", "6 of 6"]
 
     # SFTMix − NTP at the last epoch with the held-out noise: its variance by the delta method on
     # seed 0's per-conversation NLLs (the bootstrap's limit), then Welch-Satterthwaite
     def linear(model):  # d ppl / d (conversation weights): ppl (nll_i - r n_i) / sum n
-        rows = [json.loads(x)
-                for x in (out / "heldout" / f"{model}.jsonl").read_text().splitlines()]
-        nll, n = (np.array([r[k] for r in sorted(rows, key=lambda r: r["id"])])
-                  for k in ("nll", "tokens"))
+        rows = [
+            json.loads(x) for x in (out / "heldout" / f"{model}.jsonl").read_text().splitlines()
+        ]
+        nll, n = (
+            np.array([r[k] for r in sorted(rows, key=lambda r: r["id"])]) for k in ("nll", "tokens")
+        )
         r = nll.sum() / n.sum()
         return math.exp(r) * (nll - r * n) / n.sum()
+
     v = float(((linear("sftmix") - linear("ntp")) ** 2).sum())
     d = [curve("sftmix", s)[-1] - curve("ntp", s)[-1] for s in range(6)]
     a = statistics.variance(d) / 6
     half = stats.t.ppf(0.975, (a + v) ** 2 / (a * a / 5 + v * v / 99)) * math.sqrt(a + v)
-    lo, hi = (float(x) for x in table_row(text, "SFTMix − NTP", "last")[3].split("[")[1]
-              .rstrip("]").split(","))
+    lo, hi = (
+        float(x)
+        for x in table_row(text, "SFTMix − NTP", "last")[3].split("[")[1].rstrip("]").split(",")
+    )
     assert (hi - lo) / 2 == pytest.approx(half, rel=0.05) and half > t_half(d)
 
     def perplexities(arm, seed):
         return [r["perplexities"][0] for r in lines(arm, seed, "dynamics.jsonl")]
-    logs = [math.log(statistics.pstdev(perplexities("sftmix", s))
-                     / statistics.pstdev(perplexities("ntp", s))) for s in range(6)]
+
+    logs = [
+        math.log(
+            statistics.pstdev(perplexities("sftmix", s)) / statistics.pstdev(perplexities("ntp", s))
+        )
+        for s in range(6)
+    ]
     m, h = statistics.mean(logs), t_half(logs)
     paper = section(text, "std of Conf = −Perp (the paper's), change:")
     assert table_row(paper, "SFTMix against NTP")[1:3] == [
         f"{100 * (math.exp(m) - 1):+.0f}% [{100 * (math.exp(m - h) - 1):+.0f}%, "
-        f"{100 * (math.exp(m + h) - 1):+.0f}%]", f"{sum(x > 0 for x in logs)} of 6"]
+        f"{100 * (math.exp(m + h) - 1):+.0f}%]",
+        f"{sum(x > 0 for x in logs)} of 6",
+    ]
     times = [line.split("\t") for line in (out / "times.tsv").read_text().splitlines()]
-    runs = sorted(int(t[1]) for t in times  # "ARM TITLE, seed S"; "random split, seed S" is a split
-                  if t[2] == "done" and re.fullmatch(r".+, seed \d+", t[0])
-                  and not t[0].startswith("random split"))
+    runs = sorted(
+        int(t[1])
+        for t in times  # "ARM TITLE, seed S"; "random split, seed S" is a split
+        if t[2] == "done"
+        and re.fullmatch(r".+, seed \d+", t[0])
+        and not t[0].startswith("random split")
+    )
     assert f"the 24 training runs, seconds each, sorted: {', '.join(map(str, runs))}." in text
 
 
-@pytest.mark.parametrize("content, named", [('{"model": ".assets/Smol', "unreadable"),
-                                            ('{"model": "m"}', "'data'"),
-                                            ("[1, 2]", "JSON object")])
+@pytest.mark.parametrize(
+    "content, named",
+    [
+        ('{"model": ".assets/Smol', "unreadable"),
+        ('{"model": "m"}', "'data'"),
+        ("[1, 2]", "JSON object"),
+    ],
+)
 def test_cut_or_incomplete_study_json_is_one_line(tmp_path, capsys, content, named):
     (tmp_path / "study.json").write_text(content)
     with pytest.raises(SystemExit) as e:
@@ -407,9 +514,13 @@ def test_train_flags_reach_every_run_and_the_studys_own_are_refused(tiny_model_d
 
 # ----------------------------------------------------------------------------- the command
 
+
 def run_study(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "study.py"), *map(str, args)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "study.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -420,14 +531,47 @@ def inputs(tiny_model_dir, chat_data, tmp_path_factory):
     lines = chat_data.read_text().splitlines(keepends=True)
     (tmp / "train.jsonl").write_text("".join(lines[:32]))
     (tmp / "heldout.jsonl").write_text("".join(lines[32:]))
-    (tmp / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in [
-        {"question_id": 81, "category": "reasoning", "turns": ["Where did the cat sit?"]},
-        {"question_id": 82, "category": "stem", "turns": ["What did the dogs play with?"]}]))
-    return ["--model", tiny_model_dir, "--data", tmp / "train.jsonl",
-            "--heldout-data", tmp / "heldout.jsonl", "--questions-file", tmp / "questions.jsonl",
-            "--max-len", 64, "--epochs", EPOCHS, "--lr", 1e-3, "--global-batch", 8,
-            "--micro-batch", 4, "--dynamics", 2, "--max-new-tokens", 6, "--bootstrap", 200,
-            "--validation", VALIDATION, "--heldout-every", EVERY, "--mixup-epochs", MIXUP_EPOCHS]
+    (tmp / "questions.jsonl").write_text(
+        "".join(
+            json.dumps(q) + "\n"
+            for q in [
+                {"question_id": 81, "category": "reasoning", "turns": ["Where did the cat sit?"]},
+                {"question_id": 82, "category": "stem", "turns": ["What did the dogs play with?"]},
+            ]
+        )
+    )
+    return [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tmp / "train.jsonl",
+        "--heldout-data",
+        tmp / "heldout.jsonl",
+        "--questions-file",
+        tmp / "questions.jsonl",
+        "--max-len",
+        64,
+        "--epochs",
+        EPOCHS,
+        "--lr",
+        1e-3,
+        "--global-batch",
+        8,
+        "--micro-batch",
+        4,
+        "--dynamics",
+        2,
+        "--max-new-tokens",
+        6,
+        "--bootstrap",
+        200,
+        "--validation",
+        VALIDATION,
+        "--heldout-every",
+        EVERY,
+        "--mixup-epochs",
+        MIXUP_EPOCHS,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -452,9 +596,9 @@ def records(out, arm, seed, name):
 def run_curves(out, arm, seed, ids):
     """(epochs, ppl over ids at each point) from the run's heldout.jsonl."""
     points = records(out, arm, seed, "heldout.jsonl")
-    return [p["epoch"] for p in points], [ppl([p["nll"][i][0] for i in ids],
-                                              [p["nll"][i][1] for i in ids])
-                                          for p in points]
+    return [p["epoch"] for p in points], [
+        ppl([p["nll"][i][0] for i in ids], [p["nll"][i][1] for i in ids]) for p in points
+    ]
 
 
 def heldout_split(out):
@@ -471,14 +615,19 @@ def test_the_held_out_split_is_the_last_validation_conversations_of_the_file(toy
 def test_a_part_of_the_study_reports_what_finished_and_what_is_missing(toy):
     _, out, part_report, _ = toy
     assert "Finished: NTP seeds 0; NTP, SFTMix's batches seeds none; SFTMix seeds 0;" in part_report
-    assert ("Missing from the full study: ntp seeds 1, 2, 3, 4, 5; ntp_paired seeds 0, 1, 2, 3, 4, "
-            "5; sftmix seeds 1, 2, 3, 4, 5; random seeds 0, 1, 2, 3, 4, 5; mu1 seeds 0, 1, 2; "
-            "mixup seeds 0, 1, 2.") in part_report
+    assert (
+        "Missing from the full study: ntp seeds 1, 2, 3, 4, 5; ntp_paired seeds 0, 1, 2, 3, 4, "
+        "5; sftmix seeds 1, 2, 3, 4, 5; random seeds 0, 1, 2, 3, 4, 5; mu1 seeds 0, 1, 2; "
+        "mixup seeds 0, 1, 2."
+    ) in part_report
     test = heldout_split(out)["test"]
     d = run_curves(out, "sftmix", 0, test)[1][-1] - run_curves(out, "ntp", 0, test)[1][-1]
-    assert table_row(part_report, "SFTMix − NTP", "last")[2:] == [f"{d:+.3f}", "—",
-                                                                  f"{int(d < 0)} of 1",
-                                                                  f"0: {d:+.3f}"]
+    assert table_row(part_report, "SFTMix − NTP", "last")[2:] == [
+        f"{d:+.3f}",
+        "—",
+        f"{int(d < 0)} of 1",
+        f"0: {d:+.3f}",
+    ]
     assert "seeds" not in json.loads((out / "study.json").read_text())  # the part locked nothing in
 
 
@@ -506,8 +655,17 @@ def test_every_arm_and_seed_records_its_grid_and_keeps_no_weights(toy):
     assert not (out / "reference" / "final").exists()
 
 
-@pytest.mark.parametrize("arm, mu", [("ntp", None), ("ntp_paired", 0.0), ("sftmix", 0.2),
-                                     ("random", 0.2), ("mu1", 1.0), ("mixup", None)])
+@pytest.mark.parametrize(
+    "arm, mu",
+    [
+        ("ntp", None),
+        ("ntp_paired", 0.0),
+        ("sftmix", 0.2),
+        ("random", 0.2),
+        ("mu1", 1.0),
+        ("mixup", None),
+    ],
+)
 def test_each_arm_trains_with_its_own_loss(toy, arm, mu):
     """The loss each step logged: NTP alone; L_NTP + mu L_Mixup (mu 0 on SFTMix's batches, 0.2,
     1); L_Mixup alone for Mixup only."""
@@ -526,8 +684,9 @@ def test_random_splits_have_the_sizes_of_the_confidence_split_and_differ_by_seed
     randoms = [json.loads((out / f"split-random-s{seed}.json").read_text()) for seed in SEEDS]
     for r in randoms:
         assert {h: len(ids) for h, ids in r.items()} == {h: len(ids) for h, ids in split.items()}
-        assert sorted(r["confident"] + r["unconfident"]) \
-            == sorted(split["confident"] + split["unconfident"])
+        assert sorted(r["confident"] + r["unconfident"]) == sorted(
+            split["confident"] + split["unconfident"]
+        )
     assert randoms[0]["confident"] != randoms[1]["confident"]
 
 
@@ -543,15 +702,19 @@ def test_tables_are_the_test_ppl_at_the_validation_best_and_paired_t_intervals(t
         last[arm] = [run_curves(out, arm, seed, test)[1][-1] for seed in SEEDS]
         row = table_row(text, name, "0, 1")
         assert row[2] == ", ".join(f"{epochs[c]:.3g}" for c in chosen)
-        assert row[4:6] == [f"{statistics.mean(best[arm]):.3f} ± {statistics.stdev(best[arm]):.3f}",
-                            f"{statistics.mean(last[arm]):.3f} ± {statistics.stdev(last[arm]):.3f}"]
+        assert row[4:6] == [
+            f"{statistics.mean(best[arm]):.3f} ± {statistics.stdev(best[arm]):.3f}",
+            f"{statistics.mean(last[arm]):.3f} ± {statistics.stdev(last[arm]):.3f}",
+        ]
     for a, b in study.PAIRS:
         for at, values in (("best", best), ("last", last)):
             d = [x - y for x, y in zip(values[a], values[b])]
             cauchy = math.tan(math.pi * 0.475)  # t with 1 degree of freedom, 97.5%
             mean, half = statistics.mean(d), cauchy * statistics.stdev(d) / math.sqrt(2)
-            assert table_row(text, f"{ARMS[a]} − {ARMS[b]}", at)[2] == \
-                f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+            assert (
+                table_row(text, f"{ARMS[a]} − {ARMS[b]}", at)[2]
+                == f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+            )
 
 
 def test_confidence_spread_tables_hold_the_three_measures_against_ntps(toy):
@@ -560,29 +723,37 @@ def test_confidence_spread_tables_hold_the_three_measures_against_ntps(toy):
 
     def perplexities(arm, seed):
         return [r["perplexities"][0] for r in records(out, arm, seed, "dynamics.jsonl")]
-    for measure, title, f in (("paper", "std of Conf = −Perp (the paper's)", statistics.pstdev),
-                              ("log", "std of log Perp",
-                               lambda p: statistics.pstdev([math.log(x) for x in p]))):
+
+    for measure, title, f in (
+        ("paper", "std of Conf = −Perp (the paper's)", statistics.pstdev),
+        ("log", "std of log Perp", lambda p: statistics.pstdev([math.log(x) for x in p])),
+    ):
         values = section(text, f"{title}, mean ± std over seeds:")
         changes = section(text, f"{title}, change:")
         for arm, name in ARMS.items():
             s = [f(perplexities(arm, seed)) for seed in SEEDS]
-            assert table_row(values, name)[1] == \
-                f"{statistics.mean(s):.3f} ± {statistics.stdev(s):.3f}"
-        logs = [math.log(f(perplexities("sftmix", seed)) / f(perplexities("ntp", seed)))
-                for seed in SEEDS]
-        m, h = statistics.mean(logs), math.tan(math.pi * 0.475) * statistics.stdev(logs) / 2 ** 0.5
+            assert (
+                table_row(values, name)[1]
+                == f"{statistics.mean(s):.3f} ± {statistics.stdev(s):.3f}"
+            )
+        logs = [
+            math.log(f(perplexities("sftmix", seed)) / f(perplexities("ntp", seed)))
+            for seed in SEEDS
+        ]
+        m, h = statistics.mean(logs), math.tan(math.pi * 0.475) * statistics.stdev(logs) / 2**0.5
         assert table_row(changes, "SFTMix against NTP")[1] == (
             f"{100 * (math.exp(m) - 1):+.0f}% [{100 * (math.exp(m - h) - 1):+.0f}%, "
-            f"{100 * (math.exp(m + h) - 1):+.0f}%]")
+            f"{100 * (math.exp(m + h) - 1):+.0f}%]"
+        )
 
 
 def test_base_model_perplexity_is_the_epoch_zero_row(toy):
     _, out, _, _ = toy
     test = set(heldout_split(out)["test"])
     rows = [json.loads(line) for line in (out / "heldout" / "base.jsonl").read_text().splitlines()]
-    value = ppl([r["nll"] for r in rows if r["id"] in test],
-                [r["tokens"] for r in rows if r["id"] in test])
+    value = ppl(
+        [r["nll"] for r in rows if r["id"] in test], [r["tokens"] for r in rows if r["id"] in test]
+    )
     row = table_row((out / "results.md").read_text(), "0 (base model)")
     assert row[1:7] == [f"{value:.4f}"] * 6
 
@@ -595,8 +766,9 @@ def test_the_held_out_records_agree_with_the_ppl_train_py_logs_at_epoch_ends(toy
     for r in records(out, "sftmix", 1, "metrics.jsonl"):
         if "heldout_ppl" in r:
             nll = points[r["step"] / 4]["nll"].values()
-            assert ppl([x[0] for x in nll], [x[1] for x in nll]) \
-                == pytest.approx(r["heldout_ppl"], rel=1e-6)
+            assert ppl([x[0] for x in nll], [x[1] for x in nll]) == pytest.approx(
+                r["heldout_ppl"], rel=1e-6
+            )
 
 
 def test_answers_side_by_side_hold_each_models_answer_under_each_question(toy):
@@ -609,8 +781,12 @@ def test_answers_side_by_side_hold_each_models_answer_under_each_question(toy):
     assert (out / "heldout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_copy_of_the_records_continues_training_nothing_and_report_only_redraws_the_same_table(toy, tmp_path):
-    """OUT holds no weights, so a copy of it (a fresh checkout of a committed study) is the whole state."""
+def test_a_copy_of_the_records_continues_training_nothing_and_report_only_redraws_the_same_table(
+    toy, tmp_path
+):
+    """OUT holds no weights, so a copy of it (a fresh checkout of a committed study) is the whole
+    state.
+    """
     flags, out, _, _ = toy
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
@@ -642,23 +818,39 @@ def test_other_settings_in_the_same_directory_stop_with_one_line(toy):
     settings_ = (out / "study.json").read_text()
     r = run_study("--out", out, *flags, "--lr", 5e-4)
     assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and "study.json" in r.stderr and "--lr" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.stderr.count("\n") == 1
+        and "study.json" in r.stderr
+        and "--lr" in r.stderr
+        and "Traceback" not in r.stderr
+    )
     assert (out / "study.json").read_text() == settings_
 
 
-@pytest.mark.parametrize("change, named", [
-    (["--epochs", 0], "--epochs"), (["--lr", 0], "--lr"), (["--micro-batch", 3], "--micro-batch"),
-    (["--seeds", -1], "--seeds"), (["--arms", "ntp,sftmx"], "sftmx"), (["--dynamics", 0], "--dynamics"),
-    (["--dynamics", 9], "--dynamics 9"),  # more checkpoints than the reference epoch's 4 steps
-    (["--global-batch", 64], "--global-batch 64"),  # 32 conversations fill no batch of 64
-    (["--validation", 8], "--validation 8"),  # all 8 held-out conversations: no test set left
-    (["--heldout-every", -1], "--heldout-every"), (["--mixup-epochs", 0], "--mixup-epochs"),
-    (["--train-flags", "--seed 3"], "--seed"),
-    (["--train-flags", "--no-such-flag"], "--no-such-flag"),
-    (["--data", "no/such.jsonl"], "--data"), (["--questions-file", "no/such.jsonl"], "--questions-file"),
-    (["--model", "no/such/model"], "config.json")])
-def test_bad_flags_and_inputs_stop_with_one_line_before_anything_is_written(inputs, tmp_path, change, named,
-                                                                          capsys):
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (["--epochs", 0], "--epochs"),
+        (["--lr", 0], "--lr"),
+        (["--micro-batch", 3], "--micro-batch"),
+        (["--seeds", -1], "--seeds"),
+        (["--arms", "ntp,sftmx"], "sftmx"),
+        (["--dynamics", 0], "--dynamics"),
+        (["--dynamics", 9], "--dynamics 9"),  # more checkpoints than the reference epoch's 4 steps
+        (["--global-batch", 64], "--global-batch 64"),  # 32 conversations fill no batch of 64
+        (["--validation", 8], "--validation 8"),  # all 8 held-out conversations: no test set left
+        (["--heldout-every", -1], "--heldout-every"),
+        (["--mixup-epochs", 0], "--mixup-epochs"),
+        (["--train-flags", "--seed 3"], "--seed"),
+        (["--train-flags", "--no-such-flag"], "--no-such-flag"),
+        (["--data", "no/such.jsonl"], "--data"),
+        (["--questions-file", "no/such.jsonl"], "--questions-file"),
+        (["--model", "no/such/model"], "config.json"),
+    ],
+)
+def test_bad_flags_and_inputs_stop_with_one_line_before_anything_is_written(
+    inputs, tmp_path, change, named, capsys
+):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_:
         study.main([str(a) for a in ["--out", out, *inputs, *change]])

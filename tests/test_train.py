@@ -1,4 +1,7 @@
-"""train.py end to end on CPU: DDP equals one process, resume equals no interruption, dynamics are what they claim."""
+"""train.py end to end on CPU: DDP equals one process, resume equals no interruption, dynamics are
+what they claim.
+"""
+
 import json
 import math
 import os
@@ -22,9 +25,20 @@ COMMON = ["--global-batch", "8", "--lr", "1e-3", "--warmup-ratio", "0.2", "--sav
 
 
 def run_train(*args, nproc=1):
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    r = subprocess.run(launcher + [str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True)
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+        ]
+    )
+    r = subprocess.run(
+        launcher + [str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         raise AssertionError(r.stderr[-3000:])
     return r
@@ -35,31 +49,61 @@ def weights(run: Path):
 
 
 def saved_state(run: Path):
-    """(step, model weights) of the resumable state of a one-rank run, read back with safetensors alone."""
+    """(step, model weights) of the resumable state of a one-rank run, read back with safetensors
+    alone.
+    """
     latest = json.loads((run / "state" / "latest.json").read_text())
     files = (run / "state" / latest["checkpoint"]).glob("*.safetensors")
     tensors = {k: v for f in files for k, v in load_file(str(f)).items()}
-    return latest["step"], {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    return latest["step"], {
+        k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")
+    }
 
 
 @pytest.fixture(scope="module")
 def split_file(tiny_model_dir, chat_data, tmp_path_factory):
-    """An arbitrary deterministic split of the 40 ids (stage 3 takes any split; stage 2 is tested elsewhere)."""
+    """An arbitrary deterministic split of the 40 ids (stage 3 takes any split; stage 2 is tested
+    elsewhere).
+    """
     path = tmp_path_factory.mktemp("split") / "split.json"
-    path.write_text(json.dumps({"confident": [f"ex{i}" for i in range(0, 40, 2)],
-                                "unconfident": [f"ex{i}" for i in range(1, 40, 2)]}))
+    path.write_text(
+        json.dumps(
+            {
+                "confident": [f"ex{i}" for i in range(0, 40, 2)],
+                "unconfident": [f"ex{i}" for i in range(1, 40, 2)],
+            }
+        )
+    )
     return path
 
 
 @pytest.mark.parametrize("mode", ["ntp", "sftmix"])
-def test_ddp_on_two_processes_gives_the_weights_of_one_process(mode, tiny_model_dir, chat_data, split_file, tmp_path):
-    # lr 1e-4: AdamW scales even float-noise-sized gradients to steps of about lr, so a larger lr mostly
-    # measures Adam's amplification of summation order, not DDP
-    base = ["--mode", mode, "--model", tiny_model_dir, "--data", chat_data, *COMMON, "--epochs", "2", "--lr", "1e-4"]
+def test_ddp_on_two_processes_gives_the_weights_of_one_process(
+    mode, tiny_model_dir, chat_data, split_file, tmp_path
+):
+    # lr 1e-4: AdamW scales even float-noise-sized gradients to steps of about lr, so a larger lr
+    # mostly measures Adam's amplification of summation order, not DDP
+    base = [
+        "--mode",
+        mode,
+        "--model",
+        tiny_model_dir,
+        "--data",
+        chat_data,
+        *COMMON,
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-4",
+    ]
     if mode == "sftmix":
         base += ["--split", split_file]
-    run_train(*base, "--out", tmp_path / "one", "--micro-batch", "2")  # 4 micro-batches of gradient accumulation
-    run_train(*base, "--out", tmp_path / "two", "--micro-batch", "2", nproc=2)  # 2 ranks x 2 micro-batches
+    run_train(
+        *base, "--out", tmp_path / "one", "--micro-batch", "2"
+    )  # 4 micro-batches of gradient accumulation
+    run_train(
+        *base, "--out", tmp_path / "two", "--micro-batch", "2", nproc=2
+    )  # 2 ranks x 2 micro-batches
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     start = load_file(str(tiny_model_dir / "model.safetensors"))
     for name in one:
@@ -68,43 +112,96 @@ def test_ddp_on_two_processes_gives_the_weights_of_one_process(mode, tiny_model_
         assert rel <= 1e-5, (name, rel)
 
 
-def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tiny_model_dir, chat_data, split_file, tmp_path):
-    base = ["--mode", "sftmix", "--split", split_file, "--model", tiny_model_dir, "--data", chat_data, *COMMON,
-            "--epochs", "2", "--micro-batch", "2"]
+def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
+    tiny_model_dir, chat_data, split_file, tmp_path
+):
+    base = [
+        "--mode",
+        "sftmix",
+        "--split",
+        split_file,
+        "--model",
+        tiny_model_dir,
+        "--data",
+        chat_data,
+        *COMMON,
+        "--epochs",
+        "2",
+        "--micro-batch",
+        "2",
+    ]
     run_train(*base, "--out", tmp_path / "whole")
-    run_train(*base, "--out", tmp_path / "parts", "--stop-at-step", "3")  # mid-epoch 0 (5 steps an epoch)
+    run_train(
+        *base, "--out", tmp_path / "parts", "--stop-at-step", "3"
+    )  # mid-epoch 0 (5 steps an epoch)
     assert not (tmp_path / "parts" / "final").exists()
     run_train(*base, "--out", tmp_path / "parts", "--stop-at-step", "7", "--resume")  # mid-epoch 1
     run_train(*base, "--out", tmp_path / "parts", "--resume")
     whole, parts = weights(tmp_path / "whole"), weights(tmp_path / "parts")
     assert all(torch.equal(whole[n], parts[n]) for n in whole)
-    metrics = [json.loads(l) for l in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(l) for l in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [m["step"] for m in metrics] == list(range(1, 11))
 
 
 def test_run_killed_at_any_moment_resumes_bitwise_equal(tiny_model_dir, chat_data, tmp_path):
-    base = [str(ROOT / "train.py"), "--model", tiny_model_dir, "--data", chat_data, *COMMON, "--epochs", "2",
-            "--micro-batch", "4"]
+    base = [
+        str(ROOT / "train.py"),
+        "--model",
+        tiny_model_dir,
+        "--data",
+        chat_data,
+        *COMMON,
+        "--epochs",
+        "2",
+        "--micro-batch",
+        "4",
+    ]
     run_train(*base[1:], "--out", tmp_path / "whole")
-    proc = subprocess.Popen([sys.executable, *map(str, base), "--out", tmp_path / "killed"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *map(str, base), "--out", tmp_path / "killed"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = tmp_path / "killed" / "metrics.jsonl"
-    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    while proc.poll() is None and not (
+        metrics.exists() and len(metrics.read_text().splitlines()) >= 2
+    ):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)  # wherever it is: mid-step, mid-write of state.pt or metrics
     proc.wait()
-    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "final").exists(), (
+        "the run finished before it could be killed"
+    )
     run_train(*base[1:], "--out", tmp_path / "killed", "--resume")
     whole, resumed = weights(tmp_path / "whole"), weights(tmp_path / "killed")
     assert all(torch.equal(whole[n], resumed[n]) for n in whole)
 
 
-def test_pipeline_runs_every_stage_and_reuses_the_reference_run_as_the_one_epoch_baseline(tiny_model_dir,
-                                                                                           chat_data, tmp_path):
+def test_pipeline_runs_every_stage_and_reuses_the_reference_run_as_the_one_epoch_baseline(
+    tiny_model_dir, chat_data, tmp_path
+):
     env = {**os.environ, "PYTHON": sys.executable, "DYNAMICS": "2"}
-    subprocess.run(["bash", ROOT / "scripts" / "pipeline.sh", tiny_model_dir, chat_data, tmp_path,
-                    "--global-batch", "8", "--lr", "1e-3"], env=env, check=True, capture_output=True)
-    dynamics = [json.loads(l) for l in (tmp_path / "reference" / "dynamics.jsonl").read_text().splitlines()]
+    subprocess.run(
+        [
+            "bash",
+            ROOT / "scripts" / "pipeline.sh",
+            tiny_model_dir,
+            chat_data,
+            tmp_path,
+            "--global-batch",
+            "8",
+            "--lr",
+            "1e-3",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    dynamics = [
+        json.loads(l) for l in (tmp_path / "reference" / "dynamics.jsonl").read_text().splitlines()
+    ]
     split = json.loads((tmp_path / "split.json").read_text())
     by_confidence = sorted(dynamics, key=lambda r: (-r["confidence"], r["id"]))
     assert split["confident"] == [r["id"] for r in by_confidence[:20]]
@@ -118,8 +215,10 @@ def hf_response_nll(hf, samples):
     out = {}
     for s in samples:
         logp = torch.log_softmax(hf(torch.tensor([s.input_ids])).logits[0].double(), -1)  # (T, V)
-        out[s.id] = -sum(logp[t, y].item() for t, y in enumerate(s.labels) if y != data.IGNORE), \
-            sum(y != data.IGNORE for y in s.labels)
+        out[s.id] = (
+            -sum(logp[t, y].item() for t, y in enumerate(s.labels) if y != data.IGNORE),
+            sum(y != data.IGNORE for y in s.labels),
+        )
     return out
 
 
@@ -132,11 +231,25 @@ def hf_model(run: Path, state=None):
     return hf
 
 
-def test_dynamics_are_response_perplexities_of_the_checkpoints_on_one_and_two_ranks(tiny_model_dir, chat_data,
-                                                                                        tmp_path):
-    base = ["--model", tiny_model_dir, "--data", chat_data, *COMMON, "--micro-batch", "4", "--dynamics", "2",
-            "--eval-batch", "3"]
-    run_train(*base, "--out", tmp_path / "one", "--stop-at-step", "2")  # 5 steps: points after steps 2 and 5
+def test_dynamics_are_response_perplexities_of_the_checkpoints_on_one_and_two_ranks(
+    tiny_model_dir, chat_data, tmp_path
+):
+    base = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        chat_data,
+        *COMMON,
+        "--micro-batch",
+        "4",
+        "--dynamics",
+        "2",
+        "--eval-batch",
+        "3",
+    ]
+    run_train(
+        *base, "--out", tmp_path / "one", "--stop-at-step", "2"
+    )  # 5 steps: points after steps 2 and 5
     _, mid = saved_state(tmp_path / "one")
     run_train(*base, "--out", tmp_path / "one", "--resume")
     run_train(*base, "--out", tmp_path / "two", nproc=2)
@@ -144,11 +257,17 @@ def test_dynamics_are_response_perplexities_of_the_checkpoints_on_one_and_two_ra
     tok = data.load_tokenizer(tiny_model_dir)
     samples, _ = data.load_dataset(chat_data, tok)
     with torch.no_grad():
-        at_points = [hf_response_nll(hf_model(tmp_path / "one", mid), samples),
-                     hf_response_nll(hf_model(tmp_path / "one"), samples)]
+        at_points = [
+            hf_response_nll(hf_model(tmp_path / "one", mid), samples),
+            hf_response_nll(hf_model(tmp_path / "one"), samples),
+        ]
     for run in ("one", "two"):
-        records = [json.loads(l) for l in (tmp_path / run / "dynamics.jsonl").read_text().splitlines()]
-        assert sorted(r["id"] for r in records) == sorted(s.id for s in samples)  # each id exactly once
+        records = [
+            json.loads(l) for l in (tmp_path / run / "dynamics.jsonl").read_text().splitlines()
+        ]
+        assert sorted(r["id"] for r in records) == sorted(
+            s.id for s in samples
+        )  # each id exactly once
         for r in records:
             expected = [math.exp(nll / n) for nll, n in (point[r["id"]] for point in at_points)]
             assert r["perplexities"] == pytest.approx(expected, rel=1e-4)
@@ -156,7 +275,9 @@ def test_dynamics_are_response_perplexities_of_the_checkpoints_on_one_and_two_ra
 
 
 def one_line_error(capsys, *argv):
-    """Run train.py's main in this process; return its last stderr line after checking it failed cleanly."""
+    """Run train.py's main in this process; return its last stderr line after checking it failed
+    cleanly.
+    """
     with pytest.raises(SystemExit) as e:
         T.main([str(a) for a in argv])
     err = capsys.readouterr().err
@@ -164,45 +285,123 @@ def one_line_error(capsys, *argv):
     return err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("flags,expected", [
-    (["--alpha", "0"], "error: --alpha: expected > 0 (Beta(alpha, alpha)), got 0.0"),
-    (["--mu", "-0.1"], "error: --mu: expected >= 0, got -0.1"),
-    (["--micro-batch", "3", "--global-batch", "6"], "error: --micro-batch 3: an SFTMix micro-batch holds "
-                                                    "confident/unconfident pairs, expected an even number"),
-    (["--global-batch", "10"], "error: --global-batch 10: expected a multiple of ranks x --micro-batch = 1 x 4"),
-])
-def test_bad_sftmix_settings_get_one_line(flags, expected, tiny_model_dir, chat_data, split_file, tmp_path, capsys):
-    assert one_line_error(capsys, "--mode", "sftmix", "--split", split_file, "--model", tiny_model_dir,
-                          "--data", chat_data, "--out", tmp_path, "--micro-batch", "4", *flags) == expected
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--alpha", "0"], "error: --alpha: expected > 0 (Beta(alpha, alpha)), got 0.0"),
+        (["--mu", "-0.1"], "error: --mu: expected >= 0, got -0.1"),
+        (
+            ["--micro-batch", "3", "--global-batch", "6"],
+            "error: --micro-batch 3: an SFTMix micro-batch holds "
+            "confident/unconfident pairs, expected an even number",
+        ),
+        (
+            ["--global-batch", "10"],
+            "error: --global-batch 10: expected a multiple of ranks x --micro-batch = 1 x 4",
+        ),
+    ],
+)
+def test_bad_sftmix_settings_get_one_line(
+    flags, expected, tiny_model_dir, chat_data, split_file, tmp_path, capsys
+):
+    assert (
+        one_line_error(
+            capsys,
+            "--mode",
+            "sftmix",
+            "--split",
+            split_file,
+            "--model",
+            tiny_model_dir,
+            "--data",
+            chat_data,
+            "--out",
+            tmp_path,
+            "--micro-batch",
+            "4",
+            *flags,
+        )
+        == expected
+    )
 
 
-def test_split_that_does_not_match_the_data_gets_one_line(tiny_model_dir, chat_data, tmp_path, capsys):
+def test_split_that_does_not_match_the_data_gets_one_line(
+    tiny_model_dir, chat_data, tmp_path, capsys
+):
     split = tmp_path / "split.json"
-    split.write_text(json.dumps({"confident": [f"ex{i}" for i in range(20)] + ["ghost"],
-                                 "unconfident": [f"ex{i}" for i in range(20, 39)]}))
-    line = one_line_error(capsys, "--mode", "sftmix", "--split", split, "--model", tiny_model_dir,
-                          "--data", chat_data, "--out", tmp_path / "run")
-    assert line == (f"error: {split}: ids must match the data: 1 not in the data ['ghost'], "
-                    f"1 of the data not in the split ['ex39'], 0 in both halves")
+    split.write_text(
+        json.dumps(
+            {
+                "confident": [f"ex{i}" for i in range(20)] + ["ghost"],
+                "unconfident": [f"ex{i}" for i in range(20, 39)],
+            }
+        )
+    )
+    line = one_line_error(
+        capsys,
+        "--mode",
+        "sftmix",
+        "--split",
+        split,
+        "--model",
+        tiny_model_dir,
+        "--data",
+        chat_data,
+        "--out",
+        tmp_path / "run",
+    )
+    assert line == (
+        f"error: {split}: ids must match the data: 1 not in the data ['ghost'], "
+        f"1 of the data not in the split ['ex39'], 0 in both halves"
+    )
 
 
 def test_resume_with_other_settings_gets_one_line(tiny_model_dir, chat_data, tmp_path, capsys):
-    base = ["--model", tiny_model_dir, "--data", chat_data, "--out", tmp_path, "--global-batch", "8"]
+    base = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        chat_data,
+        "--out",
+        tmp_path,
+        "--global-batch",
+        "8",
+    ]
     run_train(*base, "--seed", "1", "--stop-at-step", "1")
     line = one_line_error(capsys, *base, "--seed", "2", "--resume")
-    assert line == f"error: {tmp_path / 'state'}: was written by a run with other settings: --seed: saved 1, now 2"
+    assert (
+        line
+        == f"error: {tmp_path / 'state'}: was written by a run with other settings: --seed: saved 1, now 2"
+    )
 
 
-def test_loss_that_turns_nan_stops_and_keeps_the_last_state_saved_on_schedule(tiny_model_dir, chat_data, tmp_path,
-                                                                               capsys):
-    base = ["--model", tiny_model_dir, "--data", chat_data, "--out", tmp_path, "--global-batch", "8",
-            "--warmup-ratio", "0", "--grad-clip", "0"]
+def test_loss_that_turns_nan_stops_and_keeps_the_last_state_saved_on_schedule(
+    tiny_model_dir, chat_data, tmp_path, capsys
+):
+    base = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        chat_data,
+        "--out",
+        tmp_path,
+        "--global-batch",
+        "8",
+        "--warmup-ratio",
+        "0",
+        "--grad-clip",
+        "0",
+    ]
     run_train(*base, "--lr", "1e-3", "--stop-at-step", "2")
     saved = json.loads((tmp_path / "state" / "latest.json").read_text())
     _, before = saved_state(tmp_path)
     line = one_line_error(capsys, *base, "--lr", "1e6", "--resume")  # diverges on step 3 or 4
-    assert line.startswith("error: step ") and ("loss is not finite" in line or "weights inf or NaN" in line)
-    assert line.endswith(f"The state after step 2 is in {tmp_path / 'state'}: continue with --resume and a lower --lr")
+    assert line.startswith("error: step ") and (
+        "loss is not finite" in line or "weights inf or NaN" in line
+    )
+    assert line.endswith(
+        f"The state after step 2 is in {tmp_path / 'state'}: continue with --resume and a lower --lr"
+    )
     assert json.loads((tmp_path / "state" / "latest.json").read_text()) == saved
     _, after = saved_state(tmp_path)
     assert all(torch.equal(before[n], after[n]) for n in before)
@@ -210,15 +409,27 @@ def test_loss_that_turns_nan_stops_and_keeps_the_last_state_saved_on_schedule(ti
 
 
 def test_final_is_in_the_base_checkpoints_dtype_unless_told_and_loads_in_transformers_as_that(
-        tiny_model_dir, chat_data, tmp_path):
-    bf16_base = tmp_path / "bf16-base"  # the tiny fp32 model rounded to bf16, as the paper's models are released
-    M.save_pretrained(M.load_pretrained(tiny_model_dir, dtype=torch.bfloat16), bf16_base, tokenizer_dir=tiny_model_dir)
-    for base, out, flags in ((tiny_model_dir, "fp32", []), (tiny_model_dir, "told", ["--save-dtype", "bf16"]),
-                             (bf16_base, "bf16", [])):
+    tiny_model_dir, chat_data, tmp_path
+):
+    bf16_base = (
+        tmp_path / "bf16-base"
+    )  # the tiny fp32 model rounded to bf16, as the paper's models are released
+    M.save_pretrained(
+        M.load_pretrained(tiny_model_dir, dtype=torch.bfloat16),
+        bf16_base,
+        tokenizer_dir=tiny_model_dir,
+    )
+    for base, out, flags in (
+        (tiny_model_dir, "fp32", []),
+        (tiny_model_dir, "told", ["--save-dtype", "bf16"]),
+        (bf16_base, "bf16", []),
+    ):
         run_train("--model", base, "--data", chat_data, *COMMON, "--out", tmp_path / out, *flags)
     fp32, told, bf16 = (weights(tmp_path / out) for out in ("fp32", "told", "bf16"))
     assert {t.dtype for t in fp32.values()} == {torch.float32}  # the demo's fp32 SmolLM2 stays fp32
-    assert all(torch.equal(told[n], fp32[n].to(torch.bfloat16)) for n in fp32)  # the same run, rounded once
+    assert all(
+        torch.equal(told[n], fp32[n].to(torch.bfloat16)) for n in fp32
+    )  # the same run, rounded once
     assert {t.dtype for t in bf16.values()} == {torch.bfloat16}
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "final", dtype="auto").eval()
     assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
@@ -229,11 +440,23 @@ def test_final_is_in_the_base_checkpoints_dtype_unless_told_and_loads_in_transfo
 
 
 def test_weight_decay_shrinks_matrices_and_leaves_norm_weights_untouched():
-    """with zero gradients AdamW's step is pure decay: W <- W (1 - lr wd) for matrices, RMSNorm weights stay"""
+    """with zero gradients AdamW's step is pure decay: W <- W (1 - lr wd) for matrices, RMSNorm
+    weights stay
+    """
     import model as M
+
     torch.manual_seed(0)
-    tiny = M.Transformer(M.ModelArgs(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     num_key_value_heads=1, head_dim=4, vocab_size=11))
+    tiny = M.Transformer(
+        M.ModelArgs(
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=4,
+            vocab_size=11,
+        )
+    )
     with torch.no_grad():
         for p in tiny.parameters():
             p.normal_()  # norm weights away from 1, so decay would show
@@ -249,35 +472,75 @@ def test_weight_decay_shrinks_matrices_and_leaves_norm_weights_untouched():
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7)
 
 
-def test_no_state_is_written_at_the_last_step_when_final_follows(tiny_model_dir, chat_data, tmp_path, monkeypatch):
-    """--save-every 1 over 5 steps: states after steps 1-4, none after step 5 (final/ follows); --keep-state
-    keeps a state of the end"""
+def test_no_state_is_written_at_the_last_step_when_final_follows(
+    tiny_model_dir, chat_data, tmp_path, monkeypatch
+):
+    """--save-every 1 over 5 steps: states after steps 1-4, none after step 5 (final/ follows);
+    --keep-state keeps a state of the end"""
     import checkpoint
+
     saved, real = [], checkpoint.Saver.save
-    monkeypatch.setattr(checkpoint.Saver, "save", lambda self, m, o, step, *a: saved.append(step) or
-                        real(self, m, o, step, *a))
+    monkeypatch.setattr(
+        checkpoint.Saver,
+        "save",
+        lambda self, m, o, step, *a: saved.append(step) or real(self, m, o, step, *a),
+    )
     base = ["--model", tiny_model_dir, "--data", chat_data, *COMMON]
     T.main([str(a) for a in (*base, "--out", tmp_path / "run")])
-    assert saved == [1, 2, 3, 4] and (tmp_path / "run" / "final").is_dir() and not (tmp_path / "run" / "state").exists()
+    assert (
+        saved == [1, 2, 3, 4]
+        and (tmp_path / "run" / "final").is_dir()
+        and not (tmp_path / "run" / "state").exists()
+    )
     saved.clear()
     T.main([str(a) for a in (*base, "--out", tmp_path / "kept", "--keep-state")])
-    assert saved == [1, 2, 3, 4, 5] and json.loads((tmp_path / "kept" / "state" / "latest.json").read_text())["step"] == 5
+    assert (
+        saved == [1, 2, 3, 4, 5]
+        and json.loads((tmp_path / "kept" / "state" / "latest.json").read_text())["step"] == 5
+    )
 
 
-def test_heldout_every_k_steps_appends_each_examples_response_nll(tiny_model_dir, chat_data, tmp_path):
-    """--heldout-every 2 over 2 epochs of 5 steps: a held-out pass after steps 2, 4, 5, 6, 8, 10, each one line of
-    heldout.jsonl; its per-example NLL sums are transformers' on the final weights at step 10, and give the
-    metrics' heldout_nll; lines after the step a run resumes from are dropped"""
+def test_heldout_every_k_steps_appends_each_examples_response_nll(
+    tiny_model_dir, chat_data, tmp_path
+):
+    """--heldout-every 2 over 2 epochs of 5 steps: a held-out pass after steps 2, 4, 5, 6, 8, 10,
+    each one line of heldout.jsonl; its per-example NLL sums are transformers' on the final weights
+    at step 10, and give the metrics' heldout_nll; lines after the step a run resumes from are
+    dropped"""
     run = tmp_path / "run"
-    base = ["--model", tiny_model_dir, "--data", chat_data, *COMMON, "--micro-batch", "4", "--epochs", "2",
-            "--heldout", chat_data, "--heldout-every", "2", "--out", run]
+    base = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        chat_data,
+        *COMMON,
+        "--micro-batch",
+        "4",
+        "--epochs",
+        "2",
+        "--heldout",
+        chat_data,
+        "--heldout-every",
+        "2",
+        "--out",
+        run,
+    ]
     run_train(*base, "--stop-at-step", "5")
     with open(run / "heldout.jsonl", "a") as f:  # as a run killed after step 6's pass leaves it
         f.write(json.dumps({"step": 6, "epoch": 1.2, "nll": {}}) + "\n")
     run_train(*base, "--resume")
     lines = [json.loads(line) for line in (run / "heldout.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["epoch"]) for r in lines] == [(2, 0.4), (4, 0.8), (5, 1.0), (6, 1.2), (8, 1.6), (10, 2.0)]
-    metrics = {m["step"]: m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert [(r["step"], r["epoch"]) for r in lines] == [
+        (2, 0.4),
+        (4, 0.8),
+        (5, 1.0),
+        (6, 1.2),
+        (8, 1.6),
+        (10, 2.0),
+    ]
+    metrics = {
+        m["step"]: m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    }
     for r in lines:
         nll, n = sum(v[0] for v in r["nll"].values()), sum(v[1] for v in r["nll"].values())
         assert metrics[r["step"]]["heldout_nll"] == pytest.approx(nll / n, rel=1e-12)
@@ -286,4 +549,6 @@ def test_heldout_every_k_steps_appends_each_examples_response_nll(tiny_model_dir
         expected = hf_response_nll(hf_model(run), samples)
     assert lines[-1]["nll"].keys() == expected.keys()
     for k, (nll, n) in expected.items():
-        assert lines[-1]["nll"][k][1] == n and lines[-1]["nll"][k][0] == pytest.approx(nll, rel=1e-4)
+        assert lines[-1]["nll"][k][1] == n and lines[-1]["nll"][k][0] == pytest.approx(
+            nll, rel=1e-4
+        )
