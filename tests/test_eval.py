@@ -792,10 +792,9 @@ def test_pubmedqa_ori_pqal_and_hf_layout_read_as_the_same_questions_with_their_c
         )
 
 
-# options of very different lengths; on the tiny random model the scores pick differently, and
+# options of very different lengths; on the tiny random model the scores pick differently, and the
+# answers are set so that their accuracies differ (by hand: summed 4/6, per-token 5/6, per-character 2/6)
 MIXED_LENGTHS = [
-    # the answers are set so that their accuracies differ (by hand: summed 4/6, per-token 5/6,
-    # per-character 2/6)
     {
         "question": "Pick one.",
         "options": ["Yes", "Absolutely, without any doubt whatsoever", "No"],

@@ -487,11 +487,21 @@ def test_main_files_never_import_transformers():
         "sftmix",
         "train",
         "eval",
+        "checkpoint",
+        "memory",
     }
     # an optional extra, imported where used, with a one-line message naming what to install when
     # missing: pyarrow for parquet data (matplotlib, for the pictures, is scripts/report.py's)
     optional = {"data.py": {"pyarrow"}}
-    for file in ["model.py", "data.py", "sftmix.py", "train.py", "eval.py"]:
+    for file in [
+        "model.py",
+        "data.py",
+        "sftmix.py",
+        "train.py",
+        "eval.py",
+        "checkpoint.py",
+        "memory.py",
+    ]:
         for node in ast.walk(ast.parse((ROOT / file).read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = (

@@ -20,6 +20,7 @@ from test_eval import (  # noqa: F401  (fixtures)
     accuracies,
     check_unwritable_out,
     hf,
+    hf_scored,
     medmcqa,
     response_nll,
     run_eval,
@@ -240,7 +241,7 @@ def test_compare_reports_each_benchmark_and_their_mean_as_mc_does(tiny_model_dir
         assert cells[f"mean of MedMCQA, PubMedQA, {kind} ↑"][0] == pytest.approx(mean, abs=1e-4)
 
 
-def test_compare_puts_runs_side_by_side_with_difference_and_ratio(smollm2_dir, hf_scored, tmp_path):
+def test_compare_puts_runs_side_by_side_with_difference_and_ratio(smollm2_dir, hf_scored, tmp_path):  # noqa: F811
     # a run directory; its model's logits are 0.8 times the first's
     run_b = tmp_path / "sftmix_run" / "final"
     run_b.mkdir(parents=True)
