@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,17 +38,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import checkpoint
 import data
 import sftmix
 from data import InputError
-from memory import memory_per_gpu
 from model import (
     LORA_TARGETS,
     ModelArgs,
@@ -57,6 +59,7 @@ from model import (
     model_dir,
     save_pretrained,
 )
+from sftmix import CHUNK
 
 # Flags that may change between a run and its resumption; every other flag, and what the inputs hold, must match
 # the saved state. --lr and --grad-clip may change to rescue a run that diverged (the schedule is lr_at with the new
@@ -285,8 +288,8 @@ def build(args, run, device, world, bf16, rank):
         ids = [device.index] if device.type == "cuda" else None
         wrapped = DDP(model, device_ids=ids, gradient_as_bucket_view=True)
     optimizer = adamw(model, args.lr, args.weight_decay, args.betas)
-    step, dynamics = checkpoint.load_state(run.out, model, optimizer) if run.resuming else (0, {})
-    saver = checkpoint.Saver(run.out, rank)
+    step, dynamics = load_state(run.out, model, optimizer) if run.resuming else (0, {})
+    saver = Saver(run.out, rank)
     saver.committed = step
     return model, wrapped, optimizer, saver, step, dynamics
 
@@ -413,7 +416,7 @@ def write_final(out, model, base, save_dtype, lora_scale, shard_gb, rank):
     """OUT/final/: the weights in the save dtype as HF sharded safetensors, tensor by tensor (rank
     0's host holds one shard file's worth), written as OUT/final.tmp/ and renamed, so final/ is
     whole or absent."""
-    tensors = checkpoint.final_tensors(model, final_dtype(save_dtype, base), lora_scale)
+    tensors = final_tensors(model, final_dtype(save_dtype, base), lora_scale)
     if rank != 0:
         for _ in tensors:  # every rank takes part in gathering each tensor
             pass
@@ -434,7 +437,7 @@ def prepare_out(out, resuming):
     again)."""
     writable_dir(out)
     if resuming:
-        checkpoint.remove_stale(out, keep=checkpoint.read_latest(out)["checkpoint"])
+        remove_stale(out, keep=read_latest(out)["checkpoint"])
     else:
         shutil.rmtree(out / "state", ignore_errors=True)
         shutil.rmtree(out / "final.tmp", ignore_errors=True)
@@ -935,7 +938,7 @@ def device_memory(device):
 
 
 def check_memory(model_args, args, samples, world, device):
-    """Before any weight loads: refuse a run whose estimated peak per GPU (memory.memory_per_gpu,
+    """Before any weight loads: refuse a run whose estimated peak per GPU (train.memory_per_gpu,
     for the longest micro-batch of the data) exceeds the device's memory, naming settings that would
     fit. LoRA runs are not checked (the estimate counts every weight as trained)."""
     limit = device_memory(device)
@@ -981,7 +984,7 @@ def check_memory(model_args, args, samples, world, device):
         )
         advice = f"{' '.join(change)} would fit ({peak(s, c, m) / 1e9:.1f} GB)"
     raise InputError(
-        f"--shard {args.shard}: an estimated {now / 1e9:.1f} GB a GPU (memory.memory_per_gpu), more "
+        f"--shard {args.shard}: an estimated {now / 1e9:.1f} GB a GPU (train.memory_per_gpu), more "
         f"than the device's {limit / 1e9:.1f} GB; {advice}"
     )
 
@@ -1046,7 +1049,7 @@ def what_changed(saved, config):
 def check_settings(out, config):
     """Before the model loads: the state in OUT/state/ was written with the settings of config
     (run_config), or one line names each that differs (what_changed)."""
-    saved = checkpoint.read_latest(out)["config"]
+    saved = read_latest(out)["config"]
     changed = what_changed(saved, config)
     if changed:
         raise InputError(
@@ -1158,6 +1161,334 @@ def check_batches(args, samples, halves, steps_per_epoch):
         raise InputError(
             f"{args.data}: {len(samples)} samples fill no global batch of {args.global_batch}"
         )
+
+
+# ----------------------------------------------------------------------------- the resumable state and final/
+# The resumable state of a train.py run, through torch.distributed.checkpoint (DCP), and final/.
+#
+#     OUT/state/step-N/shard-R-model-00001-of-00001.safetensors
+#         what rank R-1 holds of the state (DCP's HuggingFaceStorageWriter: safetensors, each shard's
+#         offsets in its JSON header)
+#     OUT/state/latest.json
+#         {"layout", "step", "checkpoint", "ranks", "config", "dynamics"}: replaced atomically once
+#         every rank's write is complete, so it is the commit point
+#     OUT/final/
+#         HF checkpoint; written as OUT/final.tmp/ and renamed when complete
+#
+# The state holds the weights, AdamW's two moments and step, and the RNG, as tensors only, so nothing
+# is pickled: DCP's own reader (FileSystemReader) unpickles a `.metadata` file;
+# HuggingFaceStorageReader reads the safetensors headers instead. Each rank writes its own shards
+# (FSDP2's DTensors; a replicated tensor once), and DCP reshards on load, so a state saved on N ranks
+# resumes on M. Writes are asynchronous: the state is copied to host memory, then written by a thread
+# while training goes on; at most one write is in flight.
+
+LAYOUT = (
+    "dcp-safetensors-1"  # what latest.json's "layout" names; any other state is an older layout
+)
+
+
+def state_tensors(model, optimizer) -> dict:
+    """name -> tensor of everything a run continues from: model.NAME, optimizer.NAME.{step, exp_avg,
+    exp_avg_sq} (DTensors under FSDP2, as the parameters), and rng. AdamW's state is created empty
+    where the optimizer has none yet (before a load), so that DCP has a tensor to load into."""
+    tensors = {"rng": torch.get_rng_state()}
+    for n, p in model.named_parameters():
+        tensors[f"model.{n}"] = p.detach()
+        if not p.requires_grad:  # a frozen weight (the base under LoRA) has no AdamW moments
+            continue
+        if p not in optimizer.state:
+            optimizer.state[p] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
+        tensors.update({f"optimizer.{n}.{k}": v for k, v in optimizer.state[p].items()})
+    return tensors
+
+
+def read_latest(out) -> dict:
+    """OUT/state/latest.json, checked: one line when it is unreadable or of an older layout."""
+    path = Path(out) / "state" / "latest.json"
+    try:
+        latest = json.loads(path.read_text())
+        if not isinstance(latest, dict) or not isinstance(latest.get("config"), dict):
+            raise TypeError("no config object")
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(
+            f"{path}: unreadable ({e}); expected the latest.json of a run's state"
+        ) from None
+    if latest.get("layout") != LAYOUT:
+        raise InputError(
+            f"{path}: an older state layout "
+            f"({latest.get('layout') or 'a safetensors file per rank'})"
+            f", expected {LAYOUT}: resume it with the train.py that wrote it, or start again"
+        )
+    return latest
+
+
+def remove_stale(out, keep=None):
+    """Remove every OUT/state/step-* folder but `keep`, and OUT/final.tmp: what a run killed while
+    writing left. Rank 0 alone calls it, before any rank writes."""
+    for old in (Path(out) / "state").glob("step-*"):
+        if old.name != keep:
+            shutil.rmtree(old)
+    shutil.rmtree(Path(out) / "final.tmp", ignore_errors=True)
+
+
+class Saver:
+    """Writes states with at most one write in flight. save() waits for the previous write, makes it
+    current, then starts the next; wait() finishes the one in flight (before exit). Rank 0 writes
+    latest.json."""
+
+    def __init__(self, out, rank, asynchronous=True):
+        self.out, self.rank, self.asynchronous = Path(out), rank, asynchronous
+        # groups of their own, so that the writer thread's collectives never interleave with
+        # training's, nor with SaveSchedule's clock
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.clock = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.pending = None  # (future, latest.json's content) of the write in flight
+        self.committed = 0  # the step of the last complete state on disk
+
+    def save(self, model, optimizer, step, dynamics, config):
+        self.wait()
+        if step == self.committed:
+            return  # this very state is already complete on disk
+        name = f"step-{step:07d}"
+        writer = dcp.HuggingFaceStorageWriter(str(self.out / "state" / name), save_distributed=True)
+        tensors = state_tensors(model, optimizer)
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process: we know
+        where = dict(storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+        future = None
+        if self.asynchronous:  # copies to host memory now, writes in a thread
+            future = dcp.async_save(tensors, **where)
+        else:
+            dcp.save(tensors, **where)
+        ranks = dist.get_world_size() if dist.is_initialized() else 1
+        latest = {
+            "layout": LAYOUT,
+            "step": step,
+            "checkpoint": name,
+            "ranks": ranks,
+            "config": config,
+            "dynamics": {str(k): v for k, v in dynamics.items()},
+        }
+        self.pending = future, latest
+        if future is None:
+            self.wait()
+
+    def wait(self):
+        """Finish the write in flight, if any, and make it the current state (latest.json,
+        atomically)."""
+        if self.pending is None:
+            return
+        future, latest = self.pending
+        self.pending = None
+        if future is not None:
+            future.result()  # on rank 0, after every rank's files are written
+        if self.rank == 0:
+            data.write_json(self.out / "state" / "latest.json", latest)
+            remove_stale(self.out, keep=latest["checkpoint"])
+        self.committed = latest["step"]
+
+
+def load_state(out, model, optimizer):
+    """Restore the state latest.json names (its settings already checked) into the model and
+    optimizer, on any number of ranks; returns (step, dynamics). An unreadable state is one line
+    naming its folder."""
+    latest = read_latest(out)
+    path = Path(out) / "state" / "latest.json"
+    try:
+        step, folder = int(latest["step"]), Path(out) / "state" / str(latest["checkpoint"])
+        dynamics = {
+            int(k): {str(i): float(x) for i, x in v.items()} for k, v in latest["dynamics"].items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(
+            f"{path}: unreadable ({e}); expected the latest.json of a run's state"
+        ) from None
+    tensors = state_tensors(model, optimizer)
+    warnings.filterwarnings("ignore", "torch.distributed is disabled")
+    try:
+        if not any(folder.glob("*.safetensors")):
+            raise FileNotFoundError("no safetensors file")
+        reader = dcp.HuggingFaceStorageReader(str(folder))  # safetensors headers, no pickle
+        dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())
+    except (
+        OSError,
+        SafetensorError,
+        CheckpointException,
+        RuntimeError,
+        AssertionError,
+        KeyError,
+    ) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InputError(
+            f"{folder}: unreadable or not this run's model ({reason}); expected a "
+            f"state written by train.py"
+        ) from None
+    torch.set_rng_state(tensors["rng"])
+    return step, dynamics
+
+
+def final_tensors(model, dtype, lora_scale=None):
+    """(name, full CPU tensor) of each weight in turn, in the save dtype: cast where the weight
+    lives (on its device; under FSDP2 each rank casts its shard), gathered (every rank takes part),
+    then copied to the host, so the host holds one tensor at a time. Under LoRA each adapted weight
+    is W + scale B A, with no adapter entries. Every rank iterates it; rank 0 writes what it
+    yields."""
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if name.endswith((".lora_A", ".lora_B")):
+            continue
+        prefix = name.removesuffix("weight")
+        if lora_scale and prefix + "lora_A" in params:  # W' = W + scale B A, in fp32, then cast
+            A, B = (_full(params[prefix + k].detach(), torch.float32) for k in ("lora_A", "lora_B"))
+            w = _full(p.detach(), torch.float32) + lora_scale * (B @ A)
+        else:
+            w = _full(p.detach(), dtype)
+        yield name, w.to(dtype).cpu()
+
+
+def _full(t, dtype):
+    """The whole tensor, cast to dtype before it is gathered (a DTensor) or copied."""
+    t = t.to(dtype)
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+# ----------------------------------------------------------------------------- memory per GPU
+# How much memory a train.py step takes per GPU, estimated before anything loads (train.py refuses
+# a run that would not fit; scripts/memory_table.py prints the table for the paper's models).
+
+
+def memory_per_gpu(
+    m, gpus, shard, activation_checkpointing, tokens_per_gpu, mixup=True, chunk=CHUNK
+):
+    """Estimated peak bytes per GPU of one train.py step (bf16 compute, fp32 weights, AdamW), by
+    term; SFTMix's step, or NTP's with mixup=False.
+
+    ModelArgs m (no biases); P parameters, P_b in one block, E = V D in the embedding (and in an
+    untied LM head); N = gpus under FSDP2, 1 under DDP; T tokens per micro-batch, one packed row of
+    sequences of equal length (attention sees them right-padded to the longest: unequal lengths add
+    padding to its terms below); n = min(T, chunk) positions per LM-head chunk (sftmix.CHUNK).
+    Resident:
+        weights    4P/N   fp32 (FSDP2: this rank's shards)
+        optimizer  8P/N   AdamW's two fp32 moments
+        grads      4P/N   fp32. FSDP2 reduce-scatters each unit after every micro-batch: no unsharded gradient
+                          stays between micro-batches; the shards fill up during backward (at its
+                          start only the LM head's exist). DDP's buckets hold all of them all the
+                          time.
+        load       4P/N   model.load_pretrained: the shards; the one full tensor read at a time stays on the host
+    Working set:
+        activations  kept for backward, per token and block (bf16, fp32 where the code computes in fp32):
+                         a = 2 (8D + 4)         two RMSNorms: fp32 input and 1/rms, bf16 normalised input
+                                                (the weight's gradient needs it) and output
+                           + 2 (3 H hd + 2 K hd)   q, k and v as padded sequences (K heads: SDPA's GQA), the
+                           + 4 H                   output, and in the row's order the output projection's input;
+                                                   fp32 logsumexp
+                           + 4 (2 I)               gate, up, silu(gate), silu(gate) * up
+                     and 8D + 4 per token for the final norm and the hidden states the head reads. With
+                     --activation-checkpointing: each block's bf16 input (2D per token and block), plus one
+                     block recomputed in backward, a per token.
+        head         the backward of one chunk: its fp32 log-probabilities (kept), their gradient and the
+                     logits' gradient, 12 n V; SFTMix's chunk of pairs holds one more (n, V) fp32
+                     tensor, the mixed logits' gradient returned to the two halves of the logits, 16
+                     n V. And the LM head's weight gradient in bf16, 2E (DDP: and its fp32 cast, 4E
+                     more). No (T, V) logits exist.
+        buffers      FSDP2's, per unit (each block; the embedding; final norm + LM head together, as torchtitan;
+                     a tied model keeps embedding = LM head and final norm in the root unit): the
+                     bf16 weights gathered, the unit's bf16 gradient and its fp32 reduce-scatter
+                     input; the input of the previous unit's reduce-scatter stays until this unit's
+                     begins. DDP: autocast's bf16 copy of every weight, kept for backward, 2P, and
+                     the embedding's fp32 gradient before it joins its bucket, 4E.
+    The peak is the largest of the step's fullest moments (FSDP2's terms; under DDP every gradient
+    exists throughout) and loading:
+        head      the LM head's backward: every activation kept, the head's working set; gathered, the head's
+                  unit (kept from its forward) and block L-1 (prefetched); no gradient made yet.
+        top       block L-1's backward, the first: every activation kept (with checkpointing: every block's
+                  input, and this block recomputed); the head's gradients made; this block and the
+                  next gathered; its bf16 gradient; the head's reduce-scatter input in flight.
+        bottom    block 0's backward, the last: its activations alone; every gradient made but its own and the
+                  last unit's; it gathered, its bf16 gradient, block 1's reduce-scatter input in
+                  flight.
+        last unit the embedding's backward (the tied root's): every other gradient made; the unit
+        gathered
+                  (size U), its bf16 gradient and block 0's reduce-scatter input, then that
+                  gradient, a bf16 staging copy of it and its fp32 reduce-scatter input: 4U + 4
+                  max(P_b, U).
+    The tied root is gathered all step, and its bf16 gradient kept from the head's backward to the
+    end.
+    """
+    D, I, L, H, hd, V = (
+        m.hidden_size,
+        m.intermediate_size,
+        m.num_hidden_layers,
+        m.num_attention_heads,
+        m.head_dim,
+        m.vocab_size,
+    )
+    fsdp, tied, T, n = (
+        shard == "fsdp",
+        m.tie_word_embeddings,
+        tokens_per_gpu,
+        min(tokens_per_gpu, chunk),
+    )
+    K = m.num_key_value_heads
+    P_b = D * (H + 2 * K) * hd + H * hd * D + 3 * D * I + 2 * D  # attention, MLP, two norms
+    E = V * D
+    P = L * P_b + E * (1 if tied else 2) + D
+    N = gpus if fsdp else 1
+    a = 2 * (8 * D + 4) + 2 * (3 * H * hd + 2 * K * hd) + 4 * H + 4 * 2 * I  # per token and block
+    final = (8 * D + 4) * T
+    if activation_checkpointing:  # every block's input kept, one block recomputed
+        kept = {"top": 2 * D * L * T + a * T, "bottom": 2 * D * T + a * T}
+        kept["head"] = 2 * D * L * T + final
+    else:
+        kept = {"head": L * a * T + final, "top": L * a * T, "bottom": a * T}
+    head = (16 if mixup else 12) * n * V + (2 if fsdp else 6) * E
+    weights, optimizer, grads = 4 * P / N, 8 * P / N, 4 * P / N
+    head_unit = E + D  # final norm + LM head; tied: the root's embedding = LM head and final norm
+    U = head_unit if tied else E  # the unit reduced last
+    if fsdp:
+        root = (
+            2 * head_unit + 2 * E if tied else 0
+        )  # the tied root gathered all step, and its gradient
+        made = {
+            "head": 0,
+            "top": 0 if tied else 4 * head_unit / N,
+            "bottom": 4 * (P - P_b - U) / N,
+            "last unit": 4 * (P - U) / N,
+        }
+        buffers = {
+            "head": 2 * head_unit + 2 * P_b,
+            "top": root + 4 * P_b + 2 * P_b + (0 if tied else 4 * head_unit),
+            "bottom": root + 2 * P_b + 2 * P_b + 4 * P_b,
+            "last unit": 4 * U + 4 * max(P_b, U),
+        }
+    else:
+        made = dict.fromkeys(("head", "top", "bottom", "last unit"), grads)
+        buffers = {"head": 2 * P, "top": 2 * P, "bottom": 2 * P, "last unit": 4 * E}
+    working = {
+        "head": kept["head"] + head,
+        "top": kept["top"],
+        "bottom": kept["bottom"],
+        "last unit": 0,
+    }
+    phases = {k: weights + optimizer + made[k] + working[k] + buffers[k] for k in made}
+    phases["load"] = 4 * P / N
+    at = max(phases, key=phases.get)
+    return {
+        "parameters": P,
+        "weights": weights,
+        "grads": grads,
+        "optimizer": optimizer,
+        "load": phases["load"],
+        "activations": max(kept.values()),
+        "head": head,
+        "buffers": max(buffers.values()),
+        "phases": phases,
+        "at": at,
+        "total": phases[at],
+    }
 
 
 if __name__ == "__main__":

@@ -550,7 +550,6 @@ def save_rows(model, targs, samples, batch, device, repeats):
     seconds the step loop waits for a save, synchronous (the whole write) and asynchronous (the copy
     to host memory; a thread writes the rest), interleaved, median of `repeats`; and the
     asynchronous write's whole time."""
-    import checkpoint
 
     optimizer = train.adamw(model, 1e-6, 0.1)
     step = functools.partial(micro_step, model, targs, samples, batch, device, optimizer)
@@ -560,7 +559,7 @@ def save_rows(model, targs, samples, batch, device, repeats):
     with tempfile.TemporaryDirectory() as out:
         for k in range(repeats):
             for mode in ("sync", "async"):
-                saver = checkpoint.Saver(Path(out) / mode, 0, asynchronous=mode == "async")
+                saver = train.Saver(Path(out) / mode, 0, asynchronous=mode == "async")
                 t0 = time.perf_counter()
                 saver.save(model, optimizer, k + 1, {}, {})
                 waits[mode].append(time.perf_counter() - t0)

@@ -3,7 +3,7 @@ models on one node.
 
     python scripts/memory_table.py [--gpus 8] [--tokens 4096]
 
-Estimates come from memory.memory_per_gpu (its docstring has the formula); tests/test_memory.py
+Estimates come from train.memory_per_gpu (its docstring has the formula); tests/test_memory.py
 checks it against the peak of live tensor bytes of train.py's step measured on the CPU, and its
 activations against what autograd keeps.
 """
@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from memory import memory_per_gpu  # noqa: E402
 from model import ModelArgs  # noqa: E402
+from train import memory_per_gpu  # noqa: E402
 
 MODELS = {  # dimensions from each model's published config.json
     "Llama-3.1-8B": ModelArgs(

@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 import data
 import model as M
 import train as T
-from memory import memory_per_gpu
+from train import memory_per_gpu
 
 SMALL = dict(
     hidden_size=128,

@@ -487,8 +487,6 @@ def test_main_files_never_import_transformers():
         "sftmix",
         "train",
         "eval",
-        "checkpoint",
-        "memory",
     }
     # an optional extra, imported where used, with a one-line message naming what to install when
     # missing: pyarrow for parquet data (matplotlib, for the pictures, is scripts/report.py's)
@@ -499,8 +497,6 @@ def test_main_files_never_import_transformers():
         "sftmix.py",
         "train.py",
         "eval.py",
-        "checkpoint.py",
-        "memory.py",
     ]:
         for node in ast.walk(ast.parse((ROOT / file).read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):

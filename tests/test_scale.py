@@ -31,7 +31,6 @@ from test_loss import ARGS, make_batch, reference_gradient, relative_error
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import checkpoint as C
 import data
 import model as M
 import sftmix
@@ -365,13 +364,13 @@ def fsdp_rank(rank, world, port, checkpoint, state_dir, queue):
     grads = {n: p.grad.full_tensor().numpy().copy() for n, p in model.named_parameters()}
     optimizer = T.adamw(model, 1e-3, 0.1)
     optimizer.step()
-    saver = C.Saver(state_dir, rank)
+    saver = T.Saver(state_dir, rank)
     saver.save(model, optimizer, 1, {}, {"x": 1})
     saver.wait()
     again = M.load_pretrained(checkpoint, dtype=torch.float64, prepare=prepare)
     optimizer = T.adamw(again, 1e-3, 0.1)
     with FullSizeAllocations(set(full.values()) if world > 1 else set()) as resumed:
-        C.load_state(state_dir, again, optimizer)
+        T.load_state(state_dir, again, optimizer)
     same = all(
         torch.equal(p.full_tensor(), q.full_tensor())
         for p, q in zip(model.parameters(), again.parameters())

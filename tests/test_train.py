@@ -477,11 +477,9 @@ def test_no_state_is_written_at_the_last_step_when_final_follows(
 ):
     """--save-every 1 over 5 steps: states after steps 1-4, none after step 5 (final/ follows);
     --keep-state keeps a state of the end"""
-    import checkpoint
-
-    saved, real = [], checkpoint.Saver.save
+    saved, real = [], T.Saver.save
     monkeypatch.setattr(
-        checkpoint.Saver,
+        T.Saver,
         "save",
         lambda self, m, o, step, *a: saved.append(step) or real(self, m, o, step, *a),
     )
