@@ -716,23 +716,21 @@ def mean_interval(values, level=0.95):
     return float(x.mean()), q * float(x.std(ddof=1)) / math.sqrt(len(x))
 
 
-def combined_interval(per_seed, conversation_var, conversations, level=0.95):
+def combined_interval(per_seed, conversation_var, level=0.95):
     """(mean, half-width) of an interval over the seeds' noise and the held-out set's together.
 
-    The mean over S seeds of a paired difference d_s, all measured on the same C conversations,
+    The mean over S seeds of a paired difference d_s, all measured on the same conversations,
     varies with the seeds drawn (s^2 / S, s the std of the d_s) and with the conversations drawn
     (v, the variance of the seeds' mean over bootstrap resamples of the conversations):
-    half-width t_{(1+level)/2, df} sqrt(s^2/S + v), df by Welch-Satterthwaite,
-    (s^2/S + v)^2 / ((s^2/S)^2 / (S-1) + v^2 / (C-1)). Each term also holds the seed-by-
-    conversation interaction, so that share is counted twice: the interval errs wide."""
+    half-width t_{(1+level)/2, S-1} sqrt(s^2/S + v). The seeds' S-1 degrees of freedom are the
+    fewest a Welch-Satterthwaite df could be, so the interval is never narrower than the seeds'
+    alone (v = 0 gives that one). Each term also holds the seed-by-conversation interaction, so
+    that share is counted twice: the interval errs wide."""
     x = np.asarray(per_seed, dtype=np.float64)
     if len(x) < 2:
         return float(x.mean()), float("nan")
-    a, b = float(x.var(ddof=1)) / len(x), float(conversation_var)
-    if a + b == 0:
-        return float(x.mean()), 0.0
-    df = (a + b) ** 2 / (a * a / (len(x) - 1) + b * b / (conversations - 1))
-    return float(x.mean()), t_quantile((1 + level) / 2, df) * math.sqrt(a + b)
+    q = t_quantile((1 + level) / 2, len(x) - 1)
+    return float(x.mean()), q * math.sqrt(float(x.var(ddof=1)) / len(x) + float(conversation_var))
 
 
 def ratio_interval(ratios, level=0.95):
@@ -973,12 +971,12 @@ def difference(rec, a, at_a, b, at_b):
     return seeds, [x[1] - y[1] for x, y in zip(va, vb)], draws
 
 
-def intervals(d, draws, conversations, noise=None):
+def intervals(d, draws, noise=None):
     """(seeds-only t interval, interval with the held-out noise or None) of per-seed differences
     d: the held-out variance from the resamples' draws, or, for records without them, noise = a
     std measured otherwise."""
     var = draws.var(ddof=1) if draws is not None else None if noise is None else noise**2
-    both = combined_interval(d, var, conversations) if var is not None and len(d) > 1 else None
+    both = combined_interval(d, var) if var is not None and len(d) > 1 else None
     return mean_interval(d), both
 
 
@@ -1053,8 +1051,7 @@ def write_report(study: Study):
                 f"{noise['sftmix − ntp']:.3f}.",
                 "",
             ]
-        conversations = len(rec.heldout.test) if rec.heldout else n_heldout
-        lines += held_out_tables(rec, done, study, noise, conversations)
+        lines += held_out_tables(rec, done, study, noise)
         lines += spread_tables(rec, done) + fit_table(rec, done)
     lines += times_lines(out / "times.tsv", study)
     with data.atomic_path(out / "results.md") as tmp:
@@ -1070,7 +1067,7 @@ def write_report(study: Study):
     print("wrote " + ", ".join(map(str, wrote)))
 
 
-def held_out_tables(rec, done, study, noise, conversations) -> list:
+def held_out_tables(rec, done, study, noise) -> list:
     """Per arm the best and last point's test ppl over seeds; the paired differences with both
     intervals (the held-out noise over the test set's conversations); each arm's rise after its
     best point; the curves, mean over seeds and per seed."""
@@ -1124,7 +1121,7 @@ def held_out_tables(rec, done, study, noise, conversations) -> list:
                 noise["sftmix − ntp"] if noise and (a, b, at) == ("sftmix", "ntp", "last") else None
             )
             seeds, d, draws = difference(rec, a, at, b, at)
-            only, both = intervals(d, draws, conversations, plug)
+            only, both = intervals(d, draws, plug)
             if d:
                 diffs.append(
                     [
@@ -1161,7 +1158,7 @@ def held_out_tables(rec, done, study, noise, conversations) -> list:
     rises = []
     for arm in done:
         seeds, d, draws = difference(rec, arm, "last", arm, "best")
-        only, both = intervals(d, draws, conversations)
+        only, both = intervals(d, draws)
         rises.append(
             [
                 ARMS[arm].title,

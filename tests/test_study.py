@@ -214,14 +214,17 @@ def test_random_split_draws_sftmixs_batch_structure_and_lambdas(paired, seed):
 # ----------------------------------------------------------------------------- statistics by hand
 
 
-def test_interval_with_the_held_out_noise_is_welch_satterthwaite_over_seeds_and_conversations():
-    d, v, conversations = [0.30, 0.10, 0.20, 0.45], 0.004, 40
+def test_interval_with_the_held_out_noise_adds_its_variance_under_the_seeds_t():
+    """Half-width t_{0.975, S-1} sqrt(s^2/S + v): never narrower than the seeds' alone."""
+    d, v = [0.30, 0.10, 0.20, 0.45], 0.004
     a = statistics.variance(d) / 4  # the seeds' share: s^2 / S
-    df = (a + v) ** 2 / (a**2 / 3 + v**2 / 39)
-    mean, half = study.combined_interval(d, v, conversations)
+    mean, half = study.combined_interval(d, v)
     assert mean == pytest.approx(0.2625)
-    assert half == pytest.approx(stats.t.ppf(0.975, df) * math.sqrt(a + v), rel=1e-4)
-    assert study.combined_interval(d, 0.0, conversations)[1] == pytest.approx(t_half(d), rel=1e-4)
+    assert half == pytest.approx(3.182446 * math.sqrt(a + v), rel=1e-5)  # t_{0.975, 3}
+    assert half > t_half(d)
+    assert study.combined_interval(d, 0.0)[1] == pytest.approx(t_half(d), rel=1e-4)
+    # 2 seeds and a held-out variance above the seeds' share: wider than the seeds' alone too
+    assert study.combined_interval([-0.6, -0.2], 0.1)[1] > t_half([-0.6, -0.2])
 
 
 def test_held_out_noise_of_a_difference_is_the_bootstrap_variance_with_each_runs_choice_redone():
@@ -292,7 +295,6 @@ def test_spreads_and_their_log_ratio_interval_against_hand_computations():
     [
         (1, lambda p: math.tan(math.pi * (p - 0.5))),  # Cauchy
         (2, lambda p: (2 * p - 1) / math.sqrt(2 * p * (1 - p))),
-        (7.3, lambda p: stats.t.ppf(p, 7.3)),  # Welch-Satterthwaite's df is not whole
         (10_000, lambda p: statistics.NormalDist().inv_cdf(p)),
     ],
 )  # the normal limit (t: ~1e-4 off)
@@ -436,7 +438,7 @@ def test_report_only_rebuilds_the_first_designs_numbers_from_its_committed_recor
     ] == ["—", "6 of 6"]
 
     # SFTMix − NTP at the last epoch with the held-out noise: its variance by the delta method on
-    # seed 0's per-conversation NLLs (the bootstrap's limit), then Welch-Satterthwaite
+    # seed 0's per-conversation NLLs (the bootstrap's limit), then t over the 6 seeds
     def linear(model):  # d ppl / d (conversation weights): ppl (nll_i - r n_i) / sum n
         rows = [
             json.loads(x) for x in (out / "heldout" / f"{model}.jsonl").read_text().splitlines()
@@ -450,7 +452,7 @@ def test_report_only_rebuilds_the_first_designs_numbers_from_its_committed_recor
     v = float(((linear("sftmix") - linear("ntp")) ** 2).sum())
     d = [curve("sftmix", s)[-1] - curve("ntp", s)[-1] for s in range(6)]
     a = statistics.variance(d) / 6
-    half = stats.t.ppf(0.975, (a + v) ** 2 / (a * a / 5 + v * v / 99)) * math.sqrt(a + v)
+    half = stats.t.ppf(0.975, 5) * math.sqrt(a + v)
     lo, hi = (
         float(x)
         for x in table_row(text, "SFTMix − NTP", "last")[3].split("[")[1].rstrip("]").split(",")
