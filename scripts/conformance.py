@@ -445,13 +445,13 @@ def run(kit, samples, batches, args, tok, mistake=None, perplexities=None):
         b = data.collate([samples[i] for i in rows], tok.pad_id)
         labels, W = b["labels"], model.lm_head.weight  # (G, T)
         hidden = model(b["input_ids"], head=lambda h, w, softcap: h)  # (G, T, D): final-norm states
-        logits = hidden @ W.T  # (G, T, V)
+        trained = labels != IGNORE  # (G, T); the logits of the N trained positions only:
+        nll = F.cross_entropy(hidden[trained] @ W.T, labels[trained], reduction="none")  # (N,)
         if mistake == "mean of means":
-            ntp = torch.stack(
-                [F.cross_entropy(x, y, ignore_index=IGNORE) for x, y in zip(logits, labels)]
-            ).mean()
+            row = trained.nonzero()[:, 0]  # (N,): each position's example
+            ntp = torch.stack([nll[row == r].mean() for r in row.unique()]).mean()
         else:
-            ntp = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+            ntp = nll.mean()
         loss, record = (
             ntp,
             {

@@ -2,10 +2,13 @@
 with train.py, its schedule stage able to tell schedules apart, and naming the stage of each usual
 mistake."""
 
+import contextlib
+import io
 import json
 import math
 import os
 import re
+import runpy
 import shlex
 import signal
 import subprocess
@@ -51,16 +54,24 @@ def theirs_trl(kit):
     return ctrl.compute(kit)
 
 
+def kit_command(*argv):
+    """`python scripts/conformance.py ARGV` in this process: (exit status, stdout, stderr). Its
+    commands as processes run in tests/test_readme.py (README.md's three kit commands)."""
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            kit_tool.main([str(a) for a in argv])
+        except SystemExit as e:
+            status = e.code
+    return status, out.getvalue(), err.getvalue()
+
+
 def run_check(kit, submission, tmp_path):
     """(exit status, output lines) of `conformance.py check` on a submission."""
     path = tmp_path / "theirs.json"
     path.write_text(json.dumps(submission))
-    r = subprocess.run(
-        [sys.executable, str(KIT_TOOL), "check", str(kit), str(path)],
-        capture_output=True,
-        text=True,
-    )
-    return r.returncode, (r.stdout + r.stderr).strip().splitlines()
+    status, out, err = kit_command("check", kit, path)
+    return status, (out + err).strip().splitlines()
 
 
 def stage_lines(lines):
@@ -679,14 +690,10 @@ def test_a_mistake_is_named_only_where_it_gives_every_differing_value(
 def test_bad_submission_gets_one_line_and_exit_2(content, message, kit, tmp_path):
     path = tmp_path / "theirs.json"
     path.write_text(content)
-    r = subprocess.run(
-        [sys.executable, str(KIT_TOOL), "check", str(kit), str(path)],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {path}: "), r.stderr
-    assert message in r.stderr, r.stderr
+    status, out, err = kit_command("check", kit, path)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: "), err
+    assert message in err, err
 
 
 @pytest.mark.parametrize(
@@ -708,28 +715,24 @@ def test_make_into_an_out_it_cannot_fill_gets_one_line_and_writes_nothing(case, 
         (out / "expected.json").mkdir(parents=True)
         message = f"--out {out / 'expected.json'}: is a directory; expected a file to write"
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    r = subprocess.run(
-        [sys.executable, str(KIT_TOOL), "make", "--out", str(out)], capture_output=True, text=True
-    )
-    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {message}\n")
+    assert kit_command("make", "--out", out) == (2, "", f"error: {message}\n")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 @pytest.mark.parametrize("example", ["conformance_transformers.py", "conformance_trl.py"])
-def test_worked_example_without_a_kit_gets_one_line_and_exit_2(example, tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / example),
-            str(tmp_path),
-            "--out",
-            str(tmp_path / "theirs.json"),
-        ],
-        capture_output=True,
-        text=True,
+def test_worked_example_without_a_kit_gets_one_line_and_exit_2(
+    example, tmp_path, monkeypatch, capsys
+):
+    """The script run as __main__ in this process (transformers and TRL already imported)."""
+    script = ROOT / "scripts" / example
+    monkeypatch.setattr(
+        sys, "argv", [str(script), str(tmp_path), "--out", str(tmp_path / "t.json")]
     )
-    assert (r.returncode, r.stdout) == (2, "") and r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith(f"error: {tmp_path}: no expected.json"), r.stderr
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(script), run_name="__main__")
+    out, err = capsys.readouterr()
+    assert (exit.value.code, out) == (2, "") and err.count("\n") == 1, err
+    assert err.startswith(f"error: {tmp_path}: no expected.json"), err
     assert not list(tmp_path.iterdir())
 
 
@@ -756,13 +759,9 @@ def test_check_on_a_kit_of_another_version_gets_one_line_and_exit_2(
     (old / "expected.json").write_text(json.dumps(written))
     (tmp_path / "theirs.json").write_text('{"n_tokens": {}}')
     before = sorted(tmp_path.rglob("*"))
-    r = subprocess.run(
-        [sys.executable, str(KIT_TOOL), "check", str(old), str(tmp_path / "theirs.json")],
-        capture_output=True,
-        text=True,
-    )
-    assert (r.returncode, r.stdout) == (2, "") and r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith(f"error: {old / 'expected.json'}: {message}"), r.stderr
+    status, out, err = kit_command("check", old, tmp_path / "theirs.json")
+    assert (status, out) == (2, "") and err.count("\n") == 1, err
+    assert err.startswith(f"error: {old / 'expected.json'}: {message}"), err
     assert sorted(tmp_path.rglob("*")) == before
 
 
@@ -780,18 +779,13 @@ def test_make_into_an_unwritable_model_dir_gets_one_line_and_writes_nothing(tmp_
     subprocess.run([*lock, str(out / "model")], check=True)
     try:
         before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-        r = subprocess.run(
-            [sys.executable, str(KIT_TOOL), "make", "--out", str(out)],
-            capture_output=True,
-            text=True,
-        )
+        status, stdout, stderr = kit_command("make", "--out", out)
         after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     finally:
         subprocess.run([*unlock, str(out / "model")], check=True)
-    assert (r.returncode, r.stdout) == (2, ""), r.stderr
-    assert (
-        r.stderr == f"error: --out {out}: cannot write in {out / 'model'}; expected a "
-        f"writable directory\n"
+    assert (status, stdout) == (2, ""), stderr
+    assert stderr == (
+        f"error: --out {out}: cannot write in {out / 'model'}; expected a writable directory\n"
     )
     assert after == before
 
