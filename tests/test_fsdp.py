@@ -2,6 +2,7 @@
 and within FSDP's tolerance on another, and the multi-node launch of docs/at-scale.md runs (its
 memory: test_memory.py)."""
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,9 +53,11 @@ def runs(tiny_model_dir, chat_data, tmp_path_factory):
     fsdp = ["--shard", "fsdp", "--activation-checkpointing"]
     run_train(*base, "--out", out / "ddp", "--shard", "ddp", nproc=2)
     run_train(*base, "--out", out / "fsdp", *fsdp, nproc=2)
-    for name, before, after in (("parts", 2, 2), ("2-1", 2, 1), ("1-2", 1, 2)):
-        torchrun(*base, "--out", out / name, *fsdp, "--stop-at-step", "2", nproc=before)
-        torchrun(*base, "--out", out / name, *fsdp, "--resume", nproc=after)
+    torchrun(*base, "--out", out / "parts", *fsdp, "--stop-at-step", "2", nproc=2)
+    shutil.copytree(out / "parts", out / "2-1")  # one state saved on 2 ranks, resumed on 2 and 1
+    torchrun(*base, "--out", out / "1-2", *fsdp, "--stop-at-step", "2", nproc=1)
+    for name, ranks in (("parts", 2), ("2-1", 1), ("1-2", 2)):
+        torchrun(*base, "--out", out / name, *fsdp, "--resume", nproc=ranks)
     return out
 
 
