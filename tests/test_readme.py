@@ -25,15 +25,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# 15 conversations of at most 96 tokens, 3 steps of 4 per epoch, 2 epochs of NTP and of SFTMix,
-# perplexities at 2 checkpoints, 4 held out
+# 8 conversations of at most 96 tokens, steps of 2 (one confident-unconfident pair), 2 epochs of NTP
+# and of SFTMix, perplexities at 2 checkpoints, 2 held out
 DEMO_SIZE = {
-    "TRAIN": "16",
-    "HELDOUT": "4",
+    "TRAIN": "8",
+    "HELDOUT": "2",
     "MAX_CHARS": "400",
     "MAX_LEN": "96",
-    "BATCH": "4",
-    "MICRO": "4",
+    "BATCH": "2",
+    "MICRO": "2",
     "EPOCHS": "2",
     "DYNAMICS": "2",
 }
