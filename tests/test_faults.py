@@ -242,17 +242,17 @@ def test_diverging_run_killed_at_any_moment_resumes_with_a_lower_lr(
     assert all(v.isfinite().all() for v in weights(tmp_path / "run").values())
 
 
-def test_split_command_rejects_bad_dynamics_in_one_line(tmp_path):
+def test_split_command_rejects_bad_dynamics_in_one_line(tmp_path, capsys):
     def split(lines, out=None):
+        """`sftmix.py split` in this process: (exit status, stderr lines, --out)."""
         path = tmp_path / "dynamics.jsonl"
         path.write_text("".join(json.dumps(l) + "\n" for l in lines))
-        out = out or tmp_path / "split.json"
-        r = subprocess.run(
-            [sys.executable, ROOT / "sftmix.py", "split", "--dynamics", path, "--out", out],
-            capture_output=True,
-            text=True,
-        )
-        return r.returncode, r.stderr.strip().splitlines(), out
+        out, code = out or tmp_path / "split.json", 0
+        try:
+            sftmix.main(["split", "--dynamics", str(path), "--out", str(out)])
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err.strip().splitlines(), out
 
     good = [{"id": "a", "perplexities": [2.0, 3.0]}, {"id": "b", "perplexities": [4.0, 5.0]}]
     for bad, expected in [
