@@ -2,6 +2,8 @@
 what they claim.
 """
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -25,19 +27,22 @@ COMMON = ["--global-batch", "8", "--lr", "1e-3", "--warmup-ratio", "0.2", "--sav
 
 
 def run_train(*args, nproc=1):
-    launcher = (
-        [sys.executable]
-        if nproc == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-        ]
-    )
+    """train.py with these flags: its main in this process on one rank (no interpreter to start),
+    under torchrun on nproc gloo ranks. Returns its (stdout, stderr); fails with its stderr."""
+    argv = [str(a) for a in args]
+    if nproc == 1:
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                T.main(argv)
+        except SystemExit as e:
+            raise AssertionError(f"train.py exited {e.code}: {err.getvalue()[-3000:]}") from None
+        return subprocess.CompletedProcess(argv, 0, out.getvalue(), err.getvalue())
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     r = subprocess.run(
-        launcher + [str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True
+        [*launcher, f"--nproc_per_node={nproc}", str(ROOT / "train.py"), *argv],
+        capture_output=True,
+        text=True,
     )
     if r.returncode != 0:
         raise AssertionError(r.stderr[-3000:])
