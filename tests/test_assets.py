@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import cli
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -215,7 +216,7 @@ def test_get_sharegpt_recovers_complete_records_from_cut_off_array(tmp_path):
         "[\n" + ",\n".join(json.dumps(r, indent=2) for r in records) + ",\n" + cut_off
     )
 
-    result = run_sharegpt(source, tmp_path / "out", "--train", "4", "--heldout", "2", "--seed", "3")
+    result = run_sharegpt(source, tmp_path / "out", *cli(train="4", heldout="2", seed="3"))
     assert result.returncode == 0, result.stderr
     assert f"recovered {len(records)} complete records" in result.stdout
     read = lambda name: [  # noqa: E731
@@ -229,9 +230,7 @@ def test_get_sharegpt_recovers_complete_records_from_cut_off_array(tmp_path):
     }
     assert by_id["dangling"]["conversations"] == [turn("human", "q"), turn("gpt", "a")]
 
-    again = run_sharegpt(
-        source, tmp_path / "again", "--train", "4", "--heldout", "2", "--seed", "3"
-    )
+    again = run_sharegpt(source, tmp_path / "again", *cli(train="4", heldout="2", seed="3"))
     assert (
         again.returncode == 0
         and (tmp_path / "again" / "train.jsonl").read_text()

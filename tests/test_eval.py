@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import cli
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -360,14 +361,12 @@ def test_ppl_is_token_weighted_response_perplexity_of_transformers_overall_per_e
     )
     code, out, err = run_eval(
         "ppl",
-        "--model",
-        smollm2_dir,
-        "--data",
-        data_file,
-        "--split",
-        tmp_path / "split.json",
-        "--out",
-        tmp_path / "per_example.jsonl",
+        *cli(
+            model=smollm2_dir,
+            data=data_file,
+            split=tmp_path / "split.json",
+            out=tmp_path / "per_example.jsonl",
+        ),
     )
     assert code == 0, err
     expected = response_nll(hf_scored)
@@ -392,14 +391,12 @@ def test_mc_picks_the_known_answers_and_scores_options_as_transformers_does(
 ):
     code, out, err = run_eval(
         "mc",
-        "--model",
-        smollm2_dir,
-        "--data",
-        write_jsonl(tmp_path / "mc.jsonl", MC),
-        "--out",
-        tmp_path / "per_question.jsonl",
-        "--batch-size",
-        4,
+        *cli(
+            model=smollm2_dir,
+            data=write_jsonl(tmp_path / "mc.jsonl", MC),
+            out=tmp_path / "per_question.jsonl",
+            batch_size=4,
+        ),
     )
     assert code == 0, err
     rows = read_jsonl(tmp_path / "per_question.jsonl")
@@ -472,14 +469,12 @@ def test_scoring_and_generation_compute_in_bf16_with_no_copy_of_a_weight(
         "ppl": ["--data", write_jsonl(tmp_path / "heldout.jsonl", CONVERSATIONS)],
         "mc": ["--data", write_jsonl(tmp_path / "mc.jsonl", MC)],
         "generate": [
-            "--questions",
-            write_jsonl(tmp_path / "question.jsonl", QUESTIONS),
-            "--out",
-            tmp_path / "answers.jsonl",
-            "--max-new-tokens",
-            3,
-            "--batch-size",
-            2,
+            *cli(
+                questions=write_jsonl(tmp_path / "question.jsonl", QUESTIONS),
+                out=tmp_path / "answers.jsonl",
+                max_new_tokens=3,
+                batch_size=2,
+            ),
         ],
     }
     with weight_copies:
@@ -506,14 +501,12 @@ def test_bf16_scores_are_transformers_fp32_scores_within_bf16_precision(
     bounds are above those."""
     code, out, err = run_eval(
         "ppl",
-        "--model",
-        smollm2_dir,
-        "--data",
-        write_jsonl(tmp_path / "heldout.jsonl", CONVERSATIONS),
-        "--dtype",
-        "bf16",
-        "--out",
-        tmp_path / "per_example.jsonl",
+        *cli(
+            model=smollm2_dir,
+            data=write_jsonl(tmp_path / "heldout.jsonl", CONVERSATIONS),
+            dtype="bf16",
+            out=tmp_path / "per_example.jsonl",
+        ),
     )
     assert code == 0, err
     expected = response_nll(hf_scored)
@@ -524,14 +517,12 @@ def test_bf16_scores_are_transformers_fp32_scores_within_bf16_precision(
     assert float(out.split("ppl ")[1].split()[0]) == pytest.approx(ppl, rel=0.02)
     code, out, err = run_eval(
         "mc",
-        "--model",
-        smollm2_dir,
-        "--data",
-        write_jsonl(tmp_path / "mc.jsonl", MC),
-        "--dtype",
-        "bf16",
-        "--out",
-        tmp_path / "per_question.jsonl",
+        *cli(
+            model=smollm2_dir,
+            data=write_jsonl(tmp_path / "mc.jsonl", MC),
+            dtype="bf16",
+            out=tmp_path / "per_question.jsonl",
+        ),
     )
     assert code == 0, err
     _, tok = hf
@@ -551,18 +542,14 @@ def test_generate_at_temperature_0_is_transformers_greedy_turn_by_turn_in_fastch
     out_file = tmp_path / "model_answer" / "smol.jsonl"
     code, _, err = run_eval(
         "generate",
-        "--model",
-        smollm2_dir,
-        "--questions",
-        write_jsonl(tmp_path / "question.jsonl", QUESTIONS),
-        "--out",
-        out_file,
-        "--max-new-tokens",
-        8,
-        "--model-id",
-        "smol",
-        "--temperature",
-        0,
+        *cli(
+            model=smollm2_dir,
+            questions=write_jsonl(tmp_path / "question.jsonl", QUESTIONS),
+            out=out_file,
+            max_new_tokens=8,
+            model_id="smol",
+            temperature=0,
+        ),
     )
     assert code == 0, err
     answers = read_jsonl(out_file)
@@ -614,16 +601,9 @@ def test_generate_compile_compiles_the_decoding_step_and_changes_no_answer(
         out = tmp_path / f"answers{len(flags)}.jsonl"
         code, _, err = run_eval(
             "generate",
-            "--model",
-            tiny_model_dir,
-            "--questions",
-            questions,
-            "--out",
-            out,
-            "--max-new-tokens",
-            6,
-            "--batch-size",
-            2,
+            *cli(
+                model=tiny_model_dir, questions=questions, out=out, max_new_tokens=6, batch_size=2
+            ),
             *flags,
         )
         assert code == 0, err
@@ -649,14 +629,12 @@ def test_mt_bench_answers_are_read_by_fastchat_and_decoded_as_its_gen_model_answ
     answer_dir = tmp_path / "model_answer"  # made by generate
     code, _, err = run_eval(
         "generate",
-        "--model",
-        tiny_model_dir,
-        "--questions",
-        write_jsonl(tmp_path / "question.jsonl", questions),
-        "--out",
-        answer_dir / "tiny-run.jsonl",
-        "--model-id",
-        "tiny-run",
+        *cli(
+            model=tiny_model_dir,
+            questions=write_jsonl(tmp_path / "question.jsonl", questions),
+            out=answer_dir / "tiny-run.jsonl",
+            model_id="tiny-run",
+        ),
     )
     assert code == 0, err
     # gen_model_answer: temperature_config[category], else 0.7; greedy below 1e-4; its
@@ -694,16 +672,7 @@ def test_sampling_is_reproducible_by_seed_and_differs_between_seeds(tiny_model_d
         out = tmp_path / "answers.jsonl"
         code, _, err = run_eval(
             "generate",
-            "--model",
-            tiny_model_dir,
-            "--questions",
-            questions,
-            "--out",
-            out,
-            "--max-new-tokens",
-            6,
-            "--seed",
-            seed,
+            *cli(model=tiny_model_dir, questions=questions, out=out, max_new_tokens=6, seed=seed),
         )
         assert code == 0, err
         return read_jsonl(out)[0]["choices"][0]["turns"]
@@ -721,14 +690,7 @@ def test_alpaca_eval_outputs_are_read_by_alpaca_eval_with_the_run_as_generator(
     out = tmp_path / "tiny-sftmix" / "model_outputs.json"
     code, _, err = run_eval(
         "generate",
-        "--model",
-        tiny_model_dir,
-        "--questions",
-        eval_set,
-        "--out",
-        out,
-        "--model-id",
-        "tiny-sftmix",
+        *cli(model=tiny_model_dir, questions=eval_set, out=out, model_id="tiny-sftmix"),
     )
     assert code == 0, err
     # what alpaca_eval's evaluate() does with model_outputs
@@ -834,12 +796,11 @@ def test_mc_accuracy_by_summed_per_token_and_per_character_score_equals_a_hand_c
     out_file = tmp_path / "mc" / "per_question.jsonl"  # its directory is made
     code, out, err = run_eval(
         "mc",
-        "--model",
-        tiny_model_dir,
-        "--data",
-        write_jsonl(tmp_path / "mc.jsonl", MIXED_LENGTHS),
-        "--out",
-        out_file,
+        *cli(
+            model=tiny_model_dir,
+            data=write_jsonl(tmp_path / "mc.jsonl", MIXED_LENGTHS),
+            out=out_file,
+        ),
     )
     assert code == 0, err
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from test_data import family_tokenizer_dir
 from test_model import hf_greedy, randomize
-from test_train import COMMON, run_train
+from test_train import COMMON, cli, run_train
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -467,16 +467,7 @@ def test_weak_to_strong_dynamics_of_a_gemma2_reference_train_sftmix_on_llama(
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(ref_dir)
     ref = run_train(
-        "--mode",
-        "ntp",
-        "--dynamics",
-        "2",
-        "--model",
-        ref_dir,
-        "--data",
-        chat_data,
-        "--out",
-        tmp_path / "ref",
+        *cli(mode="ntp", dynamics="2", model=ref_dir, data=chat_data, out=tmp_path / "ref"),
         *COMMON,
         "--micro-batch",
         "4",
@@ -495,16 +486,13 @@ def test_weak_to_strong_dynamics_of_a_gemma2_reference_train_sftmix_on_llama(
     halves = json.loads(split.read_text())
     assert sorted(halves["confident"] + halves["unconfident"]) == sorted(ids)
     strong = run_train(
-        "--mode",
-        "sftmix",
-        "--split",
-        split,
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
-        "--out",
-        tmp_path / "strong",
+        *cli(
+            mode="sftmix",
+            split=split,
+            model=tiny_model_dir,
+            data=chat_data,
+            out=tmp_path / "strong",
+        ),
         *COMMON,
         "--micro-batch",
         "4",

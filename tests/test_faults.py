@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from test_train import COMMON, ROOT, one_line_error, run_train, weights
+from test_train import COMMON, ROOT, cli, one_line_error, run_train, weights
 
 import model as M
 import sftmix
@@ -64,12 +64,7 @@ def test_bad_numeric_flag_gets_one_line_before_anything_loads(
 ):
     line = one_line_error(
         capsys,
-        "--model",
-        tmp_path / "no-model",
-        "--data",
-        chat_data,
-        "--out",
-        tmp_path / "run",
+        *cli(model=tmp_path / "no-model", data=chat_data, out=tmp_path / "run"),
         *flags,
     )
     assert line == f"error: {expected}"
@@ -82,7 +77,7 @@ def test_out_that_cannot_be_a_directory_gets_one_line(
 ):
     (tmp_path / "f").write_text("x")
     out = tmp_path / "f" if where == "file" else tmp_path / "f" / "run"
-    line = one_line_error(capsys, "--model", tiny_model_dir, "--data", chat_data, "--out", out)
+    line = one_line_error(capsys, *cli(model=tiny_model_dir, data=chat_data, out=out))
     assert line.startswith(f"error: --out {out}: cannot write there")
 
 
@@ -95,7 +90,7 @@ def test_corrupt_checkpoint_gets_one_line_naming_the_file(
         (bad / f.name).write_bytes(f.read_bytes())
     weights_file = bad / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:1000])  # truncated
-    line = one_line_error(capsys, "--model", bad, "--data", chat_data, "--out", tmp_path / "run")
+    line = one_line_error(capsys, *cli(model=bad, data=chat_data, out=tmp_path / "run"))
     assert line.startswith("error: ") and str(weights_file) in line
     assert no_leftovers(tmp_path / "run")
 
@@ -215,18 +210,14 @@ def test_diverging_run_killed_at_any_moment_resumes_with_a_lower_lr(
     lr finishes the run"""
     base = [
         str(ROOT / "train.py"),
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
-        "--global-batch",
-        "8",
-        "--warmup-ratio",
-        "0",
-        "--grad-clip",
-        "0",
-        "--out",
-        tmp_path / "run",
+        *cli(
+            model=tiny_model_dir,
+            data=chat_data,
+            global_batch="8",
+            warmup_ratio="0",
+            grad_clip="0",
+            out=tmp_path / "run",
+        ),
     ]
     run_train(*base[1:], "--lr", "1e-3", "--stop-at-step", "2")
     for delay in (0.5, 1.0, 1.5, 2.0, 3.0):  # kills land at different moments of the diverging run
@@ -312,12 +303,7 @@ def test_perplexity_that_overflows_is_inf_and_dynamics_name_the_example(
         "--data",
         chat_data,
         *COMMON,
-        "--lr",
-        "1e-12",
-        "--dynamics",
-        "1",
-        "--out",
-        tmp_path / "run",
+        *cli(lr="1e-12", dynamics="1", out=tmp_path / "run"),
     )
     assert "perplexity overflows a float" in line and "example ex" in line
     assert no_leftovers(tmp_path / "run")
@@ -328,14 +314,7 @@ def test_a_split_with_every_id_in_one_half_says_so(tiny_model_dir, chat_data, tm
     split.write_text(json.dumps({"confident": [f"ex{i}" for i in range(40)], "unconfident": []}))
     line = one_line_error(
         capsys,
-        "--mode",
-        "sftmix",
-        "--split",
-        split,
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
+        *cli(mode="sftmix", split=split, model=tiny_model_dir, data=chat_data),
         *COMMON,
         "--out",
         tmp_path / "run",
@@ -442,14 +421,7 @@ def test_eval_split_naming_no_example_fails_before_the_model_loads(
             capsys,
             E.main,
             "ppl",
-            "--model",
-            tiny_model_dir,
-            "--data",
-            chat_data,
-            "--split",
-            split,
-            "--out",
-            out,
+            *cli(model=tiny_model_dir, data=chat_data, split=split, out=out),
         )
         == expected
     )
@@ -463,12 +435,7 @@ def test_eval_split_naming_no_example_fails_before_the_model_loads(
             "compare",
             tiny_model_dir,
             tiny_model_dir,
-            "--data",
-            chat_data,
-            "--split",
-            split,
-            "--out",
-            tmp_path / "table.md",
+            *cli(data=chat_data, split=split, out=tmp_path / "table.md"),
         )
         == expected
     )
@@ -497,16 +464,13 @@ def test_eval_refuses_a_model_it_cannot_run_exactly_and_a_second_turn_alpaca_can
         capsys,
         E.main,
         "generate",
-        "--model",
-        tiny_model_dir,
-        "--questions",
-        questions,
-        "--prompt-format",
-        "alpaca",
-        "--max-new-tokens",
-        "2",
-        "--out",
-        out,
+        *cli(
+            model=tiny_model_dir,
+            questions=questions,
+            prompt_format="alpaca",
+            max_new_tokens="2",
+            out=out,
+        ),
     )
     assert (
         line.startswith(
@@ -562,21 +526,14 @@ def run_inputs(directory, chat_data):
 
 def run_flags(directory):
     return [
-        "--mode",
-        "sftmix",
-        "--data",
-        directory / "train.jsonl",
-        "--heldout",
-        directory / "heldout.jsonl",
-        "--split",
-        directory / "split.json",
+        *cli(
+            mode="sftmix",
+            data=directory / "train.jsonl",
+            heldout=directory / "heldout.jsonl",
+            split=directory / "split.json",
+        ),
         *COMMON,
-        "--epochs",
-        "2",
-        "--micro-batch",
-        "2",
-        "--out",
-        directory / "run",
+        *cli(epochs="2", micro_batch="2", out=directory / "run"),
     ]
 
 

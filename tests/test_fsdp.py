@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import COMMON, ROOT, run_train, weights
+from test_train import COMMON, ROOT, cli, run_train, weights
 
 
 def torchrun(*args, nproc):
@@ -99,32 +99,16 @@ def test_hsdp_on_two_nodes_of_two_ranks_equals_ddp(runs, tiny_model_dir, chat_da
                 sys.executable,
                 "-m",
                 "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--nproc_per_node",
-                "2",
-                "--node_rank",
-                str(node),
-                "--rdzv_backend",
-                "c10d",
-                "--rdzv_endpoint",
-                f"127.0.0.1:{port}",
-                "--rdzv_id",
-                "toy",
+                *("--nnodes", "2", "--nproc_per_node", "2", "--node_rank", str(node)),
+                *("--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"),
+                *("--rdzv_id", "toy"),
                 str(ROOT / "train.py"),
                 "--model",
                 str(tiny_model_dir),
                 "--data",
                 str(chat_data),
                 *COMMON,
-                "--epochs",
-                "2",
-                "--micro-batch",
-                "2",
-                "--shard",
-                "hsdp",
-                "--out",
-                str(tmp_path / "hsdp"),
+                *cli(epochs="2", micro_batch="2", shard="hsdp", out=str(tmp_path / "hsdp")),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

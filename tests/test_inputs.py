@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_data import CONVERSATION, FAMILY_TOKENIZERS, hf_ids
 from test_eval import CONVERSATIONS, MC, run_main, write_jsonl
+from test_train import cli
 from transformers import AutoTokenizer
 
 import data as D
@@ -94,7 +95,7 @@ def test_a_config_field_of_the_wrong_kind_is_one_line_naming_config_json_and_the
 ):
     bad = model_copy(tiny_model_dir, tmp_path / "model", change)
     out = tmp_path / ("run" if command == "train" else "ppl.jsonl")
-    argv = ["--model", bad, "--data", chat_data, "--out", out]
+    argv = [*cli(model=bad, data=chat_data, out=out)]
     code, stdout, err = run_command(command, argv)
     assert one_line(code, stdout, err) == f"error: {bad / 'config.json'}: {named}"
     assert not out.exists()
@@ -128,7 +129,7 @@ def test_a_checkpoint_unlike_config_json_is_one_line_naming_file_and_tensor_befo
     bad = model_copy(tiny_model_dir, tmp_path / "model", change, add=add)
     monkeypatch.setattr(M, "load_into", lambda *a: pytest.fail("a weight copied before the check"))
     out = tmp_path / ("run" if command == "train" else "ppl.jsonl")
-    argv = ["--model", bad, "--data", chat_data, "--out", out]
+    argv = [*cli(model=bad, data=chat_data, out=out)]
     code, stdout, err = run_command(command, argv)
     assert one_line(code, stdout, err).startswith(
         f"error: {bad / 'model.safetensors'}: {tensor}{reason}"
@@ -222,12 +223,7 @@ def test_inspect_data_numbers_out_of_range_are_one_line(flags, message, smollm2_
 def test_train_numbers_are_checked_as_they_are_parsed(flags, message, tmp_path):
     out = run_main(
         T.main,
-        "--model",
-        tmp_path / "m",
-        "--data",
-        tmp_path / "d",
-        "--out",
-        tmp_path / "run",
+        *cli(model=tmp_path / "m", data=tmp_path / "d", out=tmp_path / "run"),
         *flags,
     )
     assert one_line(*out) == f"error: {message}"
@@ -254,14 +250,7 @@ def test_a_split_file_is_read_by_the_one_json_reader_naming_the_file_and_key(
     out = run_main(
         E.main,
         "ppl",
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
-        "--split",
-        split,
-        "--out",
-        tmp_path / "ppl.jsonl",
+        *cli(model=tiny_model_dir, data=chat_data, split=split, out=tmp_path / "ppl.jsonl"),
     )
     assert one_line(*out).startswith(f"error: {split}: {message}")
     assert not (tmp_path / "ppl.jsonl").exists()
@@ -343,7 +332,7 @@ def test_a_refused_command_makes_no_directory_of_its_out(command, chat_data, tmp
     data_file = chat_data if command == "ppl" else write_jsonl(tmp_path / "mc.jsonl", MC)
     out = tmp_path / "new" / "deeper" / "out.jsonl"
     code, stdout, err = run_main(
-        E.main, command, "--model", tmp_path / "no-model", "--data", data_file, "--out", out
+        E.main, command, *cli(model=tmp_path / "no-model", data=data_file, out=out)
     )
     assert one_line(code, stdout, err).startswith(f"error: {tmp_path / 'no-model'}: config.json")
     assert not (tmp_path / "new").exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from test_train import COMMON, one_line_error, run_train, weights
+from test_train import COMMON, cli, one_line_error, run_train, weights
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import model as M
@@ -64,23 +64,9 @@ def runs(tiny_model_dir, chat_data, tmp_path_factory):
         )
     )
     base = [
-        "--mode",
-        "sftmix",
-        "--split",
-        split,
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
+        *cli(mode="sftmix", split=split, model=tiny_model_dir, data=chat_data),
         *COMMON,
-        "--micro-batch",
-        "2",
-        "--lr",
-        "1e-4",
-        "--lora-rank",
-        R,
-        "--lora-alpha",
-        ALPHA,
+        *cli(micro_batch="2", lr="1e-4", lora_rank=R, lora_alpha=ALPHA),
         "--keep-state",
     ]
     run_train(*base, "--out", out / "one")
@@ -191,8 +177,6 @@ def test_bad_lora_settings_get_one_line(
     flags, expected, tiny_model_dir, chat_data, tmp_path, capsys
 ):
     assert (
-        one_line_error(
-            capsys, "--model", tiny_model_dir, "--data", chat_data, "--out", tmp_path, *flags
-        )
+        one_line_error(capsys, *cli(model=tiny_model_dir, data=chat_data, out=tmp_path), *flags)
         == expected
     )

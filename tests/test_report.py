@@ -30,6 +30,7 @@ from test_eval import (  # noqa: F401  (fixtures)
     write_jsonl,
     write_ori_pqal,
 )
+from test_train import cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import report  # noqa: E402
@@ -69,12 +70,7 @@ def test_datamap_writes_a_png(tmp_path):
     )
     code, _, err = run_report(
         "datamap",
-        "--dynamics",
-        dynamics,
-        "--split",
-        tmp_path / "split.json",
-        "--out",
-        tmp_path / "split_map.png",
+        *cli(dynamics=dynamics, split=tmp_path / "split.json", out=tmp_path / "split_map.png"),
     )
     assert code == 0, err
     assert (tmp_path / "split_map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -258,12 +254,11 @@ def test_compare_puts_runs_side_by_side_with_difference_and_ratio(smollm2_dir, h
         "--names",
         "ntp",
         "sftmix",
-        "--data",
-        write_jsonl(tmp_path / "heldout.jsonl", CONVERSATIONS),
-        "--mc",
-        write_jsonl(tmp_path / "mc.jsonl", MC[:2]),
-        "--out",
-        tmp_path / "table.md",
+        *cli(
+            data=write_jsonl(tmp_path / "heldout.jsonl", CONVERSATIONS),
+            mc=write_jsonl(tmp_path / "mc.jsonl", MC[:2]),
+            out=tmp_path / "table.md",
+        ),
     )
     assert code == 0, err
     assert (tmp_path / "table.md").read_text() == table  # stdout holds the table alone

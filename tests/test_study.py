@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from test_train import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -543,36 +544,23 @@ def inputs(tiny_model_dir, chat_data, tmp_path_factory):
         )
     )
     return [
-        "--model",
-        tiny_model_dir,
-        "--data",
-        tmp / "train.jsonl",
-        "--heldout-data",
-        tmp / "heldout.jsonl",
-        "--questions-file",
-        tmp / "questions.jsonl",
-        "--max-len",
-        64,
-        "--epochs",
-        EPOCHS,
-        "--lr",
-        1e-3,
-        "--global-batch",
-        8,
-        "--micro-batch",
-        4,
-        "--dynamics",
-        2,
-        "--max-new-tokens",
-        6,
-        "--bootstrap",
-        200,
-        "--validation",
-        VALIDATION,
-        "--heldout-every",
-        EVERY,
-        "--mixup-epochs",
-        MIXUP_EPOCHS,
+        *cli(
+            model=tiny_model_dir,
+            data=tmp / "train.jsonl",
+            heldout_data=tmp / "heldout.jsonl",
+            questions_file=tmp / "questions.jsonl",
+            max_len=64,
+            epochs=EPOCHS,
+            lr=1e-3,
+            global_batch=8,
+            micro_batch=4,
+            dynamics=2,
+            max_new_tokens=6,
+            bootstrap=200,
+            validation=VALIDATION,
+            heldout_every=EVERY,
+            mixup_epochs=MIXUP_EPOCHS,
+        ),
     ]
 
 

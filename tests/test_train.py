@@ -23,7 +23,15 @@ import model as M
 import train as T
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMON = ["--global-batch", "8", "--lr", "1e-3", "--warmup-ratio", "0.2", "--save-every", "1"]
+
+
+def cli(**values) -> list[str]:
+    """Command-line flags from keywords, in order: cli(micro_batch=2, out=p) gives
+    ["--micro-batch", "2", "--out", str(p)]."""
+    return [x for k, v in values.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+COMMON = [*cli(global_batch="8", lr="1e-3", warmup_ratio="0.2", save_every="1")]
 
 
 def run_train(*args, nproc=1):
@@ -89,12 +97,7 @@ def test_ddp_on_two_processes_gives_the_weights_of_one_process(
     # lr 1e-4: AdamW scales even float-noise-sized gradients to steps of about lr, so a larger lr
     # mostly measures Adam's amplification of summation order, not DDP
     base = [
-        "--mode",
-        mode,
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
+        *cli(mode=mode, model=tiny_model_dir, data=chat_data),
         *COMMON,
         "--epochs",
         "2",
@@ -121,14 +124,7 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
     tiny_model_dir, chat_data, split_file, tmp_path
 ):
     base = [
-        "--mode",
-        "sftmix",
-        "--split",
-        split_file,
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
+        *cli(mode="sftmix", split=split_file, model=tiny_model_dir, data=chat_data),
         *COMMON,
         "--epochs",
         "2",
@@ -245,12 +241,7 @@ def test_dynamics_are_response_perplexities_of_the_checkpoints_on_one_and_two_ra
         "--data",
         chat_data,
         *COMMON,
-        "--micro-batch",
-        "4",
-        "--dynamics",
-        "2",
-        "--eval-batch",
-        "3",
+        *cli(micro_batch="4", dynamics="2", eval_batch="3"),
     ]
     run_train(
         *base, "--out", tmp_path / "one", "--stop-at-step", "2"
@@ -312,18 +303,14 @@ def test_bad_sftmix_settings_get_one_line(
     assert (
         one_line_error(
             capsys,
-            "--mode",
-            "sftmix",
-            "--split",
-            split_file,
-            "--model",
-            tiny_model_dir,
-            "--data",
-            chat_data,
-            "--out",
-            tmp_path,
-            "--micro-batch",
-            "4",
+            *cli(
+                mode="sftmix",
+                split=split_file,
+                model=tiny_model_dir,
+                data=chat_data,
+                out=tmp_path,
+                micro_batch="4",
+            ),
             *flags,
         )
         == expected
@@ -344,16 +331,9 @@ def test_split_that_does_not_match_the_data_gets_one_line(
     )
     line = one_line_error(
         capsys,
-        "--mode",
-        "sftmix",
-        "--split",
-        split,
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
-        "--out",
-        tmp_path / "run",
+        *cli(
+            mode="sftmix", split=split, model=tiny_model_dir, data=chat_data, out=tmp_path / "run"
+        ),
     )
     assert line == (
         f"error: {split}: ids must match the data: 1 not in the data ['ghost'], "
@@ -363,14 +343,7 @@ def test_split_that_does_not_match_the_data_gets_one_line(
 
 def test_resume_with_other_settings_gets_one_line(tiny_model_dir, chat_data, tmp_path, capsys):
     base = [
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
-        "--out",
-        tmp_path,
-        "--global-batch",
-        "8",
+        *cli(model=tiny_model_dir, data=chat_data, out=tmp_path, global_batch="8"),
     ]
     run_train(*base, "--seed", "1", "--stop-at-step", "1")
     line = one_line_error(capsys, *base, "--seed", "2", "--resume")
@@ -384,18 +357,14 @@ def test_loss_that_turns_nan_stops_and_keeps_the_last_state_saved_on_schedule(
     tiny_model_dir, chat_data, tmp_path, capsys
 ):
     base = [
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
-        "--out",
-        tmp_path,
-        "--global-batch",
-        "8",
-        "--warmup-ratio",
-        "0",
-        "--grad-clip",
-        "0",
+        *cli(
+            model=tiny_model_dir,
+            data=chat_data,
+            out=tmp_path,
+            global_batch="8",
+            warmup_ratio="0",
+            grad_clip="0",
+        ),
     ]
     run_train(*base, "--lr", "1e-3", "--stop-at-step", "2")
     saved = json.loads((tmp_path / "state" / "latest.json").read_text())
@@ -517,16 +486,7 @@ def test_heldout_every_k_steps_appends_each_examples_response_nll(
         "--data",
         chat_data,
         *COMMON,
-        "--micro-batch",
-        "4",
-        "--epochs",
-        "2",
-        "--heldout",
-        chat_data,
-        "--heldout-every",
-        "2",
-        "--out",
-        run,
+        *cli(micro_batch="4", epochs="2", heldout=chat_data, heldout_every="2", out=run),
     ]
     run_train(*base, "--stop-at-step", "5")
     with open(run / "heldout.jsonl", "a") as f:  # as a run killed after step 6's pass leaves it
