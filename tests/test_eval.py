@@ -468,14 +468,12 @@ def test_scoring_and_generation_compute_in_bf16_with_no_copy_of_a_weight(
     inputs = {
         "ppl": ["--data", write_jsonl(tmp_path / "heldout.jsonl", CONVERSATIONS)],
         "mc": ["--data", write_jsonl(tmp_path / "mc.jsonl", MC)],
-        "generate": [
-            *cli(
-                questions=write_jsonl(tmp_path / "question.jsonl", QUESTIONS),
-                out=tmp_path / "answers.jsonl",
-                max_new_tokens=3,
-                batch_size=2,
-            ),
-        ],
+        "generate": cli(
+            questions=write_jsonl(tmp_path / "question.jsonl", QUESTIONS),
+            out=tmp_path / "answers.jsonl",
+            max_new_tokens=3,
+            batch_size=2,
+        ),
     }
     with weight_copies:
         code, _, err = run_eval(

@@ -95,7 +95,7 @@ def test_a_config_field_of_the_wrong_kind_is_one_line_naming_config_json_and_the
 ):
     bad = model_copy(tiny_model_dir, tmp_path / "model", change)
     out = tmp_path / ("run" if command == "train" else "ppl.jsonl")
-    argv = [*cli(model=bad, data=chat_data, out=out)]
+    argv = cli(model=bad, data=chat_data, out=out)
     code, stdout, err = run_command(command, argv)
     assert one_line(code, stdout, err) == f"error: {bad / 'config.json'}: {named}"
     assert not out.exists()
@@ -129,7 +129,7 @@ def test_a_checkpoint_unlike_config_json_is_one_line_naming_file_and_tensor_befo
     bad = model_copy(tiny_model_dir, tmp_path / "model", change, add=add)
     monkeypatch.setattr(M, "load_into", lambda *a: pytest.fail("a weight copied before the check"))
     out = tmp_path / ("run" if command == "train" else "ppl.jsonl")
-    argv = [*cli(model=bad, data=chat_data, out=out)]
+    argv = cli(model=bad, data=chat_data, out=out)
     code, stdout, err = run_command(command, argv)
     assert one_line(code, stdout, err).startswith(
         f"error: {bad / 'model.safetensors'}: {tensor}{reason}"

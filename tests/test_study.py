@@ -543,25 +543,23 @@ def inputs(tiny_model_dir, chat_data, tmp_path_factory):
             ]
         )
     )
-    return [
-        *cli(
-            model=tiny_model_dir,
-            data=tmp / "train.jsonl",
-            heldout_data=tmp / "heldout.jsonl",
-            questions_file=tmp / "questions.jsonl",
-            max_len=64,
-            epochs=EPOCHS,
-            lr=1e-3,
-            global_batch=8,
-            micro_batch=4,
-            dynamics=2,
-            max_new_tokens=6,
-            bootstrap=200,
-            validation=VALIDATION,
-            heldout_every=EVERY,
-            mixup_epochs=MIXUP_EPOCHS,
-        ),
-    ]
+    return cli(
+        model=tiny_model_dir,
+        data=tmp / "train.jsonl",
+        heldout_data=tmp / "heldout.jsonl",
+        questions_file=tmp / "questions.jsonl",
+        max_len=64,
+        epochs=EPOCHS,
+        lr=1e-3,
+        global_batch=8,
+        micro_batch=4,
+        dynamics=2,
+        max_new_tokens=6,
+        bootstrap=200,
+        validation=VALIDATION,
+        heldout_every=EVERY,
+        mixup_epochs=MIXUP_EPOCHS,
+    )
 
 
 @pytest.fixture(scope="module")

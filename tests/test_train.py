@@ -31,7 +31,7 @@ def cli(**values) -> list[str]:
     return [x for k, v in values.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
-COMMON = [*cli(global_batch="8", lr="1e-3", warmup_ratio="0.2", save_every="1")]
+COMMON = cli(global_batch="8", lr="1e-3", warmup_ratio="0.2", save_every="1")
 
 
 def run_train(*args, nproc=1):
@@ -342,9 +342,7 @@ def test_split_that_does_not_match_the_data_gets_one_line(
 
 
 def test_resume_with_other_settings_gets_one_line(tiny_model_dir, chat_data, tmp_path, capsys):
-    base = [
-        *cli(model=tiny_model_dir, data=chat_data, out=tmp_path, global_batch="8"),
-    ]
+    base = cli(model=tiny_model_dir, data=chat_data, out=tmp_path, global_batch="8")
     run_train(*base, "--seed", "1", "--stop-at-step", "1")
     line = one_line_error(capsys, *base, "--seed", "2", "--resume")
     assert (
@@ -356,16 +354,14 @@ def test_resume_with_other_settings_gets_one_line(tiny_model_dir, chat_data, tmp
 def test_loss_that_turns_nan_stops_and_keeps_the_last_state_saved_on_schedule(
     tiny_model_dir, chat_data, tmp_path, capsys
 ):
-    base = [
-        *cli(
-            model=tiny_model_dir,
-            data=chat_data,
-            out=tmp_path,
-            global_batch="8",
-            warmup_ratio="0",
-            grad_clip="0",
-        ),
-    ]
+    base = cli(
+        model=tiny_model_dir,
+        data=chat_data,
+        out=tmp_path,
+        global_batch="8",
+        warmup_ratio="0",
+        grad_clip="0",
+    )
     run_train(*base, "--lr", "1e-3", "--stop-at-step", "2")
     saved = json.loads((tmp_path / "state" / "latest.json").read_text())
     _, before = saved_state(tmp_path)
