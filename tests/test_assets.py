@@ -182,10 +182,7 @@ def run_sharegpt(source, out, *args):
         [
             sys.executable,
             str(SCRIPTS / "get_sharegpt.py"),
-            "--source",
-            str(source),
-            "--out",
-            str(out),
+            *cli(source=str(source), out=str(out)),
             *args,
         ],
         capture_output=True,

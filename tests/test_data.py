@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import cli
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer
 
@@ -477,10 +478,7 @@ def test_command_line_error_has_no_traceback(tmp_path, base):
         [
             sys.executable,
             str(ROOT / "scripts" / "inspect_data.py"),
-            "--data",
-            str(path),
-            "--tokenizer",
-            str(base.dir),
+            *cli(data=str(path), tokenizer=str(base.dir)),
         ],
         capture_output=True,
         text=True,

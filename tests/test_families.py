@@ -469,10 +469,7 @@ def test_weak_to_strong_dynamics_of_a_gemma2_reference_train_sftmix_on_llama(
     ref = run_train(
         *cli(mode="ntp", dynamics="2", model=ref_dir, data=chat_data, out=tmp_path / "ref"),
         *COMMON,
-        "--micro-batch",
-        "4",
-        "--save-every",
-        "1000",
+        *cli(micro_batch="4", save_every="1000"),
     )
     assert "prompt format gemma" in ref.stdout
     assert json.loads((tmp_path / "ref" / "final" / "config.json").read_text())[
@@ -494,10 +491,7 @@ def test_weak_to_strong_dynamics_of_a_gemma2_reference_train_sftmix_on_llama(
             out=tmp_path / "strong",
         ),
         *COMMON,
-        "--micro-batch",
-        "4",
-        "--save-every",
-        "1000",
+        *cli(micro_batch="4", save_every="1000"),
     )
     assert "prompt format chatml" in strong.stdout
     metrics = [

@@ -298,10 +298,7 @@ def test_perplexity_that_overflows_is_inf_and_dynamics_name_the_example(
     save_file(w, str(blown / "model.safetensors"), metadata={"format": "pt"})
     line = one_line_error(
         capsys,
-        "--model",
-        blown,
-        "--data",
-        chat_data,
+        *cli(model=blown, data=chat_data),
         *COMMON,
         *cli(lr="1e-12", dynamics="1", out=tmp_path / "run"),
     )
@@ -394,10 +391,7 @@ def test_bad_input_found_after_reading_is_one_line_before_any_progress_and_write
     line = fails_with_one_line(
         capsys,
         T.main,
-        "--model",
-        model,
-        "--data",
-        chat_data,
+        *cli(model=model, data=chat_data),
         *COMMON,
         "--out",
         tmp_path / "run",
@@ -622,15 +616,9 @@ def test_run_killed_while_a_state_is_written_in_the_background_resumes_bitwise(
     run resumes from the last committed state and ends bitwise where the uninterrupted run ends"""
     base = [
         str(ROOT / "train.py"),
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
+        *cli(model=tiny_model_dir, data=chat_data),
         *COMMON,
-        "--epochs",
-        "2",
-        "--micro-batch",
-        "4",
+        *cli(epochs="2", micro_batch="4"),
     ]
     run_train(*base[1:], "--out", tmp_path / "whole")
     state, landed = tmp_path / "killed" / "state", 0
@@ -657,15 +645,9 @@ def test_run_killed_while_writing_final_leaves_no_final_and_the_rerun_writes_it_
     them are written, the run leaves no final/; --resume removes the leftover and writes final/
     equal to an uninterrupted run's"""
     flags = [
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
+        *cli(model=tiny_model_dir, data=chat_data),
         *COMMON,
-        "--save-dtype",
-        "bf16",
-        "--final-shard-gb",
-        "0.000001",
+        *cli(save_dtype="bf16", final_shard_gb="0.000001"),
     ]
     run_train(*flags, "--out", tmp_path / "whole")
     out = tmp_path / "killed"

@@ -40,15 +40,9 @@ def runs(tiny_model_dir, chat_data, tmp_path_factory):
     2)."""
     out = tmp_path_factory.mktemp("fsdp")
     base = [
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
+        *cli(model=tiny_model_dir, data=chat_data),
         *COMMON,
-        "--epochs",
-        "2",
-        "--micro-batch",
-        "2",
+        *cli(epochs="2", micro_batch="2"),
     ]
     fsdp = ["--shard", "fsdp", "--activation-checkpointing"]
     run_train(*base, "--out", out / "ddp", "--shard", "ddp", nproc=2)
@@ -103,10 +97,7 @@ def test_hsdp_on_two_nodes_of_two_ranks_equals_ddp(runs, tiny_model_dir, chat_da
                 *("--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"),
                 *("--rdzv_id", "toy"),
                 str(ROOT / "train.py"),
-                "--model",
-                str(tiny_model_dir),
-                "--data",
-                str(chat_data),
+                *cli(model=str(tiny_model_dir), data=str(chat_data)),
                 *COMMON,
                 *cli(epochs="2", micro_batch="2", shard="hsdp", out=str(tmp_path / "hsdp")),
             ],

@@ -269,10 +269,7 @@ def test_compare_checks_every_run_before_loading_the_first(tiny_model_dir, tmp_p
         "compare",
         tiny_model_dir,
         weightless,
-        "--data",
-        heldout,
-        "--out",
-        tmp_path / "table.md",
+        *cli(data=heldout, out=tmp_path / "table.md"),
     )
     assert (
         one_line(code, stdout, err) == f"error: {weightless}: no model.safetensors or "

@@ -7,6 +7,7 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed as dist
+from test_train import cli
 from torch._C._profiler import _EventType
 from torch.distributed.device_mesh import init_device_mesh
 from torch.profiler import ProfilerActivity, profile
@@ -240,15 +241,9 @@ def test_a_run_whose_estimate_exceeds_the_device_is_refused_before_any_weight_lo
     monkeypatch.setattr(T, "load_pretrained", lambda *a, **k: pytest.fail("a weight was loaded"))
     line = one_line_error(
         capsys,
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
+        *cli(model=tiny_model_dir, data=chat_data),
         *COMMON,
-        "--micro-batch",
-        "4",
-        "--out",
-        tmp_path / "run",
+        *cli(micro_batch="4", out=tmp_path / "run"),
     )
     assert (
         line.startswith(f"error: --shard ddp: an estimated {without / 1e9:.1f} GB a GPU")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import cli
 
 import sftmix
 
@@ -210,10 +211,7 @@ def test_split_command_rejects_a_malformed_line_in_one_line(tmp_path):
             sys.executable,
             ROOT / "sftmix.py",
             "split",
-            "--dynamics",
-            dyn,
-            "--out",
-            tmp_path / "s.json",
+            *cli(dynamics=dyn, out=tmp_path / "s.json"),
         ],
         capture_output=True,
         text=True,

@@ -99,10 +99,7 @@ def test_ddp_on_two_processes_gives_the_weights_of_one_process(
     base = [
         *cli(mode=mode, model=tiny_model_dir, data=chat_data),
         *COMMON,
-        "--epochs",
-        "2",
-        "--lr",
-        "1e-4",
+        *cli(epochs="2", lr="1e-4"),
     ]
     if mode == "sftmix":
         base += ["--split", split_file]
@@ -126,10 +123,7 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
     base = [
         *cli(mode="sftmix", split=split_file, model=tiny_model_dir, data=chat_data),
         *COMMON,
-        "--epochs",
-        "2",
-        "--micro-batch",
-        "2",
+        *cli(epochs="2", micro_batch="2"),
     ]
     run_train(*base, "--out", tmp_path / "whole")
     run_train(
@@ -149,15 +143,9 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
 def test_run_killed_at_any_moment_resumes_bitwise_equal(tiny_model_dir, chat_data, tmp_path):
     base = [
         str(ROOT / "train.py"),
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
+        *cli(model=tiny_model_dir, data=chat_data),
         *COMMON,
-        "--epochs",
-        "2",
-        "--micro-batch",
-        "4",
+        *cli(epochs="2", micro_batch="4"),
     ]
     run_train(*base[1:], "--out", tmp_path / "whole")
     proc = subprocess.Popen(
@@ -191,10 +179,7 @@ def test_pipeline_runs_every_stage_and_reuses_the_reference_run_as_the_one_epoch
             tiny_model_dir,
             chat_data,
             tmp_path,
-            "--global-batch",
-            "8",
-            "--lr",
-            "1e-3",
+            *cli(global_batch="8", lr="1e-3"),
         ],
         env=env,
         check=True,
@@ -236,10 +221,7 @@ def test_dynamics_are_response_perplexities_of_the_checkpoints_on_one_and_two_ra
     tiny_model_dir, chat_data, tmp_path
 ):
     base = [
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
+        *cli(model=tiny_model_dir, data=chat_data),
         *COMMON,
         *cli(micro_batch="4", dynamics="2", eval_batch="3"),
     ]
@@ -477,10 +459,7 @@ def test_heldout_every_k_steps_appends_each_examples_response_nll(
     dropped"""
     run = tmp_path / "run"
     base = [
-        "--model",
-        tiny_model_dir,
-        "--data",
-        chat_data,
+        *cli(model=tiny_model_dir, data=chat_data),
         *COMMON,
         *cli(micro_batch="4", epochs="2", heldout=chat_data, heldout_every="2", out=run),
     ]
