@@ -873,7 +873,7 @@ def dynamics_points(total, C):
     return points
 
 
-# ------------------------------------------------------------------------- model, state and outputs
+# ------------------------------------------------------------------------------- model and outputs
 
 
 def prepare_model(model, lora, activation_checkpointing, compile, mesh, bf16):
@@ -929,66 +929,6 @@ def pick_device(local_rank, deterministic):
     return device
 
 
-def device_memory(device):
-    """Bytes of memory a GPU has: $SFTMIX_DEVICE_MEMORY_GB if set (to plan for another device, or to
-    test), else CUDA's total memory; None on the CPU (no limit checked)."""
-    if os.environ.get("SFTMIX_DEVICE_MEMORY_GB"):
-        return float(os.environ["SFTMIX_DEVICE_MEMORY_GB"]) * 1e9
-    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-
-
-def check_memory(model_args, args, samples, world, device):
-    """Before any weight loads: refuse a run whose estimated peak per GPU (train.memory_per_gpu,
-    for the longest micro-batch of the data) exceeds the device's memory, naming settings that would
-    fit. LoRA runs are not checked (the estimate counts every weight as trained)."""
-    limit = device_memory(device)
-    if limit is None or args.lora_rank:
-        return
-    lengths = sorted(len(s.input_ids) for s in samples)
-
-    def peak(shard, checkpointing, micro_batch):
-        gpus = {"ddp": 1, "fsdp": world, "hsdp": args.shard_degree}[shard]
-        return memory_per_gpu(
-            model_args,
-            gpus,
-            "ddp" if shard == "ddp" else "fsdp",
-            checkpointing,
-            sum(lengths[-micro_batch:]),
-            mixup=args.mode == "sftmix",
-        )["total"]
-
-    now = peak(args.shard, args.activation_checkpointing, args.micro_batch)
-    if now <= limit:
-        return
-    shards = [args.shard] + (["fsdp"] if world > 1 and args.shard != "fsdp" else [])
-    micro = [
-        m
-        for m in (args.micro_batch // 2, args.micro_batch // 4, 2 if args.mode == "sftmix" else 1)
-        if 1 <= m < args.micro_batch
-    ]
-    fits = [
-        (s, c, m)
-        for s in shards
-        for m in [args.micro_batch, *micro]
-        for c in (args.activation_checkpointing, True)
-        # preferred: sharding, then checkpointing, then a smaller micro-batch
-        if peak(s, c, m) <= limit
-    ]
-    advice = "nothing does on this many GPUs: more GPUs, or a smaller model"
-    if fits:
-        s, c, m = fits[0]
-        change = (
-            [f"--shard {s}"] * (s != args.shard)
-            + ["--activation-checkpointing"] * (c != args.activation_checkpointing)
-            + [f"--micro-batch {m}"] * (m != args.micro_batch)
-        )
-        advice = f"{' '.join(change)} would fit ({peak(s, c, m) / 1e9:.1f} GB)"
-    raise InputError(
-        f"--shard {args.shard}: an estimated {now / 1e9:.1f} GB a GPU (train.memory_per_gpu), more "
-        f"than the device's {limit / 1e9:.1f} GB; {advice}"
-    )
-
-
 def _local(t):
     """The part of a tensor this rank holds: its shard under FSDP (a DTensor), else the tensor
     itself.
@@ -1006,57 +946,6 @@ def weights_finite(model, world):
     return finite
 
 
-def run_config(args, model_args, samples, heldout, halves):
-    """The settings a resumed run must share, as they read back from JSON: every flag but
-    RESUMABLE_FLAGS, and INPUT_sha256, a fingerprint of what each input of FINGERPRINTS holds (None
-    when not given). Their paths are kept to name an input in a message, and what_changed does not
-    compare them."""
-    content = {
-        "model": vars(model_args),
-        "split": halves and [[samples[i].id for i in half] for half in halves],
-    }
-    digest = {
-        k: v and hashlib.sha256(json.dumps(v).encode()).hexdigest() for k, v in content.items()
-    }
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}
-    config |= {
-        "model_sha256": digest["model"],
-        "data_sha256": token_fingerprint(samples),
-        "heldout_sha256": heldout and token_fingerprint(heldout),
-        "split_sha256": digest["split"],
-    }
-    return json.loads(json.dumps(config))
-
-
-def what_changed(saved, config):
-    """Each setting of config (run_config) that differs from the saved run's, in words; a path alone
-    never does.
-    """
-    changed = []
-    for k, v in config.items():
-        flag = k.removesuffix("_sha256")
-        if k in FINGERPRINTS or saved.get(k) == v:
-            continue
-        if flag in FINGERPRINTS and v and saved.get(k):
-            changed.append(f"{config[flag]}: {FINGERPRINTS[flag]}")
-        else:  # a flag, or an input given now and not then (or the reverse)
-            changed.append(
-                f"--{flag.replace('_', '-')}: saved {saved.get(flag)!r}, now {config[flag]!r}"
-            )
-    return changed
-
-
-def check_settings(out, config):
-    """Before the model loads: the state in OUT/state/ was written with the settings of config
-    (run_config), or one line names each that differs (what_changed)."""
-    saved = read_latest(out)["config"]
-    changed = what_changed(saved, config)
-    if changed:
-        raise InputError(
-            f"{out / 'state'}: was written by a run with other settings: {'; '.join(changed)}"
-        )
-
-
 def writable_dir(out):
     """Create the run directory (and its parents) and check it takes files, before any work starts."""
     try:
@@ -1069,14 +958,6 @@ def writable_dir(out):
             f"--out {out}: cannot write there ({e.strerror}); expected a directory that can be created "
             f"and written"
         ) from None
-
-
-def last_state(out, saved):
-    """What a run stopped by divergence leaves: the last state saved on schedule (the weights in
-    memory, though finite, are those that diverged, so nothing is written), and how to go on."""
-    if saved == 0:
-        return "No state was saved yet: start again with a lower --lr"
-    return f"The state after step {saved} is in {out / 'state'}: continue with --resume and a lower --lr"
 
 
 def write_dynamics(path, samples, points, dynamics):
@@ -1164,7 +1045,8 @@ def check_batches(args, samples, halves, steps_per_epoch):
 
 
 # ----------------------------------------------------------------------------- the resumable state and final/
-# The resumable state of a train.py run, through torch.distributed.checkpoint (DCP), and final/.
+# The resumable state of a train.py run, through torch.distributed.checkpoint (DCP), the settings a
+# resumed run must share with it, and final/.
 #
 #     OUT/state/step-N/shard-R-model-00001-of-00001.safetensors
 #         what rank R-1 holds of the state (DCP's HuggingFaceStorageWriter: safetensors, each shard's
@@ -1182,9 +1064,59 @@ def check_batches(args, samples, halves, steps_per_epoch):
 # resumes on M. Writes are asynchronous: the state is copied to host memory, then written by a thread
 # while training goes on; at most one write is in flight.
 
-LAYOUT = (
-    "dcp-safetensors-1"  # what latest.json's "layout" names; any other state is an older layout
-)
+# what latest.json's "layout" names; any other state is an older layout
+LAYOUT = "dcp-safetensors-1"
+
+
+def run_config(args, model_args, samples, heldout, halves):
+    """The settings a resumed run must share, as they read back from JSON: every flag but
+    RESUMABLE_FLAGS, and INPUT_sha256, a fingerprint of what each input of FINGERPRINTS holds (None
+    when not given). Their paths are kept to name an input in a message, and what_changed does not
+    compare them."""
+    content = {
+        "model": vars(model_args),
+        "split": halves and [[samples[i].id for i in half] for half in halves],
+    }
+    digest = {
+        k: v and hashlib.sha256(json.dumps(v).encode()).hexdigest() for k, v in content.items()
+    }
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}
+    config |= {
+        "model_sha256": digest["model"],
+        "data_sha256": token_fingerprint(samples),
+        "heldout_sha256": heldout and token_fingerprint(heldout),
+        "split_sha256": digest["split"],
+    }
+    return json.loads(json.dumps(config))
+
+
+def what_changed(saved, config):
+    """Each setting of config (run_config) that differs from the saved run's, in words; a path alone
+    never does.
+    """
+    changed = []
+    for k, v in config.items():
+        flag = k.removesuffix("_sha256")
+        if k in FINGERPRINTS or saved.get(k) == v:
+            continue
+        if flag in FINGERPRINTS and v and saved.get(k):
+            changed.append(f"{config[flag]}: {FINGERPRINTS[flag]}")
+        else:  # a flag, or an input given now and not then (or the reverse)
+            changed.append(
+                f"--{flag.replace('_', '-')}: saved {saved.get(flag)!r}, now {config[flag]!r}"
+            )
+    return changed
+
+
+def check_settings(out, config):
+    """Before the model loads: the state in OUT/state/ was written with the settings of config
+    (run_config), or one line names each that differs (what_changed)."""
+    saved = read_latest(out)["config"]
+    changed = what_changed(saved, config)
+    if changed:
+        raise InputError(
+            f"{out / 'state'}: was written by a run with other settings: {'; '.join(changed)}"
+        )
 
 
 def state_tensors(model, optimizer) -> dict:
@@ -1330,6 +1262,14 @@ def load_state(out, model, optimizer):
     return step, dynamics
 
 
+def last_state(out, saved):
+    """What a run stopped by divergence leaves: the last state saved on schedule (the weights in
+    memory, though finite, are those that diverged, so nothing is written), and how to go on."""
+    if saved == 0:
+        return "No state was saved yet: start again with a lower --lr"
+    return f"The state after step {saved} is in {out / 'state'}: continue with --resume and a lower --lr"
+
+
 def final_tensors(model, dtype, lora_scale=None):
     """(name, full CPU tensor) of each weight in turn, in the save dtype: cast where the weight
     lives (on its device; under FSDP2 each rank casts its shard), gathered (every rank takes part),
@@ -1358,6 +1298,66 @@ def _full(t, dtype):
 # ----------------------------------------------------------------------------- memory per GPU
 # How much memory a train.py step takes per GPU, estimated before anything loads (train.py refuses
 # a run that would not fit; scripts/memory_table.py prints the table for the paper's models).
+
+
+def device_memory(device):
+    """Bytes of memory a GPU has: $SFTMIX_DEVICE_MEMORY_GB if set (to plan for another device, or to
+    test), else CUDA's total memory; None on the CPU (no limit checked)."""
+    if os.environ.get("SFTMIX_DEVICE_MEMORY_GB"):
+        return float(os.environ["SFTMIX_DEVICE_MEMORY_GB"]) * 1e9
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def check_memory(model_args, args, samples, world, device):
+    """Before any weight loads: refuse a run whose estimated peak per GPU (memory_per_gpu,
+    for the longest micro-batch of the data) exceeds the device's memory, naming settings that would
+    fit. LoRA runs are not checked (the estimate counts every weight as trained)."""
+    limit = device_memory(device)
+    if limit is None or args.lora_rank:
+        return
+    lengths = sorted(len(s.input_ids) for s in samples)
+
+    def peak(shard, checkpointing, micro_batch):
+        gpus = {"ddp": 1, "fsdp": world, "hsdp": args.shard_degree}[shard]
+        return memory_per_gpu(
+            model_args,
+            gpus,
+            "ddp" if shard == "ddp" else "fsdp",
+            checkpointing,
+            sum(lengths[-micro_batch:]),
+            mixup=args.mode == "sftmix",
+        )["total"]
+
+    now = peak(args.shard, args.activation_checkpointing, args.micro_batch)
+    if now <= limit:
+        return
+    shards = [args.shard] + (["fsdp"] if world > 1 and args.shard != "fsdp" else [])
+    micro = [
+        m
+        for m in (args.micro_batch // 2, args.micro_batch // 4, 2 if args.mode == "sftmix" else 1)
+        if 1 <= m < args.micro_batch
+    ]
+    fits = [
+        (s, c, m)
+        for s in shards
+        for m in [args.micro_batch, *micro]
+        for c in (args.activation_checkpointing, True)
+        # preferred: sharding, then checkpointing, then a smaller micro-batch
+        if peak(s, c, m) <= limit
+    ]
+    advice = "nothing does on this many GPUs: more GPUs, or a smaller model"
+    if fits:
+        s, c, m = fits[0]
+        change = (
+            [f"--shard {s}"] * (s != args.shard)
+            + ["--activation-checkpointing"] * (c != args.activation_checkpointing)
+            + [f"--micro-batch {m}"] * (m != args.micro_batch)
+        )
+        advice = f"{' '.join(change)} would fit ({peak(s, c, m) / 1e9:.1f} GB)"
+    raise InputError(
+        f"--shard {args.shard}: an estimated {now / 1e9:.1f} GB a GPU (train.memory_per_gpu), more "
+        f"than the device's {limit / 1e9:.1f} GB; {advice}"
+    )
 
 
 def memory_per_gpu(
@@ -1411,28 +1411,16 @@ def memory_per_gpu(
                   last unit's; it gathered, its bf16 gradient, block 1's reduce-scatter input in
                   flight.
         last unit the embedding's backward (the tied root's): every other gradient made; the unit
-        gathered
-                  (size U), its bf16 gradient and block 0's reduce-scatter input, then that
-                  gradient, a bf16 staging copy of it and its fp32 reduce-scatter input: 4U + 4
-                  max(P_b, U).
+                  gathered (size U), its bf16 gradient and block 0's reduce-scatter input, then
+                  that gradient, a bf16 staging copy of it and its fp32 reduce-scatter input:
+                  4U + 4 max(P_b, U).
     The tied root is gathered all step, and its bf16 gradient kept from the head's backward to the
     end.
     """
-    D, I, L, H, hd, V = (
-        m.hidden_size,
-        m.intermediate_size,
-        m.num_hidden_layers,
-        m.num_attention_heads,
-        m.head_dim,
-        m.vocab_size,
-    )
-    fsdp, tied, T, n = (
-        shard == "fsdp",
-        m.tie_word_embeddings,
-        tokens_per_gpu,
-        min(tokens_per_gpu, chunk),
-    )
-    K = m.num_key_value_heads
+    D, I, L, V = m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.vocab_size
+    H, K, hd = m.num_attention_heads, m.num_key_value_heads, m.head_dim
+    fsdp, tied = shard == "fsdp", m.tie_word_embeddings
+    T, n = tokens_per_gpu, min(tokens_per_gpu, chunk)
     P_b = D * (H + 2 * K) * hd + H * hd * D + 3 * D * I + 2 * D  # attention, MLP, two norms
     E = V * D
     P = L * P_b + E * (1 if tied else 2) + D
@@ -1449,9 +1437,8 @@ def memory_per_gpu(
     head_unit = E + D  # final norm + LM head; tied: the root's embedding = LM head and final norm
     U = head_unit if tied else E  # the unit reduced last
     if fsdp:
-        root = (
-            2 * head_unit + 2 * E if tied else 0
-        )  # the tied root gathered all step, and its gradient
+        # the tied root gathered all step, and its gradient
+        root = 2 * head_unit + 2 * E if tied else 0
         made = {
             "head": 0,
             "top": 0 if tied else 4 * head_unit / N,

@@ -182,7 +182,7 @@ def run_sharegpt(source, out, *args):
         [
             sys.executable,
             str(SCRIPTS / "get_sharegpt.py"),
-            *cli(source=str(source), out=str(out)),
+            *cli(source=source, out=out),
             *args,
         ],
         capture_output=True,

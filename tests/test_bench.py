@@ -40,8 +40,8 @@ def bench(model_dir, data_path):
             sys.executable,
             str(ROOT / "scripts" / "bench.py"),
             *cli(
-                model=str(model_dir),
-                data=str(data_path),
+                model=model_dir,
+                data=data_path,
                 max_len="64",
                 batch="2",
                 global_batch="4",
@@ -179,8 +179,8 @@ def test_bench_gpu_runs_every_variant_at_toy_size_on_the_cpu(tiny_model_dir, cha
             str(ROOT / "scripts" / "bench_gpu.py"),
             *cli(
                 shape="tiny",
-                tokenizer=str(tiny_model_dir),
-                data=str(data_path),
+                tokenizer=tiny_model_dir,
+                data=data_path,
                 max_len="48",
                 batch="2",
                 warmup="1",

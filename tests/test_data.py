@@ -478,7 +478,7 @@ def test_command_line_error_has_no_traceback(tmp_path, base):
         [
             sys.executable,
             str(ROOT / "scripts" / "inspect_data.py"),
-            *cli(data=str(path), tokenizer=str(base.dir)),
+            *cli(data=path, tokenizer=base.dir),
         ],
         capture_output=True,
         text=True,

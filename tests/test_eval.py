@@ -990,7 +990,7 @@ def test_missing_model_directory_is_one_line_without_traceback(tmp_path):
             sys.executable,
             str(ROOT / "eval.py"),
             "ppl",
-            *cli(model=str(tmp_path / "nope"), data=str(data_file)),
+            *cli(model=tmp_path / "nope", data=data_file),
         ],
         capture_output=True,
         text=True,
