@@ -16,25 +16,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import ModelArgs  # noqa: E402
 from train import memory_per_gpu  # noqa: E402
 
-MODELS = {  # dimensions from each model's published config.json
-    "Llama-3.1-8B": ModelArgs(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=128256,
-    ),
-    "Mistral-7B": ModelArgs(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=32000,
-    ),  # v0.1
+# dimensions from each model's published config.json; Mistral-7B (v0.1) has Llama-3.1-8B's but
+# for its vocabulary
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+)
+MODELS = {
+    "Llama-3.1-8B": ModelArgs(**LLAMA_8B, vocab_size=128256),
+    "Mistral-7B": ModelArgs(**LLAMA_8B, vocab_size=32000),
     "Qwen-2.5-14B": ModelArgs(
         hidden_size=5120,
         intermediate_size=13824,

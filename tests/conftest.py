@@ -11,9 +11,40 @@ from filelock import FileLock
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Two small GQA shapes the tests build models of (config.json's names); each test adds the
+# vocabulary and what else it needs
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
+MICRO = dict(TINY, hidden_size=16, intermediate_size=32, head_dim=4)
 # the files that take longest (measured with --durations), collected first: pytest-xdist's
 # --dist loadfile hands files out in collection order, so no worker is left with one of these alone
 # at the end
+
+
+def step_values(**kw):
+    """train.forward_backward's values but the model, the data, the batch and λ: train.py's
+    defaults, 2 a micro-batch, one rank on the CPU."""
+    import torch
+
+    return {
+        "mu": 0.2,
+        "mixup_only": False,
+        "micro_batch": 2,
+        "grad_clip": 1.0,
+        "device": torch.device("cpu"),
+        "amp_dtype": None,
+        "rank": 0,
+        "world": 1,
+        **kw,
+    }
+
+
 LONGEST_FIRST = ["test_readme.py", "test_conformance.py", "test_study.py", "test_fsdp.py"]
 
 
@@ -44,16 +75,7 @@ def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
 
     import model as M
 
-    args = M.ModelArgs(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-    )
+    args = M.ModelArgs(**TINY, vocab_size=49152, tie_word_embeddings=True)
     torch.manual_seed(0)
     tiny = M.Transformer(args)
     with torch.no_grad():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import TINY, step_values
 from test_train import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,15 +127,7 @@ def test_bench_gpu_model_flops_are_what_torchs_flop_counter_counts():
     import model as M
     import train as T
 
-    args = M.ModelArgs(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=50,
-    )
+    args = M.ModelArgs(**TINY, vocab_size=50)
     g = torch.Generator().manual_seed(0)
     samples = [
         data.Sample(
@@ -151,14 +144,7 @@ def test_bench_gpu_model_flops_are_what_torchs_flop_counter_counts():
             samples,
             [0, 1, 2],
             None,
-            mu=0.2,
-            mixup_only=False,
-            micro_batch=3,
-            grad_clip=1.0,
-            device=torch.device("cpu"),
-            amp_dtype=None,
-            rank=0,
-            world=1,
+            **step_values(micro_batch=3),
         )
     causal_half = (
         6 * args.num_hidden_layers * args.num_attention_heads * args.head_dim * 3 * 12 * 12

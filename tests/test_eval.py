@@ -5,6 +5,7 @@ calculations."""
 import argparse
 import ast
 import contextlib
+import inspect
 import io
 import json
 import math
@@ -272,21 +273,15 @@ def generate_calls(monkeypatch):
     new tokens.
     """
     calls, real = [], M.generate
+    signature = inspect.signature(real)
 
-    def recording(
-        model,
-        prompt_ids,
-        max_new_tokens,
-        temperature=0.0,
-        top_p=1.0,
-        eos_ids=(),
-        seed=None,
-        compile=None,
-    ):
-        calls.append((prompt_ids, max_new_tokens, temperature))
-        return real(
-            model, prompt_ids, min(max_new_tokens, 3), temperature, top_p, eos_ids, seed, compile
-        )
+    def recording(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        kw = call.arguments
+        calls.append((kw["prompt_ids"], kw["max_new_tokens"], kw["temperature"]))
+        kw["max_new_tokens"] = min(kw["max_new_tokens"], 3)
+        return real(*call.args, **call.kwargs)
 
     monkeypatch.setattr(M, "generate", recording)
     return calls

@@ -9,6 +9,7 @@ import typing
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 from test_data import family_tokenizer_dir
 from test_model import hf_greedy, randomize
 from test_train import COMMON, cli, run_train
@@ -452,12 +453,7 @@ def test_weak_to_strong_dynamics_of_a_gemma2_reference_train_sftmix_on_llama(
     # SmolLM2's BPE + Gemma's turns
     ref_dir = family_tokenizer_dir(smollm2_dir, tmp_path / "gemma2", "gemma")
     cfg = Gemma2Config(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
+        **TINY,
         vocab_size=49156,
         sliding_window=16,
         bos_token_id=49152,

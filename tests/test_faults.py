@@ -139,22 +139,27 @@ def test_a_state_of_the_older_layout_is_refused_in_one_line(stopped_run, capsys)
     assert line.startswith(f"error: {state / 'latest.json'}: an older state layout")
 
 
+def planted_pickle(marker):
+    """A pickle that, if loaded, runs a command creating `marker`."""
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    return pickle.dumps(Payload())
+
+
 def test_resume_refuses_a_crafted_state_without_running_it(stopped_run, tmp_path, capsys):
     """a pickle that would run code if loaded sits where the state is: resume refuses it, and
     nothing runs
     """
     base, state = stopped_run
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     folder = state / latest(state)["checkpoint"]
     for f in folder.iterdir():
-        f.write_bytes(pickle.dumps(Payload()))  # each state file
+        f.write_bytes(planted_pickle(marker))  # each state file
     # the file DCP's FileSystemReader unpickles
-    (folder / ".metadata").write_bytes(pickle.dumps(Payload()))
+    (folder / ".metadata").write_bytes(planted_pickle(marker))
     line = one_line_error(capsys, *base, "--resume")
     assert line.startswith("error: ") and folder.name in line
     assert not marker.exists()
@@ -165,14 +170,9 @@ def test_resume_never_reads_a_pickle_planted_beside_a_good_state(stopped_run, tm
     pickles): planted beside a complete state, the run resumes to its end and runs none of them"""
     base, state = stopped_run
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     folder = state / latest(state)["checkpoint"]
     for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):
-        (folder / name).write_bytes(pickle.dumps(Payload()))
+        (folder / name).write_bytes(planted_pickle(marker))
     run_train(*base, "--resume")
     assert (state.parent / "final" / "model.safetensors").exists() and not marker.exists()
 

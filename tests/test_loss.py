@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import MICRO, step_values
 
 import data
 import model as M
@@ -27,16 +28,7 @@ import sftmix
 import train as T
 
 V, MU = 37, 0.2
-ARGS = M.ModelArgs(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=4,
-    vocab_size=V,
-    tie_word_embeddings=False,
-)
+ARGS = M.ModelArgs(**MICRO, vocab_size=V, tie_word_embeddings=False)
 
 
 def make_batch():
@@ -121,14 +113,9 @@ def run_forward_backward(rank, world, port, mistake, mode, queue):
         samples,
         batch,
         lam,
-        mu=MU,
-        mixup_only=mode == "mixup only",
-        micro_batch=2,
-        grad_clip=0.0,
-        device=torch.device("cpu"),
-        amp_dtype=None,
-        rank=rank,
-        world=world,
+        **step_values(
+            mu=MU, mixup_only=mode == "mixup only", grad_clip=0.0, rank=rank, world=world
+        ),
     )
     if rank == 0:
         # no shared memory
@@ -212,15 +199,7 @@ def test_the_pad_tokens_embedding_row_is_trained_unlike_transformers_padding_idx
 
     pad = 3
     ids = torch.tensor([[5, pad, 7, 9]])
-    cfg = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=V,
-        pad_token_id=pad,
-    )
+    cfg = LlamaConfig(**dict(MICRO, num_hidden_layers=1), vocab_size=V, pad_token_id=pad)
     hf = LlamaForCausalLM(cfg)
     hf(ids, labels=ids).loss.backward()
     assert hf.model.embed_tokens.weight.grad[pad].abs().sum() == 0

@@ -7,6 +7,7 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import step_values
 from test_train import cli
 from torch._C._profiler import _EventType
 from torch.distributed.device_mesh import init_device_mesh
@@ -83,14 +84,7 @@ def fsdp_step_peak(base, out, mode, checkpoint, tokens):
                 samples,
                 [0, 1, 2, 3],
                 lam,
-                mu=0.2,
-                mixup_only=False,
-                micro_batch=4,
-                grad_clip=1.0,
-                device=torch.device("cpu"),
-                amp_dtype=None,
-                rank=0,
-                world=1,
+                **step_values(micro_batch=4),
             )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import MICRO, step_values
 from test_loss import ARGS, make_batch, reference_gradient, relative_error
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -73,22 +74,6 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def step_values(**kw):
-    """forward_backward's values but the model, the data and the device: train.py's defaults, 2 a
-    micro-batch.
-    """
-    return {
-        "mu": 0.2,
-        "mixup_only": False,
-        "micro_batch": 2,
-        "grad_clip": 1.0,
-        "amp_dtype": None,
-        "rank": 0,
-        "world": 1,
-        **kw,
-    }
-
-
 @pytest.mark.parametrize("mode", ["ntp", "sftmix"])
 def test_a_training_step_reads_the_device_once(mode):
     """forward_backward over 4 micro-batches, the AdamW update and the divergence check: 0 syncs;
@@ -98,9 +83,7 @@ def test_a_training_step_reads_the_device_once(mode):
     lam = sftmix.sample_lambda(0.5, 4, 3, 5) if mode == "sftmix" else None
     optimizer = T.adamw(model, 1e-3, 0.1)
     with SyncCounter() as counter:
-        stats, _ = T.forward_backward(
-            model, samples, list(range(8)), lam, device=torch.device("cpu"), **step_values()
-        )
+        stats, _ = T.forward_backward(model, samples, list(range(8)), lam, **step_values())
         optimizer.step()
         finite = T.weights_finite(model, 1)
     assert counter.syncs == []
@@ -191,17 +174,7 @@ def test_packing_lays_each_sequence_out_right_padded_and_back():
 
 
 def test_sdpa_gets_no_mask_inside_the_window_and_never_a_mask_with_enable_gqa():
-    args = M.ModelArgs(
-        model_type="mistral",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=4,
-        vocab_size=37,
-        sliding_window=16,
-    )
+    args = M.ModelArgs(**MICRO, model_type="mistral", vocab_size=37, sliding_window=16)
     torch.manual_seed(0)
     model = M.Transformer(args)
     calls = []
@@ -238,7 +211,6 @@ def test_bf16_autocast_sftmix_gradient_is_within_bf16_tolerance_of_the_float64_f
         samples,
         list(range(8)),
         lam,
-        device=torch.device("cpu"),
         **step_values(grad_clip=0.0, amp_dtype=torch.bfloat16),
     )
     ours = {n: p.grad.double() for n, p in model.named_parameters()}
@@ -357,7 +329,6 @@ def fsdp_rank(rank, world, port, checkpoint, state_dir, queue):
         samples,
         list(range(8)),
         None,
-        device=torch.device("cpu"),
         **step_values(micro_batch=2 if world == 1 else 1, grad_clip=0.0, rank=rank, world=world),
     )
     torch.autograd.backward = real_backward
@@ -390,28 +361,32 @@ def fsdp_rank(rank, world, port, checkpoint, state_dir, queue):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_fsdp_holds_no_unsharded_gradient_and_loads_no_full_parameter(world, tmp_path):
-    samples, model = make_batch()
-    M.save_pretrained(model, tmp_path / "ckpt")
+def spawn_ranks(target, world, *args, replies):
+    """Run target(rank, world, port, *args, queue) on `world` spawned gloo processes and return the
+    first `replies` values they put on the queue."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [
-        ctx.Process(
-            target=fsdp_rank, args=(r, world, port, tmp_path / "ckpt", tmp_path / "run", queue)
-        )
-        for r in range(world)
-    ]
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    grads, n_units, held, checked, allocations, same = queue.get(timeout=300)
+    results = [queue.get(timeout=300) for _ in range(replies)]
     for p in procs:
         p.join(timeout=60)
         if p.is_alive():
             p.terminate()
+    return results
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_fsdp_holds_no_unsharded_gradient_and_loads_no_full_parameter(world, tmp_path):
+    samples, model = make_batch()
+    M.save_pretrained(model, tmp_path / "ckpt")
+    [(grads, n_units, held, checked, allocations, same)] = spawn_ranks(
+        fsdp_rank, world, tmp_path / "ckpt", tmp_path / "run", replies=1
+    )
     assert (
         n_units == ARGS.num_hidden_layers + 3
     )  # each block, the embedding, [norm + LM head], the root
@@ -455,23 +430,7 @@ def tokenizing_rank(rank, world, port, path, tokenizer_dir, cache, queue):
 
 
 def ranks_tokenizing(path, tokenizer_dir, cache, world=3):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        ctx.Process(
-            target=tokenizing_rank, args=(r, world, port, path, tokenizer_dir, cache, queue)
-        )
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    return results
+    return sorted(spawn_ranks(tokenizing_rank, world, path, tokenizer_dir, cache, replies=world))
 
 
 def test_one_rank_tokenizes_and_the_others_memory_map_its_arrays(
