@@ -487,6 +487,58 @@ def test_report_only_rebuilds_the_first_designs_numbers_from_its_committed_recor
     assert f"the 24 training runs, seconds each, sorted: {', '.join(map(str, runs))}." in text
 
 
+def test_report_only_rebuilds_the_second_designs_committed_report_and_write_up(tmp_path):
+    """results/study-2/ (the second design): --report-only gives the committed results.md again, byte
+    for byte; its best-point rows are recomputed here from the runs' heldout.jsonl (the best pass on
+    the validation ids, scored on the test ids); and every row of the write-up's table of paired
+    differences (results/study/README.md) is the report's."""
+    out = tmp_path / "study-2"
+    shutil.copytree(ROOT / "results" / "study-2", out)
+    (out / "results.md").unlink()
+    study.main(["--out", str(out), "--report-only"])
+    text = (out / "results.md").read_text()
+    assert text == (ROOT / "results" / "study-2" / "results.md").read_text()
+
+    split = json.loads((out / "heldout-split.json").read_text())
+
+    def at_best(arm, seed):  # test ppl at the pass whose validation ppl is lowest
+        passes = [
+            json.loads(x)["nll"]
+            for x in (out / "runs" / f"{arm}-s{seed}" / "heldout.jsonl").read_text().splitlines()
+        ]
+
+        def score(nll, ids):
+            return ppl([nll[i][0] for i in ids], [nll[i][1] for i in ids])
+
+        best = min(passes, key=lambda nll: score(nll, split["validation"]))
+        return score(best, split["test"])
+
+    for a, b, title in [
+        ("sftmix", "ntp", "SFTMix − NTP"),
+        ("sftmix", "ntp_paired", "SFTMix − NTP, SFTMix's batches"),
+        ("sftmix", "random", "SFTMix − SFTMix, random split"),
+    ]:
+        d = [at_best(a, s) - at_best(b, s) for s in range(6)]
+        mean, half = statistics.mean(d), t_half(d)
+        row = table_row(text, title, "best")
+        assert row[2] == f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+        assert row[4] == f"{sum(x < 0 for x in d)} of 6"
+
+    names = {
+        "NTP on SFTMix's batches": "NTP, SFTMix's batches",
+        "random split": "SFTMix, random split",
+        "μ = 1": "SFTMix, μ = 1",
+    }
+    write_up = (ROOT / "results" / "study" / "README.md").read_text()
+    table = section(write_up, "| a − b | at |").split("\n\n")[0].splitlines()[2:]
+    assert len(table) == 14
+    for line in table:
+        cells = [c.strip().replace("−", "-") for c in line.strip("|").split("|")]
+        a, b = (names.get(x, x) for x in cells[0].split(" - "))
+        report = table_row(text, f"{a} − {b}", cells[1])
+        assert [report[2], report[3], report[4]] == cells[2:5], line
+
+
 @pytest.mark.parametrize(
     "content, named",
     [
