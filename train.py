@@ -1139,22 +1139,32 @@ def state_tensors(model, optimizer) -> dict:
 
 
 def read_latest(out) -> dict:
-    """OUT/state/latest.json, checked: one line when it is unreadable or of an older layout."""
+    """OUT/state/latest.json, checked: one line when it is unreadable or of an older layout. Its
+    "step" an int, its "checkpoint" a folder name, its "dynamics" {step: {example id: ppl}}."""
     path = Path(out) / "state" / "latest.json"
+
+    def unreadable(e):
+        return InputError(f"{path}: unreadable ({e}); expected the latest.json of a run's state")
+
     try:
         latest = json.loads(path.read_text())
         if not isinstance(latest, dict) or not isinstance(latest.get("config"), dict):
             raise TypeError("no config object")
     except (OSError, ValueError, TypeError) as e:
-        raise InputError(
-            f"{path}: unreadable ({e}); expected the latest.json of a run's state"
-        ) from None
+        raise unreadable(e) from None
     if latest.get("layout") != LAYOUT:
         raise InputError(
             f"{path}: an older state layout "
             f"({latest.get('layout') or 'a safetensors file per rank'})"
             f", expected {LAYOUT}: resume it with the train.py that wrote it, or start again"
         )
+    try:
+        latest["step"], latest["checkpoint"] = int(latest["step"]), str(latest["checkpoint"])
+        latest["dynamics"] = {
+            int(k): {str(i): float(x) for i, x in v.items()} for k, v in latest["dynamics"].items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise unreadable(e) from None
     return latest
 
 
@@ -1228,16 +1238,7 @@ def load_state(out, model, optimizer):
     optimizer, on any number of ranks; returns (step, dynamics). An unreadable state is one line
     naming its folder."""
     latest = read_latest(out)
-    path = Path(out) / "state" / "latest.json"
-    try:
-        step, folder = int(latest["step"]), Path(out) / "state" / str(latest["checkpoint"])
-        dynamics = {
-            int(k): {str(i): float(x) for i, x in v.items()} for k, v in latest["dynamics"].items()
-        }
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InputError(
-            f"{path}: unreadable ({e}); expected the latest.json of a run's state"
-        ) from None
+    step, folder = latest["step"], Path(out) / "state" / latest["checkpoint"]
     tensors = state_tensors(model, optimizer)
     warnings.filterwarnings("ignore", "torch.distributed is disabled")
     try:
@@ -1259,7 +1260,7 @@ def load_state(out, model, optimizer):
             f"state written by train.py"
         ) from None
     torch.set_rng_state(tensors["rng"])
-    return step, dynamics
+    return step, latest["dynamics"]
 
 
 def last_state(out, saved):
