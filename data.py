@@ -14,22 +14,20 @@ turn. Every example keeps one id through every stage of SFTMix (dynamics, split,
 the tokenizer: its own "id" field, else "<file name>:<record index>".
 
 Prompt formats, detected from the tokenizer's chat template when not given:
-    chatml   <|im_start|>role\\ncontent<|im_end|>\\n ...   (SmolLM2, Qwen2, Qwen2.5) no BOS; the default system
-             prompt written in the template is added when a conversation has none, as the template
-             does.
+    chatml   <|im_start|>role\\ncontent<|im_end|>\\n ...   (SmolLM2, Qwen2, Qwen2.5) no BOS; the
+             template's default system prompt is added when a conversation has none, as it does.
     llama3   <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|> ...
              content stripped, as Llama-3's template does (3.1's dated system prompt is not added).
     gemma    <bos><start_of_turn>user\\ncontent<end_of_turn>\\n<start_of_turn>model\\ncontent<end_of_turn>\\n ...
              (Gemma, Gemma 2) content stripped, as the template does.
-    mistral  <s> [INST] content [/INST] content</s> [INST] ...   (Mistral-7B-Instruct v0.1 and v0.2's template;
-             v0.3's, with no space before [/INST], is not detected as it: pass --prompt-format to
-             use this one). gemma and mistral have no system turn: its content goes before the first
-             user turn's content, then a blank line, as Mistral's template and Gemma 3's do (Gemma 1
-             and 2's templates refuse one).
-    alpaca   Stanford Alpaca's prompt (ending "### Response:\\n", as in its README), the response, EOS;
-             for base models (no chat template); BOS only if the tokenizer itself adds one. It holds
-             one instruction and one response: a system turn or several turns is an error (use a
-             chat format).
+    mistral  <s> [INST] content [/INST] content</s> [INST] ...   (Mistral-7B-Instruct v0.1 and
+             v0.2's template; v0.3's, with no space before [/INST], is not detected as it: pass
+             --prompt-format to use this one). gemma and mistral have no system turn: its content
+             goes before the first user turn's content, then a blank line, as Mistral's template
+             and Gemma 3's do (Gemma 1 and 2's templates refuse one).
+    alpaca   Stanford Alpaca's prompt (ending "### Response:\\n", as in its README), the response,
+             EOS; for base models (no chat template); BOS only if the tokenizer itself adds one.
+             One instruction and one response; a system turn, or more turns, need a chat format.
 
 Labels. Every assistant turn is trained together with its end-of-turn token (<|im_end|>, <|eot_id|>,
 <end_of_turn>, EOS), so the model learns to stop; all else is -100. The rendered text is tokenized
@@ -68,19 +66,10 @@ IGNORE = -100  # label of a position that is not trained (prompt, padding); PyTo
 MAX_LEN = 2048
 FORMATS = ("alpaca", "sharegpt", "messages")
 PROMPT_FORMATS = ("chatml", "llama3", "gemma", "mistral", "alpaca")
-TURNS = {  # format: (list key, role key, text key, {role in the file: role here})
-    "sharegpt": (
-        "conversations",
-        "from",
-        "value",
-        {"system": "system", "human": "user", "gpt": "assistant"},
-    ),
-    "messages": (
-        "messages",
-        "role",
-        "content",
-        {"system": "system", "user": "user", "assistant": "assistant"},
-    ),
+ROLES = ("system", "user", "assistant")
+TURNS = {  # format: (list key, role key, text key, its names of ROLES)
+    "sharegpt": ("conversations", "from", "value", ("system", "human", "gpt")),
+    "messages": ("messages", "role", "content", ROLES),
 }
 NEXT_ROLES = {
     None: ("system", "user"),
@@ -88,10 +77,8 @@ NEXT_ROLES = {
     "user": ("assistant",),
     "assistant": ("user",),
 }
-ROLES = ("system", "user", "assistant")
-# prompt format: (start of text, {role: (header, turn with {} for the content, after it)}, strip
-# content)
-CHAT = {
+# prompt format: (start of text, {role: (header, turn with {} for the content, after it)}, strip)
+CHAT = {  # {bos}, {eos}: the tokenizer's; strip: the content is stripped
     "chatml": ("", {r: (f"<|im_start|>{r}\n", "{}<|im_end|>", "\n") for r in ROLES}, False),
     "llama3": (
         "<|begin_of_text|>",
@@ -111,7 +98,7 @@ CHAT = {
         {"user": (" [INST] ", "{} [/INST]", ""), "assistant": ("", " {}{eos}", "")},
         False,
     ),
-}  # {bos}, {eos}: the tokenizer's; an assistant's turn is trained, end-of-turn token included
+}
 ALPACA = (  # Stanford Alpaca's prompts without and with an input; the response and EOS follow
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{instruction}\n\n### Response:\n",
@@ -122,9 +109,8 @@ ALPACA = (  # Stanford Alpaca's prompts without and with an input; the response 
 
 
 class InputError(Exception):
-    """Bad input (a file, a field, a flag) in any of the five files; every command prints the
-    message as its one line and exits 2: '<file>:<line or record>: <field>: <what was expected>'. A
-    bug of ours keeps its traceback."""
+    """Bad input (a file, a field, a flag) in any of the five files, said in one line (reported):
+    '<file>:<line or record>: <field>: <what was expected>'."""
 
 
 @contextmanager
@@ -149,13 +135,12 @@ def number(flag: str, kind, expected: str):
     else an InputError '<flag>: expected <expected>, got <value>'. parse_args raises it: a command
     parses inside reported(), so a bad number is one line and exit 2, as any bad input."""
     op, low, left, a, b, right = RANGE.match(expected).groups()
-    if op:  # ">= low" or "> low"
-        within = (lambda v: v >= float(low)) if op == ">=" else (lambda v: v > float(low))
-    else:  # "in [a, b)", "in (a, b]", ...
 
-        def within(v):
-            above = float(a) <= v if left == "[" else float(a) < v
-            return above and (v <= float(b) if right == "]" else v < float(b))
+    def within(v):
+        if op:  # ">= low" or "> low"
+            return v >= float(low) if op == ">=" else v > float(low)
+        above = float(a) <= v if left == "[" else float(a) < v  # "in [a, b)", "in (a, b]", ...
+        return above and (v <= float(b) if right == "]" else v < float(b))
 
     def parse(text: str):
         try:
@@ -227,13 +212,12 @@ def check_output(path, flag="--out") -> Path:
 
 def write_json(path, obj, lines=False) -> None:
     """Write JSON (JSON lines from a list with lines=True) atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            if lines:
-                f.writelines(json.dumps(o) + "\n" for o in obj)
-            else:
-                json.dump(obj, f, indent=1)
-                f.write("\n")
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        if lines:
+            f.writelines(json.dumps(o) + "\n" for o in obj)
+        else:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
 
 
 @dataclass
@@ -248,45 +232,30 @@ class Example:
 
 @dataclass
 class Sample:
-    """Token ids of one example; labels pre-shifted (labels[t] is the target for position t, or
-    -100). Lists, or (train.py) int32 views into the flat arrays of token_arrays: no Python object
-    per token."""
+    """Token ids of one example, labels pre-shifted (labels[t]: the target for position t, or -100):
+    lists, or (train.py) int32 views into token_arrays' flat arrays, no Python object per token."""
 
     id: str
     input_ids: list
     labels: list
 
 
-# --- reading
-# ---------------------------------------------------------------------------------------------
+# --- reading --------------------------------------------------------------------------------------
 
 
 def _kind(value) -> str:
+    """How an error names a JSON value: "an object", "an empty array", "a number", "null", ..."""
     if value == []:
         return "an empty array"
-    return {
-        dict: "an object",
-        list: "an array",
-        str: "a string",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        type(None): "null",
-    }[type(value)]
+    kinds = {dict: "an object", list: "an array", str: "a string", type(None): "null"}
+    return {**kinds, bool: "a boolean", int: "a number", float: "a number"}[type(value)]
 
 
 def _text(obj: dict, key: str, where: str, field: str | None = None) -> str:
-    field = field or json.dumps(key)
     if not isinstance(obj.get(key), str):
-        raise InputError(
-            f"{where}: {field}: expected a string, got {_kind(obj[key]) if key in obj else 'nothing'}"
-        )
+        got = _kind(obj[key]) if key in obj else "nothing"
+        raise InputError(f"{where}: {field or json.dumps(key)}: expected a string, got {got}")
     return obj[key]
-
-
-def _msg(e: json.JSONDecodeError) -> str:
-    # 'Unterminated string starting at'
-    return f"{e.msg.removesuffix(' starting at')} at column {e.colno}"
 
 
 def read_records(path: Path) -> list:
@@ -297,7 +266,19 @@ def read_records(path: Path) -> list:
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror}") from None
     if raw[:4] == b"PAR1" or path.suffix == ".parquet":  # parquet's magic number
-        return [(f"{path}:row {i}", r) for i, r in enumerate(parquet_rows(path, raw))]
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            raise InputError(
+                f"{path}: a parquet file; reading it needs pyarrow: pip install pyarrow"
+            ) from None
+        try:  # a list of structs, as a messages column, becomes a list of dicts
+            rows = pyarrow.parquet.read_table(pyarrow.BufferReader(raw)).to_pylist()
+        except (pyarrow.ArrowException, OSError, ValueError) as e:
+            raise InputError(
+                f"{path}: not a readable parquet file ({e}); truncated or corrupted?"
+            ) from None
+        return [(f"{path}:row {i}", r) for i, r in enumerate(rows)]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -309,44 +290,23 @@ def read_records(path: Path) -> list:
         raise InputError(
             f"{path}: empty file; expected a JSON array of records or one JSON object per line"
         )
-    if text.lstrip().startswith("["):
-        try:
-            return [(f"{path}:record {i}", r) for i, r in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            cut = (
-                ""
-                if text.rstrip().endswith("]")
-                else "; the file ends inside the array (truncated?)"
-            )
-            raise InputError(f"{path}:{e.lineno}: invalid JSON array: {_msg(e)}{cut}") from None
+    array = text.lstrip().startswith("[")
     records = []
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
-        try:
+    try:
+        if array:
+            return [(f"{path}:record {i}", r) for i, r in enumerate(json.loads(text))]
+        # JSON lines; not splitlines(): JSON strings may hold U+2028
+        for n, line in enumerate(text.split("\n"), 1):
             records += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
-        except json.JSONDecodeError as e:
-            raise InputError(
-                f"{path}:{n}: invalid JSON: {_msg(e)}; expected one object per line"
-            ) from None
+    except json.JSONDecodeError as e:
+        # "Unterminated string starting at" a position: its column instead
+        why = f"{e.msg.removesuffix(' starting at')} at column {e.colno}"
+        if array:
+            ended = text.rstrip().endswith("]")
+            cut = "" if ended else "; the file ends inside the array (truncated?)"
+            raise InputError(f"{path}:{e.lineno}: invalid JSON array: {why}{cut}") from None
+        raise InputError(f"{path}:{n}: invalid JSON: {why}; expected one object per line") from None
     return records
-
-
-def parquet_rows(path: Path, raw: bytes) -> list:
-    """The rows of a parquet file as dicts (a list of structs, as a messages column, becomes a list
-    of dicts).
-    """
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise InputError(
-            f"{path}: a parquet file; reading it needs pyarrow: pip install pyarrow"
-        ) from None
-    try:
-        return pyarrow.parquet.read_table(pyarrow.BufferReader(raw)).to_pylist()
-    except (pyarrow.ArrowException, OSError, ValueError) as e:
-        raise InputError(
-            f"{path}: not a readable parquet file ({e}); truncated or corrupted?"
-        ) from None
 
 
 def _check_order(roles: list, where: str, field: str, names: dict, last: str) -> None:
@@ -373,19 +333,13 @@ def _messages(record, fmt: str, where: str) -> list:
     if fmt == "alpaca":
         instruction, output = _text(record, "instruction", where), _text(record, "output", where)
         inp = _text(record, "input", where) if "input" in record else ""
-        user = (
-            {
-                "role": "user",
-                "content": f"{instruction}\n\n{inp}",
-                "instruction": instruction,
-                "input": inp,
-            }
-            if inp
-            else {"role": "user", "content": instruction}
-        )
+        user = {"role": "user", "content": instruction}
+        if inp:
+            user |= {"content": f"{instruction}\n\n{inp}", "instruction": instruction, "input": inp}
         turns = [(user, '"instruction"'), ({"role": "assistant", "content": output}, '"output"')]
     else:
-        key, role_key, text_key, roles = TURNS[fmt]
+        key, role_key, text_key, theirs = TURNS[fmt]
+        roles = dict(zip(theirs, ROLES))  # {role in the file: role here}
         if not isinstance(record.get(key), list) or not record[key]:
             got = _kind(record[key]) if key in record else "nothing"
             raise InputError(f'{where}: "{key}": expected a non-empty array of turns, got {got}')
@@ -400,16 +354,9 @@ def _messages(record, fmt: str, where: str) -> list:
                     f"{where}: {field}.{role_key}: expected one of {', '.join(map(json.dumps, roles))}, "
                     f"got {json.dumps(role)}"
                 )
-            turns.append(
-                (
-                    {
-                        "role": roles[role],
-                        "content": _text(turn, text_key, where, f"{field}.{text_key}"),
-                    },
-                    f"{field}.{text_key}",
-                )
-            )
-        names = {ours: theirs for theirs, ours in roles.items()}
+            content = _text(turn, text_key, where, f"{field}.{text_key}")
+            turns.append(({"role": roles[role], "content": content}, f"{field}.{text_key}"))
+        names = dict(zip(ROLES, theirs))
         _check_order(
             [m["role"] for m, _ in turns], where, f'"{key}"[{{i}}].{role_key}', names, "assistant"
         )
@@ -432,18 +379,8 @@ def _read(path, fmt: str | None) -> tuple:
     chosen = "--format" if fmt else "detected from the keys"
     where, first = records[0]
     keys = sorted(first) if isinstance(first, dict) else []
-    fmt = fmt or next(
-        (
-            f
-            for f, k in (
-                ("sharegpt", "conversations"),
-                ("messages", "messages"),
-                ("alpaca", "instruction"),
-            )
-            if k in keys
-        ),
-        None,
-    )
+    marks = {"sharegpt": "conversations", "messages": "messages", "alpaca": "instruction"}
+    fmt = fmt or next((f for f, key in marks.items() if key in keys), None)
     if fmt is None:
         raise InputError(
             f'{where}: cannot tell the format: expected key "instruction" (alpaca), "conversations" '
@@ -455,12 +392,11 @@ def _read(path, fmt: str | None) -> tuple:
         id = record.get("id", f"{path.name}:{i}")
         if not isinstance(id, (str, int)) or isinstance(id, bool) or id == "":
             raise InputError(f'{where}: "id": expected a non-empty string, got {_kind(id)}')
-        if str(id) in seen:
-            raise InputError(
-                f'{where}: "id": duplicate id {json.dumps(str(id))} (first at {seen[str(id)]})'
-            )
-        seen[str(id)] = where
-        examples.append(Example(str(id), messages))
+        id = str(id)
+        if id in seen:
+            raise InputError(f'{where}: "id": duplicate id {json.dumps(id)} (first at {seen[id]})')
+        seen[id] = where
+        examples.append(Example(id, messages))
     return examples, fmt, chosen
 
 
@@ -469,15 +405,12 @@ def read_examples(path, fmt: str | None = None) -> list:
     return _read(path, fmt)[0]
 
 
-# --- tokenizer and prompt formats
-# --------------------------------------------------------------------------
+# --- tokenizer and prompt formats -----------------------------------------------------------------
 
 
 @dataclass
 class Tokenizer:
-    """A tokenizers.Tokenizer with what its Hugging Face directory says about special tokens and
-    chats.
-    """
+    """A tokenizers.Tokenizer, with its Hugging Face directory's special tokens and chat format."""
 
     hf: tokenizers.Tokenizer
     dir: Path
@@ -488,10 +421,8 @@ class Tokenizer:
     # pad, else EOS, else 0: any id will do (right padding, causal attention, label -100)
     pad_id: int
     add_bos: bool  # tokenizer.json's post-processor puts BOS before a text (base Llama-3, Mistral)
-    # from the chat template's markers; alpaca when there is no chat template
-    prompt_format: str | None
-    # the system prompt a ChatML template adds when there is none (SmolLM2)
-    default_system: str | None
+    prompt_format: str | None  # from the chat template's markers; alpaca without a template
+    default_system: str | None  # the system prompt a ChatML template adds if none (SmolLM2)
 
     def encode(self, text: str) -> list:
         """Token ids of text, special-token strings included, with nothing added."""
@@ -502,9 +433,7 @@ class Tokenizer:
 
 
 def load_tokenizer(dir) -> Tokenizer:
-    """The tokenizer of a Hugging Face directory: tokenizer.json, and tokenizer_config.json when
-    present.
-    """
+    """The tokenizer of a Hugging Face directory (tokenizer.json, tokenizer_config.json if any)."""
     d = Path(dir)
     if not (d / "tokenizer.json").is_file():
         raise InputError(f"{d}: no tokenizer.json; expected a Hugging Face tokenizer directory")
@@ -514,24 +443,16 @@ def load_tokenizer(dir) -> Tokenizer:
         raise InputError(f"{d / 'tokenizer.json'}: unreadable: {e}") from None
     file = d / "tokenizer_config.json"
     config = read_json(file) if file.is_file() else {}
-    bos, eos, pad = (
-        v["content"] if isinstance(v := config.get(k), dict) else v
-        for k in ("bos_token", "eos_token", "pad_token")
-    )
+    tokens = [config.get(k) for k in ("bos_token", "eos_token", "pad_token")]
+    bos, eos, pad = (t["content"] if isinstance(t, dict) else t for t in tokens)
     template = chat_template(config.get("chat_template"), file)
     if template is None and (d / "chat_template.jinja").is_file():
         template = (d / "chat_template.jinja").read_text("utf-8")
-    markers = {
-        "chatml": "<|im_start|>",
-        "llama3": "<|start_header_id|>",
-        "gemma": "<start_of_turn>",
-        "mistral": " [/INST]",
-    }
-    prompt_format = (
-        "alpaca"
-        if template is None
-        else next((f for f, m in markers.items() if m in template), None)
-    )
+    # the first prompt format whose marker the template holds
+    markers = dict(chatml="<|im_start|>", llama3="<|start_header_id|>", gemma="<start_of_turn>")
+    markers["mistral"] = " [/INST]"  # Mistral v0.1 and v0.2's [INST] ... [/INST]
+    found = next((f for f, m in markers.items() if m in (template or "")), None)
+    prompt_format = "alpaca" if template is None else found
     if template and "<<SYS>>" in template:  # Llama 2's [INST] template: none of ours
         prompt_format = None
     system = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"]+?)<\|im_end\|>", template or "")
@@ -563,9 +484,7 @@ def chat_template(template, file):
 
 
 def _resolve(tok: Tokenizer, prompt_format: str | None) -> str:
-    """The prompt format given, else the tokenizer's; checks that the tokenizer has its special
-    tokens.
-    """
+    """The prompt format given, else the tokenizer's, checked to have its special tokens."""
     prompt_format = prompt_format or tok.prompt_format
     if prompt_format is None:
         raise InputError(
@@ -580,9 +499,8 @@ def _resolve(tok: Tokenizer, prompt_format: str | None) -> str:
     marks = ["{eos}"]
     if prompt_format in CHAT:
         start, turns, _ = CHAT[prompt_format]
-        marks = re.findall(
-            r"\{bos\}|\{eos\}|<[^<>\s{}]+>", start + "".join(map("".join, turns.values()))
-        )
+        text = start + "".join(map("".join, turns.values()))
+        marks = re.findall(r"\{bos\}|\{eos\}|<[^<>\s{}]+>", text)
     named = {"{bos}": ("bos_token", tok.bos_token), "{eos}": ("eos_token", tok.eos_token)}
     for name, token in (named.get(m, (m, m)) for m in dict.fromkeys(marks)):
         if token is None or len(tok.encode(token)) != 1:
@@ -592,12 +510,8 @@ def _resolve(tok: Tokenizer, prompt_format: str | None) -> str:
     return prompt_format
 
 
-def render(
-    messages: list, tok: Tokenizer, prompt_format: str, generation: bool = False, where: str = ""
-) -> list:
-    """The conversation as [(text, trained)] pieces; generation=True ends with the assistant's
-    header.
-    """
+def render(messages: list, tok: Tokenizer, prompt_format: str, generation=False, where="") -> list:
+    """The conversation as [(text, trained)]; generation=True ends with the assistant's header."""
     if prompt_format == "alpaca":
         roles = [m["role"] for m in messages]
         if roles != (["user"] if generation else ["user", "assistant"]):
@@ -606,42 +520,31 @@ def render(
                 f"got turns {roles}; use a chat format: --prompt-format chatml, llama3, gemma or mistral"
             )
         user = messages[0]
-        prompt = (
-            ALPACA[1].format(**user)
-            if user.get("input")
-            else ALPACA[0].format(instruction=user["content"])
-        )
+        if user.get("input"):
+            prompt = ALPACA[1].format(**user)
+        else:
+            prompt = ALPACA[0].format(instruction=user["content"])
         bos = tok.bos_token if tok.add_bos else ""
-        return [(bos + prompt, False)] + [
-            (m["content"] + tok.eos_token, True) for m in messages[1:]
-        ]
+        responses = [(m["content"] + tok.eos_token, True) for m in messages[1:]]
+        return [(bos + prompt, False)] + responses
     start, turns, strip = CHAT[prompt_format]
     special = {"bos": tok.bos_token, "eos": tok.eos_token}
-    if (
-        prompt_format == "chatml"
-        and messages[0]["role"] != "system"
-        and tok.default_system is not None
-    ):
-        messages = [{"role": "system", "content": tok.default_system}] + messages
-    prefix = ""
-    # before the first user turn's content
+    system = tok.default_system if prompt_format == "chatml" else None
+    if system is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    prefix = ""  # a format without a system turn puts its content before the first user content
     if messages[0]["role"] == "system" and "system" not in turns:
         prefix, messages = messages[0]["content"] + "\n\n", messages[1:]
     pieces = [(start.format(**special), False)]
     for i, m in enumerate(messages):
         header, turn, after = turns[m["role"]]
         content = (prefix if i == 0 else "") + (m["content"].strip() if strip else m["content"])
-        pieces += [
-            (header, False),
-            (turn.format(content, **special), m["role"] == "assistant"),
-            (after, False),
-        ]
+        trained = m["role"] == "assistant"
+        pieces += [(header, False), (turn.format(content, **special), trained), (after, False)]
     return pieces + [(turns["assistant"][0], False)] * generation
 
 
-def encode_prompt(
-    messages: list, tok: Tokenizer, prompt_format: str | None = None, where: str = "prompt"
-) -> list:
+def encode_prompt(messages: list, tok: Tokenizer, prompt_format=None, where="prompt") -> list:
     """Token ids of a conversation that ends with a user turn, then the assistant's header (for
     generation); `where` names the conversation in an error."""
     prompt_format = _resolve(tok, prompt_format)
@@ -659,22 +562,17 @@ def stop_ids(tok: Tokenizer, prompt_format: str | None = None) -> list:
 
 
 def _sample(id: str, encoding, pieces: list, max_len: int) -> Sample | None:
-    """Pre-shifted Sample from the encoding of the whole rendered text; None if no token is trained."""
-    # (characters,)
-    trained_chars = np.concatenate([np.full(len(text), trained) for text, trained in pieces])
-    # before[c] = trained characters before c
-    before = np.concatenate([[0], np.cumsum(trained_chars)])
-    # (L + 1, 2) character spans
-    offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+    """Pre-shifted Sample from the whole rendered text's encoding; None if no token is trained."""
+    trained_chars = np.concatenate([np.full(len(text), t) for text, t in pieces])  # (characters,)
+    before = np.concatenate([[0], np.cumsum(trained_chars)])  # before[c] = trained chars before c
+    offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)  # (L + 1, 2) char spans
     trained = (before[offsets[:, 1]] > before[offsets[:, 0]])[: max_len + 1]
     ids = encoding.ids[: max_len + 1]
     labels = [x if t else IGNORE for x, t in zip(ids[1:], trained[1:])]
     return Sample(id, ids[:-1], labels) if any(x != IGNORE for x in labels) else None
 
 
-def tokenize(
-    example: Example, tok: Tokenizer, prompt_format: str | None = None, max_len: int = MAX_LEN
-):
+def tokenize(example: Example, tok: Tokenizer, prompt_format=None, max_len=MAX_LEN):
     """Sample of one example, or None if truncation to max_len left no trained token."""
     pieces = render(example.messages, tok, _resolve(tok, prompt_format), where=example.id)
     encoding = tok.hf.encode("".join(text for text, _ in pieces), add_special_tokens=False)
@@ -682,19 +580,13 @@ def tokenize(
 
 
 def load_dataset(
-    path,
-    tok: Tokenizer,
-    prompt_format: str | None = None,
-    max_len: int = MAX_LEN,
-    fmt: str | None = None,
-    verbose: bool = True,
+    path, tok: Tokenizer, prompt_format=None, max_len=MAX_LEN, fmt=None, verbose=True
 ) -> tuple:
     """(samples, stats) of a data file; prints (if verbose) its summary line."""
     examples, fmt, fmt_chosen = _read(path, fmt)
     prompt_chosen = "given" if prompt_format else f"detected from {tok.dir}"
     prompt_format = _resolve(tok, prompt_format)
     rendered = [render(e.messages, tok, prompt_format, where=e.id) for e in examples]
-    # each example's whole rendered text
     texts = ["".join(text for text, _ in pieces) for pieces in rendered]
     encodings = tok.hf.encode_batch(texts, add_special_tokens=False)
     samples = [_sample(e.id, enc, p, max_len) for e, p, enc in zip(examples, rendered, encodings)]
@@ -731,44 +623,32 @@ def token_arrays(samples: list) -> dict:
     """The token ids and labels of samples as flat int32 arrays (ids, labels (S,), offsets (n + 1,):
     sample i is [offsets[i], offsets[i + 1])): about 8 bytes a token, against a Python int object
     per token in lists."""
-    offsets = np.cumsum([0] + [len(s.input_ids) for s in samples])
     return {
         "ids": np.concatenate([np.asarray(s.input_ids, dtype=np.int32) for s in samples]),
         "labels": np.concatenate([np.asarray(s.labels, dtype=np.int32) for s in samples]),
-        "offsets": offsets,
+        "offsets": np.cumsum([0] + [len(s.input_ids) for s in samples]),
     }
 
 
 def array_samples(ids: list, arrays: dict) -> list:
-    """Samples whose input_ids and labels are views into token_arrays' arrays (memory-mapped or
-    not).
-    """
+    """Samples whose input_ids and labels view token_arrays' arrays (memory-mapped or not)."""
     o = arrays["offsets"]
-    return [
-        Sample(i, arrays["ids"][o[k] : o[k + 1]], arrays["labels"][o[k] : o[k + 1]])
-        for k, i in enumerate(ids)
-    ]
+    spans = [slice(o[k], o[k + 1]) for k in range(len(ids))]
+    return [Sample(i, arrays["ids"][span], arrays["labels"][span]) for i, span in zip(ids, spans)]
 
 
-def cache_key(path, tok: Tokenizer, prompt_format, max_len, fmt) -> str:
-    """A fingerprint of what tokenizing a data file gives: the file's bytes, the tokenizer's files
-    and the settings (and CACHE_VERSION)."""
-    h = hashlib.sha256(json.dumps([CACHE_VERSION, prompt_format, max_len, fmt]).encode())
-    for file in [Path(path)] + sorted(tok.dir.glob("tokenizer*")) + sorted(tok.dir.glob("*.jinja")):
-        h.update(file.name.encode() + file.read_bytes())
-    return h.hexdigest()[:32]
-
-
-def cached_dataset(
-    path, tok: Tokenizer, prompt_format, max_len, fmt, cache, tokenize_here, barrier
-) -> tuple:
+def cached_dataset(path, tok, prompt_format, max_len, fmt, cache, tokenize_here, barrier) -> tuple:
     """load_dataset's (samples, stats), tokenized once for the ranks of a node: the rank with
     tokenize_here (each node's local rank 0) reads and tokenizes the file and writes CACHE/KEY/
-    (cache_key): ids.npy, labels.npy, offsets.npy and meta.json (sample ids, stats), as a folder
-    renamed into place whole; barrier() then lets the other ranks memory-map the arrays (the page
-    cache holds one copy a node). barrier(failed) returns whether any rank failed before it, so a
-    rank whose reader raised does not leave the others waiting."""
-    folder = Path(cache) / cache_key(path, tok, prompt_format, max_len, fmt)
+    (KEY hashes the file's bytes, the tokenizer's files, the settings and CACHE_VERSION): ids.npy,
+    labels.npy, offsets.npy and meta.json (sample ids, stats), as a folder renamed into place
+    whole; barrier() then lets the other ranks memory-map the arrays (the page cache holds one copy
+    a node). barrier(failed) returns whether any rank failed before it, so a rank whose reader
+    raised does not leave the others waiting."""
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, prompt_format, max_len, fmt]).encode())
+    for file in [Path(path)] + sorted(tok.dir.glob("tokenizer*")) + sorted(tok.dir.glob("*.jinja")):
+        key.update(file.name.encode() + file.read_bytes())
+    folder = Path(cache) / key.hexdigest()[:32]
     try:
         if tokenize_here and not (folder / "meta.json").exists():
             samples, stats = load_dataset(path, tok, prompt_format, max_len, fmt, verbose=False)
@@ -791,17 +671,12 @@ def cached_dataset(
     if barrier(False):
         raise InputError(f"{path}: another rank could not read it (its line says why)")
     meta = json.loads((folder / "meta.json").read_text())
-    arrays = {
-        name: np.load(folder / f"{name}.npy", mmap_mode="r")
-        for name in ("ids", "labels", "offsets")
-    }
+    arrays = {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in ("ids", "labels", "offsets")}
     return array_samples(meta["ids"], arrays), meta["stats"]
 
 
 def summary(stats: dict) -> str:
-    """The line that says what load_dataset made of a file: the formats chosen, what was truncated
-    or dropped.
-    """
+    """The line that says what load_dataset made of a file: formats, what was truncated, dropped."""
     return (
         f"data: {stats['path']}: format {stats['format']} ({stats['format_from']}), prompt format "
         f"{stats['prompt_format']} ({stats['prompt_format_from']}); {stats['samples']} samples, "
@@ -810,8 +685,7 @@ def summary(stats: dict) -> str:
     )
 
 
-# --- batching
-# ----------------------------------------------------------------------------------------------
+# --- batching -------------------------------------------------------------------------------------
 
 
 def collate(samples: list, pad_id: int) -> dict:
@@ -835,17 +709,15 @@ def pack(samples: list) -> dict:
     """
     labels = np.concatenate([np.asarray(s.labels, dtype=np.int64) for s in samples])  # (S,)
     trained = np.flatnonzero(labels != IGNORE)  # (N,)
-    lengths = [len(s.input_ids) for s in samples]
     row = np.concatenate([np.asarray(s.input_ids, dtype=np.int64) for s in samples])
     counts = [int((np.asarray(s.labels) != IGNORE).sum()) for s in samples]
+    sample = np.repeat(np.arange(len(samples), dtype=np.int64), counts)  # (N,)
     return {
         "input_ids": torch.from_numpy(row)[None],  # (1, S)
-        "seqs": packing(lengths),
+        "seqs": packing([len(s.input_ids) for s in samples]),
         "trained": torch.from_numpy(trained),  # (N,)
         "targets": torch.from_numpy(labels[trained]),  # (N,)
-        "sample": torch.repeat_interleave(
-            torch.arange(len(samples)), torch.tensor(counts), output_size=len(trained)
-        ),  # (N,)
+        "sample": torch.from_numpy(sample),  # (N,)
         "ids": [s.id for s in samples],
     }
 
@@ -871,11 +743,9 @@ def to_device(batch: dict, device) -> dict:
     def move(v):
         if isinstance(v, tuple):
             return tuple(move(t) for t in v)
-        if not torch.is_tensor(v):
-            return v
-        return (
-            v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v.to(device)
-        )
+        if torch.is_tensor(v) and device.type == "cuda":
+            return v.pin_memory().to(device, non_blocking=True)
+        return v.to(device) if torch.is_tensor(v) else v
 
     return {k: move(v) for k, v in batch.items()}
 
@@ -886,9 +756,7 @@ def shuffled_order(n: int, seed: int, epoch: int) -> list:
 
 
 def length_grouped_batches(lengths: list, batch_size: int) -> list:
-    """Batches of indices for forward-only passes, longest first, so that little of a batch is
-    padding.
-    """
+    """Batches of indices for forward-only passes, longest first: little of a batch is padding."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 

@@ -42,15 +42,9 @@ PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]
 # FastChat's temperature_config (fastchat/llm_judge/common.py): the temperature its gen_model_answer
 # samples each MT-Bench category at; other categories, and AlpacaEval, get DEFAULT_TEMPERATURE.
 MT_BENCH_TEMPERATURE = {
-    "writing": 0.7,
-    "roleplay": 0.7,
-    "extraction": 0.0,
-    "math": 0.0,
-    "coding": 0.0,
-    "reasoning": 0.0,
-    "stem": 0.1,
-    "humanities": 0.1,
-    "arena-hard-200": 0.0,
+    **dict.fromkeys(("writing", "roleplay"), 0.7),
+    **dict.fromkeys(("extraction", "math", "coding", "reasoning", "arena-hard-200"), 0.0),
+    **dict.fromkeys(("stem", "humanities"), 0.1),
 }
 DEFAULT_TEMPERATURE = 0.7
 MAX_NEW_TOKENS = {"mt_bench": 1024, "alpaca_eval": 2048}
@@ -78,14 +72,12 @@ def setup(dtype="auto") -> Runtime:
     world, cuda = int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    device = (
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    )
+    device = torch.device("cpu")
     if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    return Runtime(
-        device, M.compute_dtype(dtype, device), dist.get_rank() if world > 1 else 0, world
-    )
+    rank = dist.get_rank() if world > 1 else 0
+    return Runtime(device, M.compute_dtype(dtype, device), rank, world)
 
 
 def load_model(path, rt: Runtime) -> M.Transformer:
@@ -119,9 +111,8 @@ def split_members(split, samples) -> dict:
 
 
 def evaluate_ppl(model, samples, rt, batch_size=8, split=None):
-    """(summary {"all": ..., and per half with a split}, per-example rows {id, nll, tokens, ppl[,
-    half]}).
-    """
+    """(summary {"all": ..., and per half with a split},
+    per-example rows {id, nll, tokens, ppl[, half]})."""
     members = split_members(split, samples)
     # {id: (nll, n)}
     results = sftmix.response_nll(model, samples, batch_size, rt.device, None, desc="ppl")
@@ -131,10 +122,8 @@ def evaluate_ppl(model, samples, rt, batch_size=8, split=None):
     rows = []
     for s in samples:
         nll, n = results[s.id]
-        rows.append(
-            {"id": s.id, "nll": nll, "tokens": n, "ppl": sftmix.perplexity(nll, n)}
-            | ({"half": half_of.get(s.id)} if split else {})
-        )
+        row = {"id": s.id, "nll": nll, "tokens": n, "ppl": sftmix.perplexity(nll, n)}
+        rows.append((row | {"half": half_of.get(s.id)}) if split else row)
     return summary, rows
 
 
@@ -170,18 +159,13 @@ class Question:
 
 
 def mc_records(path) -> list:
-    """[(where, record)]: data.read_records, or PubMedQA's ori_pqal.json (one object {PMID:
-    record}).
-    """
+    """[(where, record)]: data.read_records, or PubMedQA's ori_pqal.json ({PMID: record})."""
     try:
         whole = json.loads(Path(path).read_bytes())
     except (OSError, ValueError):
         whole = None  # not one JSON document: read_records says what is wrong, if anything
-    if (
-        isinstance(whole, dict)
-        and whole
-        and all(isinstance(r, dict) and "QUESTION" in r for r in whole.values())
-    ):
+    values = list(whole.values()) if isinstance(whole, dict) else []
+    if values and all(isinstance(r, dict) and "QUESTION" in r for r in values):
         return [(f"{path}:{pmid}", r | {"id": pmid}) for pmid, r in whole.items()]
     return data.read_records(Path(path))
 
@@ -190,11 +174,8 @@ def medmcqa_base(path, records, base=None):
     """The number MedMCQA's "cop" gives the first option: 1 in its release (1..4), 0 in the HF copy
     (0..3). A file holding a 0 and no 4 is 0-based, a 4 and no 0 1-based; any other cannot tell
     (base must be given)."""
-    cops = {
-        r.get("cop")
-        for _, r in records
-        if isinstance(r, dict) and "opa" in r and type(r.get("cop")) is int
-    }
+    medmcqa = [r for _, r in records if isinstance(r, dict) and "opa" in r]
+    cops = {r["cop"] for r in medmcqa if type(r.get("cop")) is int}
     if base is not None or not cops:
         return base
     if (0 in cops) == (4 in cops):
@@ -204,6 +185,11 @@ def medmcqa_base(path, records, base=None):
             f"from 0-based ones (the HF copy); pass --cop-base 1 or 0"
         )
     return 0 if 0 in cops else 1
+
+
+def nonblank(value) -> bool:
+    """Whether value is a string with more than whitespace."""
+    return isinstance(value, str) and bool(value.strip())
 
 
 def mc_question(where, r, default_id, base) -> Question:
@@ -217,15 +203,13 @@ def mc_question(where, r, default_id, base) -> Question:
     """
     if not isinstance(r, dict):
         raise InputError(f"{where}: expected an object with a question")
+    key, question, id_ = "question", r.get("question"), r.get("id", default_id)
     if "opa" in r:  # MedMCQA
-        key, options, answer = '"question"', [r.get(k) for k in MEDMCQA_OPTIONS], r.get("cop")
-        question, id_ = r.get("question"), r.get("id", default_id)
+        options, answer = [r.get(k) for k in MEDMCQA_OPTIONS], r.get("cop")
         if base is None or not (type(answer) is int and 0 <= answer - base < 4):
-            counts = (
-                f"this file counts from {base}"
-                if base is not None
-                else "from 1 as released, 0 in the HF copy"
-            )
+            counts = "from 1 as released, 0 in the HF copy"
+            if base is not None:
+                counts = f"this file counts from {base}"
             raise InputError(
                 f'{where}: "cop": expected the correct option\'s number ({counts}), '
                 f"got {json.dumps(answer)}"
@@ -233,19 +217,16 @@ def mc_question(where, r, default_id, base) -> Question:
         answer -= base
     elif "final_decision" in r:  # PubMedQA: the HF layout, or ori_pqal.json's
         hf = "question" in r
-        key, id_ = (
-            ('"question"', r.get("pubid", default_id))
-            if hf
-            else ('"QUESTION"', r.get("id", default_id))
-        )
-        context = r.get("context") if isinstance(r.get("context"), dict) else {}
-        contexts = context.get("contexts") if hf else r.get("CONTEXTS")
+        if hf:
+            context = r.get("context") if isinstance(r.get("context"), dict) else {}
+            id_, contexts = r.get("pubid", default_id), context.get("contexts")
+        else:  # ori_pqal.json's
+            key, question, contexts = "QUESTION", r.get("QUESTION"), r.get("CONTEXTS")
         if not (isinstance(contexts, list) and all(isinstance(c, str) for c in contexts)):
             raise InputError(
                 f"{where}: {'context.contexts' if hf else 'CONTEXTS'}: expected a list of strings"
             )
-        question = r.get("question" if hf else "QUESTION")
-        if isinstance(question, str) and question.strip():
+        if nonblank(question):
             question = "\n".join(contexts) + "\n\n" + question
         options, answer = PUBMEDQA_OPTIONS, r["final_decision"]
         if answer not in options:
@@ -254,12 +235,7 @@ def mc_question(where, r, default_id, base) -> Question:
             )
         answer = options.index(answer)
     else:  # MedQA, or ours
-        key, question, options, id_ = (
-            '"question"',
-            r.get("question"),
-            r.get("options"),
-            r.get("id", default_id),
-        )
+        options = r.get("options")
         if isinstance(options, list) and len(options) <= len(LETTERS):
             options = dict(zip(LETTERS, options))
         lettered = isinstance(options, dict) and list(options) == list(LETTERS[: len(options)])
@@ -277,39 +253,31 @@ def mc_question(where, r, default_id, base) -> Question:
                 f'{where}: "{field}": expected one of {", ".join(LETTERS[:n])} or an index '
                 f"0..{n - 1}, got {json.dumps(answer)}"
             )
-    if not isinstance(question, str) or not question.strip():
-        raise InputError(f"{where}: {key}: expected a non-empty string")
-    if not all(isinstance(t, str) and t.strip() for t in options):
+    if not nonblank(question):
+        raise InputError(f'{where}: "{key}": expected a non-empty string')
+    if not all(map(nonblank, options)):
         raise InputError(f"{where}: options: expected non-empty strings")
     return Question(str(id_), question, options, answer)
 
 
 def read_mc(path, cop_base=None) -> list:
     """Multiple-choice questions of a file in any layout of mc_question."""
-    records = mc_records(path)
+    records, name = mc_records(path), Path(path).name
     base = medmcqa_base(path, records, cop_base)
-    return [
-        mc_question(where, r, f"{Path(path).name}:{i}", base)
-        for i, (where, r) in enumerate(records)
-    ]
+    return [mc_question(where, r, f"{name}:{i}", base) for i, (where, r) in enumerate(records)]
 
 
 def mc_prompt(q: Question) -> str:
     """The user turn: the question, a blank line, then one 'A. text' line per option."""
-    return (
-        q.question
-        + "\n\n"
-        + "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, q.options))
-    )
+    options = "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, q.options))
+    return f"{q.question}\n\n{options}"
 
 
 def mc_samples(questions, tok, prompt_format=None) -> list:
-    """One Sample per (question i, option k), id "i:k": prompt + option ids, trained on the option
-    only.
+    """One Sample per (question i, option k), id "i:k", trained on the option only:
 
     ids = prompt (P tokens, ending with the assistant header) + y (the option text's tokens);
-    labels are pre-shifted: labels[t] = ids[t + 1] for t >= P - 1, IGNORE before.
-    """
+    labels are pre-shifted: labels[t] = ids[t + 1] for t >= P - 1, IGNORE before."""
     samples = []
     for i, q in enumerate(questions):
         prompt = data.encode_prompt([{"role": "user", "content": mc_prompt(q)}], tok, prompt_format)
@@ -337,24 +305,14 @@ def mc_accuracy(questions, logliks) -> tuple:
     first option."""
     rows = []
     for q, scores in zip(questions, logliks):
-        ll, tokens, chars = (
-            [ll for ll, _ in scores],
-            [n for _, n in scores],
-            [len(t) for t in q.options],
-        )
-        by = {
-            "summed": ll,
-            "per-token": np.divide(ll, tokens),
-            "per-character": np.divide(ll, chars),
-        }
+        ll, tokens = [ll for ll, _ in scores], [n for _, n in scores]
+        chars = [len(t) for t in q.options]
+        by = dict(zip(SCORES, [ll, np.divide(ll, tokens), np.divide(ll, chars)]))
         preds = {
             f"pred_{kind.replace('-', '_')}": LETTERS[int(np.argmax(s))] for kind, s in by.items()
         }
-        rows.append(
-            {"id": q.id, "answer": LETTERS[q.answer]}
-            | preds
-            | {"loglik": ll, "tokens": tokens, "chars": chars}
-        )
+        row = {"id": q.id, "answer": LETTERS[q.answer]} | preds
+        rows.append(row | {"loglik": ll, "tokens": tokens, "chars": chars})
     accuracy = {
         kind: sum(r[f"pred_{kind.replace('-', '_')}"] == r["answer"] for r in rows) / len(rows)
         for kind in SCORES
@@ -366,9 +324,8 @@ def cmd_mc(args, rt):
     questions = read_mc(args.data, args.cop_base)  # bad input fails before the model loads
     path = M.model_dir(args.model)
     tok = data.load_tokenizer(path)
-    logliks = option_logliks(
-        load_model(path, rt), tok, questions, rt, args.prompt_format, args.batch_size
-    )
+    model = load_model(path, rt)
+    logliks = option_logliks(model, tok, questions, rt, args.prompt_format, args.batch_size)
     summary, rows = mc_accuracy(questions, logliks)
     accuracy = ", ".join(f"{a:.4f} ({kind})" for kind, a in summary["accuracy"].items())
     rt.say(f"{summary['questions']} questions: accuracy {accuracy}")
@@ -390,11 +347,7 @@ def read_questions(path) -> tuple:
     questions, seen = [], set()
     for where, r in records:
         if benchmark == "alpaca_eval":
-            if (
-                not isinstance(r, dict)
-                or not isinstance(r.get("instruction"), str)
-                or not r["instruction"].strip()
-            ):
+            if not (isinstance(r, dict) and nonblank(r.get("instruction"))):
                 raise InputError(
                     f'{where}: "instruction": expected a non-empty string (AlpacaEval\'s '
                     f"layout, as the first record)"
@@ -407,11 +360,7 @@ def read_questions(path) -> tuple:
                 f'and "turns"'
             )
         turns = r.get("turns")
-        if (
-            not isinstance(turns, list)
-            or not turns
-            or not all(isinstance(t, str) and t.strip() for t in turns)
-        ):
+        if not (isinstance(turns, list) and turns and all(map(nonblank, turns))):
             raise InputError(f'{where}: "turns": expected a non-empty list of non-empty strings')
         if r["question_id"] in seen:
             raise InputError(f'{where}: "question_id": duplicate {json.dumps(r["question_id"])}')
@@ -421,38 +370,26 @@ def read_questions(path) -> tuple:
 
 
 def temperature_of(question, temperature=None) -> float:
-    """temperature, or FastChat's for the question's MT-Bench category; below 1e-4 it is 0 (greedy),
-    as in FastChat.
-    """
+    """temperature, or FastChat's for the question's MT-Bench category; 0 (greedy) below 1e-4, as in
+    FastChat."""
     if temperature is None:
         temperature = MT_BENCH_TEMPERATURE.get(question.get("category"), DEFAULT_TEMPERATURE)
     return temperature if temperature >= 1e-4 else 0.0
 
 
 def conversation(turns, answers) -> list:
-    """Messages user 1, assistant 1, ..., user k from k questions and the model's k - 1 answers so
-    far.
-    """
+    """Messages user 1, assistant 1, ..., user k from the questions' turns and the model's k - 1
+    answers so far."""
     messages = []
     for user, answer in zip(turns, answers):
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return messages + [{"role": "user", "content": turns[len(answers)]}]
 
 
-def answer_questions(
-    model,
-    tok,
-    questions,
-    rt,
-    prompt_format=None,
-    max_new_tokens=1024,
-    temperature=None,
-    top_p=1.0,
-    batch_size=8,
-    seed=0,
-    compile=False,
-) -> list:
-    """The model's answers, a list of turn texts per question, on every rank (questions sharded).
+def answer_questions(model, tok, questions, rt, args) -> list:
+    """The model's answers, a list of turn texts per question, on every rank (questions sharded);
+    args: generate's flags (prompt_format, max_new_tokens, temperature, top_p, batch_size, seed,
+    compile).
 
     Turn by turn: all first turns, then all second turns with each conversation holding the model's
     own first answer, and so on; each turn in batches of one temperature (temperature_of), sorted by
@@ -462,25 +399,19 @@ def answer_questions(
     compile: each decoding step torch.compile'd (inductor), one graph for the steps of every batch
     (the batch size and cache length turn dynamic after their first change); eager's tokens.
     """
-    stops = data.stop_ids(tok, prompt_format)
+    stops = data.stop_ids(tok, args.prompt_format)
     # every last turn renders (alpaca's holds one) before any is answered
     for i, q in enumerate(questions):
-        data.encode_prompt(
-            conversation(q["turns"], [""] * (len(q["turns"]) - 1)),
-            tok,
-            prompt_format,
-            f"question {q.get('question_id', i)}",
-        )
-    temperatures = [temperature_of(q, temperature) for q in questions]
+        last = conversation(q["turns"], [""] * (len(q["turns"]) - 1))
+        data.encode_prompt(last, tok, args.prompt_format, f"question {q.get('question_id', i)}")
+    temperatures = [temperature_of(q, args.temperature) for q in questions]
     answers = {i: [] for i in data.shard(list(range(len(questions))), rt.rank, rt.world)}
     turns = max(len(q["turns"]) for q in questions)
     # generated tokens, their rate
     progress = tqdm(desc="generate", unit=" tokens", disable=rt.rank != 0)
     for turn in range(turns):
-        prompts = {
-            i: data.encode_prompt(
-                conversation(questions[i]["turns"][: turn + 1], a), tok, prompt_format
-            )
+        prompts = {  # a holds the answers to turns 0..turn - 1
+            i: data.encode_prompt(conversation(questions[i]["turns"], a), tok, args.prompt_format)
             for i, a in answers.items()
             if turn < len(questions[i]["turns"])
         }
@@ -488,21 +419,21 @@ def answer_questions(
         for i in sorted(prompts, key=lambda i: len(prompts[i])):
             same_temperature.setdefault(temperatures[i], []).append(i)
         batches = [
-            group[k : k + batch_size]
+            group[k : k + args.batch_size]
             for group in same_temperature.values()
-            for k in range(0, len(group), batch_size)
+            for k in range(0, len(group), args.batch_size)
         ]
         for j, batch in enumerate(batches):
             progress.set_postfix_str(f"turn {turn + 1}/{turns}, batch {j + 1}/{len(batches)}")
             new = M.generate(
                 model,
                 [prompts[i] for i in batch],
-                max_new_tokens,
+                args.max_new_tokens,
                 temperatures[batch[0]],
-                top_p,
+                args.top_p,
                 eos_ids=stops,
-                seed=seed + 1000 * turn + j,
-                compile="inductor" if compile else None,
+                seed=args.seed + 1000 * turn + j,
+                compile="inductor" if args.compile else None,
             )
             for i, ids in zip(batch, new):
                 answers[i].append(tok.decode(ids[:-1] if ids and ids[-1] in stops else ids).strip())
@@ -516,9 +447,8 @@ def answer_questions(
 
 
 def answer_records(benchmark, questions, answers, name) -> list:
-    """FastChat's model-answer records (MT-Bench), or alpaca_eval's model outputs, name as model_id
-    / generator.
-    """
+    """FastChat's model-answer records (MT-Bench), or alpaca_eval's model outputs, name as
+    model_id / generator."""
     if benchmark == "alpaca_eval":
         return [
             {"instruction": q["instruction"], "output": a[0], "generator": name}
@@ -526,13 +456,8 @@ def answer_records(benchmark, questions, answers, name) -> list:
             for q, a in zip(questions, answers)
         ]
     return [
-        {
-            "question_id": q["question_id"],
-            "answer_id": uuid.uuid4().hex,
-            "model_id": name,
-            "choices": [{"index": 0, "turns": a}],
-            "tstamp": time.time(),
-        }
+        {"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": name}
+        | {"choices": [{"index": 0, "turns": a}], "tstamp": time.time()}
         for q, a in zip(questions, answers)
     ]
 
@@ -546,20 +471,8 @@ def cmd_generate(args, rt):
             f"--out {args.out}: expected a {suffix} file for {benchmark} (what its judge reads)"
         )
     path = M.model_dir(args.model)
-    max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS[benchmark]
-    answers = answer_questions(
-        load_model(path, rt),
-        data.load_tokenizer(path),
-        questions,
-        rt,
-        args.prompt_format,
-        max_new_tokens,
-        args.temperature,
-        args.top_p,
-        args.batch_size,
-        args.seed,
-        args.compile,
-    )
+    args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS[benchmark]
+    answers = answer_questions(load_model(path, rt), data.load_tokenizer(path), questions, rt, args)
     name = args.model_id or Path(args.model).resolve().name
     records = answer_records(benchmark, questions, answers, name)
     write_out(args, rt, records, lines=benchmark == "mt_bench")

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import lru_cache, partial
 from pathlib import Path
@@ -54,13 +55,10 @@ FAMILIES = {
 }
 # set by the family, never in config.json
 FIXED = ("qkv_bias", "norm_offset", "embed_scale", "sandwich_norms")
-OWN = (
-    "sliding_window",
-    "layer_types",
-    "query_pre_attn_scalar",
-    "attn_logit_softcapping",
-    "final_logit_softcapping",
-)
+# Gemma 2's attention scale (scores times 1/sqrt(query_pre_attn_scalar)) and soft-caps
+GEMMA2_SCALES = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+# the fields of some families only (see to_hf_config)
+OWN = ("sliding_window", "layer_types", *GEMMA2_SCALES)
 # Fields of the five families' config classes (and RoPE parameters) that change the computation and
 # that this model does not implement: field: (the values that compute as this model does, what
 # another value would ask for). Any other value is refused, naming the field; tests/test_families.py
@@ -91,46 +89,32 @@ def _token_id(v):
     return type(v) is int and v >= 0
 
 
+def _token_ids(v):
+    return _token_id(v) or isinstance(v, list) and v and all(map(_token_id, v))
+
+
 def _positive(v):
     return type(v) in (int, float) and 0 < v < math.inf
 
 
+def _bool(v):
+    return type(v) is bool
+
+
 # config.json's fields, each checked as what it is before any is used: field: (ok, expected). null
 # is the field left out (a default, or the feature off), except for REQUIRED fields.
+COUNT = (_count, "an integer >= 1")
+NUMBER = (_positive, "a finite number > 0")
+BOOL = (_bool, "true or false")
 CHECKS = {
-    **dict.fromkeys(
-        REQUIRED
-        + (
-            "num_key_value_heads",
-            "head_dim",
-            "max_position_embeddings",
-            "sliding_window",
-            "original_max_position_embeddings",
-        ),
-        (_count, "an integer >= 1"),
-    ),
+    **dict.fromkeys(REQUIRED, COUNT),
+    **dict.fromkeys(("num_key_value_heads", "head_dim", "max_position_embeddings"), COUNT),
+    **dict.fromkeys(("sliding_window", "original_max_position_embeddings"), COUNT),
     "bos_token_id": (_token_id, "a token id (an integer >= 0)"),
-    "eos_token_id": (
-        lambda v: _token_id(v) or isinstance(v, list) and v and all(map(_token_id, v)),
-        "a token id (an integer >= 0) or a list of them",
-    ),
-    **dict.fromkeys(
-        (
-            "rope_theta",
-            "rms_norm_eps",
-            "query_pre_attn_scalar",
-            "attn_logit_softcapping",
-            "final_logit_softcapping",
-            "factor",
-            "low_freq_factor",
-            "high_freq_factor",
-        ),
-        (_positive, "a finite number > 0"),
-    ),
-    **dict.fromkeys(
-        ("tie_word_embeddings", "attention_bias", "mlp_bias"),
-        (lambda v: type(v) is bool, "true or false"),
-    ),
+    "eos_token_id": (_token_ids, "a token id (an integer >= 0) or a list of them"),
+    **dict.fromkeys(("rope_theta", "rms_norm_eps", *GEMMA2_SCALES), NUMBER),
+    **dict.fromkeys(("factor", "low_freq_factor", "high_freq_factor"), NUMBER),
+    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias"), BOOL),
 }
 
 
@@ -176,8 +160,7 @@ class ModelArgs:
     head_dim: int = 64
     vocab_size: int = 49152
     rope_theta: float = 10000.0
-    # None, or {"rope_type": "llama3", "factor", "low_freq_factor", ...}
-    rope_scaling: dict | None = None
+    rope_scaling: dict | None = None  # None, or {"rope_type": "llama3", "factor", ...}
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on q, k, v and o
@@ -185,39 +168,36 @@ class ModelArgs:
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    # silu: SwiGLU MLP; gelu_pytorch_tanh: Gemma's GeGLU (gelu, tanh approximation)
-    hidden_act: str = "silu"
+    hidden_act: str = "silu"  # silu: SwiGLU; gelu_pytorch_tanh: GeGLU (gelu, tanh approximation)
     # W: a query attends to the last W positions only (itself included) ...
     sliding_window: int | None = None
     # ... in the layers marked "sliding_attention" here (None: every layer)
     layer_types: list | None = None
-    # attention scores scaled by 1/sqrt(this), else 1/sqrt(head_dim)
-    query_pre_attn_scalar: float | None = None
+    query_pre_attn_scalar: float | None = None  # scores times 1/sqrt(this), else 1/sqrt(head_dim)
     attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap tanh(scores / cap)
     final_logit_softcapping: float | None = None  # Gemma 2: logits -> cap tanh(logits / cap)
     qkv_bias: bool = False  # Qwen2: bias on q, k, v (and not o)
     norm_offset: float = 0.0  # Gemma: RMSNorm scales by (1 + w), in fp32
     embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
-    # Gemma 2: a norm after attention, and norms before and after the MLP
-    sandwich_norms: bool = False
+    sandwich_norms: bool = False  # Gemma 2: a norm after attention, and before and after the MLP
 
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
         """Fill from an HF config.json dict; anything this model would get wrong is an error naming
-        the field.
-        """
+        the field."""
         family = cfg.get("model_type")
         if family not in FAMILIES:
             raise InputError(
                 f"{source}: model_type: expected one of {', '.join(FAMILIES)}, got {family!r}"
             )
-        cfg = {**FAMILIES[family][1], **cfg}
+        _, defaults, fixed = FAMILIES[family]
+        cfg = {**defaults, **cfg}
         check_fields(cfg, source)
         act_key = "hidden_activation" if family == "gemma2" else "hidden_act"
+        # the last is the one computed: Gemma's "gelu" is the tanh approximation, as in transformers
         acts = {"gemma": ("gelu", "gelu_pytorch_tanh"), "gemma2": ("gelu_pytorch_tanh",)}.get(
             family, ("silu",)
         )
-        # Gemma's "gelu" is the tanh approximation, as in transformers
         if cfg.get(act_key, "silu") not in acts:
             raise InputError(
                 f"{source}: {act_key}: expected {' or '.join(map(json.dumps, acts))}, "
@@ -244,25 +224,14 @@ class ModelArgs:
                 f'{source}: layer_types: expected only "full_attention" (Qwen2\'s sliding window is not '
                 f"implemented)"
             )
-        fixed = FAMILIES[family][2]
-        names = {f.name for f in fields(cls)} - {
-            "rope_scaling",
-            "rope_theta",
-            "hidden_act",
-            "sliding_window",
-            "layer_types",
-            *fixed,
-        }
-        args = cls(
-            **{k: cfg[k] for k in names if cfg.get(k) is not None},
-            rope_theta=theta,
-            rope_scaling=scaling,
-            hidden_act=acts[-1],
-            **fixed,
-        )
-        # Mistral: in every layer
+        # the fields read as they stand: not those set here or below, nor those the family fixes
+        names = {f.name for f in fields(cls)} - {"rope_scaling", "rope_theta", "hidden_act"}
+        names -= {"sliding_window", "layer_types", *fixed}
+        read = {k: cfg[k] for k in names if cfg.get(k) is not None}
+        args = cls(**read, rope_theta=theta, rope_scaling=scaling, hidden_act=acts[-1], **fixed)
+        # a sliding window in the layers config.json's layer_types marks; without them, in every
+        # layer (Mistral) or in layers 0, 2, 4, ... (Gemma 2)
         if family in ("mistral", "gemma2") and cfg.get("sliding_window") is not None:
-            # Gemma 2: in layers 0, 2, 4, ... unless config.json lists layer_types
             L = args.num_hidden_layers
             alternating = [("sliding_attention", "full_attention")[i % 2] for i in range(L)]
             types = cfg.get("layer_types") or (None if family == "mistral" else alternating)
@@ -272,9 +241,9 @@ class ModelArgs:
                     f'{source}: layer_types: expected {L} of "sliding_attention" or "full_attention"'
                 )
             args.sliding_window, args.layer_types = cfg["sliding_window"], types
-        if "num_key_value_heads" not in cfg or cfg["num_key_value_heads"] is None:
+        if cfg.get("num_key_value_heads") is None:
             args.num_key_value_heads = args.num_attention_heads
-        if "head_dim" not in cfg or cfg["head_dim"] is None:
+        if cfg.get("head_dim") is None:
             args.head_dim = args.hidden_size // args.num_attention_heads
         if args.num_attention_heads % args.num_key_value_heads:
             raise InputError(f"{source}: num_key_value_heads: must divide num_attention_heads")
@@ -298,23 +267,18 @@ class ModelArgs:
         layer_types as Ministral)."""
         architecture, defaults, _ = FAMILIES[self.model_type]
         cfg = {"architectures": [architecture], "torch_dtype": str(dtype).removeprefix("torch.")}
-        cfg.update(
-            {
-                f.name: getattr(self, f.name)
-                for f in fields(self)
-                if f.name not in FIXED
-                and (getattr(self, f.name) is not None or f.name not in OWN or f.name in defaults)
-            }
-        )
+        for f in fields(self):
+            value = getattr(self, f.name)
+            unset = value is None and f.name in OWN and f.name not in defaults
+            if f.name not in FIXED and not unset:
+                cfg[f.name] = value
         if self.model_type == "gemma2":
             cfg["hidden_activation"] = self.hidden_act
         return cfg
 
 
 def compute_dtype(flag, device) -> torch.dtype:
-    """The --dtype of train.py and eval.py: "bf16", "fp32", or "auto" = bf16 on CUDA, fp32 on the
-    CPU.
-    """
+    """The --dtype of train.py and eval.py: "bf16", "fp32", or "auto" (bf16 on CUDA, else fp32)."""
     cuda = torch.device(device).type == "cuda"
     return torch.bfloat16 if flag == "bf16" or (flag == "auto" and cuda) else torch.float32
 
@@ -322,33 +286,27 @@ def compute_dtype(flag, device) -> torch.dtype:
 def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
     """inv_freq_i = theta^(-2i/hd), i < hd/2, with Llama 3's long-context rescaling when configured."""
     hd = args.head_dim
-    inv_freq = 1.0 / (
-        args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
-    )
+    i2 = torch.arange(0, hd, 2, dtype=torch.int64, device=device).float()  # 2i
+    inv_freq = 1.0 / (args.rope_theta ** (i2 / hd))
     if args.rope_scaling is None:
         return inv_freq
     # llama3: low frequencies divided by factor, high kept, a smooth ramp between
     s = args.rope_scaling
-    old_len = s["original_max_position_embeddings"]
+    old_len, factor = s["original_max_position_embeddings"], s["factor"]
+    low, high = s["low_freq_factor"], s["high_freq_factor"]
     wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / s["low_freq_factor"], inv_freq / s["factor"], inv_freq)
-    smooth = (old_len / wavelen - s["low_freq_factor"]) / (
-        s["high_freq_factor"] - s["low_freq_factor"]
-    )
-    smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
-    is_medium = (wavelen >= old_len / s["high_freq_factor"]) & (
-        wavelen <= old_len / s["low_freq_factor"]
-    )
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return torch.where(is_medium, smoothed, scaled)
 
 
 def rope_cos_sin(args: ModelArgs, positions: torch.Tensor, dtype: torch.dtype):
     """cos, sin of angle position * inv_freq, duplicated over both halves of head_dim: (B, 1, T, hd)
-    each.
-    """
+    each."""
     inv_freq = rope_inv_freq(args, positions.device)
-    # (B, T, hd/2), in fp32 whatever the model dtype
-    angles = positions[..., None].float() * inv_freq
+    angles = positions[..., None].float() * inv_freq  # (B, T, hd/2), fp32 whatever the dtype
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, hd)
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
 
@@ -387,12 +345,9 @@ class KVCache:
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype, device):
         shape = (batch_size, args.num_key_value_heads, max_len, args.head_dim)
-        self.k = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)
-        ]
-        self.v = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)
-        ]
+        zeros = partial(torch.zeros, shape, dtype=dtype, device=device)
+        self.k = [zeros() for _ in range(args.num_hidden_layers)]
+        self.v = [zeros() for _ in range(args.num_hidden_layers)]
         self.length = 0  # positions [0, length) are filled by the prompts
         self.slot = None  # decoding: the (1,) position each row's new token is written at
 
@@ -422,21 +377,17 @@ class Attention(nn.Module):
 
     softmax(q k^T s + mask) v with s = 1/sqrt(query_pre_attn_scalar or hd); Gemma 2 soft-caps the
     scores, softmax(cap tanh(q k^T s / cap) + mask) v, which SDPA cannot do: that path is written
-    out.
-    """
+    out."""
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer, self.args = layer, args
-        H, K, hd, D = (
-            args.num_attention_heads,
-            args.num_key_value_heads,
-            args.head_dim,
-            args.hidden_size,
-        )
-        self.q_proj = nn.Linear(D, H * hd, bias=args.attention_bias or args.qkv_bias)
-        self.k_proj = nn.Linear(D, K * hd, bias=args.attention_bias or args.qkv_bias)
-        self.v_proj = nn.Linear(D, K * hd, bias=args.attention_bias or args.qkv_bias)
+        H, K = args.num_attention_heads, args.num_key_value_heads
+        hd, D = args.head_dim, args.hidden_size
+        qkv_bias = args.attention_bias or args.qkv_bias
+        self.q_proj = nn.Linear(D, H * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(D, K * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(D, K * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(H * hd, D, bias=args.attention_bias)
         self.scale = (args.query_pre_attn_scalar or hd) ** -0.5
 
@@ -451,13 +402,10 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # (B, K, S, hd), S = the positions attended over
         if seqs is None:
             y = self.attend(q, k, v, mask).transpose(1, 2)  # (B, T, H, hd)
-        # a packed row as its n sequences side by side, right-padded to L: one call, each plain
-        # causal
-        else:
+        else:  # a packed row as its n sequences side by side, right-padded to L: each plain causal
             index, inverse = seqs
             y = self.attend(*(unpack(t, index) for t in (q, k, v)), mask)  # (n, H, L, hd)
-            # (B*T, H, hd): back to the row's order
-            y = y.transpose(1, 2).flatten(0, 1).index_select(0, inverse)
+            y = y.transpose(1, 2).flatten(0, 1).index_select(0, inverse)  # (B*T, H, hd), row order
         return self.o_proj(y.reshape(B, T, -1))  # (B, T, D)
 
     def attend(self, q, k, v, mask):
@@ -497,8 +445,7 @@ def attention_mask(positions, S, window=None, start=None):
         i - j < window                (a sliding layer: the last `window` positions, itself included)
     One mask covers a packed row (positions restart at each sequence), a left-padded row of
     generation (positions start at the first real token; a padding query sees itself alone) and the
-    KV cache.
-    """
+    KV cache."""
     T = positions.shape[1]
     i = (S - T if start is None else start) + torch.arange(T, device=positions.device)
     i = i[:, None]  # (T, 1) each query's index among the keys
@@ -601,42 +548,35 @@ class Transformer(nn.Module):
     def forward(self, input_ids, positions=None, seqs=None, cache=None, logits_at=None, head=None):
         """input_ids (B, T) -> logits (B, T, V), or what `head` returns from the final-norm states.
 
-        positions (B, T): each token's place in its own sequence. None: every row is one sequence
-        from position 0 (after the cache's filled length), and attention is plain causal with no
-        mask. Given, as for a left-padded row (generation) or a packed one (positions restart at
-        each sequence), attention_mask keeps each query inside its own sequence: the boundaries are
-        data, not a loop. seqs (index (n, L), inverse (B*T,)), from data.packing, for packed rows in
-        place of positions: the same result by a faster path, attention on the n sequences
-        right-padded to L (unpack) with SDPA's own causal mask, so no score crosses a sequence and
-        none is masked out: n L^2 scores, not T^2. A sliding layer (window W) also limits query i to
-        its last W keys; that band is built only when a sequence is longer than W, as no score
-        changes otherwise. logits_at (N,) long: the LM head only at these positions of the flattened
-        (B*T) rows, in that order, returning logits (N, V): a loss needs only the trained positions
-        (an index, not a boolean mask: no host sync). head(hidden (N, D), W (V, D),
-        softcap=final-logit cap or None) replaces the LM head and its result is returned: a loss
-        that applies W itself, in chunks (sftmix.head_losses). cache (KVCache): the prompts' keys
-        and values are stored after its filled length; once its slot is set, a call is a decoding
-        step, one token a row at positions (B, 1) (decode_step).
+        positions (B, T): each token's place in its own sequence (a left-padded row of generation; a
+        packed row, where they restart at each sequence): attention_mask keeps each query inside its
+        sequence, the boundaries being data, not a loop. None: each row is one sequence from
+        position 0 (after the cache's filled length), plain causal attention with no mask.
+        seqs (index (n, L), inverse (B*T,)) from data.packing, for packed rows in place of
+        positions: the same result faster, attention on the n sequences right-padded to L (unpack)
+        under SDPA's own causal mask: n L^2 scores, not T^2, none crossing a sequence. A sliding
+        layer (window W) also limits query i to its last W keys, a band built only when a sequence
+        is longer than W. logits_at (N,) long: the LM head only at these rows of the flattened
+        (B*T), in that order -> (N, V): a loss needs only the trained positions (an index, not a
+        boolean mask: no host sync). head(hidden (N, D), W (V, D), softcap=final-logit cap or None)
+        replaces the LM head: a loss that applies W itself, in chunks (sftmix.head_losses).
+        cache (KVCache): the prompts' keys and values go after its filled length; once its slot is
+        set, a call is a decoding step, one token a row at positions (B, 1) (decode_step).
         """
         B, T = input_ids.shape
         W = self.args.sliding_window
         decoding = cache is not None and cache.slot is not None
         if decoding:  # one token a row at cache.slot, over the static cache (unwritten keys masked)
-            S = cache.k[0].shape[2]
-            full = attention_mask(positions, S, start=cache.slot)  # (B, 1, T, S)
-            band = full
-            if W is not None and S > W:
-                band = attention_mask(positions, S, W, start=cache.slot)
+            S, slot = cache.k[0].shape[2], cache.slot
+            full = attention_mask(positions, S, start=slot)  # (B, 1, T, S)
+            band = attention_mask(positions, S, W, start=slot) if W is not None and S > W else full
         elif seqs is not None:  # packed: n padded sequences of L, causal, a (1, 1, L, L) band > W
             L = seqs[0].shape[1]
             # a token's place in its sequence: its padded place mod L
             positions = (seqs[1] % L).view(B, T)
-            full = None
-            band = (
-                attention_mask(torch.arange(L, device=input_ids.device)[None], L, W)
-                if W and L > W
-                else None
-            )
+            full = band = None
+            if W and L > W:
+                band = attention_mask(torch.arange(L, device=input_ids.device)[None], L, W)
         else:
             start = cache.length if cache is not None else 0
             S = start + T  # keys: the cached positions, then these
@@ -650,8 +590,8 @@ class Transformer(nn.Module):
         if self.args.embed_scale:
             x = x * torch.tensor(self.args.hidden_size**0.5).to(x.dtype)
         cos, sin = rope_cos_sin(self.args, positions, x.dtype)
+        types = self.args.layer_types
         for layer, block in enumerate(self.model.layers):
-            types = self.args.layer_types
             mask = band if types is None or types[layer] == "sliding_attention" else full
             if self.checkpoint_activations and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(
@@ -661,11 +601,10 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, cache, seqs)
         if cache is not None and not decoding:
             cache.length += T
-        # (B, T, D): what the LM head reads, and what SFTMix interpolates
-        hidden = self.model.norm(x)
+        hidden = self.model.norm(x)  # (B, T, D): what the LM head reads, and SFTMix interpolates
         if logits_at is not None:
             hidden = hidden.flatten(0, 1).index_select(0, logits_at)  # (N, D)
-        if head is not None:  # training's loss (the final-norm states are what SFTMix interpolates)
+        if head is not None:  # training's loss
             return self.lm_head(hidden, partial(head, softcap=self.args.final_logit_softcapping))
         return self.softcap(self.lm_head(hidden))  # (B, T, V) or (N, V)
 
@@ -700,21 +639,18 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def reset_lora(self):
         """A Kaiming-uniform, drawn on the CPU (the same on every rank: each keeps its part), B = 0."""
-        load_into(
-            self.lora_A, nn.init.kaiming_uniform_(torch.empty(self.lora_A.shape), a=math.sqrt(5))
-        )
+        A = nn.init.kaiming_uniform_(torch.empty(self.lora_A.shape), a=math.sqrt(5))
+        load_into(self.lora_A, A)
         load_into(self.lora_B, torch.zeros(self.lora_B.shape))
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(
-            F.linear(x, self.lora_A), self.lora_B
-        )
+        base = F.linear(x, self.weight, self.bias)
+        return base + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
 
 def add_lora(model: Transformer, r: int, alpha: float, targets=LORA_TARGETS) -> Transformer:
-    """Freeze every parameter, then wrap each projection named in targets (HF names) in a
-    LoRALinear.
-    """
+    """The model, every parameter frozen, each projection named in targets (HF names) wrapped in a
+    LoRALinear."""
     model.requires_grad_(False)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -727,9 +663,7 @@ def add_lora(model: Transformer, r: int, alpha: float, targets=LORA_TARGETS) -> 
 
 
 def model_dir(path) -> Path:
-    """The checkpoint a path names: an HF model directory (config.json), or a train.py run
-    directory's final/.
-    """
+    """The HF model directory (config.json) a path names: itself, or a run directory's final/."""
     path = Path(path)
     if (path / "final" / "config.json").is_file():
         return path / "final"
@@ -775,17 +709,25 @@ def load_into(param, full):
     param.copy_(full)
 
 
+@contextmanager
+def read_safetensors(path: Path, file: str):
+    """safe_open(path / file) on the CPU; a file that cannot be read, there or while the block reads
+    it, is an InputError naming it."""
+    try:
+        with safe_open(str(path / file), framework="pt", device="cpu") as f:
+            yield f
+    except (OSError, SafetensorError) as e:
+        raise InputError(
+            f"{path / file}: not a readable safetensors file ({e}); truncated or corrupted?"
+        ) from None
+
+
 def checkpoint_tensors(path: Path, files: list) -> dict:
     """{tensor name: (file, shape)} from the safetensors headers alone (no tensor is read)."""
     tensors = {}
     for file in files:
-        try:
-            with safe_open(str(path / file), framework="pt", device="cpu") as f:
-                tensors |= {name: (file, tuple(f.get_slice(name).get_shape())) for name in f.keys()}
-        except (OSError, SafetensorError) as e:
-            raise InputError(
-                f"{path / file}: not a readable safetensors file ({e}); truncated or corrupted?"
-            ) from None
+        with read_safetensors(path, file) as f:
+            tensors |= {name: (file, tuple(f.get_slice(name).get_shape())) for name in f.keys()}
     return tensors
 
 
@@ -812,20 +754,16 @@ def check_checkpoint(path: Path, tensors: dict, params: dict) -> None:
     """Every parameter of the model config.json describes has its tensor, of its shape, and no other
     tensor is there: else an InputError naming the file and the tensor, before any weight is
     read."""
-    where = (
-        "model.safetensors.index.json"
-        if (path / "model.safetensors.index.json").is_file()
-        else "model.safetensors"
-    )
+    index = path / "model.safetensors.index.json"
+    where = index.name if index.is_file() else "model.safetensors"
     missing = [n for n in params if n not in tensors]
     if missing:
         why = {
-            "lm_head.weight": " (config.json: tie_word_embeddings false, so the head is its own "
-            "tensor)",
-            ".bias": " (config.json: attention_bias or mlp_bias true, or the family's q, k, v "
-            "bias)",
+            "lm_head.weight": "tie_word_embeddings false, so the head is its own tensor",
+            ".bias": "attention_bias or mlp_bias true, or the family's q, k, v bias",
         }
-        reason = next((w for end, w in why.items() if missing[0].endswith(end)), "")
+        ends = (f" (config.json: {w})" for end, w in why.items() if missing[0].endswith(end))
+        reason = next(ends, "")
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise InputError(
             f"{path / where}: {missing[0]}: missing{reason}{more}; expected the "
@@ -865,17 +803,15 @@ def checked_model(path, say=False) -> tuple:
 
 
 def load_pretrained(path, dtype=torch.float32, device="cpu", prepare=None) -> Transformer:
-    """Load a model (see model_dir): model.safetensors, or shards listed in
-    model.safetensors.index.json.
+    """The model of a directory (see model_dir), loaded from model.safetensors or the shards that
+    model.safetensors.index.json lists, their headers checked against config.json first.
 
-    The checkpoint's headers are checked against config.json first (checked_model). The model is
-    built on the meta device; prepare(model), if given, changes it there, before any memory is taken
-    (train.py adds LoRA, compiles blocks and shards it with FSDP2). Then each checkpoint tensor is
-    read alone and copied into its parameter (only this rank's part under FSDP2), so at most one
+    The model is built on the meta device; prepare(model), if given, changes it there, before any
+    memory is taken (train.py adds LoRA, compiles blocks and shards it with FSDP2). Then each tensor
+    is read alone and copied into its parameter (only this rank's part under FSDP2), so at most one
     full tensor is held at a time, on the CPU. Only safetensors are read: no checkpoint is ever
     unpickled. A file that cannot be read (missing, empty, truncated, not JSON) is an InputError
-    naming it.
-    """
+    naming it."""
     path, args, files = checked_model(path, say=True)
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
@@ -887,15 +823,10 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", prepare=None) -> Tr
         model.lm_head.weight = model.model.embed_tokens.weight
     params = {n: p for n, p in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))}
     for file in files:
-        try:
-            with safe_open(str(path / file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name in params:  # a tied checkpoint's second copy of the head is not
-                        load_into(params[name], f.get_tensor(name))
-        except (OSError, SafetensorError) as e:
-            raise InputError(
-                f"{path / file}: not a readable safetensors file ({e}); truncated or corrupted?"
-            ) from None
+        with read_safetensors(path, file) as f:
+            for name in f.keys():
+                if name in params:  # a tied checkpoint's second copy of the head is not
+                    load_into(params[name], f.get_tensor(name))
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.reset_lora()
@@ -919,8 +850,7 @@ def save_pretrained(
     LM head is written once, as model.embed_tokens.weight. state_dict (name -> full CPU tensor, or
     an iterable of (name, tensor) pairs) replaces model.state_dict(), for callers that gather it:
     pairs are consumed one shard at a time, so only one shard is held at once. Every file is written
-    to a temporary name and renamed, so a crash never leaves a half-written file.
-    """
+    to a temporary name and renamed, so a crash never leaves a half-written file."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = state_dict if state_dict is not None else model.state_dict()
@@ -942,21 +872,15 @@ def save_pretrained(
         shard[name], size, total = t, size + nbytes, total + nbytes
         weight_map[name] = len(parts)
     write(shard)
-    names = (
-        ["model.safetensors"]
-        if len(parts) == 1
-        else [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
-    )
+    names = [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    if len(parts) == 1:
+        names = ["model.safetensors"]
     for part, name in zip(parts, names):
         os.replace(part, path / name)
     if len(parts) > 1:
-        write_json(
-            path / "model.safetensors.index.json",
-            {
-                "metadata": {"total_size": total},
-                "weight_map": {k: names[i] for k, i in weight_map.items()},
-            },
-        )
+        weight_map = {k: names[i] for k, i in weight_map.items()}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        write_json(path / "model.safetensors.index.json", index)
     write_json(path / "config.json", model.args.to_hf_config(dtype))
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
@@ -979,20 +903,19 @@ def generate(
     seed=None,
     compile=None,
 ):
-    """Continue each prompt (a list of token-id lists, any lengths) with a KV cache.
+    """The new tokens of each prompt (a list of token-id lists, any lengths) that a Transformer
+    continues, each ending with the EOS token when one was produced: greedy at temperature 0, else
+    sampled from softmax(logits / temperature) cut to the smallest set of tokens with probability
+    >= top_p.
 
     Prompts are left-padded; positions count real tokens only, so padding is masked out of attention
     (attention_mask) and each row continues exactly as it would alone. The prompts run in one
-    forward (no mask when no row is padded: plain causal attention); then each step decodes one
-    token a row (decode_step) over a cache preallocated for P + max_new_tokens positions. compile:
-    a torch.compile backend for that step ("inductor"; tests use "aot_eager"), or None: eager.
-    Its slot and positions are tensors, so one graph serves every step. A row that produced an EOS
-    token leaves the batch (its cache rows are dropped): finished rows cost nothing more.
-    temperature 0 is greedy; otherwise sample from softmax(logits / temperature) restricted to the
-    smallest set of tokens with probability >= top_p. Each step's noise is drawn for the whole batch
-    of B rows and the rows still decoding keep theirs, so no row's tokens depend on when others end.
-    The tokens stay on the device: each step reads its new ids to the host once (one sync a step).
-    Returns the new tokens of each prompt, ending with the EOS token when one was produced.
+    forward (no mask when no row is padded); then each step decodes one token a row (decode_step)
+    over a KV cache preallocated for P + max_new_tokens positions. compile: a torch.compile backend
+    for that step ("inductor"; tests use "aot_eager"), or None: eager; its slot and positions are
+    tensors, so one graph serves every step. A row that produced an EOS token leaves the batch (its
+    cache rows are dropped). Each step's noise is drawn for all B rows and the rows still decoding
+    keep theirs, so no row's tokens depend on when others end. One host sync a step: its new ids.
     """
     device, V = model.lm_head.weight.device, model.args.vocab_size
     B, P = len(prompt_ids), max(len(p) for p in prompt_ids)

@@ -64,24 +64,10 @@ from sftmix import CHUNK
 # Flags that may change between a run and its resumption; every other flag, and what the inputs hold, must match
 # the saved state. --lr and --grad-clip may change to rescue a run that diverged (the schedule is lr_at with the new
 # --lr); --out, so that a run directory moved elsewhere resumes.
-RESUMABLE_FLAGS = {
-    "resume",
-    "stop_at_step",
-    "save_every",
-    "save_every_minutes",
-    "eval_batch",
-    "keep_state",
-    "lr",
-    "grad_clip",
-    "out",
-    "compile",
-    "deterministic",
-    "save_dtype",
-    "final_shard_gb",
-    "timeout_minutes",
-    "shard_degree",
-    "heldout_every",
-}
+RESUMABLE_FLAGS = set(
+    "resume stop_at_step save_every save_every_minutes eval_batch keep_state lr grad_clip out compile "
+    "deterministic save_dtype final_shard_gb timeout_minutes shard_degree heldout_every".split()
+)
 # The inputs' paths may change too (moved with the run or not): what each holds must match instead,
 # through a fingerprint in run_config (model: its config.json as ModelArgs reads it; data, heldout:
 # token ids; split: halves).
@@ -139,32 +125,12 @@ def train(args, rank, local_rank, world):
         keep_lines_until(run.out / "heldout.jsonl", step)
 
     lr = partial(lr_at, total=run.total, lr=args.lr, warmup_ratio=args.warmup_ratio)
+    where = dict(device=device, amp_dtype=amp_dtype)
     loss = dict(mu=args.mu, mixup_only=args.mixup_only, micro_batch=args.micro_batch)
-    step_fn = partial(
-        train_step,
-        wrapped,
-        model,
-        optimizer,
-        run.samples,
-        device=device,
-        amp_dtype=amp_dtype,
-        rank=rank,
-        world=world,
-        loss=loss,
-        grad_clip=args.grad_clip,
-        lr=lr,
-    )
-    evaluate = partial(
-        sftmix.response_nll, wrapped, batch_size=args.eval_batch, device=device, amp_dtype=amp_dtype
-    )
-    due = SaveSchedule(
-        args.save_every,
-        args.save_every_minutes,
-        run.total,
-        args.keep_state,
-        args.stop_at_step,
-        saver.clock,
-    )
+    step_fn = partial(train_step, wrapped, model, optimizer, run.samples, lr=lr, **loss)
+    step_fn = partial(step_fn, grad_clip=args.grad_clip, **where, rank=rank, world=world)
+    evaluate = partial(sftmix.response_nll, wrapped, batch_size=args.eval_batch, **where)
+    due = SaveSchedule(args, run.total, saver.clock)
     with tqdm(total=run.total, initial=step, desc=args.mode, disable=rank != 0) as progress:
         while step < run.total:
             epoch = step // run.steps_per_epoch
@@ -176,14 +142,8 @@ def train(args, rank, local_rank, world):
             step += 1
             progress.update(1)
             progress.set_postfix({k: f"{record[k + '_loss']:.4f}" for k in ("ntp", "mixup")})
-            record_step(
-                record | {"step": step, "epoch": epoch},
-                run,
-                evaluate,
-                dynamics,
-                args.heldout_every,
-                rank,
-            )
+            record.update(step=step, epoch=epoch)
+            record_step(record, run, evaluate, dynamics, args.heldout_every, rank)
             if due(step):
                 saver.save(model, optimizer, step, dynamics, run.config)
             if step == args.stop_at_step and step < run.total:
@@ -220,31 +180,16 @@ def read_inputs(args, local_rank, world, device):
     data (tokenized once a node: read_data), the split, the schedule, a resumed state's settings, and
     the memory estimate."""
     out, base = Path(args.out), model_dir(args.model)
-    model_args = ModelArgs.from_model_dir(
-        base
-    )  # config.json and checkpoint checked, nothing loaded
-    tok = data.load_tokenizer(base)
-    read = partial(
-        read_data,
-        tok=tok,
-        prompt_format=args.prompt_format,
-        max_len=args.max_len,
-        out=out,
-        local_rank=local_rank,
+    model_args = ModelArgs.from_model_dir(base)  # checked against the checkpoint; nothing loaded
+    encode = dict(
+        tok=data.load_tokenizer(base), prompt_format=args.prompt_format, max_len=args.max_len
     )
+    read = partial(read_data, **encode, out=out, local_rank=local_rank)
     samples, stats = read(args.data, fmt=args.format)
     heldout, heldout_stats = read(args.heldout, fmt=None) if args.heldout else (None, None)
     halves = split_indices(args.split, samples) if args.mode == "sftmix" else None
-    batches_of = lru_cache(maxsize=1)(
-        partial(
-            epoch_batches,
-            len(samples),
-            halves,
-            G=args.global_batch,
-            seed=args.seed,
-            alpha=args.alpha,
-        )
-    )
+    batches = partial(epoch_batches, G=args.global_batch, seed=args.seed, alpha=args.alpha)
+    batches_of = lru_cache(maxsize=1)(partial(batches, len(samples), halves))
     steps_per_epoch = len(batches_of(0))
     check_batches(args, samples, halves, steps_per_epoch)
     total = steps_per_epoch * args.epochs
@@ -297,44 +242,18 @@ def build(args, run, device, world, bf16, rank):
 # ----------------------------------------------------------------------------- the phases of a step
 
 
-def train_step(
-    wrapped,
-    model,
-    optimizer,
-    samples,
-    step,
-    batch,
-    lam,
-    device,
-    amp_dtype,
-    rank,
-    world,
-    loss,
-    grad_clip,
-    lr,
-):
+def train_step(wrapped, model, optimizer, samples, step, batch, lam, lr, **values):
     """One optimizer step on global batch `batch` (lam: its lambdas, or None) at the learning rate
-    lr(step); returns its metrics record. The step's one read from the device: the losses, the grad
-    norm, and whether the weights are finite; a divergence is an InputError (the caller writes
-    nothing of it)."""
+    lr(step), the gradient from forward_backward(..., **values); returns its metrics record. The
+    step's one read from the device: the losses, the grad norm, and whether the weights are
+    finite; a divergence is an InputError (the caller writes nothing of it)."""
     for group in optimizer.param_groups:
         group["lr"] = lr(step)
     t0 = time.perf_counter()
-    stats, n_input = forward_backward(
-        wrapped,
-        samples,
-        batch,
-        lam,
-        **loss,
-        grad_clip=grad_clip,
-        device=device,
-        amp_dtype=amp_dtype,
-        rank=rank,
-        world=world,
-    )
+    stats, n_input = forward_backward(wrapped, samples, batch, lam, **values)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    read = torch.cat([stats, weights_finite(model, world)])  # (5,)
+    read = torch.cat([stats, weights_finite(model, values["world"])])  # (5,)
     total_loss, ntp_loss, mix_loss, grad_norm, finite = read.tolist()
     if not all(math.isfinite(x) for x in (ntp_loss, mix_loss, grad_norm)):
         raise InputError(
@@ -358,7 +277,7 @@ def record_step(record, run, evaluate, dynamics, heldout_every, rank):
     perplexity at this checkpoint), a held-out pass at the end of each epoch and every heldout_every
     steps (its per-example NLL appended to OUT/heldout.jsonl), and the metrics line of
     OUT/metrics.jsonl."""
-    step, out, points, steps_per_epoch = record["step"], run.out, run.points, run.steps_per_epoch
+    step, points, epoch_end = record["step"], run.points, record["step"] % run.steps_per_epoch == 0
     if step in points:
         nll = evaluate(run.samples, desc=f"dynamics {points.index(step) + 1}/{len(points)}")
         dynamics[step] = {k: sftmix.perplexity(*v) for k, v in nll.items()}
@@ -368,34 +287,28 @@ def record_step(record, run, evaluate, dynamics, heldout_every, rank):
                 f"step {step}: example {worst}: mean response NLL {nll[worst][0] / nll[worst][1]:.1f} "
                 f"nats, its perplexity overflows a float: the model has diverged (lower --lr)"
             )
-    if run.heldout and (
-        step % steps_per_epoch == 0 or (heldout_every and step % heldout_every == 0)
-    ):
+    if run.heldout and (epoch_end or (heldout_every and step % heldout_every == 0)):
         nll = evaluate(run.heldout, desc="held-out")
         weighted = sftmix.token_weighted(nll, list(nll))
         record.update(heldout_nll=weighted["nll_per_token"], heldout_ppl=weighted["ppl"])
+        per_example = {k: [float(s), int(n)] for k, (s, n) in nll.items()}
         if rank == 0:
-            append_line(
-                out / "heldout.jsonl",
-                {
-                    "step": step,
-                    "epoch": step / steps_per_epoch,
-                    "nll": {k: [float(s), int(n)] for k, (s, n) in nll.items()},
-                },
-            )
+            line = {"step": step, "epoch": step / run.steps_per_epoch, "nll": per_example}
+            append_line(run.out / "heldout.jsonl", line)
     if rank == 0:
-        append_line(out / "metrics.jsonl", record)
+        append_line(run.out / "metrics.jsonl", record)
 
 
 class SaveSchedule:
-    """When a state is written: every `steps` steps and every `minutes` minutes (either may be 0 =
-    off), and at --stop-at-step; never at the last step unless --keep-state (final/ follows, and a
-    run killed while writing it resumes from the state before). Ranks follow rank 0's clock (one
+    """When a state is written: every --save-every steps and every --save-every-minutes (0 = off),
+    and at --stop-at-step; never at the last step unless --keep-state (final/ follows, and a run
+    killed while writing it resumes from the state before). Ranks follow rank 0's clock (one
     broadcast a step on the CPU group `clock`), so they all save at the same step."""
 
-    def __init__(self, steps, minutes, total, keep_state, stop_at_step, clock):
-        self.steps, self.seconds, self.total = steps, minutes * 60, total
-        self.keep_state, self.stop_at_step, self.clock = keep_state, stop_at_step, clock
+    def __init__(self, args, total, clock):
+        self.steps, self.seconds = args.save_every, args.save_every_minutes * 60
+        self.keep_state, self.stop_at_step = args.keep_state, args.stop_at_step
+        self.total, self.clock = total, clock
         self.since = time.monotonic()
 
     def __call__(self, step):
@@ -454,19 +367,16 @@ def finish(out, samples, points, dynamics, keep_state):
 
 def final_dtype(flag, base):
     """--save-dtype's dtype; auto = the base checkpoint's (config.json's dtype or torch_dtype), else
-    fp32.
-    """
+    fp32."""
+    if flag != "auto":
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[flag]
     base_config = json.loads((base / "config.json").read_text())
-    # transformers 5 writes "dtype"
-    named = base_config.get("dtype") or base_config.get("torch_dtype")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(flag) or {
-        "bfloat16": torch.bfloat16,
-        "float16": torch.float16,
-    }.get(named, torch.float32)
+    named = base_config.get("dtype") or base_config.get("torch_dtype")  # transformers 5: "dtype"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(named, torch.float32)
 
 
 def forward_backward(
-    wrapped,
+    model,
     samples,
     batch,
     lam,
@@ -505,12 +415,10 @@ def forward_backward(
         # every one, so no rank holds an unsharded gradient between micro-batches (4 bytes a
         # parameter at fp32 reduction)
         last = j == len(micro) - 1
-        with wrapped.no_sync() if isinstance(wrapped, DDP) and not last else nullcontext():
+        with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 # (N,), (M,)
-                nll, mix = wrapped(
-                    b["input_ids"], seqs=b["seqs"], logits_at=b["trained"], head=head
-                )
+                nll, mix = model(b["input_ids"], seqs=b["seqs"], logits_at=b["trained"], head=head)
             L_ntp, L_mixup = nll.sum() / n_tokens, mix.sum() / max(n_mixed, 1)
             L = ntp_weight * L_ntp + mix_weight * L_mixup  # L = L_NTP + mu L_Mixup
             # ranks average gradients; * world makes it the sum over the global batch
@@ -518,7 +426,7 @@ def forward_backward(
         sums += torch.stack([nll.detach().sum(), mix.detach().sum()])
     if world > 1:
         dist.all_reduce(sums)
-    grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), grad_clip or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
     ntp, mixup = sums[0] / n_tokens, sums[1] / max(n_mixed, 1)
@@ -533,6 +441,15 @@ def forward_backward(
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.Help)
+
+    def number(flag, kind, expected, default, help, **kw):  # a flag's range is its type
+        p.add_argument(
+            flag, type=data.number(flag, kind, expected), default=default, help=help, **kw
+        )
+
+    def flag(name, help, **kw):
+        p.add_argument(name, action="store_true", help=help, **kw)
+
     p.add_argument(
         "--mode",
         choices=["ntp", "sftmix"],
@@ -550,96 +467,59 @@ def parse_args(argv=None):
     )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--split", help="split.json from `sftmix.py split` (sftmix mode)")
-    p.add_argument(
+    flag(
         "--mixup-only",
-        action="store_true",
-        help="sftmix: L = L_Mixup, no NTP term and mu unused (the paper's 'Mixup only' ablation)",
+        "sftmix: L = L_Mixup, no NTP term and mu unused (the paper's 'Mixup only' ablation)",
     )
-    p.add_argument(
+    number(
         "--dynamics",
-        type=data.number("--dynamics", int, ">= 0 (0 = off)"),
-        default=0,
+        int,
+        ">= 0 (0 = off)",
+        0,
+        "record every example's response perplexity at C evenly spaced checkpoints",
         metavar="C",
-        help="record every example's response perplexity at C evenly spaced checkpoints",
     )
     p.add_argument(
         "--heldout", help="held-out data: response perplexity after every epoch, in metrics.jsonl"
     )
-    p.add_argument(
+    number(
         "--heldout-every",
-        type=data.number("--heldout-every", int, ">= 0 (0 = at epoch ends only)"),
-        default=0,
-        metavar="K",
-        help="a held-out pass every K optimizer steps too (0 = at epoch ends only); each pass appends "
+        int,
+        ">= 0 (0 = at epoch ends only)",
+        0,
+        "a held-out pass every K optimizer steps too (0 = at epoch ends only); each pass appends "
         "its per-example NLL to OUT/heldout.jsonl",
+        metavar="K",
     )
-    p.add_argument(
-        "--alpha",
-        type=data.number("--alpha", float, "> 0 (Beta(alpha, alpha))"),
-        default=0.5,
-        help="lambda ~ Beta(alpha, alpha) [paper]",
-    )
-    p.add_argument(
-        "--mu",
-        type=data.number("--mu", float, ">= 0"),
-        default=0.2,
-        help="weight of the Mixup loss [paper]",
-    )
-    p.add_argument(
-        "--epochs",
-        type=data.number("--epochs", int, ">= 1"),
-        default=1,
-        help="passes over the data [paper: 3 Alpaca, 1 UltraChat]",
-    )
-    p.add_argument(
-        "--lr",
-        type=data.number("--lr", float, "> 0 and finite"),
-        default=2e-6,
-        help="peak learning rate [paper]",
-    )
-    p.add_argument(
+    number("--alpha", float, "> 0 (Beta(alpha, alpha))", 0.5, "lambda ~ Beta(alpha, alpha) [paper]")
+    number("--mu", float, ">= 0", 0.2, "weight of the Mixup loss [paper]")
+    number("--epochs", int, ">= 1", 1, "passes over the data [paper: 3 Alpaca, 1 UltraChat]")
+    number("--lr", float, "> 0 and finite", 2e-6, "peak learning rate [paper]")
+    number(
         "--weight-decay",
-        type=data.number("--weight-decay", float, ">= 0 and finite"),
-        default=0.1,
-        help="AdamW weight decay of the weight matrices; norms and biases are not decayed [paper: 0.1]",
+        float,
+        ">= 0 and finite",
+        0.1,
+        "AdamW weight decay of the weight matrices; norms and biases are not decayed [paper: 0.1]",
     )
-    p.add_argument(
-        "--betas",
-        type=data.number("--betas", float, "in [0, 1)"),
-        nargs=2,
-        default=(0.9, 0.999),
-        help="AdamW betas [ours]",
-    )
-    p.add_argument(
+    number("--betas", float, "in [0, 1)", (0.9, 0.999), "AdamW betas [ours]", nargs=2)
+    number(
         "--warmup-ratio",
-        type=data.number("--warmup-ratio", float, "in [0, 1)"),
-        default=0.1,
-        help="linear warm-up share W of the steps; step k runs at lr (k+1)/W (HF: lr k/W) [paper: 0.1]",
+        float,
+        "in [0, 1)",
+        0.1,
+        "linear warm-up share W of the steps; step k runs at lr (k+1)/W (HF: lr k/W) [paper: 0.1]",
     )
-    p.add_argument(
+    number(
         "--grad-clip",
-        type=data.number("--grad-clip", float, ">= 0 and finite (0 = off)"),
-        default=1.0,
-        help="max global grad norm, 0 = off [ours]",
+        float,
+        ">= 0 and finite (0 = off)",
+        1.0,
+        "max global grad norm, 0 = off [ours]",
     )
-    p.add_argument(
-        "--global-batch",
-        type=data.number("--global-batch", int, ">= 1"),
-        default=32,
-        help="examples per optimizer step, all ranks [paper]",
-    )
-    p.add_argument(
-        "--micro-batch",
-        type=data.number("--micro-batch", int, ">= 1"),
-        default=4,
-        help="examples per forward on one rank [ours]",
-    )
-    p.add_argument(
-        "--max-len",
-        type=data.number("--max-len", int, ">= 2"),
-        default=data.MAX_LEN,
-        help="tokens per example, cut on the right [ours]",
-    )
+    number("--global-batch", int, ">= 1", 32, "examples per optimizer step, all ranks [paper]")
+    number("--micro-batch", int, ">= 1", 4, "examples per forward on one rank [ours]")
+    number("--max-len", int, ">= 2", data.MAX_LEN, "tokens per example, cut on the right [ours]")
     p.add_argument(
         "--format", choices=data.FORMATS, help="data format (detected from the keys if not given)"
     )
@@ -670,99 +550,86 @@ def parse_args(argv=None):
         "estimated peak exceeds the GPU's memory ($SFTMIX_DEVICE_MEMORY_GB when set) is "
         "refused before loading, naming what would fit",
     )
-    p.add_argument(
+    number(
         "--shard-degree",
-        type=data.number("--shard-degree", int, ">= 1"),
-        default=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-        help="hsdp: ranks that shard the model among them (default: the ranks of a node, torchrun's "
+        int,
+        ">= 1",
+        int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        "hsdp: ranks that shard the model among them (default: the ranks of a node, torchrun's "
         "LOCAL_WORLD_SIZE); the world is replicated over world / degree groups",
     )
-    p.add_argument(
+    flag(
         "--activation-checkpointing",
-        action="store_true",
-        help="keep only each block's input, recompute the block in backward",
+        "keep only each block's input, recompute the block in backward",
     )
-    p.add_argument(
+    flag(
         "--compile",
-        action="store_true",
-        help="torch.compile each transformer block (whole graph, lengths dynamic after the first)",
+        "torch.compile each transformer block (whole graph, lengths dynamic after the first)",
     )
-    p.add_argument(
+    flag(
         "--deterministic",
-        action="store_true",
-        help="deterministic kernels on CUDA (slower), so a resumed run repeats bitwise there too; on the "
+        "deterministic kernels on CUDA (slower), so a resumed run repeats bitwise there too; on the "
         "CPU every run is deterministic already",
     )
-    p.add_argument(
-        "--seed",
-        type=data.number("--seed", int, ">= 0"),
-        default=0,
-        help="data order and lambda draws",
-    )
-    p.add_argument(
-        "--eval-batch",
-        type=data.number("--eval-batch", int, ">= 1"),
-        default=16,
-        help="examples per forward in the dynamics pass",
-    )
-    p.add_argument(
+    number("--seed", int, ">= 0", 0, "data order and lambda draws")
+    number("--eval-batch", int, ">= 1", 16, "examples per forward in the dynamics pass")
+    number(
         "--save-every",
-        type=data.number("--save-every", int, ">= 1"),
-        default=500,
-        help="steps between resumable states (written in the background while training goes on; "
+        int,
+        ">= 1",
+        500,
+        "steps between resumable states (written in the background while training goes on; "
         "none at the last step, unless --keep-state)",
     )
-    p.add_argument(
+    number(
         "--save-every-minutes",
-        type=data.number("--save-every-minutes", float, ">= 0 (0 = off)"),
-        default=30.0,
-        help="minutes between resumable states as well (0 = by steps only)",
+        float,
+        ">= 0 (0 = off)",
+        30.0,
+        "minutes between resumable states as well (0 = by steps only)",
     )
-    p.add_argument(
+    number(
         "--timeout-minutes",
-        type=data.number("--timeout-minutes", float, "> 0"),
-        default=30.0,
-        help="how long a collective (a barrier after a save on a slow file system) may wait before "
+        float,
+        "> 0",
+        30.0,
+        "how long a collective (a barrier after a save on a slow file system) may wait before "
         "the process group gives up [torch: 10]",
     )
-    p.add_argument(
+    number(
         "--final-shard-gb",
-        type=data.number("--final-shard-gb", float, "> 0"),
-        default=5.0,
-        help="largest safetensors file of final/ (more files, with an index, above it) [HF: 5]",
+        float,
+        "> 0",
+        5.0,
+        "largest safetensors file of final/ (more files, with an index, above it) [HF: 5]",
     )
-    p.add_argument(
+    flag(
         "--resume",
-        action="store_true",
-        help="continue from OUT/state/ if it holds a state; the data and every flag must be the same, but "
+        "continue from OUT/state/ if it holds a state; the data and every flag must be the same, but "
         "--lr, --grad-clip, --stop-at-step, --save-every(-minutes), --eval-batch, --keep-state "
         "and the number of ranks may change",
     )
-    p.add_argument(
+    flag(
         "--keep-state",
-        action="store_true",
-        help="keep OUT/state/ (weights + AdamW moments, ~4x the model) after final/ is written",
+        "keep OUT/state/ (weights + AdamW moments, ~4x the model) after final/ is written",
     )
-    p.add_argument(
+    number(
         "--stop-at-step",
-        type=data.number("--stop-at-step", int, ">= 0 (0 = off)"),
-        default=0,
-        help="save the state and exit after this step, to continue later with --resume (0 = run to the end)",
+        int,
+        ">= 0 (0 = off)",
+        0,
+        "save the state and exit after this step, to continue later with --resume (0 = run to the end)",
     )
-    p.add_argument(
+    number(
         "--lora-rank",
-        type=data.number("--lora-rank", int, ">= 0 (0 = off)"),
-        default=0,
-        metavar="R",
-        help="train rank-R LoRA adapters only, the base frozen; final/ holds the merged weights "
+        int,
+        ">= 0 (0 = off)",
+        0,
+        "train rank-R LoRA adapters only, the base frozen; final/ holds the merged weights "
         "W + (alpha/R) B A (0 = off: all weights train). Adapters usually want a larger --lr (~1e-4)",
+        metavar="R",
     )
-    p.add_argument(
-        "--lora-alpha",
-        type=data.number("--lora-alpha", float, "> 0 and finite"),
-        default=16.0,
-        help="LoRA scale alpha/R [ours; peft: 8]",
-    )
+    number("--lora-alpha", float, "> 0 and finite", 16.0, "LoRA scale alpha/R [ours; peft: 8]")
     p.add_argument(
         "--lora-targets",
         nargs="+",
@@ -1045,27 +912,23 @@ def check_batches(args, samples, halves, steps_per_epoch):
 
 
 # ----------------------------------------------------------------------------- the resumable state and final/
-# The resumable state of a train.py run, through torch.distributed.checkpoint (DCP), the settings a
-# resumed run must share with it, and final/.
-#
-#     OUT/state/step-N/shard-R-model-00001-of-00001.safetensors
-#         what rank R-1 holds of the state (DCP's HuggingFaceStorageWriter: safetensors, each shard's
-#         offsets in its JSON header)
-#     OUT/state/latest.json
-#         {"layout", "step", "checkpoint", "ranks", "config", "dynamics"}: replaced atomically once
-#         every rank's write is complete, so it is the commit point
-#     OUT/final/
-#         HF checkpoint; written as OUT/final.tmp/ and renamed when complete
-#
-# The state holds the weights, AdamW's two moments and step, and the RNG, as tensors only, so nothing
-# is pickled: DCP's own reader (FileSystemReader) unpickles a `.metadata` file;
-# HuggingFaceStorageReader reads the safetensors headers instead. Each rank writes its own shards
-# (FSDP2's DTensors; a replicated tensor once), and DCP reshards on load, so a state saved on N ranks
-# resumes on M. Writes are asynchronous: the state is copied to host memory, then written by a thread
-# while training goes on; at most one write is in flight.
+# The resumable state through torch.distributed.checkpoint (DCP), the settings a resumed run must
+# share with it, and final/. OUT/state/step-N/ holds each rank's shards as safetensors (written
+# asynchronously, read by HuggingFaceStorageReader: no pickle; resharded on load, so N ranks resume
+# on M); OUT/state/latest.json, replaced atomically once every rank's write is complete, is the
+# commit point. docs/at-scale.md#the-resumable-state has the layout and what is tested.
 
 # what latest.json's "layout" names; any other state is an older layout
 LAYOUT = "dcp-safetensors-1"
+# what DCP's load raises on a damaged state, or on one of another model (KeyError: a missing tensor)
+LOAD_ERRORS = (
+    OSError,
+    SafetensorError,
+    CheckpointException,
+    RuntimeError,
+    AssertionError,
+    KeyError,
+)
 
 
 def run_config(args, model_args, samples, heldout, halves):
@@ -1206,15 +1069,8 @@ class Saver:
         else:
             dcp.save(tensors, **where)
         ranks = dist.get_world_size() if dist.is_initialized() else 1
-        latest = {
-            "layout": LAYOUT,
-            "step": step,
-            "checkpoint": name,
-            "ranks": ranks,
-            "config": config,
-            "dynamics": {str(k): v for k, v in dynamics.items()},
-        }
-        self.pending = future, latest
+        latest = dict(layout=LAYOUT, step=step, checkpoint=name, ranks=ranks, config=config)
+        self.pending = future, latest | {"dynamics": {str(k): v for k, v in dynamics.items()}}
         if future is None:
             self.wait()
 
@@ -1246,14 +1102,7 @@ def load_state(out, model, optimizer):
             raise FileNotFoundError("no safetensors file")
         reader = dcp.HuggingFaceStorageReader(str(folder))  # safetensors headers, no pickle
         dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())
-    except (
-        OSError,
-        SafetensorError,
-        CheckpointException,
-        RuntimeError,
-        AssertionError,
-        KeyError,
-    ) as e:
+    except LOAD_ERRORS as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise InputError(
             f"{folder}: unreadable or not this run's model ({reason}); expected a "
@@ -1316,32 +1165,23 @@ def check_memory(model_args, args, samples, world, device):
     limit = device_memory(device)
     if limit is None or args.lora_rank:
         return
-    lengths = sorted(len(s.input_ids) for s in samples)
+    lengths, mixup = sorted(len(s.input_ids) for s in samples), args.mode == "sftmix"
 
     def peak(shard, checkpointing, micro_batch):
         gpus = {"ddp": 1, "fsdp": world, "hsdp": args.shard_degree}[shard]
-        return memory_per_gpu(
-            model_args,
-            gpus,
-            "ddp" if shard == "ddp" else "fsdp",
-            checkpointing,
-            sum(lengths[-micro_batch:]),
-            mixup=args.mode == "sftmix",
-        )["total"]
+        kind, tokens = "ddp" if shard == "ddp" else "fsdp", sum(lengths[-micro_batch:])
+        return memory_per_gpu(model_args, gpus, kind, checkpointing, tokens, mixup)["total"]
 
     now = peak(args.shard, args.activation_checkpointing, args.micro_batch)
     if now <= limit:
         return
     shards = [args.shard] + (["fsdp"] if world > 1 and args.shard != "fsdp" else [])
-    micro = [
-        m
-        for m in (args.micro_batch // 2, args.micro_batch // 4, 2 if args.mode == "sftmix" else 1)
-        if 1 <= m < args.micro_batch
-    ]
+    mb = args.micro_batch  # then halved, quartered, and the smallest (an SFTMix pair: 2)
+    micro = [mb] + [m for m in (mb // 2, mb // 4, 2 if mixup else 1) if 1 <= m < mb]
     fits = [
         (s, c, m)
         for s in shards
-        for m in [args.micro_batch, *micro]
+        for m in micro
         for c in (args.activation_checkpointing, True)
         # preferred: sharding, then checkpointing, then a smaller micro-batch
         if peak(s, c, m) <= limit
