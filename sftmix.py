@@ -59,8 +59,7 @@ def response_nll(model, samples, batch_size, device, amp_dtype=None, desc="dynam
     count. Forward only, in length-grouped batches packed into one row each (no padding), the
     batches sharded over ranks, the LM head applied in chunks (head_losses). amp_dtype (e.g.
     torch.bfloat16) runs the forward under autocast. Returns {id: (nll, n_tokens)} with every
-    sample's id exactly once, on every rank.
-    """
+    sample's id exactly once, on every rank."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
@@ -115,8 +114,7 @@ def confidence(perplexities):
 
 def variability(perplexities):
     """Population std over the C checkpoints of the same perplexities: (N, C) -> (N,). The data
-    map's y-axis.
-    """
+    map's y-axis."""
     return np.asarray(perplexities, dtype=np.float64).std(axis=1)
 
 
@@ -128,8 +126,7 @@ def split_by_confidence(ids, confidence):
 
     Sort by confidence, highest first, ties broken by id (so the split is deterministic); the first
     floor(N/2) are D^c, the rest D^u. With odd N the median example goes to D^u, which is one
-    larger.
-    """
+    larger."""
     order = sorted(range(len(ids)), key=lambda i: (-float(confidence[i]), ids[i]))
     half = len(ids) // 2
     return [ids[i] for i in order[:half]], [ids[i] for i in order[half:]]
@@ -137,8 +134,7 @@ def split_by_confidence(ids, confidence):
 
 def random_split(ids, seed):
     """The control for the confidence split: halves of the same sizes as split_by_confidence's,
-    drawn at random.
-    """
+    drawn at random."""
     order = sorted(ids)
     random.Random(seed).shuffle(order)
     half = len(ids) // 2
@@ -147,8 +143,7 @@ def random_split(ids, seed):
 
 def read_dynamics(path):
     """dynamics.jsonl -> (ids, perplexities (N, C)); each line {"id", "perplexities": [C finite
-    numbers > 0], ...}.
-    """
+    numbers > 0], ...}."""
     ids, perps, seen = [], [], {}
     try:
         lines = open(path, encoding="utf-8").read().split("\n")
@@ -210,8 +205,7 @@ def paired_batches(confident, unconfident, batch_size, seed, epoch):
     D^c and D^u are shuffled separately from (seed, epoch) and zipped, so pair i is (confident[i],
     unconfident[i]) at random. Each example appears at most once per epoch. Leftovers are dropped
     for this epoch (a different few each epoch): the extra example(s) of the larger half, and the
-    pairs that do not fill a last whole batch.
-    """
+    pairs that do not fill a last whole batch."""
     assert batch_size % 2 == 0, "an SFTMix batch holds pairs: batch_size must be even"
     rng = random.Random(f"{seed}-{epoch}")
     c, u = list(confident), list(unconfident)
@@ -224,8 +218,7 @@ def paired_batches(confident, unconfident, batch_size, seed, epoch):
 
 def sample_lambda(alpha, n_pairs, seed, step):
     """lam ~ Beta(alpha, alpha), one per pair, drawn from (seed, step): the same on every rank and
-    on resume.
-    """
+    on resume."""
     return torch.from_numpy(
         np.random.default_rng([seed, step]).beta(alpha, alpha, size=n_pairs)
     ).float()
@@ -243,8 +236,7 @@ def mixup_loss(hidden_c, labels_c, hidden_u, labels_u, lam, lm_head_weight, redu
     response position of its confident example with the k-th of its unconfident one, k < n =
     min(n^c, n^u): the longer one's tail is not mixed. "mean" averages over all mixed positions,
     "sum" sums them. Training computes the same with head_losses, from the logits (faster); tests
-    check that both agree.
-    """
+    check that both agree."""
     V = lm_head_weight.shape[0]
     losses = []
     for p in range(len(lam)):
@@ -276,8 +268,7 @@ class MicroBatch:
         mix_u   (M,) the number of the aligned unconfident token (the k-th response token of each, k < n)
         lam     (M,) the pair's lambda at each mixed position (fp32)
         rest    (N - 2M,) the positions trained by NTP alone (a longer partner's tail; every position in NTP)
-    Plain NTP has no pairs: mix_c, mix_u and lam are empty.
-    """
+    Plain NTP has no pairs: mix_c, mix_u and lam are empty."""
 
     rows: list
     mix_c: torch.Tensor
@@ -288,8 +279,7 @@ class MicroBatch:
 
 def snake_rank(k, world):
     """The rank that gets the k-th unit dealt in snake order: 0, 1, .., W-1, then W-1, .., 1, 0,
-    then 0, 1, ..
-    """
+    then 0, 1, .."""
     lap, place = divmod(k, world)
     return place if lap % 2 == 0 else world - 1 - place
 
@@ -306,8 +296,7 @@ def micro_batches(batch, samples, rank, world, micro_batch, lam=None):
     training needs no device-to-host read to find its positions. Returns (micro-batches, n_tokens,
     n_mixed), the global normalisers:
         n_tokens = sum over the G examples of |y|            (trained tokens)
-        n_mixed  = sum over the P pairs of min(|y^c|, |y^u|)  (mixed positions; 0 without pairs)
-    """
+        n_mixed  = sum over the P pairs of min(|y^c|, |y^u|)  (mixed positions; 0 without pairs)"""
     # trained tokens per example
     n = {i: int((np.asarray(samples[i].labels) != IGNORE).sum()) for i in batch}
     P = len(batch) // 2
@@ -364,8 +353,7 @@ def head_losses(
     lam in fp32, whatever the autocast dtype. The head runs on `chunk` positions at a time, each
     chunk recomputed in backward when N > chunk, so no (N, V) tensor is ever held: a mixed pair's
     positions share one chunk, the other positions follow. Every index comes from the host: nothing
-    here waits for the device.
-    """
+    here waits for the device."""
     N = len(targets)
     if mix_c is None:  # no pairs: every position is NTP's alone
         mix_c = mix_u = torch.zeros(0, dtype=torch.long, device=hidden.device)
@@ -395,8 +383,7 @@ def head_losses(
 
 def _head_chunk(h, weight, y, lam, softcap):
     """head_losses on one chunk: h (n, D), y (n,); with lam (m,), rows [0, m) are confident, [m, 2m)
-    their partners.
-    """
+    their partners."""
 
     def logp(z):  # log softmax of capped logits
         return torch.log_softmax(

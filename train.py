@@ -345,9 +345,8 @@ def write_final(out, model, base, save_dtype, lora_scale, shard_gb, rank):
 
 
 def prepare_out(out, resuming):
-    """Create the run directory, and clear what a killed run left: the state folders latest.json
-    does not name and final.tmp/ (resuming), or the whole state of an earlier run (starting
-    again)."""
+    """Create the run directory and clear what a killed run left: the state folders latest.json
+    does not name and final.tmp/ (resuming), or an earlier run's whole state (starting again)."""
     writable_dir(out)
     if resuming:
         remove_stale(out, keep=read_latest(out)["checkpoint"])
@@ -366,8 +365,7 @@ def finish(out, samples, points, dynamics, keep_state):
 
 
 def final_dtype(flag, base):
-    """--save-dtype's dtype; auto = the base checkpoint's (config.json's dtype or torch_dtype), else
-    fp32."""
+    """--save-dtype's dtype; auto: the base's (config.json's dtype or torch_dtype), else fp32."""
     if flag != "auto":
         return {"fp32": torch.float32, "bf16": torch.bfloat16}[flag]
     base_config = json.loads((base / "config.json").read_text())
@@ -389,8 +387,7 @@ def forward_backward(
     rank,
     world,
 ):
-    """Accumulate the gradient of L over this rank's micro-batches of one global batch, then clip
-    it.
+    """Accumulate the gradient of L over this rank's micro-batches of one global batch; clip it.
 
     L = L_NTP + mu L_Mixup, or L_Mixup alone with mixup_only; each term normalised over the whole
     global batch (sftmix.micro_batches gives the normalisers), so micro-batch and rank boundaries do
@@ -400,8 +397,7 @@ def forward_backward(
     Nothing here waits for the device: every index is laid out on the host (data.pack,
     sftmix.micro_batches) and copied asynchronously, and the sums stay on the device. Returns
     (stats, input tokens of the global batch): stats (4,) on the device = (L, L_NTP, L_Mixup, grad
-    norm before clipping), for the caller to read.
-    """
+    norm before clipping), for the caller to read."""
     micro, n_tokens, n_mixed = sftmix.micro_batches(batch, samples, rank, world, micro_batch, lam)
     ntp_weight, mix_weight = (0.0, 1.0) if mixup_only else (1.0, mu)
     sums = torch.zeros(2, device=device)  # NTP NLL sum, Mixup CE sum
@@ -654,12 +650,9 @@ def check_args(args, world):
             f"= {world} x {args.micro_batch}"
         )
     args.shard = args.shard or ("fsdp" if world > 1 else "ddp")
-    if args.shard == "hsdp" and not (
-        1 <= args.shard_degree <= world and world % args.shard_degree == 0
-    ):
-        raise InputError(
-            f"--shard-degree {args.shard_degree}: expected a divisor of the {world} ranks"
-        )
+    degree = args.shard_degree
+    if args.shard == "hsdp" and not (1 <= degree <= world and world % degree == 0):
+        raise InputError(f"--shard-degree {degree}: expected a divisor of the {world} ranks")
     if args.mode == "sftmix" and args.micro_batch % 2:
         raise InputError(
             f"--micro-batch {args.micro_batch}: an SFTMix micro-batch holds confident/unconfident "
@@ -671,9 +664,7 @@ def check_args(args, world):
 
 
 def split_indices(path, samples):
-    """split.json -> (confident, unconfident) sample indices; every id of the data in exactly one
-    half.
-    """
+    """split.json -> (confident, unconfident) sample indices; each id of the data in one half."""
     halves = sftmix.read_split(path)
     halves = [halves["confident"], halves["unconfident"]]
     index = {s.id: i for i, s in enumerate(samples)}
@@ -695,9 +686,8 @@ def epoch_batches(n, halves, epoch, G, seed, alpha):
 
     halves None (ntp): a shuffled order of the n samples cut into batches of G, no lambdas. halves =
     (confident, unconfident) sample indices (sftmix): G/2 confident then G/2 unconfident examples,
-    pair i = (batch[i], batch[G/2 + i]) with lambda lam[i] ~ Beta(alpha, alpha), drawn from (seed,
-    step).
-    """
+    pair i = (batch[i], batch[G/2 + i]) with lambda lam[i] ~ Beta(alpha, alpha), drawn from
+    (seed, step)."""
     if halves is not None:
         batches = sftmix.paired_batches(*halves, G, seed, epoch)
         return [
@@ -797,9 +787,7 @@ def pick_device(local_rank, deterministic):
 
 
 def _local(t):
-    """The part of a tensor this rank holds: its shard under FSDP (a DTensor), else the tensor
-    itself.
-    """
+    """The part of a tensor this rank holds: its shard under FSDP (a DTensor), else all of it."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -828,9 +816,8 @@ def writable_dir(out):
 
 
 def write_dynamics(path, samples, points, dynamics):
-    """dynamics.jsonl: {"id", "perplexities": [Perp at each point], "confidence", "variability"} per
-    example.
-    """
+    """dynamics.jsonl, a line per example: {"id", "perplexities": [Perp at each point],
+    "confidence", "variability"}."""
     perps = [[dynamics[s][sample.id] for s in points] for sample in samples]
     conf, var = sftmix.confidence(perps), sftmix.variability(perps)
     data.write_json(
@@ -844,9 +831,7 @@ def write_dynamics(path, samples, points, dynamics):
 
 
 def keep_lines_until(path, step):
-    """Drop JSON lines after `step` (and a half-written last line), left by a run that died after
-    its last state.
-    """
+    """Drop JSON lines after `step` (and a half-written last line): a run died after its state."""
     if path.exists():
         lines = [
             line
@@ -884,17 +869,11 @@ def read_data(path, tok, prompt_format, max_len, fmt, out, local_rank):
 
 
 def token_fingerprint(samples):
-    """sha256 of what samples hold: each id, its token ids and labels (as int32), however they are
-    stored.
-    """
+    """sha256 of each sample's id, token ids and labels (as int32), however they are stored."""
     h = hashlib.sha256()
     for s in samples:
-        h.update(
-            s.id.encode()
-            + b"\0"
-            + np.asarray(s.input_ids, np.int32).tobytes()
-            + np.asarray(s.labels, np.int32).tobytes()
-        )
+        ids, labels = (np.asarray(x, np.int32).tobytes() for x in (s.input_ids, s.labels))
+        h.update(s.id.encode() + b"\0" + ids + labels)
     return h.hexdigest()
 
 
@@ -954,9 +933,8 @@ def run_config(args, model_args, samples, heldout, halves):
 
 
 def what_changed(saved, config):
-    """Each setting of config (run_config) that differs from the saved run's, in words; a path alone
-    never does.
-    """
+    """Each setting of config (run_config) that differs from the saved run's, in words; a path
+    alone never does."""
     changed = []
     for k, v in config.items():
         flag = k.removesuffix("_sha256")
@@ -974,12 +952,9 @@ def what_changed(saved, config):
 def check_settings(out, config):
     """Before the model loads: the state in OUT/state/ was written with the settings of config
     (run_config), or one line names each that differs (what_changed)."""
-    saved = read_latest(out)["config"]
-    changed = what_changed(saved, config)
+    changed = "; ".join(what_changed(read_latest(out)["config"], config))
     if changed:
-        raise InputError(
-            f"{out / 'state'}: was written by a run with other settings: {'; '.join(changed)}"
-        )
+        raise InputError(f"{out / 'state'}: was written by a run with other settings: {changed}")
 
 
 def state_tensors(model, optimizer) -> dict:
