@@ -155,6 +155,11 @@ def number(flag: str, kind, expected: str):
     return parse
 
 
+def add_number(parser, flag: str, kind, expected: str, default, help: str, **kw) -> None:
+    """parser.add_argument for a numeric flag, its range checked by its type (number)."""
+    parser.add_argument(flag, type=number(flag, kind, expected), default=default, help=help, **kw)
+
+
 def read_json(path) -> dict:
     """The JSON object a file holds; unreadable, not JSON, or not an object: an InputError naming
     the file. Every command reads its JSON files (config.json, split.json, ...) through this, and

@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -486,12 +487,7 @@ def model_flags(s) -> None:
     s.add_argument(
         "--prompt-format", choices=data.PROMPT_FORMATS, help="(default: from the chat template)"
     )
-    s.add_argument(
-        "--batch-size",
-        type=data.number("--batch-size", int, ">= 1"),
-        default=8,
-        help="rows per forward pass",
-    )
+    data.add_number(s, "--batch-size", int, ">= 1", 8, "rows per forward pass")
     s.add_argument(
         "--dtype",
         choices=["auto", "fp32", "bf16"],
@@ -523,12 +519,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help=MODEL_HELP)
     s.add_argument("--data", required=True, help="conversations (alpaca / sharegpt / messages)")
     s.add_argument("--split", help="split.json; adds ppl per half")
-    s.add_argument(
-        "--max-len",
-        type=data.number("--max-len", int, ">= 2"),
-        default=data.MAX_LEN,
-        help="tokens per example; longer cut on the right",
-    )
+    text = "tokens per example; longer cut on the right"
+    data.add_number(s, "--max-len", int, ">= 2", data.MAX_LEN, text)
     model_flags(s)
     s.add_argument("--out", help="per-example JSONL")
 
@@ -564,29 +556,16 @@ def parser() -> argparse.ArgumentParser:
         help="model_id (MT-Bench) or generator (AlpacaEval) (default: the model "
         "or run directory's name)",
     )
-    s.add_argument(
-        "--max-new-tokens",
-        type=data.number("--max-new-tokens", int, ">= 1"),
-        help="per turn (default: 1024 for MT-Bench, as FastChat; 2048 for AlpacaEval)",
+    number = partial(data.add_number, s)
+    text = "per turn (default: 1024 for MT-Bench, as FastChat; 2048 for AlpacaEval)"
+    number("--max-new-tokens", int, ">= 1", None, text)
+    text = (
+        "for every question; below 1e-4 is greedy (default: FastChat's per MT-Bench category, "
+        "0.7 for AlpacaEval)"
     )
-    s.add_argument(
-        "--temperature",
-        type=data.number("--temperature", float, ">= 0 and finite"),
-        help="for every question; below 1e-4 is greedy (default: FastChat's per "
-        "MT-Bench category, 0.7 for AlpacaEval)",
-    )
-    s.add_argument(
-        "--top-p",
-        type=data.number("--top-p", float, "in (0, 1]"),
-        default=1.0,
-        help="nucleus sampling mass when sampling",
-    )
-    s.add_argument(
-        "--seed",
-        type=data.number("--seed", int, ">= 0"),
-        default=0,
-        help="sampling seed: the same flags give the same answers",
-    )
+    number("--temperature", float, ">= 0 and finite", None, text)
+    number("--top-p", float, "in (0, 1]", 1.0, "nucleus sampling mass when sampling")
+    number("--seed", int, ">= 0", 0, "sampling seed: the same flags give the same answers")
     s.add_argument(
         "--compile",
         action="store_true",

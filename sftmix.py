@@ -36,10 +36,10 @@ from data import (
     IGNORE,
     Help,
     InputError,
+    add_number,
     check_output,
     json_field,
     length_grouped_batches,
-    number,
     pack,
     read_json,
     reported,
@@ -425,9 +425,7 @@ def main(argv=None):
         action="store_true",
         help="ignore confidence: random halves of the same sizes (the control that isolates the split)",
     )
-    s.add_argument(
-        "--seed", type=number("--seed", int, ">= 0"), default=0, help="with --random: the draw"
-    )
+    add_number(s, "--seed", int, ">= 0", 0, "with --random: the draw")
     with reported():  # bad input: one line and exit 2; a bug of ours keeps its traceback
         run_split(p.parse_args(argv))
 

@@ -438,10 +438,7 @@ def forward_backward(
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.Help)
 
-    def number(flag, kind, expected, default, help, **kw):  # a flag's range is its type
-        p.add_argument(
-            flag, type=data.number(flag, kind, expected), default=default, help=help, **kw
-        )
+    number = partial(data.add_number, p)  # a numeric flag: its range is its type
 
     def flag(name, help, **kw):
         p.add_argument(name, action="store_true", help=help, **kw)

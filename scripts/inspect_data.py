@@ -78,19 +78,10 @@ def main(argv=None) -> None:
         "--prompt-format",
         help=f"one of {', '.join(data.PROMPT_FORMATS)}; from the tokenizer if not given",
     )
-    p.add_argument(
-        "--max-len",
-        type=data.number("--max-len", int, ">= 2"),
-        default=data.MAX_LEN,
-        help="tokens per sample; longer cut on the right",
-    )
-    p.add_argument("-n", type=data.number("-n", int, ">= 0"), default=3, help="examples to show")
-    p.add_argument(
-        "--batch-size",
-        type=data.number("--batch-size", int, ">= 1"),
-        default=8,
-        help="batch size for the padding figures",
-    )
+    text = "tokens per sample; longer cut on the right"
+    data.add_number(p, "--max-len", int, ">= 2", data.MAX_LEN, text)
+    data.add_number(p, "-n", int, ">= 0", 3, "examples to show")
+    data.add_number(p, "--batch-size", int, ">= 1", 8, "batch size for the padding figures")
     with data.reported():
         inspect(p.parse_args(argv))
 

@@ -351,12 +351,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--names", nargs="+", help=NAMES_HELP)
     s.add_argument("--data", help="held-out conversations; adds ppl rows")
     s.add_argument("--split", help="split.json; adds ppl per half")
-    s.add_argument(
-        "--max-len",
-        type=data.number("--max-len", int, ">= 2"),
-        default=data.MAX_LEN,
-        help="tokens per example; longer cut on the right",
-    )
+    text = "tokens per example; longer cut on the right"
+    data.add_number(s, "--max-len", int, ">= 2", data.MAX_LEN, text)
     s.add_argument(
         "--mc",
         action="append",
