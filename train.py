@@ -127,8 +127,9 @@ def train(args, rank, local_rank, world):
     lr = partial(lr_at, total=run.total, lr=args.lr, warmup_ratio=args.warmup_ratio)
     where = dict(device=device, amp_dtype=amp_dtype)
     loss = dict(mu=args.mu, mixup_only=args.mixup_only, micro_batch=args.micro_batch)
-    step_fn = partial(train_step, wrapped, model, optimizer, run.samples, lr=lr, **loss)
-    step_fn = partial(step_fn, grad_clip=args.grad_clip, **where, rank=rank, world=world)
+    # forward_backward's values but the model, the data, the batch and lambda
+    values = dict(loss, grad_clip=args.grad_clip, **where, rank=rank, world=world)
+    step_fn = partial(train_step, wrapped, model, optimizer, run.samples, lr=lr, **values)
     evaluate = partial(sftmix.response_nll, wrapped, batch_size=args.eval_batch, **where)
     due = SaveSchedule(args, run.total, saver.clock)
     with tqdm(total=run.total, initial=step, desc=args.mode, disable=rank != 0) as progress:
@@ -277,7 +278,8 @@ def record_step(record, run, evaluate, dynamics, heldout_every, rank):
     perplexity at this checkpoint), a held-out pass at the end of each epoch and every heldout_every
     steps (its per-example NLL appended to OUT/heldout.jsonl), and the metrics line of
     OUT/metrics.jsonl."""
-    step, points, epoch_end = record["step"], run.points, record["step"] % run.steps_per_epoch == 0
+    step, points = record["step"], run.points
+    epoch_end = step % run.steps_per_epoch == 0
     if step in points:
         nll = evaluate(run.samples, desc=f"dynamics {points.index(step) + 1}/{len(points)}")
         dynamics[step] = {k: sftmix.perplexity(*v) for k, v in nll.items()}
@@ -291,8 +293,8 @@ def record_step(record, run, evaluate, dynamics, heldout_every, rank):
         nll = evaluate(run.heldout, desc="held-out")
         weighted = sftmix.token_weighted(nll, list(nll))
         record.update(heldout_nll=weighted["nll_per_token"], heldout_ppl=weighted["ppl"])
-        per_example = {k: [float(s), int(n)] for k, (s, n) in nll.items()}
         if rank == 0:
+            per_example = {k: [float(s), int(n)] for k, (s, n) in nll.items()}
             line = {"step": step, "epoch": step / run.steps_per_epoch, "nll": per_example}
             append_line(run.out / "heldout.jsonl", line)
     if rank == 0:
@@ -896,15 +898,6 @@ def check_batches(args, samples, halves, steps_per_epoch):
 
 # what latest.json's "layout" names; any other state is an older layout
 LAYOUT = "dcp-safetensors-1"
-# what DCP's load raises on a damaged state, or on one of another model (KeyError: a missing tensor)
-LOAD_ERRORS = (
-    OSError,
-    SafetensorError,
-    CheckpointException,
-    RuntimeError,
-    AssertionError,
-    KeyError,
-)
 
 
 def run_config(args, model_args, samples, heldout, halves):
@@ -1074,7 +1067,16 @@ def load_state(out, model, optimizer):
             raise FileNotFoundError("no safetensors file")
         reader = dcp.HuggingFaceStorageReader(str(folder))  # safetensors headers, no pickle
         dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())
-    except LOAD_ERRORS as e:
+    # what DCP's load raises on a damaged state, or on one of another model (KeyError: a tensor
+    # it lacks)
+    except (
+        OSError,
+        SafetensorError,
+        CheckpointException,
+        RuntimeError,
+        AssertionError,
+        KeyError,
+    ) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise InputError(
             f"{folder}: unreadable or not this run's model ({reason}); expected a "

@@ -22,9 +22,6 @@ TINY = dict(
     head_dim=8,
 )
 MICRO = dict(TINY, hidden_size=16, intermediate_size=32, head_dim=4)
-# the files that take longest (measured with --durations), collected first: pytest-xdist's
-# --dist loadfile hands files out in collection order, so no worker is left with one of these alone
-# at the end
 
 
 def step_values(**kw):
@@ -45,6 +42,9 @@ def step_values(**kw):
     }
 
 
+# the files that take longest (measured with --durations), collected first: pytest-xdist's
+# --dist loadfile hands files out in collection order, so no worker is left with one of these alone
+# at the end
 LONGEST_FIRST = ["test_readme.py", "test_conformance.py", "test_study.py", "test_fsdp.py"]
 
 
