@@ -36,7 +36,7 @@ grad clip): step time,
    and peak bytes of tensors allocated during the step above those held before it (CUDA: the caching
    allocator's max_memory_allocated; CPU: the running sum of the allocations and frees
    torch.profiler records).
-5c. resumable state save (checkpoint.Saver) / train step of the same model: the seconds the step
+5c. resumable state save (train.Saver) / train step of the same model: the seconds the step
 loop waits,
    synchronous (the whole write) and asynchronous (the copy to host memory; a thread writes), and
    the asynchronous write's whole time.
@@ -545,7 +545,7 @@ def train_argv(args, mode, global_batch, out="unused", *flags):
 
 
 def save_rows(model, targs, samples, batch, device, repeats):
-    """The resumable state's save (checkpoint.Saver: DCP, safetensors, weights + AdamW moments)
+    """The resumable state's save (train.Saver: DCP, safetensors, weights + AdamW moments)
     against one train step of the same model (train.forward_backward + AdamW on `batch`): the
     seconds the step loop waits for a save, synchronous (the whole write) and asynchronous (the copy
     to host memory; a thread writes the rest), interleaved, median of `repeats`; and the

@@ -1,4 +1,4 @@
-"""Print the README's memory table: estimated GB per GPU of an SFTMix step (bf16) for the paper's
+"""Print the memory table of docs/performance.md: estimated GB per GPU of an SFTMix step (bf16) for the paper's
 models on one node.
 
     python scripts/memory_table.py [--gpus 8] [--tokens 4096]

@@ -219,7 +219,7 @@ def test_packed_sequences_with_a_sliding_window_each_compute_as_alone(name, tmp_
 
 def test_pad_token_embedding_row_trains_here_but_not_in_transformers(tmp_path):
     """transformers builds nn.Embedding(padding_idx=pad_token_id): the pad token's embedding row
-    gets no gradient from the input lookup. Here every row trains (README); all other gradients are
+    gets no gradient from the input lookup. Here every row trains (docs/training.md); all other gradients are
     the same."""
     hf = hf_model("gemma-mqa", pad_token_id=0)
     hf.save_pretrained(tmp_path)
@@ -543,7 +543,7 @@ NOT_READ = {
     "use_cache": "generation computes the same with or without a KV cache",
     "pretraining_tp": "not read by transformers 5 (4 cut the projections into this many matmuls: the same products)",
     "pad_token_id": "the embedding's padding_idx only keeps that row's gradient at 0 in transformers; here it trains "
-    "([ours]: README, test_the_pad_tokens_embedding_row_is_trained_unlike_transformers_padding_idx)",
+    "([ours]: docs/training.md, test_the_pad_tokens_embedding_row_is_trained_unlike_transformers_padding_idx)",
     "qwen2.sliding_window": "Qwen2 reads it only with use_sliding_window, which is refused",
     "qwen2.max_window_layers": "Qwen2 reads it only with use_sliding_window, which is refused",
 }
