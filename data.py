@@ -45,6 +45,7 @@ nothing.
 """
 
 import argparse
+import codecs
 import errno
 import hashlib
 import itertools
@@ -130,10 +131,11 @@ RANGE = re.compile(r"(>=|>) (-?[\d.]+)|in ([\[(])(-?[\d.]+), (-?[\d.]+)([\])])")
 
 
 def number(flag: str, kind, expected: str):
-    """The argparse type of a numeric flag: kind (int or float) of text, finite and in the range
-    that `expected` says (">= 1", "> 0 and finite", "in [0, 1)", "in (0, 1]", words may follow),
-    else an InputError '<flag>: expected <expected>, got <value>'. parse_args raises it: a command
-    parses inside reported(), so a bad number is one line and exit 2, as any bad input."""
+    """The argparse type of a numeric flag: kind (int or float) of text, finite (an integer below
+    2**63: a 64-bit seed) and in the range that `expected` says (">= 1", "> 0 and finite", "in [0,
+    1)", "in (0, 1]", words may follow), else an InputError '<flag>: expected <expected>, got
+    <value>'. parse_args raises it: a command parses inside reported(), so a bad number is one line
+    and exit 2, as any bad input."""
     op, low, left, a, b, right = RANGE.match(expected).groups()
 
     def within(v):
@@ -145,11 +147,14 @@ def number(flag: str, kind, expected: str):
     def parse(text: str):
         try:
             value = kind(text)
-        except ValueError:
+        except ValueError:  # not a number, or an integer of more than 4300 digits
             what = "an integer" if kind is int else "a number"
-            raise InputError(f"{flag}: expected {what} {expected}, got {text!r}") from None
-        if not (math.isfinite(value) and within(value)):
-            raise InputError(f"{flag}: expected {expected}, got {value}")
+            raise InputError(f"{flag}: expected {what} {expected}, got {text[:60]!r}") from None
+        got = str(value)[:60] + ("..." if len(str(value)) > 60 else "")
+        if kind is int and within(value) and value >= 2**63:  # torch's seeds, numpy's integers
+            raise InputError(f"{flag}: expected an integer {expected} (below 2**63), got {got}")
+        if not (within(value) and math.isfinite(value)):  # within first: no float of a huge int
+            raise InputError(f"{flag}: expected {expected}, got {got}")
         return value
 
     return parse
@@ -169,11 +174,22 @@ def read_json(path) -> dict:
         obj = json.loads(path.read_bytes())
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror}") from None
-    except ValueError as e:  # not UTF-8, or not JSON
-        raise InputError(f"{path}: not a JSON file ({e}); truncated or corrupted?") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or more than Python reads
+        why = _beyond(e) or f"not a JSON file ({e}); truncated or corrupted?"
+        raise InputError(f"{path}: {why}") from None
     if not isinstance(obj, dict):
         raise InputError(f"{path}: expected a JSON object, got {_kind(obj)}")
     return obj
+
+
+def _beyond(e) -> str:
+    """What json.loads could not read of valid JSON, from what it raised: nesting deeper than
+    Python's recursion limit, or an integer longer than its digit limit; "" for anything else."""
+    if isinstance(e, RecursionError):
+        return "unreadable JSON: nested too deeply"
+    if type(e) is ValueError:  # int()'s, not a JSONDecodeError or UnicodeDecodeError
+        return f"unreadable JSON: an integer of more than {sys.get_int_max_str_digits()} digits"
+    return ""
 
 
 def json_field(obj: dict, key: str, path, ok, expected: str):
@@ -198,12 +214,17 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
-def check_output(path, flag="--out") -> Path:
+def check_output(path, flag="--out", inputs=None) -> Path:
     """An output file, checked before any work and nothing made: a directory in its place, a file
-    where a directory of its path must be, or a directory that cannot be written is an InputError.
-    Its missing directories are made when it is written (atomic_path), so a refused command leaves
-    none behind."""
+    where a directory of its path must be, a directory that cannot be written, or one of the
+    command's inputs ({flag: path or None}) is an InputError. Its missing directories are made when
+    it is written (atomic_path), so a refused command leaves none behind."""
     path = Path(path)
+    for given, input_path in (inputs or {}).items():
+        if input_path and Path(input_path).resolve() == path.resolve():
+            raise InputError(
+                f"{flag} {path}: expected a file other than the inputs, got {given} {input_path}"
+            )
     if path.is_dir():
         raise InputError(f"{flag} {path}: is a directory; expected a file to write")
     there = next(d for d in path.absolute().parents if d.exists())  # the nearest that exists
@@ -253,7 +274,9 @@ def _kind(value) -> str:
     if value == []:
         return "an empty array"
     kinds = {dict: "an object", list: "an array", str: "a string", type(None): "null"}
-    return {**kinds, bool: "a boolean", int: "a number", float: "a number"}[type(value)]
+    kinds |= {bool: "a boolean", int: "a number", float: "a number"}
+    # a parquet column of a type JSON lacks (binary, timestamp, ...): its Python type
+    return kinds.get(type(value), f"a value of type {type(value).__name__}")
 
 
 def _text(obj: dict, key: str, where: str, field: str | None = None) -> str:
@@ -284,6 +307,7 @@ def read_records(path: Path) -> list:
                 f"{path}: not a readable parquet file ({e}); truncated or corrupted?"
             ) from None
         return [(f"{path}:row {i}", r) for i, r in enumerate(rows)]
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # a UTF-8 BOM is read past, as in JSON files
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -299,10 +323,10 @@ def read_records(path: Path) -> list:
     records = []
     try:
         if array:
-            return [(f"{path}:record {i}", r) for i, r in enumerate(json.loads(text))]
-        # JSON lines; not splitlines(): JSON strings may hold U+2028
-        for n, line in enumerate(text.split("\n"), 1):
-            records += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
+            records = [(f"{path}:record {i}", r) for i, r in enumerate(json.loads(text))]
+        else:  # JSON lines; not splitlines(): JSON strings may hold U+2028
+            for n, line in enumerate(text.split("\n"), 1):
+                records += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
     except json.JSONDecodeError as e:
         # "Unterminated string starting at" a position: its column instead
         why = f"{e.msg.removesuffix(' starting at')} at column {e.colno}"
@@ -311,7 +335,35 @@ def read_records(path: Path) -> list:
             cut = "" if ended else "; the file ends inside the array (truncated?)"
             raise InputError(f"{path}:{e.lineno}: invalid JSON array: {why}{cut}") from None
         raise InputError(f"{path}:{n}: invalid JSON: {why}; expected one object per line") from None
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{path if array else f'{path}:{n}'}: {_beyond(e)}") from None
+    if re.search(r"\\u[dD][89a-fA-F]", text):  # only such an escape makes a lone surrogate
+        for where, record in records:
+            _check_utf8(record, where)
     return records
+
+
+def _check_utf8(record, where: str) -> None:
+    """Refuse a record whose strings UTF-8 cannot encode: a lone surrogate, from an escape such as
+    \\ud800 with no pair (the tokenizer takes no such text); the field is named as '"a"[0].b'."""
+    todo = [("", record)]
+    while todo:
+        field, value = todo.pop()
+        if isinstance(value, dict):
+            todo += reversed(
+                [(f"{field}.{k}" if field else json.dumps(k), v) for k, v in value.items()]
+            )
+        elif isinstance(value, list):
+            todo += reversed([(f"{field}[{i}]", v) for i, v in enumerate(value)])
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                got = json.dumps(value[e.start])  # escaped, so printable
+                raise InputError(
+                    f"{where}: {field or 'the record'}: expected UTF-8 text, got the lone surrogate "
+                    f"{got} at character {e.start}"
+                ) from None
 
 
 def _check_order(roles: list, where: str, field: str, names: dict, last: str) -> None:
@@ -399,7 +451,9 @@ def _read(path, fmt: str | None) -> tuple:
             raise InputError(f'{where}: "id": expected a non-empty string, got {_kind(id)}')
         id = str(id)
         if id in seen:
-            raise InputError(f'{where}: "id": duplicate id {json.dumps(id)} (first at {seen[id]})')
+            raise InputError(
+                f'{where}: "id": duplicate id {json.dumps(id)[:60]} (first at {seen[id]})'
+            )
         seen[id] = where
         examples.append(Example(id, messages))
     return examples, fmt, chosen
@@ -446,13 +500,34 @@ def load_tokenizer(dir) -> Tokenizer:
         hf = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
     except Exception as e:  # tokenizers raises a bare Exception
         raise InputError(f"{d / 'tokenizer.json'}: unreadable: {e}") from None
+    model = read_json(d / "config.json") if (d / "config.json").is_file() else {}
+    vocab_size = model.get("vocab_size")  # of another kind than an integer: model.py refuses it
+    largest = max([hf.get_vocab_size(with_added_tokens=False) - 1, *hf.get_added_tokens_decoder()])
+    if type(vocab_size) is int and largest >= vocab_size:
+        raise InputError(
+            f"{d / 'tokenizer.json'}: expected token ids below vocab_size {vocab_size} of "
+            f"{d / 'config.json'}, got ids up to {largest}"
+        )
     file = d / "tokenizer_config.json"
     config = read_json(file) if file.is_file() else {}
-    tokens = [config.get(k) for k in ("bos_token", "eos_token", "pad_token")]
-    bos, eos, pad = (t["content"] if isinstance(t, dict) else t for t in tokens)
+    specials = []
+    for key in ("bos_token", "eos_token", "pad_token"):  # null or absent: none
+        given = config.get(key)
+        token = given.get("content") if isinstance(given, dict) else given  # HF's AddedToken
+        if given is not None and not (isinstance(token, str) and hf.token_to_id(token) is not None):
+            raise InputError(
+                f"{file}: {key}: expected a token of {d / 'tokenizer.json'} (a string or "
+                f'{{"content": string}}), got {json.dumps(given)[:60]}'
+            )
+        specials.append(token)
+    bos, eos, pad = specials
     template = chat_template(config.get("chat_template"), file)
-    if template is None and (d / "chat_template.jinja").is_file():
-        template = (d / "chat_template.jinja").read_text("utf-8")
+    jinja = d / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        try:
+            template = jinja.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{jinja}: cannot read it as UTF-8 text ({e})") from None
     # the first prompt format whose marker the template holds
     markers = dict(chatml="<|im_start|>", llama3="<|start_header_id|>", gemma="<start_of_turn>")
     markers["mistral"] = " [/INST]"  # Mistral v0.1 and v0.2's [INST] ... [/INST]
@@ -563,7 +638,8 @@ def stop_ids(tok: Tokenizer, prompt_format: str | None = None) -> list:
     prompt_format = _resolve(tok, prompt_format)
     turn = CHAT[prompt_format][1]["assistant"][1] if prompt_format in CHAT else ""
     ends = [turn.format("", eos=tok.eos_token).strip()] if turn else []  # the end-of-turn token
-    return list(dict.fromkeys(tok.encode(t)[0] for t in ends + [tok.eos_token] if t))
+    ids = [tok.encode(t)[0] for t in ends if t] + [tok.eos_id]  # _resolve: each t is one token
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def _sample(id: str, encoding, pieces: list, max_len: int) -> Sample | None:

@@ -13,8 +13,8 @@ generate  MT-Bench's model answers or AlpacaEval's model outputs, decoded as the
 Each command loads the weights in --dtype (auto: bf16 on CUDA, fp32 on CPU) and computes in it with
 no autocast: one copy of the weights, and a KV cache of that dtype. Under `torchrun --nproc_per_node
 N eval.py ...` its passes over data are sharded over ranks; rank 0 writes. Every --out is checked
-before any work: its directory is made if missing; a directory, or a place that cannot be written,
-is refused.
+before any work: its directory is made if missing; a directory, a place that cannot be written, or
+one of the command's input files is refused.
 """
 
 import argparse
@@ -94,8 +94,12 @@ def write_out(args, rt, obj, lines=True) -> None:
 
 
 def read_split(path) -> dict:
-    """split.json -> {"confident": set of ids, "unconfident": set of ids}."""
-    return {half: set(ids) for half, ids in sftmix.read_split(path).items()}
+    """split.json -> {"confident": set of ids, "unconfident": set of ids}, no id in both."""
+    split = {half: set(ids) for half, ids in sftmix.read_split(path).items()}
+    both = sorted(split["confident"] & split["unconfident"])
+    if both:
+        raise InputError(f"{path}: ids must be in one half: {len(both)} in both halves {both[:3]}")
+    return split
 
 
 # ----------------------------------------------------------------------------- ppl
@@ -129,12 +133,12 @@ def evaluate_ppl(model, samples, rt, batch_size=8, split=None):
 
 
 def cmd_ppl(args, rt):
+    split = read_split(args.split) if args.split else None
     path = M.model_dir(args.model)
     tok = data.load_tokenizer(path)
     samples, stats = data.load_dataset(
         args.data, tok, args.prompt_format, args.max_len, verbose=False
     )
-    split = read_split(args.split) if args.split else None
     # checked before the model loads; the data's line follows once all is read
     split_members(split, samples)
     model = load_model(path, rt)
@@ -163,8 +167,8 @@ def mc_records(path) -> list:
     """[(where, record)]: data.read_records, or PubMedQA's ori_pqal.json ({PMID: record})."""
     try:
         whole = json.loads(Path(path).read_bytes())
-    except (OSError, ValueError):
-        whole = None  # not one JSON document: read_records says what is wrong, if anything
+    except (OSError, ValueError, RecursionError):  # read_records says what is wrong, if anything
+        whole = None
     values = list(whole.values()) if isinstance(whole, dict) else []
     if values and all(isinstance(r, dict) and "QUESTION" in r for r in values):
         return [(f"{path}:{pmid}", r | {"id": pmid}) for pmid, r in whole.items()]
@@ -264,6 +268,8 @@ def mc_question(where, r, default_id, base) -> Question:
 def read_mc(path, cop_base=None) -> list:
     """Multiple-choice questions of a file in any layout of mc_question."""
     records, name = mc_records(path), Path(path).name
+    if not records:
+        raise InputError(f"{path}: no questions")
     base = medmcqa_base(path, records, cop_base)
     return [mc_question(where, r, f"{name}:{i}", base) for i, (where, r) in enumerate(records)]
 
@@ -363,6 +369,12 @@ def read_questions(path) -> tuple:
         turns = r.get("turns")
         if not (isinstance(turns, list) and turns and all(map(nonblank, turns))):
             raise InputError(f'{where}: "turns": expected a non-empty list of non-empty strings')
+        if type(r["question_id"]) not in (str, int):
+            got = json.dumps(r["question_id"])[:60]
+            raise InputError(f'{where}: "question_id": expected a string or an integer, got {got}')
+        if not isinstance(r.get("category", ""), str):
+            got = json.dumps(r["category"])[:60]
+            raise InputError(f'{where}: "category": expected a string, got {got}')
         if r["question_id"] in seen:
             raise InputError(f'{where}: "question_id": duplicate {json.dumps(r["question_id"])}')
         seen.add(r["question_id"])
@@ -473,7 +485,8 @@ def cmd_generate(args, rt):
         )
     path = M.model_dir(args.model)
     args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS[benchmark]
-    answers = answer_questions(load_model(path, rt), data.load_tokenizer(path), questions, rt, args)
+    tok = data.load_tokenizer(path)  # refused before the model loads
+    answers = answer_questions(load_model(path, rt), tok, questions, rt, args)
     name = args.model_id or Path(args.model).resolve().name
     records = answer_records(benchmark, questions, answers, name)
     write_out(args, rt, records, lines=benchmark == "mt_bench")
@@ -584,7 +597,9 @@ def run(p, argv=None) -> None:
     with data.reported():
         args = p.parse_args(argv)
         if args.out:
-            data.check_output(args.out)
+            flags = ("--data", "--split", "--questions", "--dynamics")
+            inputs = {f: getattr(args, f[2:], None) for f in flags}
+            data.check_output(args.out, inputs=inputs)
         try:
             if hasattr(args, "dtype"):
                 args.run(args, setup(args.dtype))

@@ -694,6 +694,10 @@ def checkpoint_files(path: Path) -> list:
     raise InputError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+# the dtypes a checkpoint's weights may have, as safetensors names them
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
 @torch.no_grad()
 def load_into(param, full):
     """Copy a full tensor (on the CPU) into a parameter, cast to its dtype: all of it, or under
@@ -723,11 +727,14 @@ def read_safetensors(path: Path, file: str):
 
 
 def checkpoint_tensors(path: Path, files: list) -> dict:
-    """{tensor name: (file, shape)} from the safetensors headers alone (no tensor is read)."""
+    """{tensor name: (file, shape, dtype)} from the safetensors headers alone (no tensor is read);
+    dtype as safetensors names it ("F32", "BF16", "I8", ...)."""
     tensors = {}
     for file in files:
         with read_safetensors(path, file) as f:
-            tensors |= {name: (file, tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+            for name in f.keys():
+                part = f.get_slice(name)
+                tensors[name] = (file, tuple(part.get_shape()), part.get_dtype())
     return tensors
 
 
@@ -751,9 +758,9 @@ def untie_if_heads_differ(path: Path, args: ModelArgs, tensors: dict) -> bool:
 
 
 def check_checkpoint(path: Path, tensors: dict, params: dict) -> None:
-    """Every parameter of the model config.json describes has its tensor, of its shape, and no other
-    tensor is there: else an InputError naming the file and the tensor, before any weight is
-    read."""
+    """Every parameter of the model config.json describes has its tensor, of its shape and a
+    floating-point dtype (FLOAT_DTYPES), and no other tensor is there: else an InputError naming the
+    file and the tensor, before any weight is read."""
     index = path / "model.safetensors.index.json"
     where = index.name if index.is_file() else "model.safetensors"
     missing = [n for n in params if n not in tensors]
@@ -770,12 +777,17 @@ def check_checkpoint(path: Path, tensors: dict, params: dict) -> None:
             f"checkpoint of the model config.json describes"
         )
     for name, p in params.items():
-        file, shape = tensors[name]
+        file, shape, dtype = tensors[name]
         if shape != tuple(p.shape):
             raise InputError(
                 f"{path / file}: {name}: shape {shape}, but config.json makes it {tuple(p.shape)}"
             )
-    for name, (file, _) in tensors.items():
+        if dtype not in FLOAT_DTYPES:
+            raise InputError(
+                f"{path / file}: {name}: expected a floating-point dtype "
+                f"({', '.join(FLOAT_DTYPES)}), got {dtype}"
+            )
+    for name, (file, *_) in tensors.items():
         if name not in params:
             raise InputError(
                 f"{path / file}: {name}: not a parameter of the model config.json describes"

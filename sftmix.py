@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import random
+import sys
 from dataclasses import dataclass
 from functools import partial
 
@@ -142,9 +143,9 @@ def random_split(ids, seed):
 
 
 def read_dynamics(path):
-    """dynamics.jsonl -> (ids, perplexities (N, C)); each line {"id", "perplexities": [C finite
-    numbers > 0], ...}."""
-    ids, perps, seen = [], [], {}
+    """dynamics.jsonl -> (ids, perplexities (N, C)); each line {"id": a string or an integer,
+    "perplexities": [C finite numbers > 0], ...}, C the same on every line."""
+    ids, perps, seen, first = [], [], {}, None
     try:
         lines = open(path, encoding="utf-8").read().split("\n")
     except (OSError, UnicodeDecodeError) as e:
@@ -155,18 +156,30 @@ def read_dynamics(path):
         try:
             record = json.loads(line)
             sample_id, values = record["id"], record["perplexities"]
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise InputError(
                 f'{path}:{lineno}: expected {{"id": ..., "perplexities": [numbers]}} ({e})'
             ) from None
         if (
             not isinstance(values, list)
             or not values
-            or not all(type(v) in (int, float) and math.isfinite(v) and v > 0 for v in values)
+            # finite as a float too: a 400-digit integer is not
+            or not all(type(v) in (int, float) and 0 < v <= sys.float_info.max for v in values)
         ):
             raise InputError(
                 f'{path}:{lineno}: "perplexities": expected a list of finite numbers > 0, got '
                 f"{json.dumps(values)[:80]}"
+            )
+        if type(sample_id) not in (str, int):
+            raise InputError(
+                f'{path}:{lineno}: "id": expected a string or an integer, got '
+                f"{json.dumps(sample_id)[:60]}"
+            )
+        first = first or (lineno, len(values))
+        if len(values) != first[1]:
+            raise InputError(
+                f'{path}:{lineno}: "perplexities": expected as many as on line {first[0]} '
+                f"({first[1]}), got {len(values)}"
             )
         if str(sample_id) in seen:
             raise InputError(
@@ -175,10 +188,8 @@ def read_dynamics(path):
         seen[str(sample_id)] = lineno
         ids.append(str(sample_id))
         perps.append([float(v) for v in values])
-    if not ids or len({len(p) for p in perps}) != 1:
-        raise InputError(
-            f"{path}: expected one or more lines, each with the same number of perplexities"
-        )
+    if not ids:
+        raise InputError(f'{path}: expected one or more lines {{"id", "perplexities"}}, got none')
     return ids, np.asarray(perps)
 
 
@@ -431,7 +442,7 @@ def main(argv=None):
 
 
 def run_split(args):
-    check_output(args.out)
+    check_output(args.out, inputs={"--dynamics": args.dynamics})
     ids, perps = read_dynamics(args.dynamics)
     if len(ids) < 2:
         raise InputError(

@@ -844,22 +844,28 @@ COMMANDS = {
 
 
 def check_unwritable_out(run, argv, where, tmp_path):
-    """run(*argv, "--out", OUT) with an OUT that is a directory, or under a file: one line, exit 2."""
+    """run(*argv, "--out", OUT) with an OUT that is a directory, under a file, or (an input) the
+    command's input file argv[-1] spelled otherwise: one line, exit 2."""
     (tmp_path / "file").write_text("x")
     out = tmp_path / "out" if where == "a directory" else tmp_path / "file" / "out"
     if where == "a directory":
         out.mkdir()
+    if where == "an input":
+        out = Path.cwd() / argv[-1]
     code, _, err = run(*argv, "--out", out)
-    expected = f"error: --out {out}: " + (
-        "is a directory; expected a file to write"
-        if where == "a directory"
-        else f"cannot make its directory {out.parent}:"
+    expected = (
+        f"error: --out {out}: "
+        + {
+            "a directory": "is a directory; expected a file to write",
+            "under a file": f"cannot make its directory {out.parent}:",
+            "an input": f"expected a file other than the inputs, got {argv[-2]} {argv[-1]}",
+        }[where]
     )
     assert code == 2 and err.startswith(expected) and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("where", ["a directory", "under a file"])
+@pytest.mark.parametrize("where", ["a directory", "under a file", "an input"])
 def test_an_out_that_cannot_be_written_is_one_line_before_any_work(command, where, tmp_path):
     check_unwritable_out(run_eval, COMMANDS[command], where, tmp_path)
 
@@ -959,16 +965,37 @@ def test_help_shows_every_default_and_none_for_required_flags_or_flags_without_o
             ],
             'mc.jsonl:1: "final_decision": expected yes, no or maybe, got "perhaps"',
         ),
+        ("mc", "[]", "mc.jsonl: no questions"),
+        ("mc", "[" * 100000 + "]" * 100000, "mc.jsonl: unreadable JSON: nested too deeply"),
+        (
+            "generate",
+            [{"question_id": [1], "turns": ["Hi"]}],
+            'question.jsonl:1: "question_id": expected a string or an integer, got [1]',
+        ),
+        (
+            "generate",
+            [{"question_id": 1, "category": ["writing"], "turns": ["Hi"]}],
+            'question.jsonl:1: "category": expected a string, got ["writing"]',
+        ),
+        (
+            "ppl",
+            '{"confident": ["a", "b"], "unconfident": ["b"]}',
+            "split.json: ids must be in one half: 1 in both halves ['b']",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2_before_the_model_loads(
     command, records, message, tmp_path
 ):
-    file = write_jsonl(tmp_path / ("mc.jsonl" if command == "mc" else "question.jsonl"), records)
-    flag = "--data" if command == "mc" else "--questions"
-    code, _, err = run_eval(
-        command, "--model", tmp_path / "no_model_here", flag, file, "--out", tmp_path / "out.jsonl"
-    )
+    name, flag = {
+        "mc": ("mc.jsonl", "--data"),
+        "generate": ("question.jsonl", "--questions"),
+        "ppl": ("split.json", "--split"),
+    }[command]
+    file = tmp_path / name  # records as they are, or as JSON lines
+    file.write_text(records) if isinstance(records, str) else write_jsonl(file, records)
+    # COMMANDS' model and data do not exist: the file (a later --data wins) is what fails
+    code, _, err = run_eval(*COMMANDS[command], flag, file, "--out", tmp_path / "out.jsonl")
     assert code == 2
     assert (
         err.startswith("error: ")

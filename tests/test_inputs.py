@@ -5,13 +5,16 @@ it."""
 import json
 import shutil
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import load_file, save_file
 from test_data import CONVERSATION, FAMILY_TOKENIZERS, hf_ids
 from test_eval import CONVERSATIONS, MC, run_main, write_jsonl
+from test_model import HeadersOnly
 from test_train import cli
 from transformers import AutoTokenizer
 
@@ -127,7 +130,7 @@ def test_a_checkpoint_unlike_config_json_is_one_line_naming_file_and_tensor_befo
     }[case]
     add = {"model.extra.weight": torch.zeros(2, 2)} if case == "a stray tensor" else None
     bad = model_copy(tiny_model_dir, tmp_path / "model", change, add=add)
-    monkeypatch.setattr(M, "load_into", lambda *a: pytest.fail("a weight copied before the check"))
+    monkeypatch.setattr(M, "safe_open", HeadersOnly)
     out = tmp_path / ("run" if command == "train" else "ppl.jsonl")
     argv = cli(model=bad, data=chat_data, out=out)
     code, stdout, err = run_command(command, argv)
@@ -204,6 +207,11 @@ def test_a_chat_template_of_another_kind_is_one_line_naming_the_file(
         (["--max-len", "-5"], "--max-len: expected >= 2, got -5"),
         (["--batch-size", "0"], "--batch-size: expected >= 1, got 0"),
         (["--batch-size", "eight"], "--batch-size: expected an integer >= 1, got 'eight'"),
+        (
+            ["-n", f"{10**400}"],
+            f"-n: expected an integer >= 0 (below 2**63), got {'1' + '0' * 59}...",
+        ),
+        (["-n", f"1{'0' * 5000}"], f"-n: expected an integer >= 0, got '{'1' + '0' * 59}'"),
     ],
 )
 def test_inspect_data_numbers_out_of_range_are_one_line(flags, message, smollm2_dir, chat_data):
@@ -218,6 +226,7 @@ def test_inspect_data_numbers_out_of_range_are_one_line(flags, message, smollm2_
         (["--betas", "0.9", "1.5"], "--betas: expected in [0, 1), got 1.5"),
         (["--grad-clip", "inf"], "--grad-clip: expected >= 0 and finite (0 = off), got inf"),
         (["--global-batch", "8.5"], "--global-batch: expected an integer >= 1, got '8.5'"),
+        (["--seed", f"{2**64}"], f"--seed: expected an integer >= 0 (below 2**63), got {2**64}"),
     ],
 )
 def test_train_numbers_are_checked_as_they_are_parsed(flags, message, tmp_path):
@@ -240,6 +249,8 @@ def test_train_numbers_are_checked_as_they_are_parsed(flags, message, tmp_path):
             '{"confident": ["a"], "unconfident": "b"}',
             'unconfident: expected a list of example ids, got "b"',
         ),
+        ("[" * 100_000 + "]" * 100_000, "unreadable JSON: nested too deeply"),
+        ('{"confident": [' + "9" * 5000 + "]}", "unreadable JSON: an integer of more than 4300"),
     ],
 )
 def test_a_split_file_is_read_by_the_one_json_reader_naming_the_file_and_key(
@@ -254,6 +265,149 @@ def test_a_split_file_is_read_by_the_one_json_reader_naming_the_file_and_key(
     )
     assert one_line(*out).startswith(f"error: {split}: {message}")
     assert not (tmp_path / "ppl.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------ data files
+
+DEEP = "[" * 100_000 + "]" * 100_000
+SURROGATE = {"messages": [{"role": "user", "content": "hi \ud800"}, CONVERSATION[1]]}
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("deep.json", DEEP, "{f}: unreadable JSON: nested too deeply"),
+        ("deep.jsonl", f'{{"messages": {DEEP}}}', "{f}:1: unreadable JSON: nested too deeply"),
+        (
+            "long.jsonl",
+            f'{{"id": {"9" * 5000}, "messages": []}}',
+            "{f}:1: unreadable JSON: an integer of more than 4300 digits",
+        ),
+        (
+            "surrogate.jsonl",
+            json.dumps(SURROGATE),  # "\ud800": an escape with no pair, which UTF-8 cannot encode
+            '{f}:1: "messages"[0].content: expected UTF-8 text, got the lone surrogate "\\ud800" '
+            "at character 3",
+        ),
+        (
+            "same-ids.jsonl",
+            "\n".join(
+                json.dumps({"id": "x" * 100_000, "messages": CONVERSATION[:2]}) for _ in range(2)
+            ),
+            f'{{f}}:2: "id": duplicate id "{"x" * 59} (first at {{f}}:1)',
+        ),
+    ],
+)
+def test_a_data_file_python_cannot_read_is_one_line_naming_file_and_line(
+    name, text, message, smollm2_dir, tmp_path
+):
+    file = tmp_path / name
+    file.write_text(text)
+    out = run_main(inspect_data.main, "--data", file, "--tokenizer", smollm2_dir)
+    assert one_line(*out) == f"error: {message.format(f=file)}"
+
+
+def test_a_lone_surrogate_in_a_question_is_refused_before_the_model_loads(tmp_path):
+    questions = write_jsonl(tmp_path / "question.jsonl", [{"question_id": 1, "turns": ["\ud800"]}])
+    out = tmp_path / "answers.jsonl"
+    code, stdout, err = run_main(
+        E.main, "generate", *cli(model=tmp_path / "no-model", questions=questions, out=out)
+    )
+    assert one_line(code, stdout, err) == (
+        f'error: {questions}:1: "turns"[0]: expected UTF-8 text, got the lone surrogate "\\ud800" '
+        "at character 0"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        (
+            "id",
+            datetime(2020, 1, 1),
+            '"id": expected a non-empty string, got a value of type datetime',
+        ),
+        (
+            "messages",
+            [{"role": "user", "content": b"hi"}, {"role": "assistant", "content": b"ok"}],
+            '"messages"[0].content: expected a string, got a value of type bytes',
+        ),
+    ],
+)
+def test_a_parquet_column_of_a_type_json_lacks_is_named_by_its_type(
+    column, value, message, smollm2_dir, tmp_path
+):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    file = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"messages": [CONVERSATION[:2]], column: [value]}), file)
+    out = run_main(inspect_data.main, "--data", file, "--tokenizer", smollm2_dir)
+    assert one_line(*out) == f"error: {file}:row 0: {message}"
+
+
+def test_a_utf8_bom_before_a_data_file_is_read_past_as_before_a_json_file(tmp_path):
+    array, lines = tmp_path / "a.json", tmp_path / "a.jsonl"
+    array.write_text(json.dumps(CONVERSATIONS), encoding="utf-8-sig")
+    write_jsonl(lines, CONVERSATIONS)
+    lines.write_bytes(b"\xef\xbb\xbf" + lines.read_bytes())
+    assert (
+        D.read_examples(array)
+        == D.read_examples(lines)
+        == D.read_examples(write_jsonl(tmp_path / "plain.jsonl", CONVERSATIONS))
+    )
+
+
+# ------------------------------------------------------------------------------------ tokenizers
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("bos_token", {"__type": "AddedToken"}),
+        ("bos_token", 1),
+        ("eos_token", {"content": 5}),
+        ("eos_token", "<nope>"),  # not in the vocabulary: "<" would end every answer
+        ("pad_token", "<nope>"),
+    ],
+)
+def test_a_special_token_not_in_the_vocabulary_is_one_line_naming_the_file_and_field(
+    key, value, smollm2_dir, chat_data, tmp_path
+):
+    shutil.copy(smollm2_dir / "tokenizer.json", tmp_path)
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({key: value}))
+    out = run_main(inspect_data.main, "--data", chat_data, "--tokenizer", tmp_path)
+    assert one_line(*out) == (
+        f"error: {config}: {key}: expected a token of {tmp_path / 'tokenizer.json'} (a string or "
+        f'{{"content": string}}), got {json.dumps(value)}'
+    )
+
+
+def test_a_chat_template_file_not_utf8_is_one_line_naming_it(smollm2_dir, chat_data, tmp_path):
+    shutil.copy(smollm2_dir / "tokenizer.json", tmp_path)
+    (tmp_path / "chat_template.jinja").write_bytes(b"caf\xe9")
+    out = run_main(inspect_data.main, "--data", chat_data, "--tokenizer", tmp_path)
+    assert one_line(*out).startswith(
+        f"error: {tmp_path / 'chat_template.jinja'}: cannot read it as UTF-8 text ('utf-8' codec"
+    )
+
+
+@pytest.mark.parametrize("command", ["train", "eval ppl"])
+def test_a_tokenizer_with_ids_beyond_vocab_size_is_refused_before_the_model_loads(
+    command, smollm2_dir, chat_data, tmp_path, monkeypatch
+):
+    small = tmp_path / "model"
+    M.save_pretrained(M.Transformer(M.ModelArgs(**TINY, vocab_size=1000)), small, smollm2_dir)
+    monkeypatch.setattr(M, "safe_open", HeadersOnly)  # a weight read fails the test
+    out = tmp_path / ("run" if command == "train" else "ppl.jsonl")
+    code, stdout, err = run_command(command, cli(model=small, data=chat_data, out=out))
+    assert one_line(code, stdout, err) == (
+        f"error: {small / 'tokenizer.json'}: expected token ids below vocab_size 1000 of "
+        f"{small / 'config.json'}, got ids up to 49151"
+    )
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- report.py compare

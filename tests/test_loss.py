@@ -166,7 +166,8 @@ def reference():
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_accumulated_gradient_equals_the_whole_batch_formula(world, reference):
-    """2 micro-batches of 1 pair per rank, packed rows, chunk-free head: rel <= 1e-6 in float64"""
+    """4 pairs in micro-batches of 1 pair: 4 micro-batches on one rank, 2 a rank on two (DDP);
+    packed rows, chunk-free head: rel <= 1e-6 in float64"""
     assert relative_error(training_gradient(world), reference) <= 1e-6
 
 

@@ -1,4 +1,4 @@
-"""scripts/memory_table.py's formula against what train.py holds: the peak of live tensor bytes of a
+"""train.memory_per_gpu's formula against what train.py holds: the peak of live tensor bytes of a
 bf16 FSDP2 step measured on the CPU, the tensors autograd keeps, and the model's parameter count."""
 
 import multiprocessing as mp
@@ -144,7 +144,7 @@ def test_formula_is_the_measured_peak_of_a_bf16_fsdp_step(
         )
     estimated = memory_per_gpu(m, 1, "fsdp", checkpoint, tokens, mixup=mode == "sftmix")
     assert estimated["at"] == phase
-    assert estimated["total"] == pytest.approx(measured, rel=0.02)
+    assert estimated["total"] == pytest.approx(measured, rel=0.005)
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -7,10 +7,12 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -145,6 +147,36 @@ def test_sharded_checkpoint_loads_equal_to_single_file(tmp_path):
         assert torch.equal(p, one.state_dict()[name]), name
 
 
+class HeadersOnly:
+    """model.py's safe_open with the header alone: keys, metadata, each tensor's shape and dtype;
+    reading a tensor (get_tensor, or a slice's data) fails the test."""
+
+    real = staticmethod(M.safe_open)
+
+    def __init__(self, *args, **kwargs):
+        self.file = self.real(*args, **kwargs)
+
+    def __enter__(self):
+        self.file.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.file.__exit__(*exc)
+
+    def keys(self):
+        return self.file.keys()
+
+    def metadata(self):
+        return self.file.metadata()
+
+    def get_slice(self, name):
+        part = self.file.get_slice(name)
+        return SimpleNamespace(get_shape=part.get_shape, get_dtype=part.get_dtype)
+
+    def get_tensor(self, name):
+        pytest.fail(f"{name} read before the checks")
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [
@@ -162,15 +194,26 @@ def test_sharded_checkpoint_loads_equal_to_single_file(tmp_path):
             "model.safetensors: model.layers.1.input_layernorm.weight: not a parameter of the model "
             "config.json describes",
         ),
+        (
+            torch.int8,
+            "model.safetensors: model.norm.weight: expected a floating-point dtype (F32, F16, BF16, "
+            "F64), got I8",
+        ),
+        (torch.bool, "model.safetensors: model.norm.weight: expected a floating-point dtype"),
     ],
 )
 def test_checkpoint_mismatch_is_one_line_naming_the_file_and_tensor_before_any_weight_is_read(
     change, expected, tmp_path, monkeypatch
 ):
     hf_random_model(CONFIGS["mha"]).save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
-    monkeypatch.setattr(M, "load_into", lambda *a: pytest.fail("a weight copied before the check"))
+    if isinstance(change, torch.dtype):  # model.norm.weight stored in this dtype
+        weights = load_file(tmp_path / "model.safetensors")
+        weights["model.norm.weight"] = weights["model.norm.weight"].to(change)
+        save_file(weights, tmp_path / "model.safetensors")
+    else:
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    monkeypatch.setattr(M, "safe_open", HeadersOnly)
     with pytest.raises(InputError) as e:
         M.load_pretrained(tmp_path)
     assert str(e.value).startswith(f"{tmp_path / expected}"), str(e.value)

@@ -1,27 +1,24 @@
 """At the paper's scale it fits and runs at the device's speed, proven on the CPU.
 
 - The micro-batch loop never waits for the device: every op that would synchronise host and device
-  (an `.item()`, `nonzero`, a boolean-mask index, `repeat_interleave` without `output_size`) is
-  counted under a TorchDispatchMode while train.forward_backward runs; the step then reads the
-  device once.
+  (an `.item()`, `nonzero`, a boolean-mask index, `repeat_interleave` without `output_size`) and
+  every `.tolist()`, `.numpy()` or `.cpu()` is counted while train.train_step runs; the step reads
+  the device once, at its end.
 - A packed row is one attention call per layer, and `torch.compile` of a block has no graph break
-and
-  compiles at most twice over rows of three lengths.
+  and compiles at most twice over rows of three lengths.
 - SDPA never gets a mask together with `enable_gqa` (no fused kernel takes both), and no mask at all
-when
-  rows are single sequences inside the sliding window.
+  when rows are single sequences inside the sliding window.
 - Under bf16 autocast the SFTMix gradient stays within bf16 tolerance of the float64 formula, and
-lambda
-  reaches the logit mix unrounded.
+  lambda reaches the logit mix unrounded.
 - FSDP2: no unsharded gradient is held between micro-batches, the gradient equals the float64
-formula, and
-  loading or resuming never allocates a full-size parameter on the compute device.
+  formula, and loading or resuming never allocates a full-size parameter on the compute device.
 """
 
 import os
 import socket
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -73,26 +70,52 @@ class SyncCounter(TorchDispatchMode):
             self.syncs.append(f"{func} without output_size")
         return func(*args, **kwargs)
 
+    def spy_reads(self, monkeypatch, host=()):
+        """Also records `.tolist()`, `.numpy()` (which np.asarray calls) and `.cpu()`, which on the
+        CPU dispatch no op, of every tensor but the `host` ones (laid out on the host by design).
+        `.item()` is aten._local_scalar_dense, counted above."""
+        for name in ("tolist", "numpy", "cpu"):
+            real = getattr(torch.Tensor, name)
+
+            def read(t, *a, _real=real, _name=name, **k):
+                if not any(t is h for h in host):
+                    self.syncs.append(f"Tensor.{_name} of {tuple(t.shape)}")
+                return _real(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, read)
+
 
 @pytest.mark.parametrize("mode", ["ntp", "sftmix"])
-def test_a_training_step_reads_the_device_once(mode):
-    """forward_backward over 4 micro-batches, the AdamW update and the divergence check: 0 syncs;
-    train.py then reads the losses, grad norm and finiteness in one `.tolist()`: 1 sync per step"""
+def test_a_training_step_reads_the_device_once(mode, monkeypatch):
+    """train.train_step: forward_backward over 4 micro-batches, the AdamW update and the divergence
+    check wait for nothing; then the step reads the losses, grad norm and finiteness in one
+    `.tolist()` of 5 numbers. lam is a host tensor (sftmix.micro_batches lays it out)."""
     samples, model = make_batch()
     model.float()
     lam = sftmix.sample_lambda(0.5, 4, 3, 5) if mode == "sftmix" else None
     optimizer = T.adamw(model, 1e-3, 0.1)
-    with SyncCounter() as counter:
-        stats, _ = T.forward_backward(model, samples, list(range(8)), lam, **step_values())
-        optimizer.step()
-        finite = T.weights_finite(model, 1)
-    assert counter.syncs == []
-    assert len(torch.cat([stats, finite]).tolist()) == 5
+    counter = SyncCounter()
+    counter.spy_reads(monkeypatch, host=[lam])
+    with counter:
+        T.train_step(
+            model,
+            model,
+            optimizer,
+            samples,
+            0,
+            list(range(8)),
+            lam,
+            lambda step: 1e-3,
+            **step_values(),
+        )
+    assert counter.syncs == ["Tensor.tolist of (5,)"]
 
 
-def test_the_sync_counter_sees_the_syncs_it_claims_to():
-    x = torch.randn(6)
-    with SyncCounter() as counter:
+def test_the_sync_counter_sees_the_syncs_it_claims_to(monkeypatch):
+    x, host = torch.randn(6), torch.arange(3.0)
+    counter = SyncCounter()
+    counter.spy_reads(monkeypatch, host=[host])
+    with counter:
         x.sum().item()
         x[x > 0]
         x.nonzero()
@@ -100,7 +123,10 @@ def test_the_sync_counter_sees_the_syncs_it_claims_to():
         torch.repeat_interleave(
             torch.arange(3), torch.tensor([1, 2, 3]), output_size=6
         )  # not a sync
-    assert len(counter.syncs) == 4
+        x.tolist(), x.numpy(), np.asarray(x), x.cpu()
+        host.tolist()  # a host tensor: not counted
+    assert len(counter.syncs) == 8
+    assert counter.syncs[4:] == [f"Tensor.{f} of (6,)" for f in ("tolist", "numpy", "numpy", "cpu")]
 
 
 def packed_inputs(lengths, args=ARGS):
@@ -301,10 +327,11 @@ def fsdp_rank(rank, world, port, checkpoint, state_dir, queue):
         bf16=False,
     )
     # to_empty gives each rank memory for its own shards (FSDP2 made them on meta); it swaps
-    # parameters, which fails under a dispatch mode, so it runs outside the count
+    # parameters, which fails under a dispatch mode, so it runs outside the count. On one rank a
+    # shard is the whole parameter: loading and resuming still make no second full-size copy
     to_empty = torch.nn.Module.to_empty
     torch.nn.Module.to_empty = lambda self, **k: _outside_modes(to_empty, self, **k)
-    with FullSizeAllocations(set(full.values()) if world > 1 else set()) as allocations:
+    with FullSizeAllocations(set(full.values())) as allocations:
         model = M.load_pretrained(checkpoint, dtype=torch.float64, prepare=prepare)
     torch.nn.Module.to_empty = to_empty
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -340,7 +367,7 @@ def fsdp_rank(rank, world, port, checkpoint, state_dir, queue):
     saver.wait()
     again = M.load_pretrained(checkpoint, dtype=torch.float64, prepare=prepare)
     optimizer = T.adamw(again, 1e-3, 0.1)
-    with FullSizeAllocations(set(full.values()) if world > 1 else set()) as resumed:
+    with FullSizeAllocations(set(full.values())) as resumed:
         T.load_state(state_dir, again, optimizer)
     same = all(
         torch.equal(p.full_tensor(), q.full_tensor())

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_eval import run_main
 from test_train import cli
 
 import sftmix
@@ -177,11 +178,22 @@ def test_paired_batches_hold_half_confident_half_unconfident_each_example_once_p
     assert e0 != e1 and e0 == sftmix.paired_batches(confident, unconfident, 4, 1, 0)
 
 
-def test_lambda_is_beta_distributed_and_the_same_for_the_same_step():
-    lam = sftmix.sample_lambda(0.5, 20000, seed=3, step=7)
-    assert torch.equal(lam, sftmix.sample_lambda(0.5, 20000, seed=3, step=7))
-    assert abs(lam.mean().item() - 0.5) < 0.01  # Beta(a, a) has mean 1/2
-    assert abs(lam.var().item() - 1 / 8) < 0.01  # and variance 1 / (4 (2a + 1)) = 1/8 at a = 0.5
+def test_lambda_is_beta_distributed_and_drawn_from_the_seed_and_step():
+    """Beta(a, a) has mean 1/2, variance s2 = 1 / (4 (2a + 1)) and fourth central moment
+    m4 = s2^2 (3 - 6 / (2a + 3)) (excess kurtosis -6 / (2a + 3)). Over n draws the sample mean has
+    standard deviation sqrt(s2 / n) and the sample variance sqrt((m4 - s2^2) / n) to first order:
+    0.0025 and 0.000625 at a = 1/2, n = 20000. Both stay within 4 of them (Beta(a', a') with
+    |a' - a| >= 0.025 fails). lam is drawn from (seed, step): again the same, another step or seed
+    another."""
+    a, n = 0.5, 20000
+    lam = sftmix.sample_lambda(a, n, seed=3, step=7)
+    s2 = 1 / (4 * (2 * a + 1))
+    m4 = s2**2 * (3 - 6 / (2 * a + 3))
+    assert abs(lam.double().mean().item() - 0.5) < 4 * (s2 / n) ** 0.5
+    assert abs(lam.double().var().item() - s2) < 4 * ((m4 - s2**2) / n) ** 0.5
+    assert torch.equal(lam, sftmix.sample_lambda(a, n, seed=3, step=7))
+    assert not torch.equal(lam, sftmix.sample_lambda(a, n, seed=3, step=8))
+    assert not torch.equal(lam, sftmix.sample_lambda(a, n, seed=4, step=7))
 
 
 def test_split_command_writes_halves_and_reports_them(tmp_path):
@@ -203,18 +215,51 @@ def test_split_command_writes_halves_and_reports_them(tmp_path):
     assert "confident:      2 examples, confidence -3 .. -2" in r.stdout
 
 
-def test_split_command_rejects_a_malformed_line_in_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "text, out, message",
+    [
+        (
+            '{"id": "a", "perplexities": [1.0]}\n{"id": "b"}\n',
+            "s.json",
+            'DIR/dynamics.jsonl:2: expected {"id": ..., "perplexities": [numbers]}',
+        ),
+        (
+            '{"id": null, "perplexities": [2.0]}\n',
+            "s.json",
+            'DIR/dynamics.jsonl:1: "id": expected a string or an integer, got null',
+        ),
+        (
+            '{"id": {"x": 1}, "perplexities": [2.0]}\n',
+            "s.json",
+            'DIR/dynamics.jsonl:1: "id": expected a string or an integer, got {"x": 1}',
+        ),
+        (
+            '{"id": "a", "perplexities": [1' + "0" * 400 + "]}\n",
+            "s.json",
+            'DIR/dynamics.jsonl:1: "perplexities": expected a list of finite numbers > 0, got [1000',
+        ),
+        (
+            '{"id": "a", "perplexities": [2.0]}\n{"id": "b", "perplexities": [3.0, 4.0]}\n',
+            "s.json",
+            'DIR/dynamics.jsonl:2: "perplexities": expected as many as on line 1 (1), got 2',
+        ),
+        (
+            "[" * 100000 + "]" * 100000,
+            "s.json",
+            'DIR/dynamics.jsonl:1: expected {"id": ..., "perplexities": [numbers]} (maximum recursion',
+        ),
+        (
+            '{"id": "a", "perplexities": [2.0]}\n{"id": "b", "perplexities": [3.0]}\n',
+            "dynamics.jsonl",
+            "--out DIR/dynamics.jsonl: expected a file other than the inputs, got --dynamics "
+            "DIR/dynamics.jsonl",
+        ),
+    ],
+)
+def test_split_command_rejects_bad_input_in_one_line_writing_nothing(text, out, message, tmp_path):
     dyn = tmp_path / "dynamics.jsonl"
-    dyn.write_text('{"id": "a", "perplexities": [1.0]}\n{"id": "b"}\n')
-    r = subprocess.run(
-        [
-            sys.executable,
-            ROOT / "sftmix.py",
-            "split",
-            *cli(dynamics=dyn, out=tmp_path / "s.json"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "dynamics.jsonl:2:" in r.stderr
-    assert not (tmp_path / "s.json").exists()
+    dyn.write_text(text)
+    code, stdout, err = run_main(sftmix.main, "split", *cli(dynamics=dyn, out=tmp_path / out))
+    assert (code, stdout) == (2, "") and err.count("\n") == 1, err
+    assert err.startswith("error: " + message.replace("DIR/", f"{tmp_path}/")), err
+    assert not (tmp_path / "s.json").exists() and dyn.read_text() == text
