@@ -34,11 +34,14 @@ a prompt (first user turns of --data, no stop token): model.generate as eval.py 
 eager and --compile, against transformers' generate with its static cache
 (cache_implementation="static"), which its generate compiles (CompileConfig's defaults; on the CPU
 told to, as it compiles on accelerators only). The first run of each holds its compilation,
-untimed; tokens/s: the median of the next --gen-repeats.
+untimed; tokens/s: the median of the next --gen-repeats. With --gen-out, the weights it generates
+with (model/, an HF directory) and generation.json, each variant's new tokens of each prompt, are
+written there.
 """
 
 import argparse
 import itertools
+import json
 import sys
 import time
 import warnings
@@ -83,19 +86,17 @@ SHAPES = {  # config.json fields of published Llama-shaped models
         num_hidden_layers=16,
         num_attention_heads=32,
         num_key_value_heads=8,
-        vocab_size=49152,
+        vocab_size=49152,  # its vocabulary: the tokenizer's
         rope_theta=500000,
         rms_norm_eps=1e-5,
-        # its vocabulary: the tokenizer's
         tie_word_embeddings=True,
         max_position_embeddings=8192,
     ),
-    "tiny": dict(
+    "tiny": dict(  # a CPU check of this script
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        # a CPU check of this script
         num_key_value_heads=2,
         vocab_size=49152,
         tie_word_embeddings=True,
@@ -141,6 +142,12 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=256, help="new tokens for each prompt")
     p.add_argument(
         "--gen-repeats", type=int, default=3, help="timed generations of each variant (median)"
+    )
+    p.add_argument(
+        "--gen-out",
+        type=Path,
+        help="directory for the generation weights (model/, an HF directory) and generation.json: "
+        "for each --gen-prompts, its prompts and each variant's new tokens of each",
     )
     p.add_argument(
         "--no-train", dest="train", action="store_false", help="skip the train-step table"
@@ -409,6 +416,9 @@ def generation_table(args, tok, peer, margs, device):
         ours = M.Transformer(margs).to(dtype).eval()
     theirs.load_state_dict(peer.state_dict())
     ours.load_state_dict(peer.state_dict())
+    if args.gen_out:
+        theirs.save_pretrained(args.gen_out / "model")
+    written = {}
     compile_config = CompileConfig()  # its defaults: inductor, mode "reduce-overhead" (CUDA graphs)
     compile_config._compile_all_devices = device.type != "cuda"  # else on accelerators only
     table = []
@@ -459,17 +469,21 @@ def generation_table(args, tok, peer, margs, device):
             args.gen_repeats,
         )
         for name in t:
-            same = sum(
-                len(list(itertools.takewhile(lambda ab: ab[0] == ab[1], zip(x, y))))
-                for x, y in zip(new[name], new["ours"])
-            )
             count = sum(map(len, new[name]))
-            log(
-                f"  {names[name]}: its greedy tokens agree with eval.py generate's on the first "
-                f"{same} of {count}"
-            )
+            if name != "theirs":
+                same = sum(
+                    len(list(itertools.takewhile(lambda ab: ab[0] == ab[1], zip(x, y))))
+                    for x, y in zip(new[name], new["theirs"])
+                )
+                log(
+                    f"  {names[name]}: its greedy tokens agree with transformers generate's on "
+                    f"the first {same} of {count}"
+                )
             rate, peer_rate = count / t[name], sum(map(len, new["theirs"])) / t["theirs"]
             table.append((n, names[name], rate, rate / peer_rate))
+        written[n] = {"prompts": prompts, "new tokens": {names[k]: v for k, v in new.items()}}
+    if args.gen_out:
+        (args.gen_out / "generation.json").write_text(json.dumps(written))
     print(
         f"\nGeneration, bf16 weights, greedy, {args.new_tokens} new tokens a prompt, median of "
         f"{args.gen_repeats} after a first untimed run\n"

@@ -2,6 +2,7 @@
 is printed, with finite positive ratios. A smoke test of the script, not of the timings, which it
 does not check."""
 
+import json
 import math
 import os
 import subprocess
@@ -156,7 +157,11 @@ def test_bench_gpu_runs_every_variant_at_toy_size_on_the_cpu(tiny_model_dir, cha
     """scripts/bench_gpu.py end to end on the CPU (a tiny shape, 2 steps of 2 samples, generation of
     2 prompts): its train-step variants, the TRL-advised peer falling back to sdpa with no CUDA (and
     saying so), and its generation rows, each with a positive tokens/s and greedy tokens equal to
-    eval.py generate's (the GPU figures need a GPU; this checks that the script runs)."""
+    transformers' eager greedy generate of each prompt alone on the weights it writes (the GPU
+    figures need a GPU; this checks that the script runs)."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
     data_path = tmp_path / "train.jsonl"
     data_path.write_text("".join(chat_data.read_text().splitlines(keepends=True)[:8]))
     run = subprocess.run(
@@ -174,6 +179,7 @@ def test_bench_gpu_runs_every_variant_at_toy_size_on_the_cpu(tiny_model_dir, cha
                 gen_prompts="2",
                 new_tokens="4",
                 gen_repeats="1",
+                gen_out=tmp_path / "gen",
             ),
         ],
         capture_output=True,
@@ -198,10 +204,19 @@ def test_bench_gpu_runs_every_variant_at_toy_size_on_the_cpu(tiny_model_dir, cha
     ]
     assert all(float(r[4].replace(",", "")) > 0 for r in train)
     assert "the TRL-advised peer runs sdpa" in run.stderr
-    assert [r[1] for r in generation] == [
+    variants = [
         "eval.py generate",
         "eval.py generate --compile",
         "transformers generate, static cache, compiled",
     ]
+    assert [r[1] for r in generation] == variants
     assert all(float(r[2].replace(",", "")) > 0 for r in generation)
-    assert run.stderr.count("agree with eval.py generate's on the first 8 of 8") == 3
+    written = json.loads((tmp_path / "gen" / "generation.json").read_text())["2"]
+    reference = LlamaForCausalLM.from_pretrained(tmp_path / "gen" / "model", dtype=torch.bfloat16)
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = [
+        reference.generate(torch.tensor([p]), generation_config=config)[0, len(p) :].tolist()
+        for p in written["prompts"]
+    ]
+    assert len(expected) == 2 and all(len(e) == 4 for e in expected)
+    assert written["new tokens"] == {v: expected for v in variants}

@@ -270,7 +270,7 @@ def test_trl_example_refuses_what_breaks_the_pairs_in_one_line(setting, message,
     assert "\n" not in str(e.value)
 
 
-def test_trl_example_lays_pairs_out_by_id_in_the_data_set_trl_keeps(kit, expected):
+def test_trl_example_lays_pairs_out_by_id_in_the_data_set_trl_keeps(kit, expected, tmp_path):
     """TRL drops an example whose prompt fills max_length (nothing left to train), which shifts
     the indices after it: the sampler follows ids, micro-batch q of a step holds pair q (one pair a
     micro-batch here, 4 accumulation steps), and a dropped id is refused in one line."""
@@ -285,26 +285,24 @@ def test_trl_example_lays_pairs_out_by_id_in_the_data_set_trl_keeps(kit, expecte
             {"role": "assistant", "content": "Yes."},
         ],
     }
-    (kit / "data.jsonl").rename(kit / "data.jsonl.kit")
-    try:
-        (kit / "data.jsonl").write_text(
-            "".join(json.dumps(c) + "\n" for c in [long_prompt, *conversations])
-        )
-        trainer = ctrl.kit_trainer(
-            kit, expected["settings"], batches, 0.25, 2, lambdas=[[0.5] * 4] * 2
-        )
-        with pytest.raises(ValueError) as e:
-            ctrl.kit_trainer(
-                kit,
-                expected["settings"],
-                [[*b[:3], "long-prompt", *b[4:]] for b in batches],
-                0.25,
-                2,
-                lambdas=[[0.5] * 4] * 2,
-            )._get_train_sampler()
-    finally:
-        (kit / "data.jsonl").unlink()
-        (kit / "data.jsonl.kit").rename(kit / "data.jsonl")
+    longer = tmp_path / "kit"  # the kit's model, its data with long-prompt first
+    longer.mkdir()
+    (longer / "model").symlink_to(kit / "model")
+    (longer / "data.jsonl").write_text(
+        "".join(json.dumps(c) + "\n" for c in [long_prompt, *conversations])
+    )
+    trainer = ctrl.kit_trainer(
+        longer, expected["settings"], batches, 0.25, 2, lambdas=[[0.5] * 4] * 2
+    )
+    with pytest.raises(ValueError) as e:
+        ctrl.kit_trainer(
+            longer,
+            expected["settings"],
+            [[*b[:3], "long-prompt", *b[4:]] for b in batches],
+            0.25,
+            2,
+            lambdas=[[0.5] * 4] * 2,
+        )._get_train_sampler()
     assert trainer.train_dataset["id"] == ids  # long-prompt dropped
     rows = [trainer.train_dataset[k]["id"] for k in trainer._get_train_sampler()]
     assert rows == [i for step in pairs for pair in step for i in pair]  # c, u of each pair
@@ -537,6 +535,19 @@ def clipping_off(kit, expected, theirs, monkeypatch):
     return cx.compute(kit)
 
 
+def clipping_off_for_four_steps(kit, expected, theirs, monkeypatch):
+    """Clipping off in the first four optimizer steps (the SFTMix run's: cx.compute trains it
+    first), on after."""
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def late(params, max_norm):
+        calls.append(params)
+        return clip(params, math.inf if len(calls) <= 4 else max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", late)
+    return cx.compute(kit)
+
+
 def patched(name, make_wrong):
     def submission(kit, expected, theirs, monkeypatch):
         monkeypatch.setattr(cx, name, make_wrong(getattr(cx, name)))
@@ -550,13 +561,12 @@ def scheduled(kind):
 
 
 @pytest.mark.parametrize(
-    "mistake,submission,stage,also_differing,names",
+    "mistake,submission,stage,names",
     [
         (
             "newline after <|im_end|> trained",
             patched("trained_spans", extend_to_the_newline),
             1,
-            [],
             [
                 "labels[",
                 "the token after the end-of-turn token <|im_end|> (its newline) is trained",
@@ -566,7 +576,6 @@ def scheduled(kind):
             "a token straddling prompt and reply not trained",
             patched("tokens", starting_inside_the_reply),
             1,
-            [],
             [
                 'labels["leading-space-and-newline"]',
                 "one that straddles the prompt and the reply is",
@@ -576,89 +585,88 @@ def scheduled(kind):
             "perplexity over the whole sequence",
             whole_sequence_nll,
             2,
-            [],
             ["n_tokens[", "the perplexity is over the whole sequence"],
         ),
-        ("split halves swapped", halves_swapped, 3, [], ["split[", "halves swapped"]),
+        ("split halves swapped", halves_swapped, 3, ["split[", "halves swapped"]),
         (
             "mean of per-example means",
             patched("ntp_loss", lambda _: mean_of_example_means),
             3,
-            [],
             ["perplexities[", "the values of: a mean of per-example means"],
         ),
         (
             "lambda on the wrong member",
             patched("mixup_loss", lambda _: wrong_mixup("lambda")),
             4,
-            [],
             ["sftmix_steps[0].mixup_loss", "lambda applied to the unconfident member"],
         ),
         (
             "unaligned Mixup positions",
             patched("mixup_loss", lambda _: wrong_mixup("unaligned")),
             4,
-            [],
             ["sftmix_steps[0].mixup_loss", "Mixup over unaligned positions"],
         ),
         (
             "gradient entries read after clipping",
             entries_after_clipping,
             4,
-            [],
             ["sftmix_steps[0].grad_entries[0]", "gradient entries read after clipping"],
         ),
         (
             "warm-up from lr 0 (transformers' cosine schedule)",
             scheduled("warm-up from 0"),
             5,
-            [],
             ["sftmix_steps[0].lr", "warm-up from lr 0"],
         ),
         (
             "linear decay",
             scheduled("linear"),
             5,
-            [],
             ["sftmix_steps[3].lr", "linear decay after the warm-up"],
         ),
-        ("gradient clipping off", clipping_off, 3, [], ["the values of: gradient clipping off"]),
+        ("gradient clipping off", clipping_off, 3, ["the values of: gradient clipping off"]),
         (
             "each tensor clipped on its own",
             clipping_per_tensor,
             3,
-            [],
             ["the values of: each tensor clipped to grad_clip on its own"],
         ),
     ],
 )
 def test_wrong_submission_fails_at_the_stage_of_its_mistake_and_is_named(
-    mistake, submission, stage, also_differing, names, kit, expected, theirs, tmp_path, monkeypatch
+    mistake, submission, stage, names, kit, expected, theirs, tmp_path, monkeypatch
 ):
     status, lines = run_check(kit, submission(kit, expected, theirs, monkeypatch), tmp_path)
     table = stage_lines(lines)
     assert status == 1, lines
     for n in range(1, stage):
-        assert (" differs " if n in also_differing else " agrees ") in table[n], lines
+        assert " agrees " in table[n], lines
     assert " differs " in table[stage], lines
     for name in names:
         assert name in table[stage], (name, table[stage])
-    assert lines[-1] == f"first difference at stage {min([stage, *also_differing])}"
+    assert lines[-1] == f"first difference at stage {stage}"
 
 
-@pytest.mark.parametrize("submission", [stripped_responses, clipping_per_tensor])
+@pytest.mark.parametrize(
+    "submission,closest_at",
+    [(stripped_responses, []), (clipping_per_tensor, []), (clipping_off_for_four_steps, [5])],
+)
 def test_a_mistake_is_named_only_where_it_gives_every_differing_value(
-    submission, kit, expected, theirs, tmp_path, monkeypatch
+    submission, closest_at, kit, expected, theirs, tmp_path, monkeypatch
 ):
-    """Stripped responses and per-tensor clipping share some values with clipping off, never
-    all: no stage names clipping off, and a "closest to" gives its share below 1."""
+    """Submissions that give some or none of clipping off's values: no stage names clipping off.
+    Clipping off for the first four of the SFTMix run's six steps gives stage 5's values of steps
+    1 to 4, not those of step 5: stage 5 alone says "closest to" it, its share at least half and
+    below 1."""
     status, lines = run_check(kit, submission(kit, expected, theirs, monkeypatch), tmp_path)
     assert status == 1, lines
-    for line in stage_lines(lines).values():
-        assert "the values of: gradient clipping off" not in line, line
-        if "closest to: gradient clipping off" in line:
-            k, n = map(int, re.search(r"\((\d+) of (\d+) values\)", line).groups())
-            assert 2 * k >= n and k < n, line
+    table = stage_lines(lines)
+    assert not any("the values of: gradient clipping off" in line for line in table.values()), lines
+    closest = {n: line for n, line in table.items() if "closest to: gradient clipping off" in line}
+    assert list(closest) == closest_at, lines
+    for line in closest.values():
+        k, n = map(int, re.search(r"\((\d+) of (\d+) values\)", line).groups())
+        assert 2 * k >= n and k < n, line
 
 
 @pytest.mark.parametrize(

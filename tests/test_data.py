@@ -624,11 +624,14 @@ def test_gemma_puts_a_system_turn_before_the_first_user_turn_which_its_template_
     assert tok.decode(trained_targets(sample)) == "42 🙂<end_of_turn>"
 
 
-def test_labels_are_the_next_token_or_ignored(smol):
+def test_labels_are_the_next_token_or_ignored(smol, hf_smol):
+    """labels[t], where trained, is token t + 1 of the conversation transformers renders, up to the
+    last label (its last token); some are trained."""
     sample = D.tokenize(D.Example("c", CONVERSATION), smol)
-    assert len(sample.labels) == len(sample.input_ids)
-    for t, label in enumerate(sample.labels[:-1]):
-        assert label in (D.IGNORE, sample.input_ids[t + 1])
+    ref = hf_ids(hf_smol, CONVERSATION)
+    assert len(sample.labels) == len(sample.input_ids) == len(ref) - 1
+    trained = [t for t, label in enumerate(sample.labels) if label != D.IGNORE]
+    assert trained and [sample.labels[t] for t in trained] == [ref[t + 1] for t in trained]
 
 
 def test_llama3_rendering_equals_the_hand_written_prompt_with_one_bos(llama3):

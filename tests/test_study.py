@@ -489,9 +489,12 @@ def test_report_only_rebuilds_the_first_designs_numbers_from_its_committed_recor
 
 def test_report_only_rebuilds_the_second_designs_committed_report_and_write_up(tmp_path):
     """results/study-2/ (the second design): --report-only gives the committed results.md again, byte
-    for byte; its best-point rows are recomputed here from the runs' heldout.jsonl (the best pass on
-    the validation ids, scored on the test ids); and every row of the write-up's table of paired
-    differences (results/study/README.md) is the report's."""
+    for byte; its paired differences are recomputed here from the runs' heldout.jsonl at the best
+    pass (lowest ppl on the validation ids) and the last, scored on the test ids: the t interval,
+    the count, the per-seed values, and the interval with the held-out noise from a bootstrap of
+    this test's own (its own resamples of the validation and of the test conversations, the best
+    pass chosen again on each); and every row of the write-up's table of paired differences
+    (results/study/README.md) is the report's."""
     out = tmp_path / "study-2"
     shutil.copytree(ROOT / "results" / "study-2", out)
     (out / "results.md").unlink()
@@ -499,30 +502,44 @@ def test_report_only_rebuilds_the_second_designs_committed_report_and_write_up(t
     text = (out / "results.md").read_text()
     assert text == (ROOT / "results" / "study-2" / "results.md").read_text()
 
-    split = json.loads((out / "heldout-split.json").read_text())
+    split, D = json.loads((out / "heldout-split.json").read_text()), 2000
+    rng = np.random.default_rng(1)
+    weights = {
+        k: rng.multinomial(len(ids), [1 / len(ids)] * len(ids), size=D) for k, ids in split.items()
+    }
 
-    def at_best(arm, seed):  # test ppl at the pass whose validation ppl is lowest
+    def at(arm, seed, point):  # (test ppl at the point, the same on each resample (D,))
         passes = [
             json.loads(x)["nll"]
             for x in (out / "runs" / f"{arm}-s{seed}" / "heldout.jsonl").read_text().splitlines()
         ]
 
-        def score(nll, ids):
-            return ppl([nll[i][0] for i in ids], [nll[i][1] for i in ids])
+        def on(k):  # ppl of each pass on split[k] (P,), and on each resample (P, D)
+            nll = np.array([[p[i][0] for i in split[k]] for p in passes])
+            n, w = np.array([passes[0][i][1] for i in split[k]]), weights[k]
+            return np.exp(nll.sum(1) / n.sum()), np.exp(nll @ w.T / (w @ n))
 
-        best = min(passes, key=lambda nll: score(nll, split["validation"]))
-        return score(best, split["test"])
+        (val, val_draws), (test, test_draws) = on("validation"), on("test")
+        if point == "last":
+            return test[-1], test_draws[-1]
+        return test[val.argmin()], test_draws[val_draws.argmin(0), np.arange(D)]
 
-    for a, b, title in [
-        ("sftmix", "ntp", "SFTMix − NTP"),
-        ("sftmix", "ntp_paired", "SFTMix − NTP, SFTMix's batches"),
-        ("sftmix", "random", "SFTMix − SFTMix, random split"),
-    ]:
-        d = [at_best(a, s) - at_best(b, s) for s in range(6)]
+    for (a, b), point in itertools.product(study.PAIRS, ("best", "last")):
+        seeds = [s for s in range(6) if all((out / "runs" / f"{x}-s{s}").exists() for x in (a, b))]
+        va, vb = [at(a, s, point) for s in seeds], [at(b, s, point) for s in seeds]
+        d = [x[0] - y[0] for x, y in zip(va, vb)]
+        v = np.mean([x[1] - y[1] for x, y in zip(va, vb)], axis=0).var(ddof=1)
         mean, half = statistics.mean(d), t_half(d)
-        row = table_row(text, title, "best")
-        assert row[2] == f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
-        assert row[4] == f"{sum(x < 0 for x in d)} of 6"
+        noisy = stats.t.ppf(0.975, len(d) - 1) * math.sqrt(statistics.variance(d) / len(d) + v)
+        row = table_row(text, f"{ARMS[a]} − {ARMS[b]}", point)
+        lo, hi = (float(x) for x in row[3].split("[")[1].rstrip("]").split(","))
+        assert row[2] == f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]", row
+        assert row[3].startswith(f"{mean:+.3f} ["), row
+        assert (hi - lo) / 2 == pytest.approx(noisy, rel=0.05), row
+        assert row[4:] == [
+            f"{sum(x < 0 for x in d)} of {len(d)}",
+            ", ".join(f"{s}: {x:+.3f}" for s, x in zip(seeds, d)),
+        ]
 
     names = {
         "NTP on SFTMix's batches": "NTP, SFTMix's batches",
@@ -812,12 +829,22 @@ def test_the_held_out_records_agree_with_the_ppl_train_py_logs_at_epoch_ends(toy
 
 
 def test_answers_side_by_side_hold_each_models_answer_under_each_question(toy):
+    """Under each question, each model's answer after its title, in order; an answer may be empty
+    (the tiny base model's can be), but not every one is."""
     _, out, _, _ = toy
-    text = (out / "answers.md").read_text()
-    for name in ("base", "ntp", "sftmix"):
-        for line in (out / "answers" / f"{name}.jsonl").read_text().splitlines():
-            assert json.loads(line)["choices"][0]["turns"][0] in text
-    assert "> Where did the cat sit?" in text and "> What did the dogs play with?" in text
+    text = (out / "answers.md").read_text() + "\n"
+    titles = {"base": "Base model", "ntp": "NTP", "sftmix": "SFTMix"}
+    answers = {
+        name: {
+            r["question_id"]: r["choices"][0]["turns"][0]
+            for r in map(json.loads, (out / "answers" / f"{name}.jsonl").read_text().splitlines())
+        }
+        for name in titles
+    }
+    assert any(a for by_question in answers.values() for a in by_question.values()), answers
+    for question, turn in ((81, "Where did the cat sit?"), (82, "What did the dogs play with?")):
+        under = "".join(f"**{t}**\n\n{answers[name][question]}\n\n" for name, t in titles.items())
+        assert f"> {turn}\n\n{under}" in text, (under, text)
     assert (out / "heldout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -853,10 +880,12 @@ def test_report_only_before_any_run_finished_says_so(toy, tmp_path):
     assert "No run has finished yet." in (tmp_path / "results.md").read_text()
 
 
-def test_other_settings_in_the_same_directory_stop_with_one_line(toy):
+def test_other_settings_in_the_same_directory_stop_with_one_line(toy, tmp_path):
     flags, out, _, _ = toy
-    settings_ = (out / "study.json").read_text()
-    r = run_study("--out", out, *flags, "--lr", 5e-4)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    settings_ = (copy / "study.json").read_text()
+    r = run_study("--out", copy, *flags, "--lr", 5e-4)
     assert r.returncode == 2
     assert (
         r.stderr.count("\n") == 1
@@ -864,7 +893,7 @@ def test_other_settings_in_the_same_directory_stop_with_one_line(toy):
         and "--lr" in r.stderr
         and "Traceback" not in r.stderr
     )
-    assert (out / "study.json").read_text() == settings_
+    assert (copy / "study.json").read_text() == settings_
 
 
 @pytest.mark.parametrize(
