@@ -219,6 +219,8 @@ def check_output(path, flag="--out", inputs=None) -> Path:
     where a directory of its path must be, a directory that cannot be written, or one of the
     command's inputs ({flag: path or None}) is an InputError. Its missing directories are made when
     it is written (atomic_path), so a refused command leaves none behind."""
+    if path == "":
+        raise InputError(f"{flag}: expected a file to write, got an empty path")
     path = Path(path)
     for given, input_path in (inputs or {}).items():
         if input_path and Path(input_path).resolve() == path.resolve():

@@ -596,7 +596,7 @@ def run(p, argv=None) -> None:
     a table or picture runs on rank 0 alone; bad input is one line and exit 2 (data.reported)."""
     with data.reported():
         args = p.parse_args(argv)
-        if args.out:
+        if args.out is not None:  # "" is refused, not taken as absent
             flags = ("--data", "--split", "--questions", "--dynamics")
             inputs = {f: getattr(args, f[2:], None) for f in flags}
             data.check_output(args.out, inputs=inputs)

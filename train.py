@@ -29,6 +29,7 @@ import os
 import shutil
 import time
 import warnings
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -64,9 +65,9 @@ from sftmix import CHUNK
 # Flags that may change between a run and its resumption; every other flag, and what the inputs hold, must match
 # the saved state. --lr and --grad-clip may change to rescue a run that diverged (the schedule is lr_at with the new
 # --lr); --out, so that a run directory moved elsewhere resumes.
-RESUMABLE_FLAGS = set(
-    "resume stop_at_step save_every save_every_minutes eval_batch keep_state lr grad_clip out compile "
-    "deterministic save_dtype final_shard_gb timeout_minutes shard_degree heldout_every".split()
+RESUMABLE_FLAGS = (
+    "lr grad_clip out stop_at_step save_every save_every_minutes eval_batch heldout_every keep_state "
+    "save_dtype final_shard_gb compile deterministic timeout_minutes shard_degree resume".split()
 )
 # The inputs' paths may change too (moved with the run or not): what each holds must match instead,
 # through a fingerprint in run_config (model: its config.json as ModelArgs reads it; data, heldout:
@@ -154,7 +155,7 @@ def train(args, rank, local_rank, world):
                 return
     saver.wait()
     lora_scale = args.lora_alpha / args.lora_rank if args.lora_rank else None
-    write_final(run.out, model, run.base, args.save_dtype, lora_scale, args.final_shard_gb, rank)
+    write_final(run.out, model, run.base, run.save_dtype, lora_scale, args.final_shard_gb, rank)
     if rank == 0:
         finish(run.out, run.samples, run.points, dynamics, args.keep_state)
 
@@ -174,6 +175,7 @@ class Run:
     points: list  # the steps after which the dynamics are recorded
     config: dict  # run_config: what a resumed run must share
     resuming: bool
+    save_dtype: str  # final/'s: fp32, bf16 or fp16 (final_dtype)
 
 
 def read_inputs(args, local_rank, world, device):
@@ -181,6 +183,11 @@ def read_inputs(args, local_rank, world, device):
     data (tokenized once a node: read_data), the split, the schedule, a resumed state's settings, and
     the memory estimate."""
     out, base = Path(args.out), model_dir(args.model)
+    if base.resolve() in (out.resolve(), (out / "final").resolve()):
+        raise InputError(
+            f"--out {out}: expected a directory other than the model's (--model {args.model}): "
+            f"the run's final/ would take its place"
+        )
     model_args = ModelArgs.from_model_dir(base)  # checked against the checkpoint; nothing loaded
     encode = dict(
         tok=data.load_tokenizer(base), prompt_format=args.prompt_format, max_len=args.max_len
@@ -197,8 +204,9 @@ def read_inputs(args, local_rank, world, device):
     points = dynamics_points(total, args.dynamics) if args.dynamics else []
     config = run_config(args, model_args, samples, heldout, halves)
     resuming = args.resume and (out / "state" / "latest.json").exists()
-    if resuming:
-        check_settings(out, config)
+    step = check_settings(out, config, total, points, {s.id for s in samples}) if resuming else 0
+    check_out(out, args.dynamics, step)
+    save_dtype = final_dtype(args.save_dtype, base)
     check_memory(model_args, args, samples, world, device)
     return Run(
         out,
@@ -212,6 +220,7 @@ def read_inputs(args, local_rank, world, device):
         points,
         config,
         resuming,
+        save_dtype,
     )
 
 
@@ -328,10 +337,10 @@ class SaveSchedule:
 
 
 def write_final(out, model, base, save_dtype, lora_scale, shard_gb, rank):
-    """OUT/final/: the weights in the save dtype as HF sharded safetensors, tensor by tensor (rank
-    0's host holds one shard file's worth), written as OUT/final.tmp/ and renamed, so final/ is
-    whole or absent."""
-    tensors = final_tensors(model, final_dtype(save_dtype, base), lora_scale)
+    """OUT/final/: the weights in save_dtype (fp32, bf16 or fp16: final_dtype's) as HF sharded
+    safetensors, tensor by tensor (rank 0's host holds one shard file's worth), written as
+    OUT/final.tmp/ and renamed, so final/ is whole or absent."""
+    tensors = final_tensors(model, SAVE_DTYPES[save_dtype], lora_scale)
     if rank != 0:
         for _ in tensors:  # every rank takes part in gathering each tensor
             pass
@@ -366,13 +375,22 @@ def finish(out, samples, points, dynamics, keep_state):
     print(f"wrote {out / 'final'}" + (f" and {out / 'dynamics.jsonl'}" if points else ""))
 
 
-def final_dtype(flag, base):
-    """--save-dtype's dtype; auto: the base's (config.json's dtype or torch_dtype), else fp32."""
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def final_dtype(flag, base) -> str:
+    """--save-dtype resolved before anything is written (a key of SAVE_DTYPES); auto: the base's
+    (config.json's dtype or torch_dtype: bfloat16, float16; fp32 for any other or none)."""
     if flag != "auto":
-        return {"fp32": torch.float32, "bf16": torch.bfloat16}[flag]
-    base_config = json.loads((base / "config.json").read_text())
-    named = base_config.get("dtype") or base_config.get("torch_dtype")  # transformers 5: "dtype"
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(named, torch.float32)
+        return flag
+    path = base / "config.json"
+    config = data.read_json(path)
+    for key in ("dtype", "torch_dtype"):  # transformers 5 writes "dtype"
+        if key in config:
+            expected = 'a dtype name (a string such as "bfloat16") or null'
+            data.json_field(config, key, path, lambda v: v is None or isinstance(v, str), expected)
+    named = config.get("dtype") or config.get("torch_dtype")
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(named, "fp32")
 
 
 def forward_backward(
@@ -458,7 +476,9 @@ def parse_args(argv=None):
         "(its final/)",
     )
     p.add_argument(
-        "--data", required=True, help="training data (alpaca / sharegpt / messages; JSON or JSONL)"
+        "--data",
+        required=True,
+        help="training data (alpaca / sharegpt / messages; JSON, JSON lines or parquet)",
     )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--split", help="split.json from `sftmix.py split` (sftmix mode)")
@@ -600,13 +620,13 @@ def parse_args(argv=None):
     )
     flag(
         "--resume",
-        "continue from OUT/state/ if it holds a state; the data and every flag must be the same, but "
-        "--lr, --grad-clip, --stop-at-step, --save-every(-minutes), --eval-batch, --keep-state "
-        "and the number of ranks may change",
+        "continue from OUT/state/ if it holds a state; what the inputs hold and every flag must be "
+        "the same, but the number of ranks and these may change: "
+        + ", ".join("--" + f.replace("_", "-") for f in RESUMABLE_FLAGS[:-1]),
     )
     flag(
         "--keep-state",
-        "keep OUT/state/ (weights + AdamW moments, ~4x the model) after final/ is written",
+        "keep OUT/state/ (fp32 weights + AdamW moments: 12 bytes a parameter) after final/ is written",
     )
     number(
         "--stop-at-step",
@@ -639,8 +659,12 @@ def parse_args(argv=None):
 def check_args(args, world):
     """The flags checked together before anything loads (each number's own range is its type,
     data.number): one line naming the flag and what was expected. Resolves --shard's default."""
+    if not args.out:
+        raise InputError("--out: expected a run directory, got an empty path")
     if args.mixup_only and args.mode != "sftmix":
         raise InputError("--mixup-only: expected --mode sftmix (the Mixup term needs pairs)")
+    if args.split and args.mode != "sftmix":
+        raise InputError("--split: expected --mode sftmix (ntp trains on no split)")
     if args.mode == "sftmix" and not args.split:
         raise InputError("--mode sftmix needs --split FILE (from `python sftmix.py split`)")
     if args.global_batch % (world * args.micro_batch):
@@ -670,11 +694,13 @@ def split_indices(path, samples):
     in_split = set(halves[0]) | set(halves[1])
     unknown = [i for i in halves[0] + halves[1] if i not in index]
     missing = [i for i in index if i not in in_split]
-    if unknown or missing or set(halves[0]) & set(halves[1]):
+    repeated = [i for half in halves for i, n in Counter(half).items() if n > 1]
+    if unknown or missing or set(halves[0]) & set(halves[1]) or repeated:
         raise InputError(
             f"{path}: ids must match the data: {len(unknown)} not in the data {unknown[:3]}, "
             f"{len(missing)} of the data not in the split {missing[:3]}, "
-            f"{len(set(halves[0]) & set(halves[1]))} in both halves"
+            f"{len(set(halves[0]) & set(halves[1]))} in both halves, "
+            f"{len(repeated)} repeated in a half {repeated[:3]}"
         )
     return [index[i] for i in halves[0]], [index[i] for i in halves[1]]
 
@@ -832,13 +858,43 @@ def write_dynamics(path, samples, points, dynamics):
 def keep_lines_until(path, step):
     """Drop JSON lines after `step` (and a half-written last line): a run died after its state."""
     if path.exists():
-        lines = [
-            line
-            for line in path.read_text().splitlines(keepends=True)
-            if line.endswith("\n") and json.loads(line)["step"] <= step
-        ]
+        kept = lines_until(path, step)
         with data.atomic_path(path) as tmp:
-            tmp.write_text("".join(lines))
+            tmp.write_text(kept)
+
+
+def lines_until(path, step) -> str:
+    """The complete lines of a run's metrics.jsonl or heldout.jsonl up to `step` (none at step 0,
+    nothing read): each a JSON object with an integer "step", else one line naming it."""
+    if step == 0 or not path.exists():
+        return ""
+    text, kept = path.read_bytes().decode(errors="replace"), []
+    for n, line in enumerate(text.split("\n")[:-1], 1):  # the last: "" or half-written
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if not (isinstance(record, dict) and type(record.get("step")) is int):
+            raise InputError(
+                f'{path}:{n}: expected a JSON object with an integer "step", got {line[:60]!r}'
+            )
+        kept += [line + "\n"] if record["step"] <= step else []
+    return "".join(kept)
+
+
+def check_out(out, dynamics, step):
+    """What the run directory holds already, checked before anything is written: its files not
+    directories, the lines a resumed run keeps readable (lines_until), state/, final/ and final.tmp/
+    directories or absent."""
+    if not out.is_dir():
+        return  # prepare_out makes it, or refuses
+    for name in ["metrics.jsonl", "heldout.jsonl", "dynamics.jsonl"][: 2 + bool(dynamics)]:
+        data.check_output(out / name)
+    for name in ("metrics.jsonl", "heldout.jsonl"):
+        lines_until(out / name, step)
+    for name in ("state", "final", "final.tmp"):
+        if (out / name).is_file():
+            raise InputError(f"--out {out}: {name}: expected a directory or none, got a file")
 
 
 def append_line(path, record):
@@ -939,12 +995,34 @@ def what_changed(saved, config):
     return changed
 
 
-def check_settings(out, config):
+def check_settings(out, config, total, points, ids):
     """Before the model loads: the state in OUT/state/ was written with the settings of config
-    (run_config), or one line names each that differs (what_changed)."""
-    changed = "; ".join(what_changed(read_latest(out)["config"], config))
+    (run_config), or one line names each that differs (what_changed); then its step is one of the
+    run's `total`, its checkpoint that step's folder (nothing is removed before: prepare_out), and
+    its dynamics hold a perplexity of each example (ids) at each of the points up to it. Returns
+    its step."""
+    latest, path = read_latest(out), out / "state" / "latest.json"
+    changed = "; ".join(what_changed(latest["config"], config))
     if changed:
         raise InputError(f"{out / 'state'}: was written by a run with other settings: {changed}")
+    step, dynamics = latest["step"], latest["dynamics"]
+    if step > total:
+        raise InputError(f"{path}: step: expected an integer in [1, {total}], got {step}")
+    folder = path.parent / f"step-{step:07d}"  # Saver's name
+    data.json_field(latest, "checkpoint", path, lambda v: v == folder.name, json.dumps(folder.name))
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not found; expected the state folder {path.name} names")
+    due = [p for p in points if p <= step]
+    if sorted(dynamics) != due:
+        raise InputError(f"{path}: dynamics: expected the steps {due}, got {sorted(dynamics)}")
+    for p, ppl in dynamics.items():
+        bad = next((i for i in sorted(ids) if not 0 < ppl.get(i, math.nan) < math.inf), None)
+        if bad is not None:
+            raise InputError(
+                f"{path}: dynamics: step {p}: expected a perplexity > 0 of each example, got "
+                f"{ppl.get(bad, 'none')} for {json.dumps(bad)}"
+            )
+    return step
 
 
 def state_tensors(model, optimizer) -> dict:
@@ -967,32 +1045,29 @@ def state_tensors(model, optimizer) -> dict:
 
 
 def read_latest(out) -> dict:
-    """OUT/state/latest.json, checked: one line when it is unreadable or of an older layout. Its
-    "step" an int, its "checkpoint" a folder name, its "dynamics" {step: {example id: ppl}}."""
+    """OUT/state/latest.json: one line when it is unreadable, of an older layout, or its "step" is
+    not an integer >= 1 or its "dynamics" not {step: {example id: perplexity}}; check_settings
+    checks the rest against the run."""
     path = Path(out) / "state" / "latest.json"
-
-    def unreadable(e):
-        return InputError(f"{path}: unreadable ({e}); expected the latest.json of a run's state")
-
-    try:
-        latest = json.loads(path.read_text())
-        if not isinstance(latest, dict) or not isinstance(latest.get("config"), dict):
-            raise TypeError("no config object")
-    except (OSError, ValueError, TypeError) as e:
-        raise unreadable(e) from None
+    latest = data.read_json(path)
+    data.json_field(latest, "config", path, lambda v: isinstance(v, dict), "an object")
     if latest.get("layout") != LAYOUT:
         raise InputError(
             f"{path}: an older state layout "
             f"({latest.get('layout') or 'a safetensors file per rank'})"
             f", expected {LAYOUT}: resume it with the train.py that wrote it, or start again"
         )
+    data.json_field(latest, "step", path, lambda v: type(v) is int and v >= 1, "an integer >= 1")
+    expected = "an object {step: {example id: perplexity}}"
+    dynamics = data.json_field(latest, "dynamics", path, lambda v: isinstance(v, dict), expected)
     try:
-        latest["step"], latest["checkpoint"] = int(latest["step"]), str(latest["checkpoint"])
         latest["dynamics"] = {
-            int(k): {str(i): float(x) for i, x in v.items()} for k, v in latest["dynamics"].items()
+            int(k): {str(i): float(x) for i, x in v.items()} for k, v in dynamics.items()
         }
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise unreadable(e) from None
+    except (ValueError, TypeError, AttributeError, OverflowError):
+        raise InputError(
+            f"{path}: dynamics: expected {expected}, got {json.dumps(dynamics)[:60]}"
+        ) from None
     return latest
 
 
@@ -1128,7 +1203,8 @@ def device_memory(device):
     """Bytes of memory a GPU has: $SFTMIX_DEVICE_MEMORY_GB if set (to plan for another device, or to
     test), else CUDA's total memory; None on the CPU (no limit checked)."""
     if os.environ.get("SFTMIX_DEVICE_MEMORY_GB"):
-        return float(os.environ["SFTMIX_DEVICE_MEMORY_GB"]) * 1e9
+        gb = data.number("SFTMIX_DEVICE_MEMORY_GB", float, "> 0 (GB)")
+        return gb(os.environ["SFTMIX_DEVICE_MEMORY_GB"]) * 1e9
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
@@ -1152,12 +1228,12 @@ def check_memory(model_args, args, samples, world, device):
     shards = [args.shard] + (["fsdp"] if world > 1 and args.shard != "fsdp" else [])
     mb = args.micro_batch  # then halved, quartered, and the smallest (an SFTMix pair: 2)
     micro = [mb] + [m for m in (mb // 2, mb // 4, 2 if mixup else 1) if 1 <= m < mb]
+    # preferred: sharding, then checkpointing, then a smaller micro-batch
     fits = [
         (s, c, m)
         for s in shards
         for m in micro
         for c in (args.activation_checkpointing, True)
-        # preferred: sharding, then checkpointing, then a smaller micro-batch
         if peak(s, c, m) <= limit
     ]
     advice = "nothing does on this many GPUs: more GPUs, or a smaller model"

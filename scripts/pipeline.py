@@ -15,8 +15,8 @@ Run it again to continue: a stage that is done (scripts/stages.py: a training st
 left, the split newer than the dynamics, SFTMix newer than the split) is skipped, and an interrupted training stage
 continues from its state/ (train.py --resume). A finished run deletes its state/ unless --keep-state is among the
 flags. OUT/pipeline.args holds MODEL, DATA with its checksum, EPOCHS, DYNAMICS and the flags: run again with other
-ones, it stops (remove OUT or choose another). Every stage's flags, MODEL and DATA are checked
-before anything is written, and pipeline.args is written once the first stage has started, so a
+ones, it stops (remove OUT or choose another). Every stage's flags, MODEL, DATA and OUT are
+checked before anything is written, and pipeline.args is written once the first stage has started, so a
 refused start leaves nothing. Every train.py flag passes to each training stage (--shard fsdp,
 --compile, --activation-checkpointing, --save-every, --heldout, --lora-rank, ...), except those the
 pipeline sets per stage (--model, --data, --out, --mode, --split, --epochs, --dynamics,
@@ -82,10 +82,11 @@ def saved_settings(out: Path, settings: str) -> bool:
     path = out / "pipeline.args"
     if not path.exists():
         return False
-    saved = path.read_text().rstrip("\n")
+    saved = path.read_text(errors="replace").rstrip("\n")
     if saved != settings:
         there, now = (
-            dict(line.split(" ", 1) for line in text.splitlines()) for text in (saved, settings)
+            dict(line.partition(" ")[::2] for line in text.splitlines())
+            for text in (saved, settings)
         )
         changed = [
             f"{key}: {there.get(key)!r} there, {now[key]!r} now"
@@ -147,6 +148,8 @@ def pipeline(model, data_file, out: Path, flags) -> None:
             "flags " + " ".join(flags),
         ]
     )
+    for name in ("times.tsv", "pipeline.args"):  # OUT a file, or a directory in their place
+        data.check_output(out / name, flag="OUT")
     locked = saved_settings(out, settings)
     (out / "times.tsv").unlink(missing_ok=True)
     run = stages.Stages(out / "times.tsv").run

@@ -844,28 +844,27 @@ COMMANDS = {
 
 
 def check_unwritable_out(run, argv, where, tmp_path):
-    """run(*argv, "--out", OUT) with an OUT that is a directory, under a file, or (an input) the
-    command's input file argv[-1] spelled otherwise: one line, exit 2."""
+    """run(*argv, "--out", OUT) with an OUT that is a directory, under a file, (an input) the
+    command's input file argv[-1] spelled otherwise, or empty: one line, exit 2."""
     (tmp_path / "file").write_text("x")
     out = tmp_path / "out" if where == "a directory" else tmp_path / "file" / "out"
     if where == "a directory":
         out.mkdir()
     if where == "an input":
         out = Path.cwd() / argv[-1]
-    code, _, err = run(*argv, "--out", out)
-    expected = (
-        f"error: --out {out}: "
-        + {
-            "a directory": "is a directory; expected a file to write",
-            "under a file": f"cannot make its directory {out.parent}:",
-            "an input": f"expected a file other than the inputs, got {argv[-2]} {argv[-1]}",
-        }[where]
-    )
+    expected = {
+        "a directory": f"--out {out}: is a directory; expected a file to write",
+        "under a file": f"--out {out}: cannot make its directory {out.parent}:",
+        "an input": f"--out {out}: expected a file other than the inputs, got {argv[-2]} {argv[-1]}",
+        "empty": "--out: expected a file to write, got an empty path",
+    }[where]
+    code, _, err = run(*argv, "--out", "" if where == "empty" else out)
+    expected = "error: " + expected
     assert code == 2 and err.startswith(expected) and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("where", ["a directory", "under a file", "an input"])
+@pytest.mark.parametrize("where", ["a directory", "under a file", "an input", "empty"])
 def test_an_out_that_cannot_be_written_is_one_line_before_any_work(command, where, tmp_path):
     check_unwritable_out(run_eval, COMMANDS[command], where, tmp_path)
 

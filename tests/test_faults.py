@@ -41,6 +41,8 @@ def no_leftovers(out):
         (["--warmup-ratio", "1"], "--warmup-ratio: expected in [0, 1), got 1.0"),
         (["--epochs", "0"], "--epochs: expected >= 1, got 0"),
         (["--mixup-only"], "--mixup-only: expected --mode sftmix (the Mixup term needs pairs)"),
+        (["--split", "no-split.json"], "--split: expected --mode sftmix (ntp trains on no split)"),
+        (["--out", ""], "--out: expected a run directory, got an empty path"),
         (
             ["--shard", "fsdp"],
             "--shard fsdp: expected a launch by torchrun (FSDP2 shards over its process group): "
@@ -139,6 +141,108 @@ def test_a_state_of_the_older_layout_is_refused_in_one_line(stopped_run, capsys)
     assert line.startswith(f"error: {state / 'latest.json'}: an older state layout")
 
 
+@pytest.fixture(scope="module")
+def stopped_dynamics_run(tiny_model_dir, chat_data, tmp_path_factory):
+    """A run of 5 steps, dynamics after steps 2 and 5, stopped after step 2: (flags but --out, its
+    directory)."""
+    flags = [*cli(model=tiny_model_dir, data=chat_data), *COMMON, *cli(dynamics="2")]
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    run_train(*flags, "--out", out, "--stop-at-step", "2")
+    return flags, out
+
+
+def put(path, text=None):
+    """path replaced by a file holding text, or (None) by an empty directory."""
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    path.mkdir() if text is None else path.write_text(text)
+
+
+def set_latest(run, **fields):
+    (run / "state" / "latest.json").write_text(json.dumps(latest(run / "state") | fields))
+
+
+def without_ex0(run):
+    """latest.json's dynamics with no perplexity of ex0 at step 2"""
+    dynamics = latest(run / "state")["dynamics"]
+    del dynamics["2"]["ex0"]
+    set_latest(run, dynamics=dynamics)
+
+
+DAMAGED = {  # what is done to a stopped run's directory {run}, and the line its --resume gets
+    "metrics.jsonl a directory": (
+        lambda run: put(run / "metrics.jsonl"),
+        "--out {run}/metrics.jsonl: is a directory; expected a file to write",
+    ),
+    "heldout.jsonl a directory": (
+        lambda run: put(run / "heldout.jsonl"),
+        "--out {run}/heldout.jsonl: is a directory; expected a file to write",
+    ),
+    "dynamics.jsonl a directory": (
+        lambda run: put(run / "dynamics.jsonl"),
+        "--out {run}/dynamics.jsonl: is a directory; expected a file to write",
+    ),
+    "metrics.jsonl line not JSON": (
+        lambda run: put(run / "metrics.jsonl", '{"step": 1}garbage\n'),
+        '{run}/metrics.jsonl:1: expected a JSON object with an integer "step", got '
+        """'{"step": 1}garbage'""",
+    ),
+    "heldout.jsonl line without step": (
+        lambda run: put(run / "heldout.jsonl", '{"nll": {}}\n'),
+        '{run}/heldout.jsonl:1: expected a JSON object with an integer "step", got '
+        """'{"nll": {}}'""",
+    ),
+    "state a file": (
+        lambda run: put(run / "state", "x"),
+        "--out {run}: state: expected a directory or none, got a file",
+    ),
+    "final a file": (
+        lambda run: put(run / "final", "x"),
+        "--out {run}: final: expected a directory or none, got a file",
+    ),
+    "final.tmp a file": (
+        lambda run: put(run / "final.tmp", "x"),
+        "--out {run}: final.tmp: expected a directory or none, got a file",
+    ),
+    "latest.json nested too deeply": (
+        lambda run: put(run / "state" / "latest.json", "[" * 100_000),
+        "{run}/state/latest.json: unreadable JSON: nested too deeply",
+    ),
+    "step -3": (
+        lambda run: set_latest(run, step=-3),
+        "{run}/state/latest.json: step: expected an integer >= 1, got -3",
+    ),
+    "step 99 of 5": (
+        lambda run: set_latest(run, step=99),
+        "{run}/state/latest.json: step: expected an integer in [1, 5], got 99",
+    ),
+    "checkpoint empty": (
+        lambda run: set_latest(run, checkpoint=""),
+        '{run}/state/latest.json: checkpoint: expected "step-0000002", got ""',
+    ),
+    "dynamics without ex0": (
+        without_ex0,
+        "{run}/state/latest.json: dynamics: step 2: expected a perplexity > 0 of each example, "
+        'got none for "ex0"',
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED))
+def test_a_damaged_run_directory_is_refused_before_the_model_loads_and_left_as_it_was(
+    damage, stopped_dynamics_run, tmp_path, capsys, monkeypatch
+):
+    flags, stopped = stopped_dynamics_run
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    do, expected = DAMAGED[damage]
+    do(run)
+    before = {p: p.is_file() and p.read_bytes() for p in sorted(run.rglob("*"))}
+    monkeypatch.setattr(T, "load_pretrained", None)  # loading a model: a TypeError
+    line = fails_with_one_line(capsys, T.main, *flags, "--out", run, "--resume")
+    assert line == "error: " + expected.replace("{run}", str(run))
+    assert {p: p.is_file() and p.read_bytes() for p in sorted(run.rglob("*"))} == before
+
+
 def planted_pickle(marker):
     """A pickle that, if loaded, runs a command creating `marker`."""
 
@@ -202,12 +306,14 @@ def test_lr_may_change_on_resume(stopped_run):
     assert (state.parent / "final" / "model.safetensors").exists() and not state.exists()
 
 
-def test_diverging_run_killed_at_any_moment_resumes_with_a_lower_lr(
+def test_diverging_run_killed_as_it_diverges_or_as_it_resumes_finishes_at_a_lower_lr(
     tiny_model_dir, chat_data, tmp_path
 ):
-    """the guard writes nothing (the weights that diverged are not worth keeping): a kill at any
-    moment, before or while it stops the run, leaves the state saved on schedule, from which a lower
-    lr finishes the run"""
+    """the guard writes nothing (the weights that diverged are not worth keeping): resumed after
+    step 2 at lr 1e6, the run diverges on step 4; SIGKILLed once it logged step 3 (in step 4 or
+    while the guard stops the run), then once it loaded the state (before step 3 ends), it leaves
+    the state saved after step 2, from which a lower lr finishes the run"""
+    run = tmp_path / "run"
     base = [
         str(ROOT / "train.py"),
         *cli(
@@ -216,21 +322,28 @@ def test_diverging_run_killed_at_any_moment_resumes_with_a_lower_lr(
             global_batch="8",
             warmup_ratio="0",
             grad_clip="0",
-            out=tmp_path / "run",
+            out=run,
         ),
     ]
     run_train(*base[1:], "--lr", "1e-3", "--stop-at-step", "2")
-    for delay in (0.5, 1.0, 1.5, 2.0, 3.0):  # kills land at different moments of the diverging run
-        proc = subprocess.Popen(
-            [sys.executable, *map(str, base), "--lr", "1e6", "--resume"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    run_train(*base[1:], "--lr", "1e-4", "--resume")
-    assert all(v.isfinite().all() for v in weights(tmp_path / "run").values())
+    stdout = tmp_path / "stdout"
+    for ready in (
+        lambda: len((run / "metrics.jsonl").read_text().splitlines()) == 3,
+        lambda: "resuming after step 2" in stdout.read_text(),
+    ):
+        with open(stdout, "w") as f:
+            proc = subprocess.Popen(
+                [sys.executable, *map(str, base), "--lr", "1e6", "--resume"],
+                stdout=f,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        kill_when(proc, ready, every=0.005)  # a step takes 0.1 s or more
+        assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+        assert latest(run / "state")["step"] == 2 and not (run / "final").exists()
+    out = run_train(*base[1:], "--lr", "1e-4", "--resume").stdout
+    assert "resuming after step 2" in out
+    assert all(v.isfinite().all() for v in weights(run).values())
 
 
 def test_split_command_rejects_bad_dynamics_in_one_line(tmp_path, capsys):
@@ -361,12 +474,22 @@ def longrope_model(tiny_model_dir, path):
         "--heldout malformed",
         "--dynamics 9 of 5 steps",
         "rope_parameters.rope_type longrope",
+        'torch_dtype ["float32"]',
+        "SFTMIX_DEVICE_MEMORY_GB=80GB",
+        "SFTMIX_DEVICE_MEMORY_GB=-1",
+        "--out the model",
+        "--out the model's run directory",
     ],
 )
 def test_bad_input_found_after_reading_is_one_line_before_any_progress_and_writes_nothing(
-    case, tiny_model_dir, chat_data, tmp_path, capsys
+    case, tiny_model_dir, chat_data, tmp_path, capsys, monkeypatch
 ):
     model, heldout = tiny_model_dir, tmp_path / "heldout.jsonl"
+    model_as_out = (
+        ["--out", tmp_path / "m"],
+        "error: --out {model}: expected a directory other than the model's (--model {model}): "
+        "the run's final/ would take its place",
+    )
     flags, expected = {
         "--seed -1": (["--seed", "-1"], "error: --seed: expected >= 0, got -1"),
         "--heldout missing": (
@@ -383,11 +506,34 @@ def test_bad_input_found_after_reading_is_one_line_before_any_progress_and_write
             "error: {model}/config.json: rope_parameters.rope_type: expected "
             '"default" or "llama3" (the RoPE implemented here), got "longrope"',
         ),
+        'torch_dtype ["float32"]': (
+            [],
+            "error: {model}/config.json: torch_dtype: expected a dtype name (a string such as "
+            '"bfloat16") or null, got ["float32"]',
+        ),
+        "SFTMIX_DEVICE_MEMORY_GB=80GB": (
+            [],
+            "error: SFTMIX_DEVICE_MEMORY_GB: expected a number > 0 (GB), got '80GB'",
+        ),
+        "SFTMIX_DEVICE_MEMORY_GB=-1": (
+            [],
+            "error: SFTMIX_DEVICE_MEMORY_GB: expected > 0 (GB), got -1.0",
+        ),
+        "--out the model": model_as_out,
+        "--out the model's run directory": model_as_out,
     }[case]
     if case == "--heldout malformed":
         heldout.write_text('{"messages": [{"role": "user", "content": "Hi"},\n')
     if case.startswith("rope"):
         model = longrope_model(tiny_model_dir, tmp_path / "longrope")
+    if case.startswith(("torch_dtype", "--out")):  # a copy of the model (a run's final/)
+        model = tmp_path / "m"
+        shutil.copytree(tiny_model_dir, model / "final" if "run" in case else model)
+    if case.startswith("torch_dtype"):
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps(config | {"torch_dtype": ["float32"]}))
+    if case.startswith("SFTMIX"):
+        monkeypatch.setenv(*case.split("="))
     line = fails_with_one_line(
         capsys,
         T.main,
@@ -398,7 +544,7 @@ def test_bad_input_found_after_reading_is_one_line_before_any_progress_and_write
         *flags,
     )
     assert line.startswith(expected.format(model=model)), line
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not list(tmp_path.rglob("metrics.jsonl"))
 
 
 def test_eval_split_naming_no_example_fails_before_the_model_loads(
@@ -493,6 +639,35 @@ def test_split_command_bad_input_exits_2_with_one_line(case, tmp_path, capsys):
         else f"error: --out {out}: cannot make its directory {blocker}: File exists"
     )
     assert not out.exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["OUT a file", "times.tsv a directory", "pipeline.args a directory", "pipeline.args garbage"],
+)
+def test_a_pipeline_out_it_cannot_write_is_one_line_before_any_stage(
+    case, tiny_model_dir, chat_data, tmp_path, capsys, monkeypatch
+):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import pipeline
+
+    out, name = tmp_path / "out", case.split()[0]
+    if case == "OUT a file":
+        out.write_text("x")
+    else:
+        out.mkdir()
+        put(out / name, "garbage\n" if case.endswith("garbage") else None)
+    expected = {
+        "OUT a file": f"OUT {out}/times.tsv: cannot make its directory {out}: File exists",
+        "times.tsv a directory": f"OUT {out / name}: is a directory; expected a file to write",
+        "pipeline.args a directory": f"OUT {out / name}: is a directory; expected a file to write",
+        "pipeline.args garbage": f"{out / name}: {out} holds a pipeline run with other settings "
+        f"(MODEL: None there, '{tiny_model_dir}' now;",
+    }[case]
+    monkeypatch.chdir(ROOT)  # pipeline.main moves there
+    line = fails_with_one_line(capsys, pipeline.main, tiny_model_dir, chat_data, out)
+    assert line.startswith("error: " + expected), line
+    assert sorted(tmp_path.rglob("*")) == [out] + [out / name] * (case != "OUT a file")
 
 
 # ---------------------------------------------------------------------------- a moved run directory
@@ -593,10 +768,11 @@ def test_resume_after_an_input_changed_in_place_names_it(
 # ----------------------------------------------------------------------------- killed while writing
 
 
-def kill_when(proc, ready):
-    """SIGKILL proc at the first moment ready() holds (polled without sleeping), or after it ended."""
+def kill_when(proc, ready, every=0.0):
+    """SIGKILL proc at the first moment ready() holds (polled every `every` seconds; 0: as fast as
+    it can), or after it ended."""
     while proc.poll() is None and not ready():
-        pass
+        time.sleep(every)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 

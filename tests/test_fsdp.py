@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import COMMON, ROOT, cli, run_train, weights
+from test_train import COMMON, ROOT, assert_same_steps, cli, run_train, weights
 
 
 def torchrun(*args, nproc):
@@ -66,6 +66,7 @@ def test_fsdp_training_equals_ddp_training(runs, tiny_model_dir):
     for name in ddp:
         assert not torch.equal(ddp[name], start[name]), f"{name} did not train"
     assert relative_difference(ddp, fsdp) <= 1e-5
+    assert_same_steps(runs / "ddp", runs / "fsdp", grad_norm_rel=2e-4)
 
 
 def test_fsdp_resume_equals_an_uninterrupted_fsdp_run(runs):
@@ -78,6 +79,7 @@ def test_a_state_saved_on_n_ranks_resumes_on_m(change, runs):
     """DCP reshards on load: 2 ranks -> 1 and 1 -> 2 end where the uninterrupted 2-rank run ends,
     within the tolerance of FSDP against DDP (the sums over micro-batches and ranks change order)"""
     assert relative_difference(weights(runs / "fsdp"), weights(runs / change)) <= 1e-5
+    assert_same_steps(runs / "fsdp", runs / change, grad_norm_rel=2e-4)
 
 
 def test_hsdp_on_two_nodes_of_two_ranks_equals_ddp(runs, tiny_model_dir, chat_data, tmp_path):
@@ -111,3 +113,4 @@ def test_hsdp_on_two_nodes_of_two_ranks_equals_ddp(runs, tiny_model_dir, chat_da
     assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in results]
     assert "on 4 rank(s) (hsdp)" in "".join(out for out, _ in results)
     assert relative_difference(weights(runs / "ddp"), weights(tmp_path / "hsdp")) <= 1e-5
+    assert_same_steps(runs / "ddp", tmp_path / "hsdp", grad_norm_rel=2e-4)

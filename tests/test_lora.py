@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from test_train import COMMON, cli, one_line_error, run_train, weights
+from test_train import COMMON, assert_same_steps, cli, one_line_error, run_train, weights
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import model as M
@@ -161,6 +161,7 @@ def test_lora_on_two_ranks_trains_the_update_of_one_process(run, runs):
     for prefix in one:
         d1, d2 = (ALPHA / R * B.double() @ A.double() for A, B in (one[prefix], two[prefix]))
         assert ((d1 - d2).abs().max() / d1.abs().max()).item() <= 1e-5, prefix
+    assert_same_steps(runs / "one", runs / run, grad_norm_rel=1e-6)
 
 
 @pytest.mark.parametrize(
