@@ -396,10 +396,7 @@ def generation_rows(args, tok, device):
     )
     rate = {name: sum(map(len, new[name])) / t[name] for name in t}
     for name in new:
-        same = sum(
-            len(list(itertools.takewhile(lambda ab: ab[0] == ab[1], zip(x, y))))
-            for x, y in zip(new[name], new["ours"])
-        )
+        same = agreeing(new[name], new["ours"])
         log(
             f"  greedy continuations: {name} agrees with ours (eager) on its first {same} of "
             f"{sum(map(len, new[name]))} tokens (summed over prompts)"
@@ -426,6 +423,15 @@ def generation_rows(args, tok, device):
             rate["ours compiled"] >= rate["transformers compiled"],
         ),
     ]
+
+
+def agreeing(tokens, reference) -> int:
+    """How many tokens of each prompt's continuation agree with the reference's before they part,
+    summed over the prompts."""
+    pairs = zip(tokens, reference)
+    return sum(
+        len(list(itertools.takewhile(lambda ab: ab[0] == ab[1], zip(x, y)))) for x, y in pairs
+    )
 
 
 def micro_step(model, targs, samples, batch, device, optimizer=None):

@@ -40,7 +40,6 @@ written there.
 """
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -53,6 +52,7 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench import (  # noqa: E402 (scripts/ on the path first)
+    agreeing,
     log,
     machine,
     matmul_flops,
@@ -471,10 +471,7 @@ def generation_table(args, tok, peer, margs, device):
         for name in t:
             count = sum(map(len, new[name]))
             if name != "theirs":
-                same = sum(
-                    len(list(itertools.takewhile(lambda ab: ab[0] == ab[1], zip(x, y))))
-                    for x, y in zip(new[name], new["theirs"])
-                )
+                same = agreeing(new[name], new["theirs"])
                 log(
                     f"  {names[name]}: its greedy tokens agree with transformers generate's on "
                     f"the first {same} of {count}"
