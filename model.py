@@ -694,10 +694,6 @@ def checkpoint_files(path: Path) -> list:
     raise InputError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-# the dtypes a checkpoint's weights may have, as safetensors names them
-FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
-
-
 @torch.no_grad()
 def load_into(param, full):
     """Copy a full tensor (on the CPU) into a parameter, cast to its dtype: all of it, or under
@@ -755,6 +751,10 @@ def untie_if_heads_differ(path: Path, args: ModelArgs, tensors: dict) -> bool:
         del tensors["lm_head.weight"]
     args.tie_word_embeddings = same
     return not same
+
+
+# the dtypes a checkpoint's weights may have, as safetensors names them
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 def check_checkpoint(path: Path, tensors: dict, params: dict) -> None:

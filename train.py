@@ -113,7 +113,7 @@ def train(args, rank, local_rank, world):
     amp_dtype = torch.bfloat16 if bf16 and args.shard == "ddp" else None  # FSDP2: its policy casts
     run = read_inputs(args, local_rank, world, device)
     if rank == 0:  # every input checked: now the run directory
-        prepare_out(run.out, run.resuming)
+        prepare_out(run.out, run.latest)
     model, wrapped, optimizer, saver, step, dynamics = build(args, run, device, world, bf16, rank)
     if rank == 0:  # every check passed, the state loaded: what was read, and what runs
         print("\n".join(data.summary(s) for s in run.stats if s))
@@ -122,8 +122,9 @@ def train(args, rank, local_rank, world):
             f"{args.global_batch} examples on {world} rank(s) ({args.shard}), {device.type}, "
             f"{'bf16' if bf16 else 'fp32'}{f', resuming after step {step}' if step else ''}"
         )
-        keep_lines_until(run.out / "metrics.jsonl", step)
-        keep_lines_until(run.out / "heldout.jsonl", step)
+        for path, lines in run.kept.items():  # dropped: the lines after the state resumed from
+            with data.atomic_path(path) as tmp:
+                tmp.write_text(lines)
 
     lr = partial(lr_at, total=run.total, lr=args.lr, warmup_ratio=args.warmup_ratio)
     where = dict(device=device, amp_dtype=amp_dtype)
@@ -174,7 +175,8 @@ class Run:
     total: int
     points: list  # the steps after which the dynamics are recorded
     config: dict  # run_config: what a resumed run must share
-    resuming: bool
+    latest: dict | None  # OUT/state/latest.json of the state resumed from (read_latest); None: none
+    kept: dict  # {OUT/metrics.jsonl, OUT/heldout.jsonl: the lines of it the run keeps (check_out)}
     save_dtype: str  # final/'s: fp32, bf16 or fp16 (final_dtype)
 
 
@@ -203,9 +205,11 @@ def read_inputs(args, local_rank, world, device):
     total = steps_per_epoch * args.epochs
     points = dynamics_points(total, args.dynamics) if args.dynamics else []
     config = run_config(args, model_args, samples, heldout, halves)
-    resuming = args.resume and (out / "state" / "latest.json").exists()
-    step = check_settings(out, config, total, points, {s.id for s in samples}) if resuming else 0
-    check_out(out, args.dynamics, step)
+    latest = None
+    if args.resume and (out / "state" / "latest.json").exists():
+        latest = read_latest(out)
+        check_settings(out, latest, config, total, points, [s.id for s in samples])
+    kept = check_out(out, args.dynamics, latest["step"] if latest else 0)
     save_dtype = final_dtype(args.save_dtype, base)
     check_memory(model_args, args, samples, world, device)
     return Run(
@@ -219,7 +223,8 @@ def read_inputs(args, local_rank, world, device):
         total,
         points,
         config,
-        resuming,
+        latest,
+        kept,
         save_dtype,
     )
 
@@ -243,7 +248,7 @@ def build(args, run, device, world, bf16, rank):
         ids = [device.index] if device.type == "cuda" else None
         wrapped = DDP(model, device_ids=ids, gradient_as_bucket_view=True)
     optimizer = adamw(model, args.lr, args.weight_decay, args.betas)
-    step, dynamics = load_state(run.out, model, optimizer) if run.resuming else (0, {})
+    step, dynamics = load_state(run.out, run.latest, model, optimizer) if run.latest else (0, {})
     saver = Saver(run.out, rank)
     saver.committed = step
     return model, wrapped, optimizer, saver, step, dynamics
@@ -355,12 +360,13 @@ def write_final(out, model, base, save_dtype, lora_scale, shard_gb, rank):
     os.replace(tmp, out / "final")
 
 
-def prepare_out(out, resuming):
-    """Create the run directory and clear what a killed run left: the state folders latest.json
-    does not name and final.tmp/ (resuming), or an earlier run's whole state (starting again)."""
+def prepare_out(out, latest):
+    """Create the run directory and clear what a killed run left: the state folders `latest` (the
+    latest.json resumed from) does not name and final.tmp/, or (latest None: starting again) an
+    earlier run's whole state."""
     writable_dir(out)
-    if resuming:
-        remove_stale(out, keep=read_latest(out)["checkpoint"])
+    if latest:
+        remove_stale(out, keep=latest["checkpoint"])
     else:
         shutil.rmtree(out / "state", ignore_errors=True)
         shutil.rmtree(out / "final.tmp", ignore_errors=True)
@@ -855,14 +861,6 @@ def write_dynamics(path, samples, points, dynamics):
     )
 
 
-def keep_lines_until(path, step):
-    """Drop JSON lines after `step` (and a half-written last line): a run died after its state."""
-    if path.exists():
-        kept = lines_until(path, step)
-        with data.atomic_path(path) as tmp:
-            tmp.write_text(kept)
-
-
 def lines_until(path, step) -> str:
     """The complete lines of a run's metrics.jsonl or heldout.jsonl up to `step` (none at step 0,
     nothing read): each a JSON object with an integer "step", else one line naming it."""
@@ -884,17 +882,19 @@ def lines_until(path, step) -> str:
 
 def check_out(out, dynamics, step):
     """What the run directory holds already, checked before anything is written: its files not
-    directories, the lines a resumed run keeps readable (lines_until), state/, final/ and final.tmp/
-    directories or absent."""
+    directories, the lines up to `step` of its metrics.jsonl and heldout.jsonl readable
+    (lines_until), state/, final/ and final.tmp/ directories or absent. Returns {path: those lines}
+    of the two that exist (a run died after its state: what follows it is dropped)."""
     if not out.is_dir():
-        return  # prepare_out makes it, or refuses
-    for name in ["metrics.jsonl", "heldout.jsonl", "dynamics.jsonl"][: 2 + bool(dynamics)]:
+        return {}  # prepare_out makes it, or refuses
+    for name in ["metrics.jsonl", "heldout.jsonl"] + ["dynamics.jsonl"] * bool(dynamics):
         data.check_output(out / name)
-    for name in ("metrics.jsonl", "heldout.jsonl"):
-        lines_until(out / name, step)
+    paths = [out / "metrics.jsonl", out / "heldout.jsonl"]
+    kept = {path: lines_until(path, step) for path in paths if path.exists()}
     for name in ("state", "final", "final.tmp"):
         if (out / name).is_file():
             raise InputError(f"--out {out}: {name}: expected a directory or none, got a file")
+    return kept
 
 
 def append_line(path, record):
@@ -995,13 +995,13 @@ def what_changed(saved, config):
     return changed
 
 
-def check_settings(out, config, total, points, ids):
-    """Before the model loads: the state in OUT/state/ was written with the settings of config
-    (run_config), or one line names each that differs (what_changed); then its step is one of the
-    run's `total`, its checkpoint that step's folder (nothing is removed before: prepare_out), and
-    its dynamics hold a perplexity of each example (ids) at each of the points up to it. Returns
-    its step."""
-    latest, path = read_latest(out), out / "state" / "latest.json"
+def check_settings(out, latest, config, total, points, ids):
+    """Before the model loads: the state in OUT/state/ (latest: its latest.json, read_latest) was
+    written with the settings of config (run_config), or one line names each that differs
+    (what_changed); then its step is one of the run's `total`, its checkpoint that step's folder
+    (nothing is removed before: prepare_out), and its dynamics hold a perplexity of each example
+    (ids, in data order) at each of the points up to it."""
+    path = out / "state" / "latest.json"
     changed = "; ".join(what_changed(latest["config"], config))
     if changed:
         raise InputError(f"{out / 'state'}: was written by a run with other settings: {changed}")
@@ -1016,13 +1016,12 @@ def check_settings(out, config, total, points, ids):
     if sorted(dynamics) != due:
         raise InputError(f"{path}: dynamics: expected the steps {due}, got {sorted(dynamics)}")
     for p, ppl in dynamics.items():
-        bad = next((i for i in sorted(ids) if not 0 < ppl.get(i, math.nan) < math.inf), None)
+        bad = next((i for i in ids if not 0 < ppl.get(i, math.nan) < math.inf), None)
         if bad is not None:
             raise InputError(
                 f"{path}: dynamics: step {p}: expected a perplexity > 0 of each example, got "
                 f"{ppl.get(bad, 'none')} for {json.dumps(bad)}"
             )
-    return step
 
 
 def state_tensors(model, optimizer) -> dict:
@@ -1129,11 +1128,10 @@ class Saver:
         self.committed = latest["step"]
 
 
-def load_state(out, model, optimizer):
-    """Restore the state latest.json names (its settings already checked) into the model and
-    optimizer, on any number of ranks; returns (step, dynamics). An unreadable state is one line
-    naming its folder."""
-    latest = read_latest(out)
+def load_state(out, latest, model, optimizer):
+    """Restore the state `latest` (its latest.json, read_latest; its settings already checked) names
+    into the model and optimizer, on any number of ranks; returns (step, dynamics). An unreadable
+    state is one line naming its folder."""
     step, folder = latest["step"], Path(out) / "state" / latest["checkpoint"]
     tensors = state_tensors(model, optimizer)
     warnings.filterwarnings("ignore", "torch.distributed is disabled")

@@ -368,7 +368,7 @@ def fsdp_rank(rank, world, port, checkpoint, state_dir, queue):
     again = M.load_pretrained(checkpoint, dtype=torch.float64, prepare=prepare)
     optimizer = T.adamw(again, 1e-3, 0.1)
     with FullSizeAllocations(set(full.values())) as resumed:
-        T.load_state(state_dir, again, optimizer)
+        T.load_state(state_dir, T.read_latest(state_dir), again, optimizer)
     same = all(
         torch.equal(p.full_tensor(), q.full_tensor())
         for p, q in zip(model.parameters(), again.parameters())
